@@ -1,0 +1,43 @@
+# Every target installs what it needs into .venv first; re-running is cheap when
+# pyproject.toml has not changed (the stamp file records the last install).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint unit integration bench chaos demo local-directory clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m service serve
+
+local-directory: $(STAMP)
+	$(BIN)/python -m service local-directory --host 127.0.0.1 --port 9000
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest -q -s tests/bench
+
+chaos: $(STAMP)
+	CHAOS=long $(BIN)/python -m pytest -q -m slow tests
+
+demo: $(STAMP)
+	$(BIN)/python -m service demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

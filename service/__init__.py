@@ -1,0 +1,3 @@
+"""Hospital Batch Processor."""
+
+__version__ = "0.1.0"

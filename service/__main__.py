@@ -1,0 +1,135 @@
+"""Command line of the Hospital Batch Processor: serve, the local directory, audit tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sqlite3
+import sys
+from pathlib import Path
+
+from service.settings import Settings, SettingsError, load_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(Path(args.config) if args.config else None)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the HTTP service until interrupted."""
+    from aiohttp import web
+
+    from service.app import create_app
+
+    settings = _settings(args)
+    _logging(settings.app.log_level)
+    logging.getLogger(__name__).info(
+        "Hospital Batch Processor on http://%s:%d, directory %s, database %s",
+        settings.app.host,
+        settings.app.port,
+        settings.directory.base_url,
+        settings.database.path,
+    )
+    web.run_app(
+        create_app(settings),
+        host=settings.app.host,
+        port=settings.app.port,
+        shutdown_timeout=settings.app.shutdown_timeout,
+        print=None,
+    )
+    return 0
+
+
+def events(args: argparse.Namespace) -> int:
+    """Print the event log: a readable timeline, or JSON lines with --json."""
+    from service.domain.batch import stream_id
+    from service.store.records import EVENT_COLUMNS, from_row
+
+    path = _settings(args).database.path
+    if not Path(path).exists():
+        print(f"error: no database at {path}", file=sys.stderr)
+        return 2
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    if args.batch:
+        rows = conn.execute(
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ? AND stream_version > ? "
+            "ORDER BY stream_version",
+            (stream_id(args.batch), -1 if args.after is None else args.after),
+        )
+    else:
+        rows = conn.execute(
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE global_position > ? "
+            "ORDER BY global_position",
+            (args.after or 0,),
+        )
+    for row in rows:
+        event = from_row(row)
+        if args.json:
+            print(json.dumps(event.to_json()))
+        else:
+            details = " ".join(
+                f"{k}={v}" for k, v in event.data.items() if k not in ("rows", "upstream_batches")
+            )
+            if event.event_type == "BatchCreated":
+                details = (
+                    f"file={event.data['file_name']!r} rows={len(event.data['rows'])} "
+                    f"upstream_batches={len(event.data['upstream_batches'])}"
+                )
+            print(
+                f"{event.recorded_at}  #{event.global_position:<6} {event.stream_id} "
+                f"v{event.stream_version:<4} {event.event_type:<22} {details}"
+            )
+    conn.close()
+    return 0
+
+
+def rebuild(args: argparse.Namespace) -> int:
+    """Replay the log into fresh read models; report, and with --replace, repair."""
+    from service.projections.rebuild import rebuild as run
+
+    settings = _settings(args)
+    report = run(settings.database.path, settings.database.busy_timeout_ms, replace=args.replace)
+    print(report.to_json())
+    return 0 if report.equal or report.replaced else 1
+
+
+def local_directory(argv: list[str]) -> int:
+    """The local stand-in of the Hospital Directory (see its --help)."""
+    from service.local_directory.cli import main as run
+
+    return run(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["local-directory"]:
+        return local_directory(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    parser.add_argument("--config", help="settings file (default config.toml, or CONFIG_PATH)")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("serve", help="run the HTTP service (the default)")
+    commands.add_parser("local-directory", help="run the local directory stand-in")
+    p = commands.add_parser("events", help="print the audit log")
+    p.add_argument("--batch", help="only this batch's events")
+    p.add_argument("--after", type=int, help="after this stream version (or log position)")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a timeline")
+    p = commands.add_parser("rebuild", help="replay the log and compare the read models")
+    p.add_argument("--replace", action="store_true", help="swap in the rebuilt read models")
+    args = parser.parse_args(argv)
+    handlers = {"serve": serve, "events": events, "rebuild": rebuild, None: serve}
+    try:
+        return handlers[args.command](args)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

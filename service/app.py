@@ -1,0 +1,82 @@
+"""create_app(settings): wiring only; resources start and stop in cleanup contexts."""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from aiohttp_apispec import setup_aiohttp_apispec, validation_middleware
+
+from service import __version__
+from service.processing.directory_client import DirectoryClient
+from service.processing.processor import Processor
+from service.projections import batches
+from service.settings import Settings
+from service.store.event_store import EventStore
+from service.web import batches as batch_routes
+from service.web import docs, events, health, websocket
+from service.web.errors import error_middleware, webargs_error
+from service.web.keys import CLIENT, PROCESSOR, SETTINGS, SOCKETS, STARTED_AT, STORE
+
+DESCRIPTION = (
+    "Bulk-load hospitals from a CSV into the Hospital Directory API. Every fact is an event "
+    "in an append-only log; progress, status and the audit trail are read from it. "
+    "Live progress: websocket GET /batch/{batch_id}/ws and GET /ws (see the README)."
+)
+
+
+async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    store = EventStore(
+        settings.database.path,
+        projectors=[batches.project],
+        busy_timeout_ms=settings.database.busy_timeout_ms,
+    )
+    await store.open()
+    app[STORE] = store
+    yield
+    await store.close()
+
+
+async def directory_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS].directory
+    async with DirectoryClient.new_session(settings) as session:
+        app[CLIENT] = DirectoryClient(session, settings)
+        yield
+
+
+async def processor_ctx(app: web.Application) -> AsyncIterator[None]:
+    processor = Processor(app[STORE], app[CLIENT], app[SETTINGS].directory)
+    app[PROCESSOR] = processor
+    await processor.start()
+    yield
+    await processor.stop(grace=app[SETTINGS].app.shutdown_timeout)
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The service as an aiohttp application."""
+    app = web.Application(middlewares=[error_middleware, validation_middleware])
+    app[SETTINGS] = settings
+    app[STARTED_AT] = time.monotonic()
+    app[SOCKETS] = weakref.WeakSet()
+    app.cleanup_ctx.extend([store_ctx, directory_ctx, processor_ctx])
+    app.on_shutdown.append(websocket.close_all)
+    app.add_routes(batch_routes.routes)
+    app.add_routes(events.routes)
+    app.add_routes(health.routes)
+    app.add_routes(websocket.routes)
+    docs.add_routes(app)
+    setup_aiohttp_apispec(
+        app,
+        title="Hospital Batch Processor",
+        version=__version__,
+        info={"description": DESCRIPTION},
+        url="/openapi.json",
+        swagger_path="/docs",
+        static_path="/static/swagger",
+        error_callback=webargs_error,
+        in_place=True,
+    )
+    return app

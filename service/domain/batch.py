@@ -1,0 +1,284 @@
+"""A batch as a fold over its events, the status rules, and the decisions workers act on."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from service.domain import events as ev
+
+PENDING = "pending"
+PROCESSING = "processing"
+COMPLETED = "completed"
+PARTIALLY_COMPLETED = "partially_completed"
+FAILED = "failed"
+BATCH_STATUSES = (PENDING, PROCESSING, COMPLETED, PARTIALLY_COMPLETED, FAILED)
+FINISHED = (COMPLETED, PARTIALLY_COMPLETED, FAILED)
+
+ROW_PENDING = "pending"
+ROW_CREATED = "created"
+ROW_ACTIVE = "created_and_activated"
+ROW_FAILED = "failed"
+ROW_DELETED = "deleted"
+ROW_STATUSES = (ROW_PENDING, ROW_CREATED, ROW_ACTIVE, ROW_FAILED, ROW_DELETED)
+
+# Failure reasons recorded in HospitalFailed / HospitalRetryScheduled.
+RATE_LIMITED = "rate_limited"
+ROLLED_BACK_MESSAGE = "not created: the batch was rolled back first"
+
+
+def stream_id(batch_id: str) -> str:
+    """The event stream that holds one batch's history."""
+    return f"batch-{batch_id}"
+
+
+@dataclass(frozen=True)
+class Counts:
+    """The numbers status is derived from; shared by the fold and the read model."""
+
+    total: int
+    created: int
+    failed: int
+    deleted: int = 0
+    requested: bool = False
+    activated: bool = False
+    activation_failed: bool = False
+    rolled_back: bool = False
+
+
+def derive_status(c: Counts) -> str:
+    """Status is never stored as a fact: it follows from the counts."""
+    if c.rolled_back:
+        return FAILED
+    if c.activated:
+        return COMPLETED
+    finished = c.created + c.failed + c.deleted == c.total
+    if (finished and c.created == 0) or c.activation_failed:
+        return FAILED
+    if finished and c.failed:
+        return PARTIALLY_COMPLETED
+    if not c.requested and c.created + c.failed == 0:
+        return PENDING
+    return PROCESSING
+
+
+def row_status(base: str, activated: bool) -> str:
+    """A created row reads created_and_activated once its batch is activated."""
+    return ROW_ACTIVE if base == ROW_CREATED and activated else base
+
+
+@dataclass
+class RowState:
+    row: ev.Row
+    creation_batch_id: str
+    status: str = ROW_PENDING
+    hospital_id: int | None = None
+    error: str | None = None
+    reason: str | None = None
+    attempts: int = 0
+    failures: int = 0  # attempts that provably failed, rate limiting aside
+    may_exist: bool = False  # a create may have reached the directory; no outcome yet
+    reconciled: bool = False
+
+
+@dataclass
+class BatchState:
+    batch_id: str
+    file_name: str
+    upstream: tuple[ev.UpstreamBatch, ...]
+    rows: dict[int, RowState]
+    idempotency_key: str | None = None
+    content_sha256: str = ""
+    version: int = -1
+    created_at: str | None = None
+    finished_at: str | None = None
+    activated: bool = False
+    activated_count: int = 0
+    activation_failure: str | None = None
+    rollback_requested: bool = False
+    rolled_back: bool = False
+    deleted_count: int = 0
+    resumes: int = 0
+    requested_any: bool = False
+    tally: Counter[str] = field(default_factory=Counter)  # rows by status
+
+    def counts(self) -> Counts:
+        """The counters status is derived from."""
+        return Counts(
+            total=len(self.rows),
+            created=self.tally[ROW_CREATED],
+            failed=self.tally[ROW_FAILED],
+            deleted=self.tally[ROW_DELETED],
+            requested=self.requested_any,
+            activated=self.activated,
+            activation_failed=self.activation_failure is not None,
+            rolled_back=self.rolled_back,
+        )
+
+    def set_status(self, row: RowState, status: str) -> None:
+        """Change a row's status and keep the tally that status is derived from."""
+        self.tally[row.status] -= 1
+        self.tally[status] += 1
+        row.status = status
+
+    @property
+    def status(self) -> str:
+        return derive_status(self.counts())
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+    def rows_of(self, creation_batch_id: str) -> list[RowState]:
+        """The rows sent under one upstream batch id."""
+        return [r for r in self.rows.values() if r.creation_batch_id == creation_batch_id]
+
+    def to_create(self) -> list[RowState]:
+        """Rows never sent, or proven not stored: safe to send a create for."""
+        if self.rollback_requested:
+            return []
+        return [r for r in self.rows.values() if r.status == ROW_PENDING and not r.may_exist]
+
+    def to_reconcile(self) -> list[RowState]:
+        """Rows with a create intent and no outcome: look in the directory before re-sending."""
+        return [r for r in self.rows.values() if r.status == ROW_PENDING and r.may_exist]
+
+    def ready_to_activate(self) -> bool:
+        """Activate once, only when every row exists: the directory's activation is one-shot."""
+        return (
+            not self.activated
+            and not self.rollback_requested
+            and self.activation_failure is None
+            and all(r.status == ROW_CREATED for r in self.rows.values())
+        )
+
+    def needs_rollback(self) -> bool:
+        """A rollback was asked for and has not been carried out yet."""
+        return self.rollback_requested and not self.rolled_back
+
+    def unsettled(self) -> bool:
+        """Work the service still owes this batch (creates, activation or rollback)."""
+        return (
+            bool(self.to_create() or self.to_reconcile())
+            or self.ready_to_activate()
+            or self.needs_rollback()
+        )
+
+
+def start(event: ev.BatchCreated, recorded_at: str | None = None) -> BatchState:
+    """The state right after a batch was accepted."""
+    upstream_of = {row: u.creation_batch_id for u in event.upstream_batches for row in u.rows}
+    state = BatchState(
+        batch_id=event.batch_id,
+        file_name=event.file_name,
+        upstream=event.upstream_batches,
+        rows={r.row: RowState(row=r, creation_batch_id=upstream_of[r.row]) for r in event.rows},
+        idempotency_key=event.idempotency_key,
+        content_sha256=event.content_sha256,
+        version=0,
+        created_at=recorded_at,
+    )
+    state.tally[ROW_PENDING] = len(state.rows)
+    return state
+
+
+def apply(state: BatchState, event: ev.Event, recorded_at: str | None = None) -> BatchState:
+    """Fold one more event into the state (in place) and return it."""
+    was_finished = state.finished
+    match event:
+        case ev.HospitalRequested(row=n, attempt=attempt):
+            row = state.rows[n]
+            row.may_exist, row.attempts = True, attempt
+            state.requested_any = True
+        case ev.HospitalRetryScheduled(row=n, reason=reason, message=message):
+            row = state.rows[n]
+            row.may_exist, row.error, row.reason = False, message, reason
+            if reason != RATE_LIMITED:
+                row.failures += 1
+        case ev.HospitalCreated(row=n, hospital_id=hid, reconciled=reconciled):
+            row = state.rows[n]
+            state.set_status(row, ROW_CREATED)
+            row.hospital_id, row.reconciled = hid, reconciled
+            row.may_exist, row.error, row.reason = False, None, None
+        case ev.HospitalFailed(row=n, reason=reason, message=message):
+            row = state.rows[n]
+            state.set_status(row, ROW_FAILED)
+            row.error, row.reason, row.may_exist = message, reason, False
+        case ev.BatchActivated(activated_count=count):
+            state.activated, state.activated_count = True, count
+        case ev.BatchActivationFailed(reason=reason):
+            state.activation_failure = reason
+        case ev.BatchResumed(rows=rows):
+            for n in rows:
+                # A failed row may still have reached the directory: check before re-sending.
+                row = state.rows[n]
+                state.set_status(row, ROW_PENDING)
+                row.error, row.reason, row.may_exist, row.failures = None, None, True, 0
+            state.activation_failure = None
+            state.resumes += 1
+        case ev.BatchRollbackRequested():
+            state.rollback_requested = True
+        case ev.BatchRolledBack(deleted_count=count):
+            state.rolled_back, state.deleted_count = True, count
+            for row in state.rows.values():
+                if row.status == ROW_CREATED:
+                    state.set_status(row, ROW_DELETED)
+                elif row.status == ROW_PENDING:
+                    state.set_status(row, ROW_FAILED)
+                    row.error, row.reason = ROLLED_BACK_MESSAGE, "rolled_back"
+        case _:
+            raise ValueError(f"{event.type_name} does not apply to an existing batch")
+    state.version += 1
+    if state.finished and not was_finished:
+        state.finished_at = recorded_at
+    elif not state.finished:
+        state.finished_at = None
+    return state
+
+
+def fold(history: Iterable[tuple[ev.Event, str | None]]) -> BatchState:
+    """Replay a batch's history (event, recorded_at) from its BatchCreated on."""
+    items = iter(history)
+    first, recorded_at = next(items)
+    if not isinstance(first, ev.BatchCreated):
+        raise ValueError(f"a batch stream starts with BatchCreated, not {first.type_name}")
+    state = start(first, recorded_at)
+    for event, at in items:
+        apply(state, event, at)
+    return state
+
+
+def plan(
+    batch_id: str,
+    file_name: str,
+    rows: tuple[ev.Row, ...],
+    batch_size: int,
+    content_sha256: str,
+    idempotency_key: str | None = None,
+) -> ev.BatchCreated:
+    """Accept a file: split its rows into upstream batches of at most `batch_size`.
+
+    A file that fits in one upstream batch uses its own batch_id upstream; the slices of
+    a larger file get ids derived from it, so the plan is the same however often it is made.
+    """
+    upstream: tuple[ev.UpstreamBatch, ...]
+    if len(rows) <= batch_size:
+        upstream = (ev.UpstreamBatch(batch_id, tuple(r.row for r in rows)),)
+    else:
+        upstream = tuple(
+            ev.UpstreamBatch(
+                str(uuid.uuid5(uuid.UUID(batch_id), f"upstream-{i // batch_size}")),
+                tuple(r.row for r in rows[i : i + batch_size]),
+            )
+            for i in range(0, len(rows), batch_size)
+        )
+    return ev.BatchCreated(
+        batch_id=batch_id,
+        file_name=file_name,
+        rows=rows,
+        upstream_batches=upstream,
+        content_sha256=content_sha256,
+        idempotency_key=idempotency_key,
+    )

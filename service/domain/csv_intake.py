@@ -1,0 +1,207 @@
+"""CSV intake: turn an uploaded file into rows, or into every problem it has, with places."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.domain.events import Row
+
+REQUIRED = ("name", "address")
+COLUMNS = ("name", "address", "phone")
+HEADERS_MESSAGE = "CSV headers must be exactly: name,address,phone"
+
+Problem = dict[str, Any]
+
+
+def problem(loc: list[str | int], msg: str, kind: str) -> Problem:
+    """One entry of a validation answer, in the shape FastAPI users know."""
+    return {"loc": loc, "msg": msg, "type": kind}
+
+
+class CsvRejected(Exception):
+    """The file cannot be accepted; `problems` lists every reason with its place."""
+
+    def __init__(self, problems: list[Problem], status: int = 422) -> None:
+        super().__init__(problems[0]["msg"] if problems else "invalid CSV")
+        self.problems, self.status = problems, status
+
+
+@dataclass(frozen=True)
+class ParsedCsv:
+    rows: tuple[Row, ...]
+    headers: tuple[str, ...]
+    warnings: list[Problem] = field(default_factory=list)
+
+
+def check_filename(filename: str | None) -> None:
+    """Refuse a file whose name does not say it is a CSV."""
+    if not filename or not filename.lower().endswith(".csv"):
+        raise CsvRejected(
+            [
+                problem(
+                    ["file", "filename"],
+                    f"the file must be a .csv file, got {filename or 'no file name'!r}",
+                    "file_type_error",
+                )
+            ]
+        )
+
+
+def decode(data: bytes) -> str:
+    """UTF-8 with or without BOM; anything else is refused, saying where it breaks."""
+    if b"\x00" in data:
+        line = data[: data.index(b"\x00")].count(b"\n") + 1
+        hint = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise CsvRejected(
+            [
+                problem(
+                    ["file", "encoding"],
+                    f"the file contains NUL bytes from line {line}: it is not a UTF-8 text "
+                    f"CSV{hint}",
+                    "encoding_error",
+                )
+            ]
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise CsvRejected(
+            [
+                problem(
+                    ["file", "encoding"],
+                    f"the file is not valid UTF-8: byte 0x{data[exc.start]:02x} at line {line}, "
+                    f"column {column}; save it as UTF-8 (CSV UTF-8 in a spreadsheet)",
+                    "encoding_error",
+                )
+            ]
+        ) from exc
+
+
+def _records(text: str) -> Iterator[tuple[int, list[str]]]:
+    """(first line of the record, cells) for each record, blank lines skipped."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    line = 1
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise CsvRejected(
+                [problem(["file", "content"], f"line {reader.line_num}: {exc}", "csv_parse_error")]
+            ) from exc
+        if any(cell.strip() for cell in cells):
+            yield line, cells
+        line = reader.line_num + 1
+
+
+def _headers(cells: list[str]) -> tuple[str, ...]:
+    names = tuple(cell.strip().lower() for cell in cells)
+    ok = (
+        len(set(names)) == len(names) and set(REQUIRED) <= set(names) and set(names) <= set(COLUMNS)
+    )
+    if not ok:
+        shown = ",".join(cells[:10]) + (f",... ({len(cells)} columns)" if len(cells) > 10 else "")
+        raise CsvRejected(
+            [
+                problem(
+                    ["file", "headers"],
+                    f"{HEADERS_MESSAGE} (phone optional, any order); found: {shown[:300]}",
+                    "invalid_headers",
+                )
+            ]
+        )
+    return names
+
+
+def parse(text: str, max_rows: int) -> ParsedCsv:
+    """Validate the whole file; raise CsvRejected with every problem found."""
+    records = _records(text)
+    first = next(records, None)
+    if first is None:
+        raise CsvRejected(
+            [problem(["file", "content"], "the file is empty: no header, no rows", "empty_file")]
+        )
+    header_line, header_cells = first
+    if header_line != 1:
+        raise CsvRejected(
+            [
+                problem(
+                    ["file", "headers"],
+                    f"the first line must be the header {','.join(COLUMNS)}; "
+                    f"the file starts with blank lines",
+                    "missing_headers",
+                )
+            ]
+        )
+    headers = _headers(header_cells)
+    rows: list[Row] = []
+    problems: list[Problem] = []
+    seen: dict[tuple[str, str, str | None], int] = {}
+    warnings: list[Problem] = []
+    count = 0
+    for line, cells in records:
+        count += 1
+        if count > max_rows:
+            continue
+        if len(cells) != len(headers):
+            problems.append(
+                problem(
+                    ["row", count],
+                    f"row {count} (line {line}) has {len(cells)} values, "
+                    f"expected {len(headers)} ({','.join(headers)})",
+                    "wrong_column_count",
+                )
+            )
+            continue
+        values = dict(zip(headers, (cell.strip() for cell in cells), strict=True))
+        for column in REQUIRED:
+            if not values[column]:
+                problems.append(
+                    problem(
+                        ["row", count, column],
+                        f"{column} is required and must be at least 1 character "
+                        f"(row {count}, line {line})",
+                        "value_error",
+                    )
+                )
+        row = Row(count, values["name"], values["address"], values.get("phone") or None, line)
+        key = (row.name, row.address, row.phone)
+        if key in seen:
+            warnings.append(
+                problem(
+                    ["row", count],
+                    f"row {count} (line {line}) repeats row {seen[key]}: both will be created",
+                    "duplicate_row",
+                )
+            )
+        seen.setdefault(key, count)
+        rows.append(row)
+    if count == 0:
+        problems.append(
+            problem(["file", "content"], "the file has a header but no data rows", "empty_file")
+        )
+    if count > max_rows:
+        problems.insert(
+            0,
+            problem(
+                ["file", "content"],
+                f"the file has {count} data rows; at most {max_rows} are allowed per upload",
+                "too_many_rows",
+            ),
+        )
+    if problems:
+        raise CsvRejected(problems)
+    return ParsedCsv(tuple(rows), headers, warnings)
+
+
+def read_upload(filename: str | None, data: bytes, max_rows: int) -> ParsedCsv:
+    """All the checks of an uploaded file, in the order a user would fix them."""
+    check_filename(filename)
+    return parse(decode(data), max_rows)

@@ -1,0 +1,191 @@
+"""The event catalogue: frozen dataclasses with stable names, versioned payloads and upcasters."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+Payload = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base of every event: a stable `type_name`, a payload version, and an id."""
+
+    type_name: ClassVar[str]
+    schema_version: ClassVar[int] = 1
+
+    def payload(self) -> Payload:
+        """The event's fields as plain JSON values."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One hospital of an uploaded file; `row` is 1 for the first data row."""
+
+    row: int
+    name: str
+    address: str
+    phone: str | None
+    line: int
+
+
+@dataclass(frozen=True)
+class UpstreamBatch:
+    """A slice of at most 20 rows sent under one creation_batch_id."""
+
+    creation_batch_id: str
+    rows: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BatchCreated(Event):
+    type_name = "BatchCreated"
+    batch_id: str
+    file_name: str
+    rows: tuple[Row, ...]
+    upstream_batches: tuple[UpstreamBatch, ...]
+    content_sha256: str = ""
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class HospitalRequested(Event):
+    type_name = "HospitalRequested"
+    row: int
+    creation_batch_id: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class HospitalCreated(Event):
+    type_name = "HospitalCreated"
+    row: int
+    hospital_id: int
+    reconciled: bool = False
+
+
+@dataclass(frozen=True)
+class HospitalFailed(Event):
+    type_name = "HospitalFailed"
+    row: int
+    reason: str
+    message: str
+    retryable: bool
+
+
+@dataclass(frozen=True)
+class HospitalRetryScheduled(Event):
+    """An attempt provably did not store the row (or reconciliation did not find it)."""
+
+    type_name = "HospitalRetryScheduled"
+    row: int
+    attempt: int
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class BatchActivated(Event):
+    type_name = "BatchActivated"
+    activated_count: int
+    upstream_batch_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BatchActivationFailed(Event):
+    type_name = "BatchActivationFailed"
+    reason: str
+
+
+@dataclass(frozen=True)
+class BatchResumed(Event):
+    type_name = "BatchResumed"
+    rows: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BatchRollbackRequested(Event):
+    type_name = "BatchRollbackRequested"
+
+
+@dataclass(frozen=True)
+class BatchRolledBack(Event):
+    type_name = "BatchRolledBack"
+    deleted_count: int
+    upstream_batch_ids: tuple[str, ...] = field(default=())
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.type_name: cls
+    for cls in (
+        BatchCreated,
+        HospitalRequested,
+        HospitalCreated,
+        HospitalFailed,
+        HospitalRetryScheduled,
+        BatchActivated,
+        BatchActivationFailed,
+        BatchResumed,
+        BatchRollbackRequested,
+        BatchRolledBack,
+    )
+}
+
+Upcaster = Callable[[Payload], Payload]
+# (type name, from version) -> function returning the payload at from version + 1.
+UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+
+
+class UnknownEventError(ValueError):
+    """The log holds an event type or version this code cannot read."""
+
+
+def upcast(type_name: str, version: int, payload: Payload) -> Payload:
+    """Bring an old payload up to the current schema version, one step at a time."""
+    cls = EVENT_TYPES.get(type_name)
+    if cls is None:
+        raise UnknownEventError(f"unknown event type {type_name!r}")
+    if version > cls.schema_version:
+        raise UnknownEventError(f"{type_name} v{version} is newer than this code")
+    while version < cls.schema_version:
+        step = UPCASTERS.get((type_name, version))
+        if step is None:
+            raise UnknownEventError(f"no upcaster for {type_name} v{version}")
+        payload = step(payload)
+        version += 1
+    return payload
+
+
+def decode(type_name: str, version: int, payload: Payload) -> Event:
+    """Turn a stored payload back into its event, upcasting old versions on the way."""
+    cls = EVENT_TYPES.get(type_name)
+    if cls is None:
+        raise UnknownEventError(f"unknown event type {type_name!r}")
+    data = upcast(type_name, version, payload)
+    if cls is BatchCreated:
+        data = {
+            **data,
+            "rows": tuple(Row(**r) for r in data["rows"]),
+            "upstream_batches": tuple(
+                UpstreamBatch(u["creation_batch_id"], tuple(u["rows"]))
+                for u in data["upstream_batches"]
+            ),
+        }
+    else:
+        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**data)
+
+
+def new_event_id() -> str:
+    """A random event id, for events that are new facts rather than retries."""
+    return str(uuid.uuid4())
+
+
+def derived_event_id(*parts: object) -> str:
+    """A deterministic event id, so that retrying the same decision cannot store it twice."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "hbp:" + ":".join(map(str, parts))))

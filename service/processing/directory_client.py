@@ -1,0 +1,167 @@
+"""The Hospital Directory client: one pooled session, and every answer classified."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import aiohttp
+
+from service.settings import DirectorySettings
+
+
+class Outcome(StrEnum):
+    OK = "ok"
+    NOT_FOUND = "not_found"
+    REJECTED = "rejected"  # the directory answered and refused: repeating gives the same
+    RATE_LIMITED = "rate_limited"  # 429: not processed; wait for the window to pass
+    NOT_SENT = "not_sent"  # provably never processed (no connection): safe to repeat
+    AMBIGUOUS = "ambiguous"  # may have been processed: never repeat a create blindly
+
+
+@dataclass(frozen=True)
+class Answer:
+    outcome: Outcome
+    status: int | None
+    body: Any
+    message: str
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is Outcome.OK
+
+
+@dataclass
+class Reachability:
+    """What /health reports about the directory: the last call's fate."""
+
+    reachable: bool | None = None
+    last_call_at: float | None = None
+    last_success_at: float | None = None
+    last_error: str | None = None
+
+
+def _message(body: Any, status: int) -> str:
+    """The directory's own words: `detail` (a string or FastAPI's list), or 429's `error`."""
+    if isinstance(body, dict):
+        detail = body.get("detail", body.get("error"))
+        if isinstance(detail, str):
+            return detail
+        if isinstance(detail, list):
+            return "; ".join(
+                f"{'.'.join(map(str, d.get('loc', [])[1:]))}: {d.get('msg')}"
+                if isinstance(d, dict)
+                else str(d)
+                for d in detail
+            )
+    return f"HTTP {status}"
+
+
+def classify(status: int, body: Any) -> Answer:
+    """Map a status code to what it proves about the request."""
+    if 200 <= status < 300:
+        return Answer(Outcome.OK, status, body, "ok")
+    if status == 429:
+        outcome = Outcome.RATE_LIMITED
+    elif status == 404:
+        outcome = Outcome.NOT_FOUND
+    elif status >= 500:
+        outcome = Outcome.AMBIGUOUS
+    else:
+        outcome = Outcome.REJECTED
+    return Answer(outcome, status, body, _message(body, status))
+
+
+class DirectoryClient:
+    """Calls the directory on one ClientSession; never raises for network trouble."""
+
+    def __init__(self, session: aiohttp.ClientSession, settings: DirectorySettings) -> None:
+        self.base_url = settings.base_url.rstrip("/")
+        self.reachability = Reachability()
+        self._session = session
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
+        )
+        self._warmup_timeout = aiohttp.ClientTimeout(
+            total=settings.warmup_timeout, sock_connect=settings.connect_timeout
+        )
+
+    @staticmethod
+    def new_session(settings: DirectorySettings) -> aiohttp.ClientSession:
+        """A session whose pool holds every worker's connection, plus a few for reads."""
+        connector = aiohttp.TCPConnector(limit=settings.concurrency + 10)
+        return aiohttp.ClientSession(connector=connector, raise_for_status=False)
+
+    async def create(
+        self, name: str, address: str, phone: str | None, creation_batch_id: str
+    ) -> Answer:
+        """POST /hospitals/ with the batch id in the body."""
+        body = {
+            "name": name,
+            "address": address,
+            "phone": phone,
+            "creation_batch_id": creation_batch_id,
+        }
+        return await self._call("POST", "/hospitals/", json=body)
+
+    async def batch_members(self, creation_batch_id: str) -> Answer:
+        """GET /hospitals/batch/{id}; the directory's 404 for an empty batch reads as []."""
+        answer = await self._call("GET", f"/hospitals/batch/{creation_batch_id}")
+        if answer.outcome is Outcome.NOT_FOUND:
+            return Answer(Outcome.OK, answer.status, [], answer.message)
+        if answer.ok and not isinstance(answer.body, list):
+            return Answer(Outcome.AMBIGUOUS, answer.status, None, "batch listing is not a list")
+        return answer
+
+    async def activate(self, creation_batch_id: str) -> Answer:
+        """PATCH /hospitals/batch/{id}/activate: not idempotent, never repeat it blindly."""
+        return await self._call("PATCH", f"/hospitals/batch/{creation_batch_id}/activate")
+
+    async def delete_batch(self, creation_batch_id: str) -> Answer:
+        """DELETE /hospitals/batch/{id}; a 404 means nothing (left) to delete."""
+        return await self._call("DELETE", f"/hospitals/batch/{creation_batch_id}")
+
+    async def warm_up(self) -> Answer:
+        """GET / with a long timeout, to wake a directory that sleeps when idle."""
+        return await self._call("GET", "/", limits=self._warmup_timeout)
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        json: dict[str, Any] | None = None,
+        limits: aiohttp.ClientTimeout | None = None,
+    ) -> Answer:
+        try:
+            async with self._session.request(
+                method,
+                self.base_url + path,
+                json=json,
+                timeout=limits or self._timeout,
+                allow_redirects=False,
+            ) as response:
+                raw = await response.read()
+                body = await response.json(content_type=None) if raw else None
+                answer = classify(response.status, body)
+        except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
+            answer = Answer(Outcome.NOT_SENT, None, None, f"cannot connect: {exc}")
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            # Sent, then the answer timed out, was cut off or unreadable: it may have run.
+            answer = Answer(Outcome.AMBIGUOUS, None, None, f"{type(exc).__name__}: {exc}")
+        self._record(answer)
+        return answer
+
+    def _record(self, answer: Answer) -> None:
+        r = self.reachability
+        r.last_call_at = time.time()
+        if answer.status is not None and answer.outcome is not Outcome.AMBIGUOUS:
+            r.reachable, r.last_success_at, r.last_error = True, r.last_call_at, None
+        else:
+            r.reachable, r.last_error = False, answer.message
+
+    def idle_for(self) -> float:
+        """Seconds since the directory last answered, infinite if it never did."""
+        last = self.reachability.last_success_at
+        return float("inf") if last is None else time.time() - last

@@ -1,0 +1,484 @@
+"""The worker pool: rows of every batch become directory calls, every outcome an event."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections import defaultdict, deque
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from service.domain import batch as b
+from service.domain import events as ev
+from service.processing.directory_client import Answer, DirectoryClient, Outcome
+from service.processing.pacing import WindowPacer, backoff
+from service.processing.runs import BatchRun, Gate
+from service.projections import queries
+from service.settings import DirectorySettings
+from service.store.event_store import EventStore
+from service.store.records import ConcurrencyError, NewEvent, StoredEvent
+
+log = logging.getLogger(__name__)
+
+
+class Refused(Exception):
+    """A lifecycle request that the batch's state does not allow (409 at the API)."""
+
+
+class Processor:
+    """Runs every unfinished batch to its end: creates, reconciliation, activation, rollback."""
+
+    def __init__(
+        self, store: EventStore, client: DirectoryClient, settings: DirectorySettings
+    ) -> None:
+        self._store, self._client, self._settings = store, client, settings
+        self._pacer = WindowPacer(
+            settings.creates_per_minute, settings.rate_window_seconds, settings.rate_window_margin
+        )
+        self._runs: dict[str, BatchRun] = {}
+        self._line: deque[BatchRun] = deque()  # batches with queued rows, served round robin
+        self._work = asyncio.Event()
+        self._workers: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._warm_up = asyncio.Lock()
+        self._stopping = False
+
+    # Lifecycle of the pool ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the workers, then pick up every batch the log says is unfinished."""
+        self._workers = [
+            asyncio.create_task(self._worker(), name=f"worker-{i}")
+            for i in range(self._settings.concurrency)
+        ]
+        for batch_id in await queries.unfinished_batch_ids(self._store):
+            log.info("recovering batch %s", batch_id)
+            await self._load(batch_id)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop taking rows, give calls in flight `grace` seconds, then cancel the rest.
+
+        Whatever is cut off is safe: its intent is in the log, and the next start
+        reconciles it with the directory before sending anything again.
+        """
+        self._stopping = True
+        self._work.set()
+        everything = [*self._workers, *self._tasks]
+        _, pending = await asyncio.wait(everything, timeout=grace) if everything else ((), ())
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    @property
+    def workers_alive(self) -> int:
+        return sum(not t.done() for t in self._workers)
+
+    @property
+    def active_batches(self) -> int:
+        return sum(not run.idle for run in self._runs.values())
+
+    # Entry points ---------------------------------------------------------------------------
+
+    def submit(self, created: StoredEvent) -> None:
+        """Start work on a batch whose BatchCreated was just committed."""
+        event = created.decode()
+        assert isinstance(event, ev.BatchCreated)
+        run = BatchRun(b.start(event, created.recorded_at))
+        self._runs[run.batch_id] = run
+        self._schedule(run)
+
+    async def wait_finished(self, batch_id: str) -> None:
+        """Return once the batch has nothing left to do (bound it with asyncio.timeout)."""
+        run = self._runs.get(batch_id)
+        if run is not None:
+            await run.finished.wait()
+
+    async def resume(self, batch_id: str, actor: dict[str, Any]) -> b.BatchState:
+        """Send the failed rows back to work, checking the directory for each one first."""
+        run = await self._current(batch_id)
+        state = run.state
+        if not run.idle or state.status in (b.PENDING, b.PROCESSING):
+            raise Refused(f"batch {batch_id} is still processing; resume it once it has finished")
+        if state.rolled_back or state.rollback_requested:
+            raise Refused(f"batch {batch_id} was rolled back; upload the file again instead")
+        failed = tuple(r.row.row for r in state.rows.values() if r.status == b.ROW_FAILED)
+        if not failed and state.activation_failure is None:
+            raise Refused(f"batch {batch_id} has nothing to resume: no failed row")
+        await self._decide(run, ev.BatchResumed(failed), actor)
+        self._schedule(run)
+        return run.state
+
+    async def rollback(self, batch_id: str, actor: dict[str, Any]) -> b.BatchState:
+        """Delete the batch's hospitals from the directory once creates in flight have ended."""
+        run = await self._current(batch_id)
+        if not run.state.rollback_requested:
+            await self._decide(run, ev.BatchRollbackRequested(), actor)
+            run.queue.clear()
+        self._schedule(run)
+        return run.state
+
+    async def _current(self, batch_id: str) -> BatchRun:
+        run = self._runs.get(batch_id) or await self._load(batch_id, schedule=False)
+        if run is None:
+            raise KeyError(batch_id)
+        return run
+
+    async def _decide(self, run: BatchRun, event: ev.Event, actor: dict[str, Any]) -> None:
+        """Append a user's decision only if nothing happened to the batch since it was read."""
+        try:
+            stored = await self._store.append(
+                b.stream_id(run.batch_id), run.state.version, [NewEvent(event, metadata=actor)]
+            )
+        except ConcurrencyError as exc:
+            raise Refused(f"batch {run.batch_id} changed meanwhile; try again") from exc
+        run.absorb(stored)
+        run.finished.clear()
+
+    # Scheduling ---------------------------------------------------------------------------
+
+    async def _load(self, batch_id: str, schedule: bool = True) -> BatchRun | None:
+        history = await self._store.read_stream(b.stream_id(batch_id))
+        if not history:
+            return None
+        run = BatchRun(b.fold((e.decode(), e.recorded_at) for e in history))
+        self._runs[batch_id] = run
+        if schedule:
+            self._schedule(run)
+        return run
+
+    def _schedule(self, run: BatchRun) -> None:
+        """Give a batch whatever work its fold calls for next."""
+        state = run.state
+        for row in state.to_reconcile():
+            gate = run.gate(row.creation_batch_id)
+            if row.row.row not in gate.suspects:
+                gate.suspect(row.row.row)
+                self._reconcile_soon(run, gate)
+        queued = set(run.queue) | run.held
+        self._enqueue(run, [r.row.row for r in state.to_create() if r.row.row not in queued])
+        if run.task is None and (state.needs_rollback() and self._quiet(run)):
+            run.task = self._spawn(self._roll_back(run), run)
+        elif run.task is None and state.ready_to_activate():
+            run.task = self._spawn(self._activate(run), run)
+        if run.idle and not state.unsettled():
+            run.finished.set()
+            self._runs.pop(run.batch_id, None)
+
+    @staticmethod
+    def _quiet(run: BatchRun) -> bool:
+        return not run.held and not any(g.busy for g in run.gates.values())
+
+    def _enqueue(self, run: BatchRun, rows: list[int]) -> None:
+        if not rows:
+            return
+        run.queue.extend(rows)
+        if not run.scheduled:
+            run.scheduled = True
+            self._line.append(run)
+        self._work.set()
+
+    def _spawn(
+        self, work: Coroutine[Any, Any, None], run: BatchRun | None = None
+    ) -> asyncio.Task[None]:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("background work failed", exc_info=t.exception())
+            if run is not None:
+                if run.task is t:
+                    run.task = None
+                if not self._stopping:
+                    self._schedule(run)
+
+        task.add_done_callback(done)
+        return task
+
+    async def _next_row(self) -> tuple[BatchRun, int] | None:
+        while not self._stopping:
+            while self._line:
+                run = self._line.popleft()
+                if run.queue:
+                    row = run.queue.popleft()
+                    run.held.add(row)
+                    if run.queue:
+                        self._line.append(run)
+                    else:
+                        run.scheduled = False
+                    return run, row
+                run.scheduled = False
+            self._work.clear()
+            await self._work.wait()
+        return None
+
+    async def _worker(self) -> None:
+        while (job := await self._next_row()) is not None:
+            run, row = job
+            try:
+                await self._create(run, row)
+            except Exception:
+                log.exception("creating row %s of batch %s failed", row, run.batch_id)
+            finally:
+                run.held.discard(row)
+                # Rows left to send keep the batch going; only its last row decides what's next.
+                if not self._stopping and not run.queue and not run.held:
+                    self._schedule(run)
+
+    # Creating -----------------------------------------------------------------------------
+
+    async def _emit(
+        self, run: BatchRun, event: ev.Event, *id_parts: object, cause: str = "processing"
+    ) -> None:
+        """Append a worker's fact; its id derives from the decision, so a retry stores it once."""
+        new = NewEvent(
+            event,
+            event_id=ev.derived_event_id(run.batch_id, *id_parts),
+            metadata={"actor": "processor", "cause": cause},
+        )
+        run.absorb(await self._store.append(b.stream_id(run.batch_id), None, [new]))
+
+    async def _create(self, run: BatchRun, n: int) -> None:
+        row = run.state.rows[n]
+        gate = run.gate(row.creation_batch_id)
+        await gate.wait_open()
+        await self._ensure_awake()
+        await self._pacer.acquire()
+        if row.status != b.ROW_PENDING or row.may_exist or run.state.rollback_requested:
+            return
+        attempt = row.attempts + 1
+        gate.in_flight += 1
+        try:
+            await self._emit(
+                run,
+                ev.HospitalRequested(n, row.creation_batch_id, attempt),
+                n,
+                "requested",
+                attempt,
+            )
+            answer = await self._client.create(
+                row.row.name, row.row.address, row.row.phone, row.creation_batch_id
+            )
+        finally:
+            gate.in_flight -= 1
+            await gate.notify()
+        await self._record_create(run, gate, n, attempt, answer)
+
+    async def _record_create(
+        self, run: BatchRun, gate: Gate, n: int, attempt: int, answer: Answer
+    ) -> None:
+        outcome_id = (n, "outcome", attempt)
+        hospital_id = answer.body.get("id") if isinstance(answer.body, dict) else None
+        if answer.ok and isinstance(hospital_id, int):
+            await self._emit(run, ev.HospitalCreated(n, hospital_id), *outcome_id)
+        elif answer.outcome in (Outcome.REJECTED, Outcome.NOT_FOUND):
+            message = f"the directory refused the row (HTTP {answer.status}): {answer.message}"
+            await self._emit(
+                run, ev.HospitalFailed(n, "rejected", message, retryable=False), *outcome_id
+            )
+        elif answer.outcome is Outcome.RATE_LIMITED:
+            self._pacer.refused()
+            retry = ev.HospitalRetryScheduled(n, attempt, b.RATE_LIMITED, answer.message)
+            await self._emit(run, retry, *outcome_id)
+            self._enqueue(run, [n])
+        elif answer.outcome is Outcome.NOT_SENT:
+            await self._retry_later(run, n, attempt, "unreachable", answer.message, outcome_id)
+        else:  # AMBIGUOUS, or a 2xx without an id: it may be stored; look before re-sending
+            gate.suspect(n)
+            self._reconcile_soon(run, gate)
+
+    async def _retry_later(
+        self,
+        run: BatchRun,
+        n: int,
+        attempt: int,
+        reason: str,
+        message: str,
+        id_parts: tuple[Any, ...],
+    ) -> None:
+        if run.state.rows[n].failures + 1 >= self._settings.max_attempts:
+            failed = ev.HospitalFailed(
+                n, reason, f"gave up after {attempt} attempts: {message}", retryable=True
+            )
+            await self._emit(run, failed, *id_parts)
+            return
+        await self._emit(run, ev.HospitalRetryScheduled(n, attempt, reason, message), *id_parts)
+        delay = backoff(
+            run.state.rows[n].failures, self._settings.backoff_base, self._settings.backoff_max
+        )
+        run.held.add(n)
+
+        def requeue() -> None:
+            run.held.discard(n)
+            if not self._stopping:
+                self._enqueue(run, [n])
+
+        asyncio.get_running_loop().call_later(delay, requeue)
+
+    async def _ensure_awake(self) -> None:
+        """Wake a directory that sleeps when idle with one long GET / before creating."""
+        if self._client.idle_for() < self._settings.idle_seconds:
+            return
+        async with self._warm_up:
+            if self._client.idle_for() < self._settings.idle_seconds:
+                return
+            answer = await self._client.warm_up()
+            if answer.status is None:
+                log.warning("directory warm-up failed: %s", answer.message)
+
+    # Reconciling --------------------------------------------------------------------------
+
+    def _reconcile_soon(self, run: BatchRun, gate: Gate) -> None:
+        if gate.reconciling is None:
+            gate.reconciling = self._spawn(self._reconcile(run, gate), run)
+
+    async def _reconcile(self, run: BatchRun, gate: Gate) -> None:
+        """Match rows whose create may have been stored against the directory's records."""
+        loop = asyncio.get_running_loop()
+        try:
+            # A create whose answer was lost can still be stored seconds later: let it settle,
+            # and let every create in flight for this upstream batch end first.
+            while (wait := gate.last_suspect_at + self._settings.settle_seconds - loop.time()) > 0:
+                await asyncio.sleep(wait)
+                await gate.wait_idle()
+            await gate.wait_idle()
+            answer = await self._patiently(
+                lambda: self._client.batch_members(gate.creation_batch_id)
+            )
+            suspects = sorted(gate.suspects)
+            if not answer.ok:
+                for n in suspects:
+                    message = f"could not check the directory for this row: {answer.message}"
+                    failed = ev.HospitalFailed(n, "unconfirmed", message, retryable=True)
+                    await self._emit(run, failed, n, "outcome", run.state.rows[n].attempts)
+                return
+            await self._match(run, gate, suspects, answer.body)
+        finally:
+            gate.suspects.clear()
+            gate.reconciling = None
+            await gate.notify()
+
+    async def _match(
+        self, run: BatchRun, gate: Gate, suspects: list[int], records: list[dict[str, Any]]
+    ) -> None:
+        rows = run.state.rows
+        claimed = {r.hospital_id for r in run.state.rows_of(gate.creation_batch_id)}
+        unclaimed: defaultdict[tuple[Any, ...], list[int]] = defaultdict(list)
+        for record in sorted(records, key=lambda r: r.get("id", 0)):
+            if record.get("id") not in claimed:
+                key = (record.get("name"), record.get("address"), record.get("phone"))
+                unclaimed[key].append(record["id"])
+        for n in suspects:
+            row, attempt = rows[n].row, rows[n].attempts
+            found = unclaimed.get((row.name, row.address, row.phone))
+            if found:
+                created = ev.HospitalCreated(n, found.pop(0), reconciled=True)
+                await self._emit(run, created, n, "outcome", attempt, cause="reconciliation")
+            else:
+                message = "not in the directory after an unclear answer; sending it again"
+                retry = ev.HospitalRetryScheduled(n, attempt, "not_stored", message)
+                await self._emit(run, retry, n, "outcome", attempt, cause="reconciliation")
+                self._enqueue(run, [n])
+        extra = sum(map(len, unclaimed.values()))
+        if extra:
+            log.warning(
+                "upstream batch %s holds %d record(s) that match no row of batch %s",
+                gate.creation_batch_id,
+                extra,
+                run.batch_id,
+            )
+
+    async def _patiently(self, call: Callable[[], Awaitable[Answer]]) -> Answer:
+        """Repeat a call that is safe to repeat (a read, a delete) until it gets an answer."""
+        answer = await call()
+        for attempt in range(1, self._settings.max_attempts):
+            if answer.outcome not in (Outcome.NOT_SENT, Outcome.RATE_LIMITED, Outcome.AMBIGUOUS):
+                break
+            wait = backoff(attempt, self._settings.backoff_base, self._settings.backoff_max)
+            if answer.outcome is Outcome.RATE_LIMITED:
+                wait = self._settings.rate_window_seconds
+            await asyncio.sleep(wait)
+            answer = await call()
+        return answer
+
+    # Activating and rolling back --------------------------------------------------------------
+
+    async def _activate(self, run: BatchRun) -> None:
+        """Activate every upstream batch once; after an unclear answer, look, never repeat."""
+        state, total = run.state, 0
+        for upstream in state.upstream:
+            ok, detail = await self._activate_upstream(run, upstream)
+            if not ok:
+                failed = ev.BatchActivationFailed(detail)
+                await self._emit(run, failed, "activation", state.resumes, cause="activation")
+                return
+            total += int(detail)
+        ids = tuple(u.creation_batch_id for u in state.upstream)
+        await self._emit(
+            run, ev.BatchActivated(total, ids), "activation", state.resumes, cause="activation"
+        )
+
+    async def _activate_upstream(
+        self, run: BatchRun, upstream: ev.UpstreamBatch
+    ) -> tuple[bool, str]:
+        batch_id = upstream.creation_batch_id
+        answer = await self._patiently_unsent(lambda: self._client.activate(batch_id))
+        ours = {run.state.rows[n].hospital_id for n in upstream.rows}
+        if answer.ok and answer.body.get("activated_count") == len(ours):
+            return True, str(len(ours))
+        # 400 (already active), a timeout, a 5xx or an odd count: the batch itself tells.
+        members = await self._patiently(lambda: self._client.batch_members(batch_id))
+        if not members.ok:
+            return (
+                False,
+                f"could not confirm activation of upstream batch {batch_id}: {members.message}",
+            )
+        active = {m.get("id") for m in members.body if m.get("active")}
+        if ours <= active:
+            return True, str(len(ours))
+        present = {m.get("id") for m in members.body}
+        if not ours & present:
+            return False, (
+                f"the directory holds none of the {len(ours)} hospitals of upstream batch "
+                f"{batch_id} (was it restarted?); activation answered: {answer.message}"
+            )
+        return False, (
+            f"upstream batch {batch_id}: {len(ours & active)} of {len(ours)} hospitals active, "
+            f"{len(ours - present)} missing; activation answered: {answer.message}"
+        )
+
+    async def _patiently_unsent(self, call: Callable[[], Awaitable[Answer]]) -> Answer:
+        """Repeat a non-idempotent call only while it provably was not processed."""
+        answer = await call()
+        for attempt in range(1, self._settings.max_attempts):
+            if answer.outcome is Outcome.RATE_LIMITED:
+                await asyncio.sleep(self._settings.rate_window_seconds)
+            elif answer.outcome is Outcome.NOT_SENT:
+                await asyncio.sleep(
+                    backoff(attempt, self._settings.backoff_base, self._settings.backoff_max)
+                )
+            else:
+                break
+            answer = await call()
+        return answer
+
+    async def _roll_back(self, run: BatchRun) -> None:
+        """Delete every upstream batch; a 404 means its hospitals are already gone."""
+        deleted = 0
+        for upstream in run.state.upstream:
+            batch_id = upstream.creation_batch_id
+            answer = await self._patiently(functools.partial(self._client.delete_batch, batch_id))
+            if answer.ok and isinstance(answer.body, dict):
+                deleted += int(answer.body.get("deleted_count", 0))
+            elif answer.outcome is not Outcome.NOT_FOUND:
+                log.error(
+                    "rollback of %s stopped at %s: %s", run.batch_id, batch_id, answer.message
+                )
+                return
+        ids = tuple(u.creation_batch_id for u in run.state.upstream)
+        await self._emit(run, ev.BatchRolledBack(deleted, ids), "rollback", cause="rollback")

@@ -1,0 +1,187 @@
+"""The `batches` and `batch_rows` read models, kept in the writer's transaction."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from service.domain import batch as b
+from service.domain import events as ev
+from service.store.records import StoredEvent
+
+NAME = "batches"
+CREATED_STATUSES = (b.ROW_CREATED, b.ROW_ACTIVE)
+
+
+def project(cur: sqlite3.Cursor, stored: StoredEvent, event: ev.Event) -> None:
+    """Apply one event to the read models; rebuild replays the log through this same code."""
+    batch_id = stored.stream_id.removeprefix("batch-")
+    if isinstance(event, ev.BatchCreated):
+        _insert_batch(cur, stored, event)
+    else:
+        _update_rows(cur, batch_id, event)
+    _refresh_batch(cur, batch_id, stored)
+    cur.execute(
+        "INSERT INTO projection_checkpoints (name, position) VALUES (?, ?) "
+        "ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+        (NAME, stored.global_position),
+    )
+
+
+def _insert_batch(cur: sqlite3.Cursor, stored: StoredEvent, event: ev.BatchCreated) -> None:
+    cur.execute(
+        "INSERT INTO batches (batch_id, file_name, idempotency_key, content_sha256, total_rows, "
+        "status, stream_version, last_position, created_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            event.batch_id,
+            event.file_name,
+            event.idempotency_key,
+            event.content_sha256,
+            len(event.rows),
+            b.PENDING,
+            stored.stream_version,
+            stored.global_position,
+            stored.recorded_at,
+            stored.recorded_at,
+        ),
+    )
+    upstream_of = {row: u.creation_batch_id for u in event.upstream_batches for row in u.rows}
+    cur.executemany(
+        "INSERT INTO batch_rows (batch_id, row, line, name, address, phone, creation_batch_id, "
+        "status) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                event.batch_id,
+                r.row,
+                r.line,
+                r.name,
+                r.address,
+                r.phone,
+                upstream_of[r.row],
+                b.ROW_PENDING,
+            )
+            for r in event.rows
+        ],
+    )
+
+
+def _set_row(cur: sqlite3.Cursor, batch_id: str, row: int, sql: str, *params: object) -> None:
+    cur.execute(
+        f"UPDATE batch_rows SET {sql} WHERE batch_id = ? AND row = ?", (*params, batch_id, row)
+    )
+    if cur.rowcount != 1:
+        raise ValueError(f"batch {batch_id} has no row {row}")
+
+
+def _update_rows(cur: sqlite3.Cursor, batch_id: str, event: ev.Event) -> None:
+    batch_sets = ""
+    match event:
+        case ev.HospitalRequested(row=row, attempt=attempt):
+            _set_row(cur, batch_id, row, "attempts = ?", attempt)
+            batch_sets = "requested = 1"
+        case ev.HospitalRetryScheduled(row=row, reason=reason, message=message):
+            _set_row(cur, batch_id, row, "error_reason = ?, error_message = ?", reason, message)
+        case ev.HospitalCreated(row=row, hospital_id=hospital_id, reconciled=reconciled):
+            _set_row(
+                cur,
+                batch_id,
+                row,
+                "status = ?, hospital_id = ?, reconciled = ?, error_reason = NULL, "
+                "error_message = NULL",
+                b.ROW_CREATED,
+                hospital_id,
+                int(reconciled),
+            )
+        case ev.HospitalFailed(row=row, reason=reason, message=message):
+            _set_row(
+                cur,
+                batch_id,
+                row,
+                "status = ?, error_reason = ?, error_message = ?",
+                b.ROW_FAILED,
+                reason,
+                message,
+            )
+        case ev.BatchActivated():
+            cur.execute(
+                "UPDATE batch_rows SET status = ? WHERE batch_id = ? AND status = ?",
+                (b.ROW_ACTIVE, batch_id, b.ROW_CREATED),
+            )
+            batch_sets = "activated = 1"
+        case ev.BatchActivationFailed(reason=reason):
+            cur.execute(
+                "UPDATE batches SET activation_error = ? WHERE batch_id = ?", (reason, batch_id)
+            )
+        case ev.BatchResumed(rows=rows):
+            cur.executemany(
+                "UPDATE batch_rows SET status = ?, error_reason = NULL, error_message = NULL "
+                "WHERE batch_id = ? AND row = ?",
+                [(b.ROW_PENDING, batch_id, row) for row in rows],
+            )
+            batch_sets = "activation_error = NULL"
+        case ev.BatchRollbackRequested():
+            batch_sets = "rollback_requested = 1"
+        case ev.BatchRolledBack():
+            cur.execute(
+                "UPDATE batch_rows SET status = ? WHERE batch_id = ? AND status IN (?, ?)",
+                (b.ROW_DELETED, batch_id, *CREATED_STATUSES),
+            )
+            cur.execute(
+                "UPDATE batch_rows SET status = ?, error_reason = ?, error_message = ? "
+                "WHERE batch_id = ? AND status = ?",
+                (b.ROW_FAILED, "rolled_back", b.ROLLED_BACK_MESSAGE, batch_id, b.ROW_PENDING),
+            )
+            batch_sets = "rolled_back = 1"
+        case _:
+            raise ValueError(f"{event.type_name} does not apply to an existing batch")
+    if batch_sets:
+        cur.execute(f"UPDATE batches SET {batch_sets} WHERE batch_id = ?", (batch_id,))
+
+
+def _refresh_batch(cur: sqlite3.Cursor, batch_id: str, stored: StoredEvent) -> None:
+    """Recount the rows and derive the status with the same rule as the domain fold."""
+    counts = dict(
+        cur.execute(
+            "SELECT status, COUNT(*) FROM batch_rows WHERE batch_id = ? GROUP BY status",
+            (batch_id,),
+        ).fetchall()
+    )
+    flags = cur.execute(
+        "SELECT total_rows, requested, activated, activation_error IS NOT NULL, rolled_back, "
+        "finished_at FROM batches WHERE batch_id = ?",
+        (batch_id,),
+    ).fetchone()
+    total, requested, activated, activation_failed, rolled_back, finished_at = flags
+    created = sum(counts.get(s, 0) for s in CREATED_STATUSES)
+    status = b.derive_status(
+        b.Counts(
+            total=total,
+            created=created,
+            failed=counts.get(b.ROW_FAILED, 0),
+            deleted=counts.get(b.ROW_DELETED, 0),
+            requested=bool(requested),
+            activated=bool(activated),
+            activation_failed=bool(activation_failed),
+            rolled_back=bool(rolled_back),
+        )
+    )
+    if status not in b.FINISHED:
+        finished_at = None
+    elif finished_at is None:
+        finished_at = stored.recorded_at
+    cur.execute(
+        "UPDATE batches SET created_rows = ?, failed_rows = ?, deleted_rows = ?, status = ?, "
+        "stream_version = ?, last_position = ?, updated_at = ?, finished_at = ? "
+        "WHERE batch_id = ?",
+        (
+            created,
+            counts.get(b.ROW_FAILED, 0),
+            counts.get(b.ROW_DELETED, 0),
+            status,
+            stored.stream_version,
+            stored.global_position,
+            stored.recorded_at,
+            finished_at,
+            batch_id,
+        ),
+    )

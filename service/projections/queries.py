@@ -1,0 +1,73 @@
+"""Reads of the read models, shaped for the API."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from service.store.event_store import EventStore
+
+BATCH_COLUMNS = (
+    "batch_id, file_name, idempotency_key, content_sha256, total_rows, created_rows, "
+    "failed_rows, deleted_rows, activated, activation_error, rollback_requested, rolled_back, "
+    "status, stream_version, created_at, updated_at, finished_at"
+)
+ROW_COLUMNS = (
+    "row, line, name, address, phone, creation_batch_id, status, hospital_id, error_reason, "
+    "error_message, attempts, reconciled"
+)
+
+
+def _dict(row: sqlite3.Row) -> dict[str, Any]:
+    return {key: row[key] for key in row.keys()}  # noqa: SIM118 (sqlite3.Row is not a mapping)
+
+
+async def get_batch(store: EventStore, batch_id: str) -> dict[str, Any] | None:
+    """One batch's summary row, or None."""
+    rows = await store.fetch(f"SELECT {BATCH_COLUMNS} FROM batches WHERE batch_id = ?", (batch_id,))
+    return _dict(rows[0]) if rows else None
+
+
+async def get_rows(store: EventStore, batch_id: str) -> list[dict[str, Any]]:
+    """Every row of a batch, in file order."""
+    rows = await store.fetch(
+        f"SELECT {ROW_COLUMNS} FROM batch_rows WHERE batch_id = ? ORDER BY row", (batch_id,)
+    )
+    return [_dict(r) for r in rows]
+
+
+async def find_by_idempotency_key(store: EventStore, key: str) -> dict[str, Any] | None:
+    """The batch uploaded with this Idempotency-Key, or None."""
+    rows = await store.fetch(
+        f"SELECT {BATCH_COLUMNS} FROM batches WHERE idempotency_key = ?", (key,)
+    )
+    return _dict(rows[0]) if rows else None
+
+
+async def unfinished_batch_ids(store: EventStore) -> list[str]:
+    """Batches the service still owes work to, oldest first."""
+    rows = await store.fetch(
+        "SELECT batch_id FROM batches WHERE status IN ('pending', 'processing') "
+        "OR (rollback_requested = 1 AND rolled_back = 0) ORDER BY created_at, batch_id"
+    )
+    return [r["batch_id"] for r in rows]
+
+
+async def list_batches(
+    store: EventStore, status: str | None, limit: int, before: tuple[str, str] | None
+) -> list[dict[str, Any]]:
+    """Up to limit + 1 batches, newest first, older than the `before` (created_at, id) cursor."""
+    where, params = [], []
+    if status is not None:
+        where.append("status = ?")
+        params.append(status)
+    if before is not None:
+        where.append("(created_at, batch_id) < (?, ?)")
+        params.extend(before)
+    clause = f"WHERE {' AND '.join(where)}" if where else ""
+    rows = await store.fetch(
+        f"SELECT {BATCH_COLUMNS} FROM batches {clause} "
+        "ORDER BY created_at DESC, batch_id DESC LIMIT ?",
+        (*params, limit + 1),
+    )
+    return [_dict(r) for r in rows]

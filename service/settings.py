@@ -1,0 +1,248 @@
+"""Settings: a frozen tree of dataclasses loaded from config.toml, .env and the environment."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG = Path("config.toml")
+
+# Environment names that the tool users already know, mapped to their setting.
+ALIASES = {
+    "EXTERNAL_API_BASE_URL": ("directory", "base_url"),
+    "LOG_LEVEL": ("app", "log_level"),
+}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class SettingsError(ValueError):
+    """A setting has a value the service cannot run with."""
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    host: str = "0.0.0.0"
+    port: int = 8000
+    log_level: str = "INFO"
+    shutdown_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    path: str = "data/batches.db"
+    busy_timeout_ms: int = 5000
+
+
+@dataclass(frozen=True)
+class DirectorySettings:
+    base_url: str = "https://hospital-directory.onrender.com"
+    batch_size: int = 20
+    concurrency: int = 20
+    creates_per_minute: int = 30
+    rate_window_seconds: float = 60.0
+    rate_window_margin: float = 0.5
+    max_attempts: int = 5
+    backoff_base: float = 1.0
+    backoff_max: float = 30.0
+    settle_seconds: float = 6.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    warmup_timeout: float = 90.0
+    idle_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class CsvSettings:
+    max_rows: int = 1000
+    max_bytes: int = 10 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    bulk_wait_seconds: float = 120.0
+
+
+@dataclass(frozen=True)
+class WebsocketSettings:
+    heartbeat_seconds: float = 20.0
+    max_backlog: int = 1000
+    allowed_origins: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Settings:
+    app: AppSettings = field(default_factory=AppSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    directory: DirectorySettings = field(default_factory=DirectorySettings)
+    csv: CsvSettings = field(default_factory=CsvSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
+    websocket: WebsocketSettings = field(default_factory=WebsocketSettings)
+
+    def replace(self, **sections: Mapping[str, Any]) -> Settings:
+        """A copy with some keys of some sections changed: replace(directory={...})."""
+        changed = {
+            name: dataclasses.replace(getattr(self, name), **values)
+            for name, values in sections.items()
+        }
+        return dataclasses.replace(self, **changed)
+
+
+def load_settings(
+    config_path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    dotenv_path: Path | None = Path(".env"),
+) -> Settings:
+    """Build Settings from defaults, the TOML file, .env and the environment, in that order."""
+    environ = os.environ if environ is None else environ
+    path = config_path or Path(environ.get("CONFIG_PATH", str(DEFAULT_CONFIG)))
+    layers: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        with path.open("rb") as f:
+            _merge_toml(layers, tomllib.load(f), path)
+    elif config_path is not None:
+        raise SettingsError(f"config file {path} does not exist")
+    if dotenv_path is not None and dotenv_path.exists():
+        _merge_env(layers, read_dotenv(dotenv_path))
+    _merge_env(layers, environ)
+    return _build(layers)
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """Parse KEY=VALUE lines; blank lines and # comments are skipped, quotes stripped."""
+    values = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.removeprefix("export ").partition("=")
+        if not sep:
+            raise SettingsError(f"{path}:{number}: expected KEY=VALUE, got {line!r}")
+        values[key.strip()] = value.strip().strip("'\"")
+    return values
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Settings)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Settings)}
+
+
+def _merge_toml(layers: dict[str, dict[str, Any]], data: dict[str, Any], path: Path) -> None:
+    sections = _sections()
+    for section, values in data.items():
+        if section not in sections or not isinstance(values, dict):
+            raise SettingsError(f"{path}: unknown section [{section}]")
+        known = {f.name for f in dataclasses.fields(sections[section])}
+        for key, value in values.items():
+            if key not in known:
+                raise SettingsError(f"{path}: unknown setting {section}.{key}")
+            layers.setdefault(section, {})[key] = value
+
+
+def _merge_env(layers: dict[str, dict[str, Any]], environ: Mapping[str, str]) -> None:
+    names = dict(ALIASES)
+    for section, cls in _sections().items():
+        for f in dataclasses.fields(cls):
+            names[f"{section}_{f.name}".upper()] = (section, f.name)
+    # Aliases first, so the canonical name wins when both are set.
+    for env_name in sorted(names, key=lambda n: n not in ALIASES):
+        if env_name in environ:
+            section, key = names[env_name]
+            layers.setdefault(section, {})[key] = _EnvValue(env_name, environ[env_name])
+
+
+@dataclass(frozen=True)
+class _EnvValue:
+    """A raw string from the environment, remembered with its variable name for errors."""
+
+    name: str
+    text: str
+
+
+def _build(layers: dict[str, dict[str, Any]]) -> Settings:
+    built = {}
+    for section, cls in _sections().items():
+        hints = typing.get_type_hints(cls)
+        values = {
+            key: _coerce(f"{section}.{key}", hints[key], raw)
+            for key, raw in layers.get(section, {}).items()
+        }
+        built[section] = cls(**values)
+    settings = Settings(**built)
+    _validate(settings)
+    return settings
+
+
+def _coerce(name: str, kind: Any, raw: Any) -> Any:
+    where = f"{name} (from {raw.name})" if isinstance(raw, _EnvValue) else name
+    value = raw.text if isinstance(raw, _EnvValue) else raw
+    try:
+        if kind is bool:
+            return _to_bool(value)
+        if kind in (int, float):
+            if isinstance(value, bool):
+                raise ValueError
+            number = kind(value)
+            if kind is int and isinstance(value, float) and number != value:
+                raise ValueError
+            return number
+        if kind is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+        if typing.get_origin(kind) is tuple or isinstance(kind, types.GenericAlias):
+            items = value.split(",") if isinstance(value, str) else value
+            return tuple(str(item).strip() for item in items if str(item).strip())
+    except (TypeError, ValueError):
+        pass
+    raise SettingsError(f"setting {where}: {value!r} is not a valid {_kind_name(kind)}")
+
+
+def _kind_name(kind: Any) -> str:
+    return {int: "whole number", float: "number", str: "string", bool: "boolean"}.get(
+        kind, "comma-separated list"
+    )
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+def _validate(s: Settings) -> None:
+    checks = [
+        (1 <= s.app.port <= 65535, "app.port", "must be between 1 and 65535"),
+        (s.app.log_level.upper() in LOG_LEVELS, "app.log_level", f"must be one of {LOG_LEVELS}"),
+        (bool(s.database.path), "database.path", "must not be empty"),
+        (
+            s.directory.base_url.startswith(("http://", "https://")),
+            "directory.base_url",
+            "must start with http:// or https://",
+        ),
+        (1 <= s.directory.batch_size <= 20, "directory.batch_size", "must be between 1 and 20"),
+        (1 <= s.directory.concurrency <= 40, "directory.concurrency", "must be between 1 and 40"),
+        (s.directory.creates_per_minute >= 0, "directory.creates_per_minute", "must be >= 0"),
+        (s.directory.max_attempts >= 1, "directory.max_attempts", "must be at least 1"),
+        (s.directory.read_timeout > 0, "directory.read_timeout", "must be positive"),
+        (s.directory.connect_timeout > 0, "directory.connect_timeout", "must be positive"),
+        (s.directory.rate_window_seconds > 0, "directory.rate_window_seconds", "must be > 0"),
+        (s.csv.max_rows >= 1, "csv.max_rows", "must be at least 1"),
+        (s.csv.max_bytes >= 1024, "csv.max_bytes", "must be at least 1024"),
+        (s.api.bulk_wait_seconds >= 0, "api.bulk_wait_seconds", "must be >= 0"),
+        (s.websocket.max_backlog >= 1, "websocket.max_backlog", "must be at least 1"),
+    ]
+    for ok, name, problem in checks:
+        if not ok:
+            raise SettingsError(f"setting {name} {problem}")

@@ -1,0 +1,382 @@
+"""The SQLite event store: one writer task with group commit, pooled readers, live follow."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import json
+import logging
+import sqlite3
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from service.domain.events import Event
+from service.store.migrations import check_sqlite_version, migrate
+from service.store.records import (
+    EVENT_COLUMNS,
+    ConcurrencyError,
+    DuplicateEventError,
+    NewEvent,
+    StoredEvent,
+    from_row,
+)
+
+log = logging.getLogger(__name__)
+
+Projector = Callable[[sqlite3.Cursor, StoredEvent, Event], None]
+
+MAX_GROUP = 256  # appends committed in one transaction at most
+RECENT_EVENTS = 20_000  # committed events kept in memory for followers
+READ_PAGE = 500
+
+
+@dataclass
+class _Append:
+    stream_id: str
+    expected_version: int | None
+    events: Sequence[NewEvent]
+    future: asyncio.Future[list[StoredEvent]] = field(repr=False)
+
+
+class Head:
+    """The log's last committed position, and a wake-up for whoever waits for it to move."""
+
+    def __init__(self, position: int = 0) -> None:
+        self.position = position
+        self._moved = asyncio.Event()
+
+    def advance(self, position: int) -> None:
+        """Record a new head and wake every waiter (the wake-up carries no data)."""
+        self.position = position
+        moved, self._moved = self._moved, asyncio.Event()
+        moved.set()
+
+    async def wait_past(self, position: int) -> None:
+        """Return once the head is beyond `position`."""
+        while self.position <= position:
+            await self._moved.wait()
+
+
+def connect_writer(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
+    """The one connection that writes: WAL, synchronous=FULL, explicit transactions."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # FULL: a COMMIT that returned survives power loss, which is what "appended" promises.
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+class EventStore:
+    """Append-only log of events in streams, with read models kept by projectors."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        projectors: Sequence[Projector] = (),
+        busy_timeout_ms: int = 5000,
+        readers: int = 4,
+    ) -> None:
+        self.path = str(path)
+        self.head = Head()
+        self._projectors = tuple(projectors)
+        self._busy_timeout_ms = busy_timeout_ms
+        self._reader_count = readers
+        self._queue: asyncio.Queue[_Append] = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="event-writer")
+        self._writer: sqlite3.Connection | None = None
+        self._writer_task: asyncio.Task[None] | None = None
+        self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+        self._all_readers: list[aiosqlite.Connection] = []
+        self._recent: deque[StoredEvent] = deque(maxlen=RECENT_EVENTS)
+
+    async def open(self) -> None:
+        """Migrate the database, then start the writer and open the readers."""
+        check_sqlite_version()
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        self._writer = await loop.run_in_executor(self._executor, self._open_writer)
+        for _ in range(self._reader_count):
+            conn = await aiosqlite.connect(self.path)
+            await conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
+            await conn.execute("PRAGMA query_only=ON")
+            self._all_readers.append(conn)
+            self._readers.put_nowait(conn)
+        async with (
+            self._reader() as conn,
+            conn.execute("SELECT COALESCE(MAX(global_position), 0) FROM events") as cur,
+        ):
+            row = await cur.fetchone()
+        self.head.advance(row[0] if row else 0)
+        self._writer_task = asyncio.create_task(self._write_loop(), name="event-writer")
+
+    def _open_writer(self) -> sqlite3.Connection:
+        conn = connect_writer(self.path, self._busy_timeout_ms)
+        migrate(conn)
+        return conn
+
+    async def close(self) -> None:
+        """Finish the queued appends, then close every connection."""
+        if self._writer_task is not None:
+            await self._queue.join()
+            self._writer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer_task
+        for conn in self._all_readers:
+            await conn.close()
+        self._all_readers.clear()
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            await asyncio.get_running_loop().run_in_executor(self._executor, writer.close)
+        self._executor.shutdown(wait=True)
+
+    @property
+    def writer_alive(self) -> bool:
+        """False once the writer task has stopped: no append can commit."""
+        return self._writer_task is not None and not self._writer_task.done()
+
+    # Writing ---------------------------------------------------------------------------
+
+    async def append(
+        self, stream_id: str, expected_version: int | None, events: Sequence[NewEvent]
+    ) -> list[StoredEvent]:
+        """Append `events` to a stream and return them as stored, once committed.
+
+        `expected_version` is the stream's last version (-1 for a new stream), or None to
+        append at the end whatever it is. Re-appending stored event ids writes nothing and
+        returns the stored events. A caller that is cancelled does not cancel the commit.
+        """
+        if not events:
+            return []
+        if not self.writer_alive:
+            raise RuntimeError("the event store is not open")
+        future: asyncio.Future[list[StoredEvent]] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Append(stream_id, expected_version, events, future))
+        return await asyncio.shield(future)
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            group = [await self._queue.get()]
+            while len(group) < MAX_GROUP and not self._queue.empty():
+                group.append(self._queue.get_nowait())
+            try:
+                outcomes = await loop.run_in_executor(self._executor, self._commit, group)
+            except Exception as exc:  # the COMMIT itself failed: nothing of the group stands
+                log.exception("group commit of %d appends failed", len(group))
+                outcomes = [exc] * len(group)
+            # By position: a retry in the same group returns the events its twin just wrote.
+            committed: dict[int, StoredEvent] = {}
+            for item, outcome in zip(group, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    _settle(item.future, exception=outcome)
+                else:
+                    committed.update(
+                        (e.global_position, e)
+                        for e in outcome
+                        if e.global_position > self.head.position
+                    )
+                    _settle(item.future, result=outcome)
+                self._queue.task_done()
+            if committed:
+                self._recent.extend(committed[p] for p in sorted(committed))
+                self.head.advance(max(committed))
+
+    def _commit(self, group: list[_Append]) -> list[list[StoredEvent] | Exception]:
+        """Run in the writer thread: one transaction, one savepoint per append."""
+        assert self._writer is not None
+        cur = self._writer.cursor()
+        recorded_at = datetime.now(UTC).isoformat(timespec="microseconds")
+        outcomes: list[list[StoredEvent] | Exception] = []
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            for item in group:
+                cur.execute("SAVEPOINT append")
+                try:
+                    outcomes.append(self._append_one(cur, item, recorded_at))
+                except Exception as exc:  # this append only: its neighbours still commit
+                    cur.execute("ROLLBACK TO append")
+                    outcomes.append(exc)
+                cur.execute("RELEASE append")
+            cur.execute("COMMIT")
+        except BaseException:
+            if self._writer.in_transaction:
+                self._writer.rollback()
+            raise
+        return outcomes
+
+    def _append_one(self, cur: sqlite3.Cursor, item: _Append, at: str) -> list[StoredEvent]:
+        ids = [e.event_id for e in item.events]
+        marks = ",".join("?" * len(ids))
+        stored = cur.execute(
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE event_id IN ({marks}) "
+            "ORDER BY global_position",
+            ids,
+        ).fetchall()
+        if stored:
+            if len(stored) != len(ids) or any(row[2] != item.stream_id for row in stored):
+                raise DuplicateEventError(f"some of the event ids {ids} are already stored")
+            return [from_row(row) for row in stored]
+        (current,) = cur.execute(
+            "SELECT COALESCE(MAX(stream_version), -1) FROM events WHERE stream_id = ?",
+            (item.stream_id,),
+        ).fetchone()
+        if item.expected_version is not None and item.expected_version != current:
+            raise ConcurrencyError(item.stream_id, item.expected_version, current)
+        result = []
+        for offset, new in enumerate(item.events):
+            data = json.dumps(new.event.payload(), separators=(",", ":"))
+            metadata = json.dumps(new.metadata, separators=(",", ":"))
+            version = current + 1 + offset
+            cur.execute(
+                "INSERT INTO events (event_id, stream_id, stream_version, event_type, "
+                "schema_version, data, metadata, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    new.event_id,
+                    item.stream_id,
+                    version,
+                    new.event.type_name,
+                    new.event.schema_version,
+                    data,
+                    metadata,
+                    at,
+                ),
+            )
+            event = StoredEvent(
+                global_position=cur.lastrowid or 0,
+                event_id=new.event_id,
+                stream_id=item.stream_id,
+                stream_version=version,
+                event_type=new.event.type_name,
+                schema_version=new.event.schema_version,
+                data=json.loads(data),
+                metadata=new.metadata,
+                recorded_at=at,
+            )
+            for project in self._projectors:
+                project(cur, event, new.event)
+            result.append(event)
+        return result
+
+    # Reading ---------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _reader(self) -> AsyncIterator[aiosqlite.Connection]:
+        conn = await self._readers.get()
+        try:
+            yield conn
+        finally:
+            self._readers.put_nowait(conn)
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """Run a read-only query on a reader connection and return every row."""
+        async with self._reader() as conn:
+            conn.row_factory = sqlite3.Row
+            async with conn.execute(sql, params) as cur:
+                return list(await cur.fetchall())
+
+    async def read_stream(
+        self, stream_id: str, after_version: int = -1, limit: int | None = None
+    ) -> list[StoredEvent]:
+        """A stream's events after `after_version`, in version order."""
+        rows = await self._select(
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ? AND stream_version > ? "
+            "ORDER BY stream_version LIMIT ?",
+            (stream_id, after_version, -1 if limit is None else limit),
+        )
+        return [from_row(r) for r in rows]
+
+    async def read_all(self, after_position: int = 0, limit: int = READ_PAGE) -> list[StoredEvent]:
+        """Events of every stream after `after_position`, in log order."""
+        rows = await self._select(
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE global_position > ? "
+            "ORDER BY global_position LIMIT ?",
+            (after_position, limit),
+        )
+        return [from_row(r) for r in rows]
+
+    async def stream_version(self, stream_id: str) -> int:
+        """The stream's last version, -1 when it does not exist."""
+        rows = await self._select(
+            "SELECT COALESCE(MAX(stream_version), -1) FROM events WHERE stream_id = ?",
+            (stream_id,),
+        )
+        return int(rows[0][0])
+
+    async def _select(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        async with self._reader() as conn:
+            conn.row_factory = None
+            async with conn.execute(sql, params) as cur:
+                return [tuple(r) for r in await cur.fetchall()]
+
+    async def follow(
+        self, stream_id: str | None = None, after_version: int = -1, after_position: int = 0
+    ) -> AsyncIterator[StoredEvent]:
+        """Yield the events after a point, then every later one as it commits, forever.
+
+        Followers are served from the recent committed events kept in memory when they
+        can be, from the database otherwise; the head is read before each catch-up, so a
+        commit that lands during a read is never missed.
+        """
+        position = after_position
+        if stream_id is not None:
+            # Everything up to this head is covered by the reads below, which start later.
+            position = self.head.position
+            while page := await self.read_stream(stream_id, after_version, READ_PAGE):
+                for event in page:
+                    yield event
+                after_version = page[-1].stream_version
+                position = max(position, page[-1].global_position)
+        while True:
+            head = self.head.position
+            events = await self._after(position, stream_id)
+            for event in events:
+                position = event.global_position
+                if stream_id is None:
+                    yield event
+                elif event.stream_id == stream_id and event.stream_version > after_version:
+                    after_version = event.stream_version
+                    yield event
+            if not events:
+                await self.head.wait_past(max(head, position))
+
+    async def _after(self, position: int, stream_id: str | None) -> list[StoredEvent]:
+        recent = self._recent
+        if recent and recent[0].global_position <= position + 1:
+            start = bisect.bisect_right(recent, position, key=lambda e: e.global_position)
+            return list(_islice(recent, start))
+        if stream_id is None:
+            return await self.read_all(position, READ_PAGE)
+        rows = await self._select(
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ? AND global_position > ? "
+            "ORDER BY global_position LIMIT ?",
+            (stream_id, position, READ_PAGE),
+        )
+        return [from_row(r) for r in rows]
+
+
+def _islice(items: deque[StoredEvent], start: int) -> list[StoredEvent]:
+    return [items[i] for i in range(start, len(items))]
+
+
+def _settle(
+    future: asyncio.Future[list[StoredEvent]],
+    result: list[StoredEvent] | None = None,
+    exception: BaseException | None = None,
+) -> None:
+    if future.done():
+        return
+    if exception is not None:
+        future.set_exception(exception)
+    else:
+        future.set_result(result or [])

@@ -1,0 +1,408 @@
+"""Batch endpoints: thin handlers that parse, call one service function, and shape the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import csv
+import hashlib
+import io
+import re
+import uuid
+from typing import Any
+
+from aiohttp import web
+from aiohttp_apispec import docs, querystring_schema, response_schema
+
+from service.domain import batch as b
+from service.domain import csv_intake
+from service.processing.processor import Refused
+from service.projections import queries
+from service.store.records import ConcurrencyError, NewEvent
+from service.web import presenters, schemas
+from service.web.errors import REQUEST_ID, ApiError
+from service.web.keys import PROCESSOR, SETTINGS, STORE
+from service.web.upload import read_upload
+
+routes = web.RouteTableDef()
+
+UPLOAD_MESSAGE = "CSV upload initiated. Use batch_id to track progress."
+FILE_PARAMETER = {
+    "in": "formData",
+    "name": "file",
+    "type": "file",
+    "required": True,
+    "description": "CSV with header name,address,phone (phone optional), UTF-8",
+}
+IDEMPOTENCY_PARAMETER = {
+    "in": "header",
+    "name": "Idempotency-Key",
+    "type": "string",
+    "required": False,
+    "description": "the same key with the same file returns the first batch instead of a new one",
+}
+NOT_FOUND = {404: {"schema": schemas.Error, "description": "unknown batch"}}
+BAD_ID = {422: {"schema": schemas.Error, "description": "malformed batch id"}}
+IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1c7f0e-2b9a-4c43-9f57-6d1f1a0c9b11")
+
+
+def actor(request: web.Request) -> dict[str, Any]:
+    """Event metadata for a decision a user made through the API."""
+    return {"actor": "api", "request_id": request[REQUEST_ID], "remote": request.remote}
+
+
+def batch_id_of(request: web.Request) -> str:
+    """The path's batch id, normalised; 422 when it is not a UUID."""
+    raw = request.match_info["batch_id"]
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        raise ApiError(
+            422,
+            [
+                {
+                    "loc": ["path", "batch_id"],
+                    "msg": f"batch_id must be a UUID, got {raw[:80]!r}",
+                    "type": "uuid_parsing",
+                }
+            ],
+        ) from None
+
+
+async def existing_batch(request: web.Request) -> dict[str, Any]:
+    """The read model of the path's batch, or 404."""
+    batch_id = batch_id_of(request)
+    batch = await queries.get_batch(request.app[STORE], batch_id)
+    if batch is None:
+        raise ApiError(404, f"Batch with ID {batch_id} not found")
+    return batch
+
+
+# Intake ------------------------------------------------------------------------------------
+
+
+async def accept_upload(request: web.Request) -> tuple[dict[str, Any], bool]:
+    """Validate the upload and store its BatchCreated; (batch read model, newly created)."""
+    settings = request.app[SETTINGS]
+    upload = await read_upload(request, settings.csv.max_bytes)
+    parsed = csv_intake.read_upload(upload.filename, upload.data, settings.csv.max_rows)
+    sha = hashlib.sha256(upload.data).hexdigest()
+    key = request.headers.get("Idempotency-Key")
+    store = request.app[STORE]
+    if key is not None:
+        if not 1 <= len(key) <= 255:
+            raise ApiError(422, "Idempotency-Key must be 1 to 255 characters")
+        batch_id = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, key))
+        if (known := await queries.get_batch(store, batch_id)) is not None:
+            return _same_upload(known, sha), False
+    else:
+        batch_id = str(uuid.uuid4())
+    created = b.plan(
+        batch_id, upload.filename or "", parsed.rows, settings.directory.batch_size, sha, key
+    )
+    try:
+        stored = await store.append(
+            b.stream_id(batch_id), -1, [NewEvent(created, metadata=actor(request))]
+        )
+    except ConcurrencyError:  # a concurrent upload with the same key won the race
+        known = await queries.get_batch(store, batch_id)
+        assert known is not None
+        return _same_upload(known, sha), False
+    request.app[PROCESSOR].submit(stored[0])
+    batch = await queries.get_batch(store, batch_id)
+    assert batch is not None
+    batch["warnings"] = parsed.warnings
+    return batch, True
+
+
+def _same_upload(known: dict[str, Any], sha: str) -> dict[str, Any]:
+    if known["content_sha256"] != sha:
+        raise ApiError(
+            409,
+            f"Idempotency-Key was already used for batch {known['batch_id']} with a different "
+            "file; use a new key for a new file",
+        )
+    return known
+
+
+def accepted_body(batch: dict[str, Any]) -> dict[str, Any]:
+    """The upload answer users know, plus the validation warnings."""
+    return {
+        "batch_id": batch["batch_id"],
+        "total_hospitals": batch["total_rows"],
+        "message": UPLOAD_MESSAGE,
+        "status": batch["status"],
+        "warnings": batch.get("warnings", []),
+    }
+
+
+@routes.post("/batch/upload-csv")
+@docs(
+    tags=["batches"],
+    summary="Upload a CSV of hospitals; processing starts at once",
+    consumes=["multipart/form-data"],
+    parameters=[FILE_PARAMETER, IDEMPOTENCY_PARAMETER],
+    responses={
+        200: {"schema": schemas.UploadAccepted, "description": "same Idempotency-Key and file"},
+        409: {"schema": schemas.Error, "description": "Idempotency-Key reused for another file"},
+        413: {"schema": schemas.Error, "description": "file larger than csv.max_bytes"},
+        422: {"schema": schemas.Error, "description": "every problem of the file, with places"},
+    },
+)
+@response_schema(schemas.UploadAccepted, 202, description="accepted; follow it with batch_id")
+async def upload_csv(request: web.Request) -> web.Response:
+    batch, created = await accept_upload(request)
+    location = f"/batch/{batch['batch_id']}/status"
+    return web.json_response(
+        accepted_body(batch), status=202 if created else 200, headers={"Location": location}
+    )
+
+
+@routes.post("/batch/validate-csv")
+@docs(
+    tags=["batches"],
+    summary="Check a CSV without creating anything",
+    consumes=["multipart/form-data"],
+    parameters=[FILE_PARAMETER],
+    responses={422: {"schema": schemas.ValidationResult, "description": "the file's problems"}},
+)
+@response_schema(schemas.ValidationResult, 200)
+async def validate_csv(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    upload = await read_upload(request, settings.csv.max_bytes)
+    try:
+        parsed = csv_intake.read_upload(upload.filename, upload.data, settings.csv.max_rows)
+    except csv_intake.CsvRejected as exc:
+        body = {"valid": False, "message": "CSV validation failed", "errors": exc.problems}
+        return web.json_response(body, status=exc.status)
+    return web.json_response(
+        {
+            "valid": True,
+            "message": "CSV file is valid and ready for processing",
+            "total_rows": len(parsed.rows),
+            "headers": list(parsed.headers),
+            "warnings": parsed.warnings,
+        }
+    )
+
+
+@routes.post("/hospitals/bulk")
+@docs(
+    tags=["batches"],
+    summary="Upload a CSV and wait for the result (up to api.bulk_wait_seconds)",
+    consumes=["multipart/form-data"],
+    parameters=[FILE_PARAMETER, IDEMPOTENCY_PARAMETER],
+    responses={
+        202: {"schema": schemas.UploadAccepted, "description": "still running: follow batch_id"},
+        409: {"schema": schemas.Error, "description": "Idempotency-Key reused for another file"},
+        413: {"schema": schemas.Error, "description": "file larger than csv.max_bytes"},
+        422: {"schema": schemas.Error, "description": "every problem of the file, with places"},
+    },
+)
+@response_schema(schemas.Status, 200, description="the batch finished: its /status body")
+async def bulk(request: web.Request) -> web.Response:
+    batch, _ = await accept_upload(request)
+    batch_id = batch["batch_id"]
+    try:
+        async with asyncio.timeout(request.app[SETTINGS].api.bulk_wait_seconds):
+            await request.app[PROCESSOR].wait_finished(batch_id)
+    except TimeoutError:
+        headers = {"Location": f"/batch/{batch_id}/status"}
+        return web.json_response(accepted_body(batch), status=202, headers=headers)
+    return web.json_response(await status_body(request, batch_id))
+
+
+# Reading ------------------------------------------------------------------------------------
+
+
+async def status_body(request: web.Request, batch_id: str) -> dict[str, Any]:
+    """The /status body from the read models."""
+    store = request.app[STORE]
+    batch = await queries.get_batch(store, batch_id)
+    if batch is None:
+        raise ApiError(404, f"Batch with ID {batch_id} not found")
+    return presenters.status(batch, await queries.get_rows(store, batch_id))
+
+
+@routes.get("/batch/{batch_id}/progress")
+@docs(tags=["batches"], summary="How far a batch is", responses={**NOT_FOUND, **BAD_ID})
+@response_schema(schemas.Progress, 200)
+async def progress(request: web.Request) -> web.Response:
+    return web.json_response(presenters.progress(await existing_batch(request)))
+
+
+@routes.get("/batch/{batch_id}/status")
+@docs(
+    tags=["batches"],
+    summary="A batch's result, row by row; ?as_of=N shows it as it was after version N",
+    responses={**NOT_FOUND, **BAD_ID},
+)
+@querystring_schema(schemas.StatusQuery)
+@response_schema(schemas.Status, 200)
+async def status(request: web.Request) -> web.Response:
+    batch_id = batch_id_of(request)
+    as_of = request["querystring"].get("as_of")
+    if as_of is None:
+        return web.json_response(await status_body(request, batch_id))
+    history = await request.app[STORE].read_stream(b.stream_id(batch_id), limit=as_of + 1)
+    if not history:
+        raise ApiError(404, f"Batch with ID {batch_id} not found")
+    state = b.fold((e.decode(), e.recorded_at) for e in history)
+    if state.version < as_of:
+        raise ApiError(
+            422,
+            [
+                {
+                    "loc": ["query", "as_of"],
+                    "msg": f"batch {batch_id} has no version {as_of}; its last is {state.version}",
+                    "type": "value_error",
+                }
+            ],
+        )
+    return web.json_response(presenters.status(*presenters.records_of(state)))
+
+
+@routes.get("/batch")
+@docs(tags=["batches"], summary="Batches, newest first, paged by cursor")
+@querystring_schema(schemas.ListQuery)
+@response_schema(schemas.BatchList, 200)
+async def list_batches(request: web.Request) -> web.Response:
+    query = request["querystring"]
+    after = _decode_cursor(query.get("cursor"))
+    page = await queries.list_batches(
+        request.app[STORE], status=query.get("status"), limit=query["limit"], before=after
+    )
+    more = len(page) > query["limit"]
+    page = page[: query["limit"]]
+    cursor = _encode_cursor(page[-1]) if more else None
+    return web.json_response(
+        {"batches": [presenters.summary(x) for x in page], "next_cursor": cursor}
+    )
+
+
+def _encode_cursor(batch: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(f"{batch['created_at']}|{batch['batch_id']}".encode()).decode()
+
+
+def _decode_cursor(cursor: str | None) -> tuple[str, str] | None:
+    if cursor is None:
+        return None
+    try:
+        created_at, _, batch_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
+        uuid.UUID(batch_id)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(
+            422,
+            [
+                {
+                    "loc": ["query", "cursor"],
+                    "msg": "not a cursor from this API",
+                    "type": "value_error",
+                }
+            ],
+        ) from None
+    return created_at, batch_id
+
+
+# Results export -------------------------------------------------------------------------------
+
+RESULT_COLUMNS = ("row", "name", "address", "phone", "status", "hospital_id", "error_message")
+PHONE_LIKE = re.compile(r"^[+\-]?[\d\s().\-x/+]*$")
+
+
+def spreadsheet_safe(value: object) -> str:
+    """Keep a spreadsheet from running a cell as a formula (prefix it with ').
+
+    A leading + or - is left alone on values that look like phone numbers.
+    """
+    text = "" if value is None else str(value)
+    if text[:1] in ("=", "@", "\t", "\r") or (
+        text[:1] in ("+", "-") and not PHONE_LIKE.match(text)
+    ):
+        return "'" + text
+    return text
+
+
+@routes.get("/batch/{batch_id}/results.csv")
+@docs(
+    tags=["batches"],
+    summary="Every row's result as CSV; ?only=failed gives the failed rows in upload format",
+    produces=["text/csv"],
+    responses={**NOT_FOUND, **BAD_ID, 200: {"description": "CSV file"}},
+)
+@querystring_schema(schemas.ResultsQuery)
+async def results_csv(request: web.Request) -> web.Response:
+    batch = await existing_batch(request)
+    rows = await queries.get_rows(request.app[STORE], batch["batch_id"])
+    only_failed = request["querystring"].get("only_rows") == "failed"
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    if only_failed:
+        writer.writerow(csv_intake.COLUMNS)
+        for r in rows:
+            if r["status"] == b.ROW_FAILED:
+                writer.writerow([spreadsheet_safe(r[c]) for c in csv_intake.COLUMNS])
+    else:
+        writer.writerow(RESULT_COLUMNS)
+        for r in rows:
+            result = presenters.row_result(r)
+            writer.writerow([spreadsheet_safe(result[c]) for c in RESULT_COLUMNS])
+    suffix = "failed" if only_failed else "results"
+    return web.Response(
+        text=out.getvalue(),
+        content_type="text/csv",
+        charset="utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{batch["batch_id"]}-{suffix}.csv"'},
+    )
+
+
+# Lifecycle ------------------------------------------------------------------------------------
+
+
+@routes.post("/batch/{batch_id}/resume")
+@docs(
+    tags=["lifecycle"],
+    summary="Retry the failed rows (each is looked for in the directory first)",
+    responses={
+        **NOT_FOUND,
+        **BAD_ID,
+        409: {"schema": schemas.Error, "description": "still processing, or nothing to resume"},
+    },
+)
+@response_schema(schemas.Progress, 202)
+async def resume(request: web.Request) -> web.Response:
+    batch = await existing_batch(request)
+    try:
+        await request.app[PROCESSOR].resume(batch["batch_id"], actor(request))
+    except Refused as exc:
+        raise ApiError(409, str(exc)) from exc
+    refreshed = await existing_batch(request)
+    return web.json_response(presenters.progress(refreshed), status=202)
+
+
+@routes.delete("/batch/{batch_id}")
+@docs(
+    tags=["lifecycle"],
+    summary="Roll a batch back: delete its hospitals from the directory",
+    description=(
+        "Stops new creates, lets those in flight finish, then deletes every upstream batch. "
+        "Answers 202 while that runs and 200 once the batch is rolled back; repeating is harmless."
+    ),
+    responses={
+        **NOT_FOUND,
+        **BAD_ID,
+        202: {"schema": schemas.Progress, "description": "rolling back"},
+    },
+)
+@response_schema(schemas.Progress, 200, description="rolled back")
+async def rollback(request: web.Request) -> web.Response:
+    batch = await existing_batch(request)
+    if not batch["rolled_back"]:
+        try:
+            await request.app[PROCESSOR].rollback(batch["batch_id"], actor(request))
+        except Refused as exc:
+            raise ApiError(409, str(exc)) from exc
+        batch = await existing_batch(request)
+    return web.json_response(
+        presenters.progress(batch), status=200 if batch["rolled_back"] else 202
+    )

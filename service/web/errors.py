@@ -1,0 +1,88 @@
+"""One error shape everywhere: {"detail": "..."} or {"detail": [{"loc", "msg", "type"}]}."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
+
+from aiohttp import web
+from marshmallow import ValidationError
+
+from service.domain.csv_intake import CsvRejected, Problem
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REQUEST_ID = "request_id"
+
+
+class ApiError(Exception):
+    """An error a client caused or can act on, with its status and detail."""
+
+    def __init__(self, status: int, detail: str | list[Problem]) -> None:
+        super().__init__(detail if isinstance(detail, str) else json.dumps(detail))
+        self.status, self.detail = status, detail
+
+
+def error_response(
+    status: int, detail: str | list[Problem], headers: dict[str, str] | None = None
+) -> web.Response:
+    """The JSON error body every endpoint uses."""
+    return web.json_response({"detail": detail}, status=status, headers=headers)
+
+
+def webargs_error(
+    error: ValidationError,
+    req: web.Request,
+    schema: Any,
+    *,
+    error_status_code: int | None,
+    error_headers: Any,
+) -> NoReturn:
+    """Turn webargs' {location: {field: [messages]}} into FastAPI's list of problems."""
+    problems: list[Problem] = []
+    messages = error.messages if isinstance(error.messages, dict) else {"body": error.messages}
+    for location, fields in messages.items():
+        where = {"querystring": "query", "match_info": "path", "json": "body"}.get(
+            location, location
+        )
+        items = fields.items() if isinstance(fields, dict) else [("", fields)]
+        for field, texts in items:
+            for text in texts if isinstance(texts, list) else [texts]:
+                problems.append({"loc": [where, field], "msg": str(text), "type": "value_error"})
+    raise ApiError(422, problems)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give each request an id; answer every failure in the one JSON shape, never a traceback."""
+    request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        response = error_response(exc.status, exc.detail)
+    except CsvRejected as exc:
+        response = error_response(exc.status, exc.problems)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        detail = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        if exc.status == 404 and exc.text and exc.text.startswith("404:"):
+            detail = "Not Found"
+        response = error_response(exc.status, detail, headers=_kept_headers(exc))
+    except Exception:
+        log.exception(
+            "unexpected error in %s %s (request %s)", request.method, request.path, request_id
+        )
+        response = error_response(500, f"Internal server error (request id {request_id})")
+    if not response.prepared:
+        response.headers["X-Request-ID"] = request_id
+    return response
+
+
+def _kept_headers(exc: web.HTTPException) -> dict[str, str]:
+    return {k: v for k, v in exc.headers.items() if k in ("Allow", "Location")}

@@ -1,0 +1,19 @@
+"""Typed application state."""
+
+from __future__ import annotations
+
+import weakref
+
+from aiohttp import web
+
+from service.processing.directory_client import DirectoryClient
+from service.processing.processor import Processor
+from service.settings import Settings
+from service.store.event_store import EventStore
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", EventStore)
+CLIENT = web.AppKey("directory_client", DirectoryClient)
+PROCESSOR = web.AppKey("processor", Processor)
+STARTED_AT = web.AppKey("started_at", float)
+SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("websockets")

@@ -1,0 +1,142 @@
+"""Marshmallow schemas: request parameters are validated with them, every body documented."""
+
+from __future__ import annotations
+
+from marshmallow import EXCLUDE, Schema, fields, validate
+
+from service.domain import batch as b
+
+
+class Query(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+
+class Problem(Schema):
+    loc = fields.List(fields.Raw(), required=True, metadata={"example": ["row", 2, "name"]})
+    msg = fields.String(required=True)
+    type = fields.String(required=True, metadata={"example": "value_error"})
+
+
+class Error(Schema):
+    detail = fields.Raw(
+        required=True,
+        metadata={"description": "A message, or a list of problems with their places"},
+    )
+
+
+class UploadAccepted(Schema):
+    batch_id = fields.UUID(required=True)
+    total_hospitals = fields.Integer(required=True)
+    message = fields.String(required=True)
+    status = fields.String(required=True, validate=validate.OneOf(b.BATCH_STATUSES))
+    warnings = fields.List(fields.Nested(Problem), metadata={"description": "duplicate rows"})
+
+
+class Progress(Schema):
+    batch_id = fields.UUID(required=True)
+    progress_percentage = fields.Float(required=True)
+    processing_status = fields.String(required=True, validate=validate.OneOf(b.BATCH_STATUSES))
+    processed_hospitals = fields.Integer(required=True)
+    total_hospitals = fields.Integer(required=True)
+    failed_hospitals = fields.Integer(required=True)
+    current_message = fields.String(required=True)
+
+
+class HospitalResult(Schema):
+    row = fields.Integer(required=True)
+    hospital_id = fields.Integer(allow_none=True, required=True)
+    name = fields.String(required=True)
+    address = fields.String(required=True)
+    phone = fields.String(allow_none=True, required=True)
+    status = fields.String(required=True, validate=validate.OneOf(b.ROW_STATUSES))
+    error_message = fields.String(allow_none=True, required=True)
+
+
+class Status(Schema):
+    batch_id = fields.UUID(required=True)
+    total_hospitals = fields.Integer(required=True)
+    processed_hospitals = fields.Integer(required=True)
+    failed_hospitals = fields.Integer(required=True)
+    deleted_hospitals = fields.Integer(required=True)
+    processing_time_seconds = fields.Float(required=True)
+    batch_activated = fields.Boolean(required=True)
+    processing_status = fields.String(required=True, validate=validate.OneOf(b.BATCH_STATUSES))
+    activation_error = fields.String(allow_none=True)
+    rolled_back = fields.Boolean()
+    version = fields.Integer(metadata={"description": "stream version this answer reflects"})
+    hospitals = fields.List(fields.Nested(HospitalResult), required=True)
+
+
+class StatusQuery(Query):
+    as_of = fields.Integer(
+        validate=validate.Range(min=0),
+        metadata={"description": "the batch as it was after this stream version"},
+    )
+
+
+class ValidationResult(Schema):
+    valid = fields.Boolean(required=True)
+    message = fields.String(required=True)
+    total_rows = fields.Integer()
+    headers = fields.List(fields.String())
+    warnings = fields.List(fields.Nested(Problem))
+    errors = fields.List(fields.Nested(Problem))
+
+
+class Health(Schema):
+    status = fields.String(required=True, metadata={"example": "healthy"})
+    timestamp = fields.String(required=True)
+    version = fields.String(required=True)
+    database = fields.Dict(required=True)
+    workers = fields.Dict(required=True)
+    directory = fields.Dict(required=True)
+
+
+class BatchSummary(Progress):
+    file_name = fields.String(required=True)
+    created_at = fields.String(required=True)
+    finished_at = fields.String(allow_none=True, required=True)
+    batch_activated = fields.Boolean(required=True)
+    deleted_hospitals = fields.Integer(required=True)
+
+
+class BatchList(Schema):
+    batches = fields.List(fields.Nested(BatchSummary), required=True)
+    next_cursor = fields.String(allow_none=True, required=True)
+
+
+class ListQuery(Query):
+    status = fields.String(validate=validate.OneOf(b.BATCH_STATUSES))
+    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
+    cursor = fields.String(metadata={"description": "next_cursor of the previous page"})
+
+
+class ResultsQuery(Query):
+    only_rows = fields.String(data_key="only", validate=validate.OneOf(["failed"]))
+
+
+class EventRecord(Schema):
+    global_position = fields.Integer(required=True)
+    event_id = fields.String(required=True)
+    stream_id = fields.String(required=True)
+    stream_version = fields.Integer(required=True)
+    event_type = fields.String(required=True)
+    schema_version = fields.Integer(required=True)
+    recorded_at = fields.String(required=True)
+    data = fields.Dict(required=True)
+    metadata = fields.Dict(required=True)
+
+
+class EventPage(Schema):
+    events = fields.List(fields.Nested(EventRecord), required=True)
+    next_after = fields.Integer(
+        allow_none=True,
+        required=True,
+        metadata={"description": "pass as ?after= for the next page"},
+    )
+
+
+class EventsQuery(Query):
+    after = fields.Integer(load_default=None, validate=validate.Range(min=-1))
+    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))

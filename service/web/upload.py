@@ -1,0 +1,90 @@
+"""Reading the uploaded file out of a multipart body, within the size limit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import BodyPartReader, web
+
+from service.domain.csv_intake import Problem, problem
+from service.web.errors import ApiError
+
+CHUNK = 64 * 1024
+FORM_OVERHEAD = 64 * 1024  # boundaries and part headers around the file itself
+
+
+@dataclass(frozen=True)
+class Upload:
+    filename: str | None
+    data: bytes
+
+
+def _too_large(max_bytes: int) -> ApiError:
+    return ApiError(
+        413,
+        [
+            problem(
+                ["file"],
+                f"the upload is larger than {max_bytes} bytes (csv.max_bytes); split the file",
+                "file_too_large",
+            )
+        ],
+    )
+
+
+async def read_upload(request: web.Request, max_bytes: int) -> Upload:
+    """The `file` field of a multipart/form-data body; anything else is a 4xx naming it."""
+    if request.content_length is not None and request.content_length > max_bytes + FORM_OVERHEAD:
+        raise _too_large(max_bytes)
+    if request.content_type != "multipart/form-data":
+        raise ApiError(
+            422,
+            [
+                problem(
+                    ["body", "file"],
+                    "send the CSV as multipart/form-data in a field named 'file' "
+                    f"(got Content-Type {request.content_type or 'none'})",
+                    "missing",
+                )
+            ],
+        )
+    upload: Upload | None = None
+    extra: list[Problem] = []
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise ValueError("nested multipart bodies are not accepted")
+            if part.name == "file" and upload is None:
+                upload = Upload(part.filename, await _read_limited(part, max_bytes))
+            else:
+                name = part.name or "(unnamed)"
+                what = "a second 'file'" if part.name == "file" else f"unexpected field {name!r}"
+                extra.append(
+                    problem(
+                        ["body", name], f"{what}: send exactly one field, 'file'", "extra_forbidden"
+                    )
+                )
+                await part.release()
+    except ApiError:
+        raise
+    except (ValueError, AssertionError, RuntimeError, UnicodeDecodeError) as exc:
+        raise ApiError(
+            422, [problem(["body"], f"malformed multipart body: {exc}", "multipart_error")]
+        ) from exc
+    if upload is None:
+        extra.insert(0, problem(["body", "file"], "Field required: the CSV file", "missing"))
+    if extra:
+        raise ApiError(422, extra)
+    assert upload is not None
+    return upload
+
+
+async def _read_limited(part: BodyPartReader, max_bytes: int) -> bytes:
+    chunks, size = [], 0
+    while chunk := await part.read_chunk(CHUNK):
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)

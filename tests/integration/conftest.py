@@ -1,0 +1,53 @@
+"""Fixtures and event builders shared by the store and projection tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from service.domain import events as ev
+from service.projections import batches
+from service.store.event_store import EventStore
+from service.store.records import NewEvent
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> Path:
+    return tmp_path / "events.db"
+
+
+@pytest.fixture
+async def store(store_path: Path) -> AsyncIterator[EventStore]:
+    store = EventStore(store_path, projectors=[batches.project])
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def batch_created(batch_id: str, rows: int = 2) -> ev.BatchCreated:
+    """A BatchCreated of `rows` rows, split into upstream batches of at most 20."""
+    numbers = range(1, rows + 1)
+    chunks = [tuple(numbers[i : i + 20]) for i in range(0, rows, 20)]
+    return ev.BatchCreated(
+        batch_id=batch_id,
+        file_name=f"{batch_id}.csv",
+        rows=tuple(ev.Row(n, f"Hospital {n}", f"{n} Main St", None, n + 1) for n in numbers),
+        upstream_batches=tuple(
+            ev.UpstreamBatch(batch_id if len(chunks) == 1 else f"{batch_id}-{i}", chunk)
+            for i, chunk in enumerate(chunks)
+        ),
+    )
+
+
+def new_batch(batch_id: str, rows: int = 2) -> list[NewEvent]:
+    """The events of an append that creates a batch."""
+    return [NewEvent(batch_created(batch_id, rows))]
+
+
+def requested(batch_id: str, count: int = 1) -> list[NewEvent]:
+    """`count` create intents for row 1: valid any number of times, so good filler."""
+    return [NewEvent(ev.HospitalRequested(1, batch_id, attempt)) for attempt in range(1, count + 1)]

@@ -1,0 +1,251 @@
+"""The store contract: what append promises, what the database refuses, how reads page."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from service.domain import events as ev
+from service.projections import queries
+from service.store.event_store import EventStore
+from service.store.records import ConcurrencyError, DuplicateEventError, NewEvent
+from tests.integration.conftest import new_batch, requested
+
+
+async def positions(store: EventStore) -> list[int]:
+    return [e.global_position for e in await store.read_all(limit=10_000)]
+
+
+async def test_empty_append_returns_nothing_and_writes_nothing(store: EventStore) -> None:
+    assert await store.append("batch-a", -1, []) == []
+    assert await store.read_all() == []
+    assert store.head.position == 0
+
+
+async def test_append_returns_what_reads_return(store: EventStore) -> None:
+    appended = await store.append("batch-a", -1, new_batch("a") + requested("a", 2))
+
+    assert [e.stream_version for e in appended] == [0, 1, 2]
+    assert await store.read_stream("batch-a") == appended
+    assert await store.read_all() == appended
+    assert await store.stream_version("batch-a") == 2
+    assert store.head.position == appended[-1].global_position
+
+
+async def test_stream_of_a_new_batch_decodes_to_the_appended_events(store: EventStore) -> None:
+    new = new_batch("a") + requested("a")
+    await store.append("batch-a", -1, new)
+
+    stored = await store.read_stream("batch-a")
+
+    assert [e.decode() for e in stored] == [n.event for n in new]
+    assert [e.event_id for e in stored] == [n.event_id for n in new]
+
+
+@pytest.mark.parametrize("expected", [-1, 0, 2])
+async def test_wrong_expected_version_raises_and_writes_nothing(
+    store: EventStore, expected: int
+) -> None:
+    await store.append("batch-a", -1, new_batch("a") + requested("a"))
+
+    with pytest.raises(ConcurrencyError) as caught:
+        await store.append("batch-a", expected, requested("a"))
+
+    assert (caught.value.expected, caught.value.actual) == (expected, 1)
+    assert await positions(store) == [1, 2]
+
+
+async def test_expected_version_none_appends_at_the_end(store: EventStore) -> None:
+    await store.append("batch-a", -1, new_batch("a") + requested("a"))
+
+    appended = await store.append("batch-a", None, requested("a", 2))
+
+    assert [e.stream_version for e in appended] == [2, 3]
+
+
+async def test_failing_append_stores_none_of_its_events_and_spares_its_group(
+    store: EventStore,
+) -> None:
+    await store.append("batch-b", -1, new_batch("b", rows=2))
+    # The projector refuses the second event (row 99 does not exist), after the first passed.
+    doomed = requested("b") + [NewEvent(ev.HospitalCreated(99, 1234))]
+
+    first, failed, last = await asyncio.gather(
+        store.append("batch-a", -1, new_batch("a")),
+        store.append("batch-b", 0, doomed),
+        store.append("batch-c", -1, new_batch("c")),
+        return_exceptions=True,
+    )
+
+    assert isinstance(failed, ValueError)
+    assert not isinstance(first, BaseException) and not isinstance(last, BaseException)
+    assert first[0].recorded_at == last[0].recorded_at  # one group commit
+    assert await store.stream_version("batch-b") == 0
+    assert (await queries.get_batch(store, "b") or {})["status"] == "pending"
+    assert await positions(store) == [1, 2, 3]
+
+
+async def test_positions_stay_dense_through_conflicts_and_failures(store: EventStore) -> None:
+    await store.append("batch-a", -1, new_batch("a"))
+    await store.append("batch-b", -1, new_batch("b"))
+    outcomes = await asyncio.gather(
+        store.append("batch-a", 0, requested("a", 2)),
+        store.append("batch-a", 0, requested("a")),  # loses the race to the line above
+        store.append("batch-b", 0, [NewEvent(ev.HospitalCreated(7, 1))]),  # no row 7
+        store.append("batch-b", None, requested("b", 3)),
+        return_exceptions=True,
+    )
+    await store.append("batch-a", None, requested("a"))
+
+    assert [type(o).__name__ for o in outcomes] == ["list", "ConcurrencyError", "ValueError", "list"]
+    assert await positions(store) == list(range(1, 9))
+    versions = [e.stream_version for e in await store.read_stream("batch-a")]
+    assert versions == [0, 1, 2, 3]
+
+
+async def test_reappending_stored_event_ids_returns_them_and_writes_nothing(
+    store: EventStore,
+) -> None:
+    events = new_batch("a") + requested("a")
+    first = await store.append("batch-a", -1, events)
+
+    # A retry carries the stale expected version: idempotency is checked first.
+    again = await store.append("batch-a", -1, events)
+
+    assert [e.global_position for e in again] == [e.global_position for e in first]
+    assert again == first
+    assert await positions(store) == [1, 2]
+
+
+async def test_partly_stored_event_ids_raise_and_write_nothing(store: EventStore) -> None:
+    events = new_batch("a") + requested("a")
+    await store.append("batch-a", -1, events)
+
+    with pytest.raises(DuplicateEventError):
+        await store.append("batch-a", None, events[1:] + requested("a"))
+
+    assert await positions(store) == [1, 2]
+
+
+async def test_event_ids_stored_in_another_stream_raise(store: EventStore) -> None:
+    events = new_batch("a")
+    await store.append("batch-a", -1, events)
+
+    with pytest.raises(DuplicateEventError):
+        await store.append("batch-b", -1, events)
+
+    assert await store.stream_version("batch-b") == -1
+
+
+@pytest.mark.parametrize(
+    "statement",
+    ["UPDATE events SET data = '{}' WHERE global_position = 1", "DELETE FROM events"],
+)
+async def test_database_refuses_to_edit_the_log(
+    store: EventStore, store_path: Path, statement: str
+) -> None:
+    await store.append("batch-a", -1, new_batch("a"))
+
+    conn = sqlite3.connect(store_path)
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            conn.execute(statement)
+    finally:
+        conn.close()
+
+    assert len(await store.read_all()) == 1
+
+
+async def test_read_stream_after_version_and_limit(store: EventStore) -> None:
+    await store.append("batch-a", -1, new_batch("a") + requested("a", 5))
+    await store.append("batch-b", -1, new_batch("b"))
+
+    after_two = await store.read_stream("batch-a", after_version=2)
+    page = await store.read_stream("batch-a", after_version=0, limit=2)
+
+    assert [e.stream_version for e in after_two] == [3, 4, 5]
+    assert [e.stream_version for e in page] == [1, 2]
+    assert await store.read_stream("batch-missing") == []
+    assert await store.stream_version("batch-missing") == -1
+
+
+async def test_read_all_pages_through_the_log_in_order(store: EventStore) -> None:
+    await store.append("batch-a", -1, new_batch("a") + requested("a", 2))
+    await store.append("batch-b", -1, new_batch("b") + requested("b", 3))
+
+    page = await store.read_all(after_position=2, limit=3)
+    rest = await store.read_all(after_position=page[-1].global_position)
+
+    assert [e.global_position for e in page] == [3, 4, 5]
+    assert [e.global_position for e in rest] == [6, 7]
+    assert [e.stream_id for e in page + rest] == ["batch-a"] + ["batch-b"] * 4
+
+
+async def test_reopened_store_continues_the_log(store_path: Path) -> None:
+    first = EventStore(store_path)
+    await first.open()
+    await first.append("batch-a", -1, new_batch("a"))
+    await first.close()
+
+    second = EventStore(store_path)
+    await second.open()
+    try:
+        assert second.head.position == 1
+        appended = await second.append("batch-a", 0, requested("a"))
+    finally:
+        await second.close()
+
+    assert (appended[0].global_position, appended[0].stream_version) == (2, 1)
+
+
+async def test_close_commits_the_queued_appends_first(store_path: Path) -> None:
+    store = EventStore(store_path)
+    await store.open()
+    pending = [asyncio.create_task(store.append(f"batch-{i}", -1, new_batch(str(i)))) for i in range(5)]
+    await asyncio.sleep(0)  # let every task queue its append
+
+    await store.close()
+
+    assert sorted(t.result()[0].global_position for t in pending) == [1, 2, 3, 4, 5]
+    with pytest.raises(RuntimeError, match="not open"):
+        await store.append("batch-x", -1, new_batch("x"))
+
+
+@dataclass(frozen=True)
+class NoteAdded(ev.Event):
+    """A test event whose v1 payload called `text` `note`."""
+
+    type_name = "NoteAdded"
+    text: str
+
+
+async def test_old_payloads_are_upcast_on_read_and_never_rewritten(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(ev.EVENT_TYPES, "NoteAdded", NoteAdded)
+    store = EventStore(store_path)
+    await store.open()
+    try:
+        conn = sqlite3.connect(store_path)
+        conn.execute(
+            "INSERT INTO events (event_id, stream_id, stream_version, event_type, "
+            "schema_version, data, metadata, recorded_at) "
+            "VALUES ('e1', 'notes', 0, 'NoteAdded', 1, '{\"note\":\"hi\"}', '{}', 'then')"
+        )
+        conn.commit()
+        monkeypatch.setattr(NoteAdded, "schema_version", 2)
+        monkeypatch.setitem(ev.UPCASTERS, ("NoteAdded", 1), lambda p: {"text": p["note"]})
+
+        (stored,) = await store.read_stream("notes")
+        raw = conn.execute("SELECT schema_version, data FROM events").fetchone()
+        conn.close()
+    finally:
+        await store.close()
+
+    assert (stored.schema_version, stored.data) == (2, {"text": "hi"})
+    assert stored.decode() == NoteAdded("hi")
+    assert raw == (1, '{"note":"hi"}')

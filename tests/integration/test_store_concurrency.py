@@ -1,0 +1,135 @@
+"""Races on the single writer, cancelled callers, and live followers that must miss nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import aclosing
+from pathlib import Path
+
+import pytest
+
+from service.store.event_store import EventStore
+from service.store.records import ConcurrencyError, StoredEvent
+from tests.integration.conftest import new_batch, requested
+
+
+async def take(store: EventStore, count: int, **after: int | str) -> list[StoredEvent]:
+    """The first `count` events store.follow(**after) yields."""
+    got: list[StoredEvent] = []
+    async with aclosing(store.follow(**after)) as events:  # type: ignore[arg-type]
+        async for event in events:
+            got.append(event)
+            if len(got) == count:
+                break
+    return got
+
+
+async def test_same_expected_version_exactly_one_append_wins(store: EventStore) -> None:
+    await store.append("batch-a", -1, new_batch("a"))
+
+    outcomes = await asyncio.gather(
+        store.append("batch-a", 0, requested("a")),
+        store.append("batch-a", 0, requested("a")),
+        return_exceptions=True,
+    )
+
+    winners = [o for o in outcomes if isinstance(o, list)]
+    losers = [o for o in outcomes if isinstance(o, ConcurrencyError)]
+    assert (len(winners), len(losers)) == (1, 1)
+    assert await store.read_stream("batch-a", after_version=0) == winners[0]
+
+
+async def test_a_thousand_concurrent_appends_all_commit_densely(store: EventStore) -> None:
+    appends = [store.append(f"batch-{i}", -1, new_batch(str(i), rows=1)) for i in range(1000)]
+    reads = [store.read_all(limit=10) for _ in range(20)]
+
+    outcomes = await asyncio.gather(*appends, *reads, return_exceptions=True)
+
+    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    assert failures == []
+    stored = [events[0] for events in outcomes[:1000]]  # type: ignore[index]
+    assert sorted(e.global_position for e in stored) == list(range(1, 1001))
+    assert len(await store.read_all(limit=2000)) == 1000
+    assert store.head.position == 1000
+
+
+async def test_cancelled_caller_does_not_cancel_the_commit(store: EventStore) -> None:
+    caller = asyncio.create_task(store.append("batch-a", -1, new_batch("a")))
+    await asyncio.sleep(0)  # the append is queued, its commit not done yet
+    assert not caller.done()
+
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await asyncio.wait_for(store.head.wait_past(0), timeout=5)
+
+    assert [e.event_type for e in await store.read_stream("batch-a")] == ["BatchCreated"]
+
+
+async def test_follow_stream_yields_every_later_version_once_in_order(store: EventStore) -> None:
+    await store.append("batch-a", -1, new_batch("a") + requested("a", 4))  # versions 0..4
+    await store.append("batch-b", -1, new_batch("b"))
+    follower = asyncio.create_task(take(store, 7, stream_id="batch-a", after_version=2))
+    await asyncio.sleep(0.01)
+
+    for _ in range(5):  # versions 5..9, interleaved with another stream
+        await asyncio.gather(
+            store.append("batch-a", None, requested("a")),
+            store.append("batch-b", None, requested("b")),
+        )
+
+    got = await asyncio.wait_for(follower, timeout=5)
+    assert [e.stream_version for e in got] == list(range(3, 10))
+    assert {e.stream_id for e in got} == {"batch-a"}
+
+
+async def test_follow_of_the_log_misses_nothing_under_concurrent_appends(
+    store: EventStore,
+) -> None:
+    await store.append("batch-0", -1, new_batch("0") + requested("0", 9))
+    follower = asyncio.create_task(take(store, 10 + 20 * 25))
+
+    async def writer(n: int) -> None:
+        await store.append(f"batch-{n}", -1, new_batch(str(n)))
+        for _ in range(24):
+            await store.append(f"batch-{n}", None, requested(str(n)))
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(writer(n) for n in range(1, 21)))
+
+    got = await asyncio.wait_for(follower, timeout=10)
+    assert [e.global_position for e in got] == list(range(1, 511))
+
+
+async def test_follow_after_a_restart_catches_up_from_the_database(store_path: Path) -> None:
+    before = EventStore(store_path)
+    await before.open()
+    await before.append("batch-a", -1, new_batch("a") + requested("a", 29))
+    await before.close()
+
+    store = EventStore(store_path)
+    await store.open()
+    try:
+        follower = asyncio.create_task(take(store, 30, after_position=5))
+        await asyncio.sleep(0.01)
+        for _ in range(5):
+            await store.append("batch-a", None, requested("a"))
+        got = await asyncio.wait_for(follower, timeout=5)
+    finally:
+        await store.close()
+
+    assert [e.global_position for e in got] == list(range(6, 36))
+
+
+async def test_follow_yields_a_retried_append_once(store: EventStore) -> None:
+    retried = new_batch("a")
+
+    # Both land in one group commit: the second finds the first's ids stored.
+    first, second = await asyncio.gather(
+        store.append("batch-a", -1, retried), store.append("batch-a", -1, retried)
+    )
+    await store.append("batch-a", 0, requested("a"))
+
+    got = await asyncio.wait_for(take(store, 2), timeout=5)
+    assert first == second
+    assert [e.global_position for e in got] == [1, 2]
