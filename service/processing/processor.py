@@ -427,30 +427,39 @@ class Processor:
         self, run: BatchRun, upstream: ev.UpstreamBatch
     ) -> tuple[bool, str]:
         batch_id = upstream.creation_batch_id
-        answer = await self._patiently_unsent(lambda: self._client.activate(batch_id))
         ours = {run.state.rows[n].hospital_id for n in upstream.rows}
-        if answer.ok and answer.body.get("activated_count") == len(ours):
-            return True, str(len(ours))
-        # 400 (already active), a timeout, a 5xx or an odd count: the batch itself tells.
-        members = await self._patiently(lambda: self._client.batch_members(batch_id))
-        if not members.ok:
-            return (
-                False,
-                f"could not confirm activation of upstream batch {batch_id}: {members.message}",
+        answer = None
+        for _ in range(self._settings.max_attempts):
+            answer = await self._patiently_unsent(
+                functools.partial(self._client.activate, batch_id)
             )
-        active = {m.get("id") for m in members.body if m.get("active")}
-        if ours <= active:
-            return True, str(len(ours))
-        present = {m.get("id") for m in members.body}
-        if not ours & present:
-            return False, (
-                f"the directory holds none of the {len(ours)} hospitals of upstream batch "
-                f"{batch_id} (was it restarted?); activation answered: {answer.message}"
-            )
-        return False, (
-            f"upstream batch {batch_id}: {len(ours & active)} of {len(ours)} hospitals active, "
-            f"{len(ours - present)} missing; activation answered: {answer.message}"
-        )
+            count = answer.body.get("activated_count") if isinstance(answer.body, dict) else None
+            if answer.ok and count == len(ours):
+                return True, str(len(ours))
+            # A 400 (some already active), a timeout, a 5xx or an odd count: the batch tells.
+            members = await self._patiently(functools.partial(self._client.batch_members, batch_id))
+            if not members.ok:
+                return False, (
+                    f"could not confirm activation of upstream batch {batch_id}: {members.message}"
+                )
+            present = {m.get("id") for m in members.body}
+            active = {m.get("id") for m in members.body if m.get("active")}
+            if ours <= active:
+                return True, str(len(ours))
+            if ours - present:
+                return False, (
+                    f"{len(ours - present)} of the {len(ours)} hospitals of upstream batch "
+                    f"{batch_id} are missing from the directory (was it restarted?); "
+                    f"activation answered: {answer.message}"
+                )
+            if ours & active:
+                return False, (
+                    f"upstream batch {batch_id} is only partly active ({len(ours & active)} of "
+                    f"{len(ours)}) and cannot be activated again: {answer.message}"
+                )
+            # None of ours is active: the activation did not happen, so asking again is safe.
+        message = answer.message if answer else "no answer"
+        return False, f"activation of upstream batch {batch_id} did not take effect: {message}"
 
     async def _patiently_unsent(self, call: Callable[[], Awaitable[Answer]]) -> Answer:
         """Repeat a non-idempotent call only while it provably was not processed."""

@@ -1,0 +1,44 @@
+"""Fixtures shared by every suite: the local directory and the service, both on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.local_directory import DirectoryOptions, RunningDirectory, run_directory
+from tests.support import Service, ServiceFactory, fast_settings, running_service
+
+
+@pytest.fixture
+async def directory() -> AsyncIterator[RunningDirectory]:
+    """The stand-in with short creates (0.2 s) and no rate limit; tests change it as needed."""
+    async with run_directory(DirectoryOptions(create_delay=0.2, rate_limit=False)) as running:
+        yield running
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "service.db"
+
+
+@pytest.fixture
+def service_factory(directory: RunningDirectory, db_path: Path) -> ServiceFactory:
+    """Start (and restart) the service on the test's database with settings overridden."""
+
+    @contextlib.asynccontextmanager
+    async def start(**directory_settings: Any) -> AsyncIterator[Service]:
+        settings = fast_settings(db_path, directory.url, **directory_settings)
+        async with running_service(settings) as service:
+            yield service
+
+    return start
+
+
+@pytest.fixture
+async def service(service_factory: ServiceFactory) -> AsyncIterator[Service]:
+    async with service_factory() as running:
+        yield running

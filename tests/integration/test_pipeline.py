@@ -1,0 +1,259 @@
+"""The batch pipeline end to end: real service, real SQLite, the local directory on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import aiohttp
+
+from service.local_directory import RunningDirectory
+from service.projections.rebuild import rebuild
+from tests.support import SAMPLE_CSV, Service, ServiceFactory, csv_of, form
+
+
+async def test_readme_sample_is_created_and_activated(
+    service: Service, directory: RunningDirectory
+) -> None:
+    async with service.http.post(
+        f"{service.url}/batch/upload-csv", data=form(SAMPLE_CSV)
+    ) as response:
+        body = await response.json()
+        assert response.status == 202
+        assert response.headers["Location"] == f"/batch/{body['batch_id']}/status"
+    assert body["total_hospitals"] == 3
+    assert body["status"] == "pending"
+    assert body["message"] == "CSV upload initiated. Use batch_id to track progress."
+
+    final = await service.wait_finished(body["batch_id"])
+
+    assert final["processing_status"] == "completed"
+    assert final["batch_activated"] is True
+    assert final["processed_hospitals"] == 3 and final["failed_hospitals"] == 0
+    assert [h["status"] for h in final["hospitals"]] == ["created_and_activated"] * 3
+    assert final["hospitals"][2]["phone"] is None
+    stored = directory.standin.hospitals_in_batch(body["batch_id"])
+    assert sorted(h["id"] for h in stored) == sorted(h["hospital_id"] for h in final["hospitals"])
+    assert all(h["active"] for h in stored)
+    status, progress = await service.get(f"/batch/{body['batch_id']}/progress")
+    assert status == 200
+    assert progress == {
+        "batch_id": body["batch_id"],
+        "progress_percentage": 100.0,
+        "processing_status": "completed",
+        "processed_hospitals": 3,
+        "total_hospitals": 3,
+        "failed_hospitals": 0,
+        "current_message": "Completed: 3 hospital(s) created and activated",
+    }
+
+
+async def test_45_rows_use_three_upstream_batches(
+    service: Service, directory: RunningDirectory
+) -> None:
+    accepted = await service.upload(csv_of(45))
+    final = await service.wait_finished(accepted["batch_id"])
+
+    assert final["processing_status"] == "completed"
+    hospitals = directory.standin.all_hospitals()
+    assert len(hospitals) == 45 and all(h["active"] for h in hospitals)
+    sizes = sorted(
+        len([h for h in hospitals if h["creation_batch_id"] == b])
+        for b in {h["creation_batch_id"] for h in hospitals}
+    )
+    assert sizes == [5, 20, 20]
+    assert directory.standin.duplicates() == []
+    assert rebuild(_db(service)).equal
+
+
+def _db(service: Service) -> str:
+    from service.web.keys import SETTINGS
+
+    return service.app[SETTINGS].database.path
+
+
+async def _fill_upstream_batch(directory: RunningDirectory, batch_id: str, count: int) -> None:
+    directory.standin.set_delay(0.0)
+    async with aiohttp.ClientSession() as http:
+        for n in range(count):
+            body = {"name": f"Other {n}", "address": "x", "creation_batch_id": batch_id}
+            async with http.post(f"{directory.url}/hospitals/", json=body) as r:
+                assert r.status == 200
+    directory.standin.set_delay(0.2)
+
+
+async def test_rows_refused_by_the_directory_leave_the_batch_partially_completed(
+    service_factory: ServiceFactory, directory: RunningDirectory
+) -> None:
+    key = "partial-" + uuid.uuid4().hex
+    batch_id = str(uuid.uuid5(uuid.UUID("6f1c7f0e-2b9a-4c43-9f57-6d1f1a0c9b11"), key))
+    await _fill_upstream_batch(directory, batch_id, 19)
+    async with service_factory(concurrency=1) as service:
+        accepted = await service.upload(SAMPLE_CSV, headers={"Idempotency-Key": key})
+        assert accepted["batch_id"] == batch_id
+        final = await service.wait_finished(batch_id)
+
+    assert final["processing_status"] == "partially_completed"
+    assert final["batch_activated"] is False
+    assert [h["status"] for h in final["hospitals"]] == ["created", "failed", "failed"]
+    assert "Batch cannot exceed 20 hospitals" in final["hospitals"][1]["error_message"]
+    assert final["failed_hospitals"] == 2 and final["processed_hospitals"] == 3
+    assert not any(h["active"] for h in directory.standin.hospitals_in_batch(batch_id))
+
+
+async def test_a_batch_whose_every_row_fails_is_failed(
+    service_factory: ServiceFactory, directory: RunningDirectory
+) -> None:
+    key = "full-" + uuid.uuid4().hex
+    batch_id = str(uuid.uuid5(uuid.UUID("6f1c7f0e-2b9a-4c43-9f57-6d1f1a0c9b11"), key))
+    await _fill_upstream_batch(directory, batch_id, 20)
+    async with service_factory() as service:
+        await service.upload(SAMPLE_CSV, headers={"Idempotency-Key": key})
+        final = await service.wait_finished(batch_id)
+    assert final["processing_status"] == "failed"
+    assert {h["status"] for h in final["hospitals"]} == {"failed"}
+    assert final["batch_activated"] is False
+
+
+async def test_429s_lose_no_row_and_send_no_extra_create(
+    service_factory: ServiceFactory, directory: RunningDirectory
+) -> None:
+    directory.standin.add_fault("create", "429", nth=[2, 5, 6])
+    async with service_factory() as service:
+        accepted = await service.upload(csv_of(10))
+        final = await service.wait_finished(accepted["batch_id"])
+    assert final["processing_status"] == "completed"
+    assert len(directory.standin.all_hospitals()) == 10
+    assert directory.standin.duplicates() == []
+    assert directory.standin.request_counts["create"] == 13  # 10 rows + 3 refused
+
+
+async def test_commit_then_drop_is_reconciled_without_a_duplicate(
+    service: Service, directory: RunningDirectory
+) -> None:
+    directory.standin.add_fault("create", "commit_drop", nth=[2])
+    accepted = await service.upload(SAMPLE_CSV)
+    final = await service.wait_finished(accepted["batch_id"])
+
+    assert final["processing_status"] == "completed"
+    assert len(directory.standin.all_hospitals()) == 3
+    assert directory.standin.duplicates() == []
+    assert directory.standin.request_counts["create"] == 3  # the dropped one was never re-sent
+    _, page = await service.get(f"/batch/{accepted['batch_id']}/events?limit=100")
+    reconciled = [
+        e
+        for e in page["events"]
+        if e["event_type"] == "HospitalCreated" and e["data"]["reconciled"]
+    ]
+    assert len(reconciled) == 1
+
+
+async def test_identical_rows_with_a_lost_answer_are_matched_as_a_multiset(
+    service: Service, directory: RunningDirectory
+) -> None:
+    directory.standin.add_fault("create", "commit_drop", nth=[1, 3])
+    same = "name,address,phone\nTwin,1 Road,555\nTwin,1 Road,555\nTwin,1 Road,555\n"
+    accepted = await service.upload(same)
+    final = await service.wait_finished(accepted["batch_id"])
+    ids = [h["hospital_id"] for h in final["hospitals"]]
+    assert final["processing_status"] == "completed"
+    assert len(set(ids)) == 3
+    assert len(directory.standin.all_hospitals()) == 3
+
+
+async def test_a_dropped_create_that_was_not_stored_is_sent_again(
+    service_factory: ServiceFactory, directory: RunningDirectory
+) -> None:
+    directory.standin.add_fault("create", "reset", nth=[1])
+    async with service_factory() as service:
+        accepted = await service.upload(SAMPLE_CSV)
+        final = await service.wait_finished(accepted["batch_id"])
+    assert final["processing_status"] == "completed"
+    assert len(directory.standin.all_hospitals()) == 3
+    assert directory.standin.request_counts["create"] == 4
+
+
+async def test_ambiguous_activation_is_checked_not_repeated(
+    service: Service, directory: RunningDirectory
+) -> None:
+    directory.standin.add_fault("batch_activate", "commit_drop", nth=[1])
+    accepted = await service.upload(SAMPLE_CSV)
+    final = await service.wait_finished(accepted["batch_id"])
+    assert final["processing_status"] == "completed"
+    assert final["batch_activated"] is True
+    assert directory.standin.request_counts["batch_activate"] == 1
+    assert directory.standin.request_counts["batch_get"] >= 1
+
+
+async def test_activation_refused_by_a_5xx_is_tried_again_when_nothing_is_active(
+    service: Service, directory: RunningDirectory
+) -> None:
+    directory.standin.add_fault("batch_activate", "503", nth=[1])
+    accepted = await service.upload(SAMPLE_CSV)
+    final = await service.wait_finished(accepted["batch_id"])
+    assert final["processing_status"] == "completed"
+    assert directory.standin.request_counts["batch_activate"] == 2
+
+
+async def test_a_small_batch_is_not_starved_by_a_large_one(
+    service_factory: ServiceFactory, directory: RunningDirectory
+) -> None:
+    async with service_factory() as service:
+        large = await service.upload(csv_of(200, "Large"))
+        await asyncio.sleep(0.1)
+        small = await service.upload(csv_of(5, "Small"))
+        started = time.monotonic()
+        await service.wait_finished(small["batch_id"])
+        small_took = time.monotonic() - started
+        _, large_progress = await service.get(f"/batch/{large['batch_id']}/progress")
+        await service.wait_finished(large["batch_id"], timeout=30)
+        large_took = time.monotonic() - started
+    assert large_progress["processing_status"] == "processing"
+    assert large_progress["processed_hospitals"] < 100
+    assert small_took < large_took / 3
+
+
+async def test_a_restart_mid_batch_finishes_it_without_duplicates(
+    service_factory: ServiceFactory, directory: RunningDirectory
+) -> None:
+    directory.standin.set_delay(0.5)
+    async with service_factory() as service:
+        accepted = await service.upload(csv_of(45))
+        await asyncio.sleep(0.8)  # some rows created, others in flight when it stops
+        _, progress = await service.get(f"/batch/{accepted['batch_id']}/progress")
+    assert progress["processing_status"] == "processing"
+    assert 0 < progress["processed_hospitals"] < 45
+    async with service_factory() as service:
+        final = await service.wait_finished(accepted["batch_id"], timeout=30)
+        assert rebuild(_db(service)).equal
+    assert final["processing_status"] == "completed"
+    assert len(directory.standin.all_hospitals()) == 45
+    assert directory.standin.duplicates() == []
+
+
+async def test_unknown_and_malformed_batch_ids(service: Service) -> None:
+    unknown = str(uuid.uuid4())
+    for path in ("progress", "status"):
+        status, body = await service.get(f"/batch/{unknown}/{path}")
+        assert status == 404
+        assert body == {"detail": f"Batch with ID {unknown} not found"}
+        status, body = await service.get(f"/batch/not-a-uuid/{path}")
+        assert status == 422
+        assert body["detail"][0]["loc"] == ["path", "batch_id"]
+
+
+async def test_status_as_of_a_version_is_the_fold_of_that_prefix(service: Service) -> None:
+    accepted = await service.upload(SAMPLE_CSV)
+    await service.wait_finished(accepted["batch_id"])
+    batch_id = accepted["batch_id"]
+    _, at_zero = await service.get(f"/batch/{batch_id}/status?as_of=0")
+    assert at_zero["processing_status"] == "pending"
+    assert {h["status"] for h in at_zero["hospitals"]} == {"pending"}
+    _, page = await service.get(f"/batch/{batch_id}/events")
+    last = page["events"][-1]["stream_version"]
+    _, at_last = await service.get(f"/batch/{batch_id}/status?as_of={last}")
+    _, now = await service.get(f"/batch/{batch_id}/status")
+    assert at_last["hospitals"] == now["hospitals"]
+    status, body = await service.get(f"/batch/{batch_id}/status?as_of={last + 5}")
+    assert status == 422 and body["detail"][0]["loc"] == ["query", "as_of"]
