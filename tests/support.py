@@ -81,9 +81,9 @@ class Service:
         async with self.http.get(self.url + path) as r:
             return r.status, await r.json()
 
-    async def wait_finished(self, batch_id: str, timeout: float = 20.0) -> dict[str, Any]:
+    async def wait_finished(self, batch_id: str, within: float = 20.0) -> dict[str, Any]:
         """Poll /status until the batch settles; its final body."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while True:
             status, body = await self.get(f"/batch/{batch_id}/status")
             assert status == 200, body

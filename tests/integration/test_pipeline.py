@@ -207,7 +207,7 @@ async def test_a_small_batch_is_not_starved_by_a_large_one(
         await service.wait_finished(small["batch_id"])
         small_took = time.monotonic() - started
         _, large_progress = await service.get(f"/batch/{large['batch_id']}/progress")
-        await service.wait_finished(large["batch_id"], timeout=30)
+        await service.wait_finished(large["batch_id"], within=30)
         large_took = time.monotonic() - started
     assert large_progress["processing_status"] == "processing"
     assert large_progress["processed_hospitals"] < 100
@@ -225,7 +225,7 @@ async def test_a_restart_mid_batch_finishes_it_without_duplicates(
     assert progress["processing_status"] == "processing"
     assert 0 < progress["processed_hospitals"] < 45
     async with service_factory() as service:
-        final = await service.wait_finished(accepted["batch_id"], timeout=30)
+        final = await service.wait_finished(accepted["batch_id"], within=30)
         assert rebuild(_db(service)).equal
     assert final["processing_status"] == "completed"
     assert len(directory.standin.all_hospitals()) == 45
