@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ class Event:
 
     def payload(self) -> Payload:
         """The event's fields as plain JSON values."""
-        return dataclasses.asdict(self)
+        return {name: getattr(self, name) for name in _field_names(type(self).type_name)}
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,11 @@ class UpstreamBatch:
     rows: tuple[int, ...]
 
 
+@functools.cache
+def _field_names(type_name: str) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(EVENT_TYPES[type_name]))
+
+
 @dataclass(frozen=True)
 class BatchCreated(Event):
     type_name = "BatchCreated"
@@ -51,6 +57,10 @@ class BatchCreated(Event):
     upstream_batches: tuple[UpstreamBatch, ...]
     content_sha256: str = ""
     idempotency_key: str | None = None
+
+    def payload(self) -> Payload:
+        """Rows and upstream batches as plain JSON objects."""
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)

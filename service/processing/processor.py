@@ -43,6 +43,9 @@ class Processor:
         self._workers: list[asyncio.Task[None]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._warm_up = asyncio.Lock()
+        # One lifecycle decision at a time: each is a read, a check and an append, and two
+        # interleaved (two resumes) would both pass their checks on the same state.
+        self._deciding = asyncio.Lock()
         self._stopping = False
 
     # Lifecycle of the pool ---------------------------------------------------------------
@@ -99,54 +102,68 @@ class Processor:
 
     async def resume(self, batch_id: str, actor: dict[str, Any]) -> b.BatchState:
         """Send the failed rows back to work, checking the directory for each one first."""
-        run = await self._current(batch_id)
-        state = run.state
-        if not run.idle or state.status in (b.PENDING, b.PROCESSING):
-            raise Refused(f"batch {batch_id} is still processing; resume it once it has finished")
-        if state.rolled_back or state.rollback_requested:
-            raise Refused(f"batch {batch_id} was rolled back; upload the file again instead")
-        failed = tuple(r.row.row for r in state.rows.values() if r.status == b.ROW_FAILED)
-        if not failed and state.activation_failure is None:
-            raise Refused(f"batch {batch_id} has nothing to resume: no failed row")
-        await self._decide(run, ev.BatchResumed(failed), actor)
-        self._schedule(run)
+        async with self._deciding:
+            run = await self._current(batch_id)
+            state = run.state
+            if not run.idle or state.status in (b.PENDING, b.PROCESSING):
+                raise Refused(
+                    f"batch {batch_id} is still processing; resume it once it has finished"
+                )
+            if state.rolled_back or state.rollback_requested:
+                raise Refused(f"batch {batch_id} was rolled back; upload the file again instead")
+            failed = tuple(r.row.row for r in state.rows.values() if r.status == b.ROW_FAILED)
+            if not failed and state.activation_failure is None:
+                raise Refused(f"batch {batch_id} has nothing to resume: no failed row")
+            await self._decide(run, ev.BatchResumed(failed), actor)
+            self._schedule(run)
         return run.state
 
     async def rollback(self, batch_id: str, actor: dict[str, Any]) -> b.BatchState:
-        """Delete the batch's hospitals from the directory once creates in flight have ended."""
-        run = await self._current(batch_id)
-        if not run.state.rollback_requested:
-            await self._decide(run, ev.BatchRollbackRequested(), actor)
-            run.queue.clear()
-        self._schedule(run)
+        """Stop new creates, let those in flight end, then delete the batch's hospitals."""
+        async with self._deciding:
+            run = await self._current(batch_id)
+            if not run.state.rollback_requested:
+                # No state forbids a rollback, so it does not wait for a quiet stream: outcomes
+                # that workers record meanwhile must not turn it into a conflict.
+                await self._decide(run, ev.BatchRollbackRequested(), actor, check_version=False)
+                run.queue.clear()
+            if run.idle:
+                # Otherwise the last create, check or activation under way schedules the deletes.
+                self._schedule(run)
         return run.state
 
     async def _current(self, batch_id: str) -> BatchRun:
-        run = self._runs.get(batch_id) or await self._load(batch_id, schedule=False)
+        """The batch as it is being worked on, or else as the log folds it (not yet registered)."""
+        run = self._runs.get(batch_id) or await self._load(batch_id, register=False)
         if run is None:
             raise KeyError(batch_id)
         return run
 
-    async def _decide(self, run: BatchRun, event: ev.Event, actor: dict[str, Any]) -> None:
-        """Append a user's decision only if nothing happened to the batch since it was read."""
+    async def _decide(
+        self, run: BatchRun, event: ev.Event, actor: dict[str, Any], check_version: bool = True
+    ) -> None:
+        """Append a user's decision, by default only if nothing happened since it was read."""
+        expected = run.state.version if check_version else None
         try:
             stored = await self._store.append(
-                b.stream_id(run.batch_id), run.state.version, [NewEvent(event, metadata=actor)]
+                b.stream_id(run.batch_id), expected, [NewEvent(event, metadata=actor)]
             )
         except ConcurrencyError as exc:
             raise Refused(f"batch {run.batch_id} changed meanwhile; try again") from exc
         run.absorb(stored)
         run.finished.clear()
+        # Registered only now: a refused request leaves no run behind that would never finish.
+        self._runs[run.batch_id] = run
 
     # Scheduling ---------------------------------------------------------------------------
 
-    async def _load(self, batch_id: str, schedule: bool = True) -> BatchRun | None:
+    async def _load(self, batch_id: str, register: bool = True) -> BatchRun | None:
         history = await self._store.read_stream(b.stream_id(batch_id))
         if not history:
             return None
         run = BatchRun(b.fold((e.decode(), e.recorded_at) for e in history))
-        self._runs[batch_id] = run
-        if schedule:
+        if register:
+            self._runs[batch_id] = run
             self._schedule(run)
         return run
 
@@ -221,14 +238,22 @@ class Processor:
         while (job := await self._next_row()) is not None:
             run, row = job
             try:
-                await self._create(run, row)
+                sent = await self._send(run, row)
             except Exception:
                 log.exception("creating row %s of batch %s failed", row, run.batch_id)
-            finally:
-                run.held.discard(row)
-                # Rows left to send keep the batch going; only its last row decides what's next.
-                if not self._stopping and not run.queue and not run.held:
-                    self._schedule(run)
+                sent = None
+            if sent is None:
+                self._release(run, row)
+            else:
+                # The worker moves on; the row stays held (and its create counted in flight)
+                # until its outcome is in the log.
+                self._spawn(self._record(run, row, *sent))
+
+    def _release(self, run: BatchRun, row: int) -> None:
+        run.held.discard(row)
+        # Rows left to send keep the batch going; only its last row decides what is next.
+        if not self._stopping and not run.queue and not run.held:
+            self._schedule(run)
 
     # Creating -----------------------------------------------------------------------------
 
@@ -236,6 +261,10 @@ class Processor:
         self, run: BatchRun, event: ev.Event, *id_parts: object, cause: str = "processing"
     ) -> None:
         """Append a worker's fact; its id derives from the decision, so a retry stores it once."""
+        if run.state.resumes:
+            # After a resume, the same row and attempt is a new decision: without this, the
+            # resumed row's outcome would take the id of the failure it replaces, and be dropped.
+            id_parts = (*id_parts, "resume", run.state.resumes)
         new = NewEvent(
             event,
             event_id=ev.derived_event_id(run.batch_id, *id_parts),
@@ -243,35 +272,45 @@ class Processor:
         )
         run.absorb(await self._store.append(b.stream_id(run.batch_id), None, [new]))
 
-    async def _create(self, run: BatchRun, n: int) -> None:
+    async def _send(self, run: BatchRun, n: int) -> tuple[Gate, int, Answer] | None:
+        """Record the intent, then send the create; None when the row needs no create now."""
         row = run.state.rows[n]
         gate = run.gate(row.creation_batch_id)
         await gate.wait_open()
         await self._ensure_awake()
         await self._pacer.acquire()
         if row.status != b.ROW_PENDING or row.may_exist or run.state.rollback_requested:
-            return
+            return None
         attempt = row.attempts + 1
         gate.in_flight += 1
         try:
-            await self._emit(
-                run,
-                ev.HospitalRequested(n, row.creation_batch_id, attempt),
-                n,
-                "requested",
-                attempt,
-            )
+            intent = ev.HospitalRequested(n, row.creation_batch_id, attempt)
+            await self._emit(run, intent, n, "requested", attempt)
             answer = await self._client.create(
                 row.row.name, row.row.address, row.row.phone, row.creation_batch_id
             )
+        except BaseException:
+            gate.in_flight -= 1
+            await gate.notify()
+            raise
+        return gate, attempt, answer
+
+    async def _record(
+        self, run: BatchRun, n: int, gate: Gate, attempt: int, answer: Answer
+    ) -> None:
+        keep = False
+        try:
+            keep = await self._record_create(run, gate, n, attempt, answer)
         finally:
             gate.in_flight -= 1
             await gate.notify()
-        await self._record_create(run, gate, n, attempt, answer)
+            if not keep:
+                self._release(run, n)
 
     async def _record_create(
         self, run: BatchRun, gate: Gate, n: int, attempt: int, answer: Answer
-    ) -> None:
+    ) -> bool:
+        """Append what the answer proves; True when the row waits for a retry timer."""
         outcome_id = (n, "outcome", attempt)
         hospital_id = answer.body.get("id") if isinstance(answer.body, dict) else None
         if answer.ok and isinstance(hospital_id, int):
@@ -287,10 +326,13 @@ class Processor:
             await self._emit(run, retry, *outcome_id)
             self._enqueue(run, [n])
         elif answer.outcome is Outcome.NOT_SENT:
-            await self._retry_later(run, n, attempt, "unreachable", answer.message, outcome_id)
+            return await self._retry_later(
+                run, n, attempt, "unreachable", answer.message, outcome_id
+            )
         else:  # AMBIGUOUS, or a 2xx without an id: it may be stored; look before re-sending
             gate.suspect(n)
             self._reconcile_soon(run, gate)
+        return False
 
     async def _retry_later(
         self,
@@ -300,13 +342,13 @@ class Processor:
         reason: str,
         message: str,
         id_parts: tuple[Any, ...],
-    ) -> None:
+    ) -> bool:
         if run.state.rows[n].failures + 1 >= self._settings.max_attempts:
             failed = ev.HospitalFailed(
                 n, reason, f"gave up after {attempt} attempts: {message}", retryable=True
             )
             await self._emit(run, failed, *id_parts)
-            return
+            return False
         await self._emit(run, ev.HospitalRetryScheduled(n, attempt, reason, message), *id_parts)
         delay = backoff(
             run.state.rows[n].failures, self._settings.backoff_base, self._settings.backoff_max
@@ -319,6 +361,7 @@ class Processor:
                 self._enqueue(run, [n])
 
         asyncio.get_running_loop().call_later(delay, requeue)
+        return True
 
     async def _ensure_awake(self) -> None:
         """Wake a directory that sleeps when idle with one long GET / before creating."""

@@ -8,7 +8,6 @@ from service.domain import batch as b
 from service.domain import events as ev
 from service.store.records import StoredEvent
 
-NAME = "batches"
 CREATED_STATUSES = (b.ROW_CREATED, b.ROW_ACTIVE)
 
 
@@ -20,11 +19,6 @@ def project(cur: sqlite3.Cursor, stored: StoredEvent, event: ev.Event) -> None:
     else:
         _update_rows(cur, batch_id, event)
     _refresh_batch(cur, batch_id, stored)
-    cur.execute(
-        "INSERT INTO projection_checkpoints (name, position) VALUES (?, ?) "
-        "ON CONFLICT (name) DO UPDATE SET position = excluded.position",
-        (NAME, stored.global_position),
-    )
 
 
 def _insert_batch(cur: sqlite3.Cursor, stored: StoredEvent, event: ev.BatchCreated) -> None:
@@ -65,12 +59,60 @@ def _insert_batch(cur: sqlite3.Cursor, stored: StoredEvent, event: ev.BatchCreat
     )
 
 
+# The batches column that counts rows in each status (pending rows are not counted).
+COUNTER = {
+    b.ROW_CREATED: "created_rows",
+    b.ROW_ACTIVE: "created_rows",
+    b.ROW_FAILED: "failed_rows",
+    b.ROW_DELETED: "deleted_rows",
+}
+
+
 def _set_row(cur: sqlite3.Cursor, batch_id: str, row: int, sql: str, *params: object) -> None:
     cur.execute(
         f"UPDATE batch_rows SET {sql} WHERE batch_id = ? AND row = ?", (*params, batch_id, row)
     )
     if cur.rowcount != 1:
         raise ValueError(f"batch {batch_id} has no row {row}")
+
+
+def _move_row(
+    cur: sqlite3.Cursor, batch_id: str, row: int, status: str, sql: str, *params: object
+) -> None:
+    """Give one row a new status, keeping the batch's counters in step."""
+    found = cur.execute(
+        "SELECT status FROM batch_rows WHERE batch_id = ? AND row = ?", (batch_id, row)
+    ).fetchone()
+    if found is None:
+        raise ValueError(f"batch {batch_id} has no row {row}")
+    _set_row(cur, batch_id, row, f"status = ?, {sql}", status, *params)
+    _count(cur, batch_id, found[0], status, 1)
+
+
+def _move_rows(
+    cur: sqlite3.Cursor, batch_id: str, old: str, new: str, sql: str = "", *params: object
+) -> None:
+    """Give every row of one status another, keeping the counters in step."""
+    sets = f"status = ?{', ' + sql if sql else ''}"
+    cur.execute(
+        f"UPDATE batch_rows SET {sets} WHERE batch_id = ? AND status = ?",
+        (new, *params, batch_id, old),
+    )
+    _count(cur, batch_id, old, new, cur.rowcount)
+
+
+def _count(cur: sqlite3.Cursor, batch_id: str, old: str, new: str, rows: int) -> None:
+    if rows == 0 or COUNTER.get(old) == COUNTER.get(new):
+        return
+    sets = [
+        f"{COUNTER[s]} = {COUNTER[s]} {sign} ?"
+        for s, sign in ((old, "-"), (new, "+"))
+        if s in COUNTER
+    ]
+    cur.execute(
+        f"UPDATE batches SET {', '.join(sets)} WHERE batch_id = ?",
+        (*[rows] * len(sets), batch_id),
+    )
 
 
 def _update_rows(cur: sqlite3.Cursor, batch_id: str, event: ev.Event) -> None:
@@ -82,54 +124,51 @@ def _update_rows(cur: sqlite3.Cursor, batch_id: str, event: ev.Event) -> None:
         case ev.HospitalRetryScheduled(row=row, reason=reason, message=message):
             _set_row(cur, batch_id, row, "error_reason = ?, error_message = ?", reason, message)
         case ev.HospitalCreated(row=row, hospital_id=hospital_id, reconciled=reconciled):
-            _set_row(
+            _move_row(
                 cur,
                 batch_id,
                 row,
-                "status = ?, hospital_id = ?, reconciled = ?, error_reason = NULL, "
-                "error_message = NULL",
                 b.ROW_CREATED,
+                "hospital_id = ?, reconciled = ?, error_reason = NULL, error_message = NULL",
                 hospital_id,
                 int(reconciled),
             )
         case ev.HospitalFailed(row=row, reason=reason, message=message):
-            _set_row(
+            _move_row(
                 cur,
                 batch_id,
                 row,
-                "status = ?, error_reason = ?, error_message = ?",
                 b.ROW_FAILED,
+                "error_reason = ?, error_message = ?",
                 reason,
                 message,
             )
         case ev.BatchActivated():
-            cur.execute(
-                "UPDATE batch_rows SET status = ? WHERE batch_id = ? AND status = ?",
-                (b.ROW_ACTIVE, batch_id, b.ROW_CREATED),
-            )
+            _move_rows(cur, batch_id, b.ROW_CREATED, b.ROW_ACTIVE)
             batch_sets = "activated = 1"
         case ev.BatchActivationFailed(reason=reason):
             cur.execute(
                 "UPDATE batches SET activation_error = ? WHERE batch_id = ?", (reason, batch_id)
             )
         case ev.BatchResumed(rows=rows):
-            cur.executemany(
-                "UPDATE batch_rows SET status = ?, error_reason = NULL, error_message = NULL "
-                "WHERE batch_id = ? AND row = ?",
-                [(b.ROW_PENDING, batch_id, row) for row in rows],
-            )
+            for row in rows:
+                _move_row(
+                    cur, batch_id, row, b.ROW_PENDING, "error_reason = NULL, error_message = NULL"
+                )
             batch_sets = "activation_error = NULL"
         case ev.BatchRollbackRequested():
             batch_sets = "rollback_requested = 1"
         case ev.BatchRolledBack():
-            cur.execute(
-                "UPDATE batch_rows SET status = ? WHERE batch_id = ? AND status IN (?, ?)",
-                (b.ROW_DELETED, batch_id, *CREATED_STATUSES),
-            )
-            cur.execute(
-                "UPDATE batch_rows SET status = ?, error_reason = ?, error_message = ? "
-                "WHERE batch_id = ? AND status = ?",
-                (b.ROW_FAILED, "rolled_back", b.ROLLED_BACK_MESSAGE, batch_id, b.ROW_PENDING),
+            for created in CREATED_STATUSES:
+                _move_rows(cur, batch_id, created, b.ROW_DELETED)
+            _move_rows(
+                cur,
+                batch_id,
+                b.ROW_PENDING,
+                b.ROW_FAILED,
+                "error_reason = ?, error_message = ?",
+                "rolled_back",
+                b.ROLLED_BACK_MESSAGE,
             )
             batch_sets = "rolled_back = 1"
         case _:
@@ -139,26 +178,28 @@ def _update_rows(cur: sqlite3.Cursor, batch_id: str, event: ev.Event) -> None:
 
 
 def _refresh_batch(cur: sqlite3.Cursor, batch_id: str, stored: StoredEvent) -> None:
-    """Recount the rows and derive the status with the same rule as the domain fold."""
-    counts = dict(
-        cur.execute(
-            "SELECT status, COUNT(*) FROM batch_rows WHERE batch_id = ? GROUP BY status",
-            (batch_id,),
-        ).fetchall()
-    )
-    flags = cur.execute(
-        "SELECT total_rows, requested, activated, activation_error IS NOT NULL, rolled_back, "
-        "finished_at FROM batches WHERE batch_id = ?",
+    """Derive the status from the counters with the same rule as the domain fold."""
+    (
+        total,
+        created,
+        failed,
+        deleted,
+        requested,
+        activated,
+        activation_failed,
+        rolled_back,
+        finished_at,
+    ) = cur.execute(
+        "SELECT total_rows, created_rows, failed_rows, deleted_rows, requested, activated, "
+        "activation_error IS NOT NULL, rolled_back, finished_at FROM batches WHERE batch_id = ?",
         (batch_id,),
     ).fetchone()
-    total, requested, activated, activation_failed, rolled_back, finished_at = flags
-    created = sum(counts.get(s, 0) for s in CREATED_STATUSES)
     status = b.derive_status(
         b.Counts(
             total=total,
             created=created,
-            failed=counts.get(b.ROW_FAILED, 0),
-            deleted=counts.get(b.ROW_DELETED, 0),
+            failed=failed,
+            deleted=deleted,
             requested=bool(requested),
             activated=bool(activated),
             activation_failed=bool(activation_failed),
@@ -170,13 +211,9 @@ def _refresh_batch(cur: sqlite3.Cursor, batch_id: str, stored: StoredEvent) -> N
     elif finished_at is None:
         finished_at = stored.recorded_at
     cur.execute(
-        "UPDATE batches SET created_rows = ?, failed_rows = ?, deleted_rows = ?, status = ?, "
-        "stream_version = ?, last_position = ?, updated_at = ?, finished_at = ? "
-        "WHERE batch_id = ?",
+        "UPDATE batches SET status = ?, stream_version = ?, last_position = ?, updated_at = ?, "
+        "finished_at = ? WHERE batch_id = ?",
         (
-            created,
-            counts.get(b.ROW_FAILED, 0),
-            counts.get(b.ROW_DELETED, 0),
             status,
             stored.stream_version,
             stored.global_position,

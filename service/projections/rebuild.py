@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from service.projections import batches
-from service.store.event_store import connect_writer
+from service.store.event_store import CHECKPOINT, connect_writer
 from service.store.migrations import migrate
 from service.store.records import EVENT_COLUMNS, from_row
 
@@ -50,6 +50,11 @@ def replay(conn: sqlite3.Connection, source: str = "main") -> int:
         stored = from_row(row)
         batches.project(cur, stored, stored.decode())
         count += 1
+    if count:
+        cur.execute(
+            "INSERT INTO projection_checkpoints (name, position) VALUES (?, ?)",
+            (CHECKPOINT, stored.global_position),
+        )
     return count
 
 

@@ -38,6 +38,10 @@ RECENT_EVENTS = 20_000  # committed events kept in memory for followers
 READ_PAGE = 500
 
 
+class _AlreadyStored(Exception):
+    """The append's event ids are in the log: answer with what was stored, write nothing."""
+
+
 @dataclass
 class _Append:
     stream_id: str
@@ -76,6 +80,19 @@ def connect_writer(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
     return conn
 
 
+CHECKPOINT = "read_models"
+
+
+def record_checkpoint(cur: sqlite3.Cursor) -> None:
+    """Note the log position the read models reflect: the last event, as they are in step."""
+    cur.execute(
+        "INSERT INTO projection_checkpoints (name, position) "
+        "SELECT ?, COALESCE(MAX(global_position), 0) FROM events WHERE true "
+        "ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+        (CHECKPOINT,),
+    )
+
+
 class EventStore:
     """Append-only log of events in streams, with read models kept by projectors."""
 
@@ -98,6 +115,7 @@ class EventStore:
         self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
         self._all_readers: list[aiosqlite.Connection] = []
         self._recent: deque[StoredEvent] = deque(maxlen=RECENT_EVENTS)
+        self._versions: dict[str, int] = {}  # last version of each stream written (writer thread)
 
     async def open(self) -> None:
         """Migrate the database, then start the writer and open the readers."""
@@ -204,54 +222,71 @@ class EventStore:
                 cur.execute("SAVEPOINT append")
                 try:
                     outcomes.append(self._append_one(cur, item, recorded_at))
+                except _AlreadyStored:
+                    cur.execute("ROLLBACK TO append")
+                    outcomes.append(self._stored(cur, item))
                 except Exception as exc:  # this append only: its neighbours still commit
                     cur.execute("ROLLBACK TO append")
                     outcomes.append(exc)
                 cur.execute("RELEASE append")
+            if self._projectors:
+                record_checkpoint(cur)
             cur.execute("COMMIT")
         except BaseException:
+            self._versions.clear()
             if self._writer.in_transaction:
                 self._writer.rollback()
             raise
         return outcomes
 
-    def _append_one(self, cur: sqlite3.Cursor, item: _Append, at: str) -> list[StoredEvent]:
+    def _stored(self, cur: sqlite3.Cursor, item: _Append) -> list[StoredEvent] | Exception:
+        """What an append whose event ids are already in the log stored the first time."""
         ids = [e.event_id for e in item.events]
         marks = ",".join("?" * len(ids))
-        stored = cur.execute(
+        rows = cur.execute(
             f"SELECT {EVENT_COLUMNS} FROM events WHERE event_id IN ({marks}) "
             "ORDER BY global_position",
             ids,
         ).fetchall()
-        if stored:
-            if len(stored) != len(ids) or any(row[2] != item.stream_id for row in stored):
-                raise DuplicateEventError(f"some of the event ids {ids} are already stored")
-            return [from_row(row) for row in stored]
-        (current,) = cur.execute(
-            "SELECT COALESCE(MAX(stream_version), -1) FROM events WHERE stream_id = ?",
-            (item.stream_id,),
-        ).fetchone()
+        if len(rows) != len(ids) or any(row[2] != item.stream_id for row in rows):
+            return DuplicateEventError(f"some of the event ids {ids} are already stored")
+        return [from_row(row) for row in rows]
+
+    def _append_one(self, cur: sqlite3.Cursor, item: _Append, at: str) -> list[StoredEvent]:
+        current = self._versions.get(item.stream_id)
+        if current is None:
+            (current,) = cur.execute(
+                "SELECT COALESCE(MAX(stream_version), -1) FROM events WHERE stream_id = ?",
+                (item.stream_id,),
+            ).fetchone()
         if item.expected_version is not None and item.expected_version != current:
+            if self._ids_known(cur, item):
+                raise _AlreadyStored
             raise ConcurrencyError(item.stream_id, item.expected_version, current)
         result = []
         for offset, new in enumerate(item.events):
             data = json.dumps(new.event.payload(), separators=(",", ":"))
-            metadata = json.dumps(new.metadata, separators=(",", ":"))
             version = current + 1 + offset
-            cur.execute(
-                "INSERT INTO events (event_id, stream_id, stream_version, event_type, "
-                "schema_version, data, metadata, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    new.event_id,
-                    item.stream_id,
-                    version,
-                    new.event.type_name,
-                    new.event.schema_version,
-                    data,
-                    metadata,
-                    at,
-                ),
-            )
+            try:
+                cur.execute(
+                    "INSERT INTO events (event_id, stream_id, stream_version, event_type, "
+                    "schema_version, data, metadata, recorded_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        new.event_id,
+                        item.stream_id,
+                        version,
+                        new.event.type_name,
+                        new.event.schema_version,
+                        data,
+                        json.dumps(new.metadata, separators=(",", ":")),
+                        at,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                if self._ids_known(cur, item):
+                    raise _AlreadyStored from None
+                raise
             event = StoredEvent(
                 global_position=cur.lastrowid or 0,
                 event_id=new.event_id,
@@ -262,11 +297,20 @@ class EventStore:
                 data=json.loads(data),
                 metadata=new.metadata,
                 recorded_at=at,
+                event=new.event,
             )
             for project in self._projectors:
                 project(cur, event, new.event)
             result.append(event)
+        self._versions[item.stream_id] = current + len(item.events)
         return result
+
+    @staticmethod
+    def _ids_known(cur: sqlite3.Cursor, item: _Append) -> bool:
+        ids = [e.event_id for e in item.events]
+        marks = ",".join("?" * len(ids))
+        row = cur.execute(f"SELECT 1 FROM events WHERE event_id IN ({marks}) LIMIT 1", ids)
+        return row.fetchone() is not None
 
     # Reading ---------------------------------------------------------------------------
 

@@ -43,9 +43,13 @@ class StoredEvent:
     data: dict[str, Any]
     metadata: dict[str, Any]
     recorded_at: str
+    # The appended event itself, when this record comes from the writer: saves a decode.
+    event: Event | None = field(default=None, compare=False, repr=False)
 
     def decode(self) -> Event:
         """The typed event."""
+        if self.event is not None:
+            return self.event
         return decode(self.event_type, self.schema_version, self.data)
 
     def to_json(self) -> dict[str, Any]:
