@@ -34,7 +34,8 @@ bench: $(STAMP)
 	$(BIN)/python -m pytest -q -s tests/bench
 
 chaos: $(STAMP)
-	CHAOS=long $(BIN)/python -m pytest -q -m slow tests
+	CHAOS=long $(BIN)/python -m pytest -q tests/integration/test_crash_recovery.py \
+		tests/integration/test_directory_faults.py tests/integration/test_load.py
 
 demo: $(STAMP)
 	$(BIN)/python -m service demo

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -17,6 +22,7 @@ from service.app import create_app
 from service.settings import Settings
 from service.web.keys import PROCESSOR
 
+PROJECT = Path(__file__).resolve().parents[1]
 FINISHED = ("completed", "partially_completed", "failed")
 SAMPLE_CSV = (
     "name,address,phone\n"
@@ -120,3 +126,76 @@ async def running_service(settings: Settings) -> AsyncIterator[Service]:
 
 
 ServiceFactory = Callable[..., contextlib.AbstractAsyncContextManager[Service]]
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServiceProcess:
+    """`python -m service serve` as a child process, to be killed like a real crash."""
+
+    def __init__(self, db: Path, directory_url: str, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "APP_HOST": "127.0.0.1",
+            "APP_PORT": str(self.port),
+            "DATABASE_PATH": str(db),
+            "EXTERNAL_API_BASE_URL": directory_url,
+            "LOG_LEVEL": "WARNING",
+            "DIRECTORY_CREATES_PER_MINUTE": "0",
+            "DIRECTORY_SETTLE_SECONDS": "0.3",
+            "DIRECTORY_BACKOFF_BASE": "0.05",
+            "DIRECTORY_BACKOFF_MAX": "0.2",
+            "DIRECTORY_READ_TIMEOUT": "5",
+            **env,
+        }
+        self.log = db.with_suffix(".log")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def spawn(self) -> None:
+        """Start the child; its log goes to a file beside the database."""
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "service", "serve"],
+                env=self.env,
+                cwd=PROJECT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    async def start(self, http: aiohttp.ClientSession, within: float = 20.0) -> None:
+        """Start the service and wait until /health answers 200."""
+        self.spawn()
+        assert self.process is not None
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.get(f"{self.url}/health") as r:
+                    if r.status == 200:
+                        return
+            await asyncio.sleep(0.05)
+        raise AssertionError("the service did not become healthy")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as in a power cut of the process."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        """SIGTERM and wait; kill after 10 s."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()

@@ -23,6 +23,7 @@ class FaultRule:
     nth: frozenset[int] = frozenset()
     seed: int | None = None
     seen: int = field(default=0, init=False)
+    fired: int = field(default=0, init=False)
     _rng: random.Random = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -42,10 +43,13 @@ class FaultRule:
         """Count one request to the endpoint and say whether this rule strikes it."""
         self.seen += 1
         if self.nth:
-            return self.seen in self.nth
-        if self.probability is None:
-            return True
-        return self._rng.random() < self.probability
+            strikes = self.seen in self.nth
+        elif self.probability is None:
+            strikes = True
+        else:
+            strikes = self._rng.random() < self.probability
+        self.fired += strikes
+        return strikes
 
     def describe(self) -> dict[str, Any]:
         """The rule as JSON for the control surface."""
@@ -56,6 +60,7 @@ class FaultRule:
             "nth": sorted(self.nth),
             "seed": self.seed,
             "seen": self.seen,
+            "fired": self.fired,
         }
 
 

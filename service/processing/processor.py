@@ -423,10 +423,9 @@ class Processor:
                 created = ev.HospitalCreated(n, found.pop(0), reconciled=True)
                 await self._emit(run, created, n, "outcome", attempt, cause="reconciliation")
             else:
-                message = "not in the directory after an unclear answer; sending it again"
-                retry = ev.HospitalRetryScheduled(n, attempt, "not_stored", message)
-                await self._emit(run, retry, n, "outcome", attempt, cause="reconciliation")
-                self._enqueue(run, [n])
+                message = "not in the directory after an unclear answer"
+                outcome_id = (n, "outcome", attempt)
+                await self._retry_later(run, n, attempt, "not_stored", message, outcome_id)
         extra = sum(map(len, unclaimed.values()))
         if extra:
             log.warning(

@@ -1,0 +1,64 @@
+"""A directory that fails a share of every kind of call, sleeps, and restarts mid-batch."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from service.local_directory import RunningDirectory
+from tests.integration.chaos import assert_exactly_once, trials
+from tests.support import Service, ServiceFactory, csv_of
+
+FAULTS = ("429", "500", "502", "503", "504", "reset", "hang", "commit_drop")
+ENDPOINTS = ("create", "batch_get", "batch_activate")
+
+
+@pytest.mark.parametrize("seed", trials(quick=2, long=20))
+async def test_a_third_of_calls_failing_still_creates_each_row_exactly_once(
+    seed: int, service_factory: ServiceFactory, directory: RunningDirectory
+) -> None:
+    for i, endpoint in enumerate(ENDPOINTS):
+        for j, kind in enumerate(FAULTS):
+            share = 0.3 / len(FAULTS)
+            directory.standin.add_fault(
+                endpoint, kind, probability=share, seed=seed * 100 + i * 10 + j
+            )
+    async with service_factory(read_timeout=1.0, max_attempts=8) as service:
+        batches = [(await service.upload(csv_of(n, f"B{n}")))["batch_id"] for n in (45, 7)]
+        finals = [await service.wait_finished(b, within=120) for b in batches]
+    injected = sum(rule.fired for rule in directory.standin.faults.rules)
+    assert injected >= 5
+    assert_exactly_once(directory.standin, finals)
+    # Where the directory kept its data, a batch can only end completed, or failed with reasons.
+    for final in finals:
+        if final["processing_status"] != "completed":
+            assert final["activation_error"] or any(h["error_message"] for h in final["hospitals"])
+
+
+async def test_a_cold_start_delays_but_does_not_fail_the_first_rows(
+    service_factory: ServiceFactory, directory: RunningDirectory
+) -> None:
+    directory.standin.cold_start(1.5)
+    async with service_factory(read_timeout=0.5, warmup_timeout=5.0) as service:
+        batch = (await service.upload(csv_of(5)))["batch_id"]
+        final = await service.wait_finished(batch)
+    assert final["processing_status"] == "completed"
+    assert directory.standin.request_counts["root"] >= 1
+    assert_exactly_once(directory.standin, [final])
+
+
+async def test_a_directory_restart_mid_batch_is_never_reported_completed(
+    service: Service, directory: RunningDirectory
+) -> None:
+    directory.standin.set_delay(0.3)
+    batch = (await service.upload(csv_of(45)))["batch_id"]
+    while len(directory.standin.all_hospitals()) < 20:
+        await asyncio.sleep(0.02)
+    directory.standin.restart()  # every hospital so far is gone
+    final = await service.wait_finished(batch, within=30)
+
+    assert final["processing_status"] == "failed"
+    assert final["batch_activated"] is False
+    assert "missing from the directory" in final["activation_error"]
+    assert not any(h["active"] for h in directory.standin.all_hospitals())
