@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 from collections.abc import Iterator
@@ -66,16 +67,19 @@ def decode(data: bytes) -> str:
                 )
             ]
         )
+    # Strip the BOM ourselves: "utf-8-sig" reports error offsets without it, 3 bytes short.
+    body = data.removeprefix(codecs.BOM_UTF8)
     try:
-        return data.decode("utf-8-sig")
+        return body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        line = body[: exc.start].count(b"\n") + 1
+        line_start = body.rfind(b"\n", 0, exc.start) + 1
+        column = len(body[line_start : exc.start].decode("utf-8")) + 1
         raise CsvRejected(
             [
                 problem(
                     ["file", "encoding"],
-                    f"the file is not valid UTF-8: byte 0x{data[exc.start]:02x} at line {line}, "
+                    f"the file is not valid UTF-8: byte 0x{body[exc.start]:02x} at line {line}, "
                     f"column {column}; save it as UTF-8 (CSV UTF-8 in a spreadsheet)",
                     "encoding_error",
                 )
@@ -94,11 +98,27 @@ def _records(text: str) -> Iterator[tuple[int, list[str]]]:
             return
         except csv.Error as exc:
             raise CsvRejected(
-                [problem(["file", "content"], f"line {reader.line_num}: {exc}", "csv_parse_error")]
+                [
+                    problem(
+                        ["file", "content"],
+                        _parse_error(exc, line, reader.line_num),
+                        "csv_parse_error",
+                    )
+                ]
             ) from exc
         if any(cell.strip() for cell in cells):
             yield line, cells
         line = reader.line_num + 1
+
+
+def _parse_error(exc: csv.Error, first: int, last: int) -> str:
+    """Place a parse error at the record's first line: an unclosed quote runs on to the end."""
+    if last <= first:
+        return f"line {first}: {exc}"
+    return (
+        f"lines {first}-{last}: {exc}; the record starting on line {first} runs over "
+        f"{last - first + 1} lines: check that its quotes are closed"
+    )
 
 
 def _headers(cells: list[str]) -> tuple[str, ...]:

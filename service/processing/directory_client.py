@@ -143,11 +143,16 @@ class DirectoryClient:
                 allow_redirects=False,
             ) as response:
                 raw = await response.read()
-                body = await response.json(content_type=None) if raw else None
+                try:
+                    body = await response.json(content_type=None) if raw else None
+                except ValueError:
+                    if 200 <= response.status < 300:
+                        raise  # a success must be readable: what it said may have happened
+                    body = None  # a proxy's error page: the status alone tells the outcome
                 answer = classify(response.status, body)
         except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
             answer = Answer(Outcome.NOT_SENT, None, None, f"cannot connect: {exc}")
-        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+        except (OSError, aiohttp.ClientError, ValueError) as exc:
             # Sent, then the answer timed out, was cut off or unreadable: it may have run.
             answer = Answer(Outcome.AMBIGUOUS, None, None, f"{type(exc).__name__}: {exc}")
         self._record(answer)

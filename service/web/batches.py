@@ -7,7 +7,6 @@ import base64
 import csv
 import hashlib
 import io
-import re
 import uuid
 from typing import Any
 
@@ -92,6 +91,10 @@ async def accept_upload(request: web.Request) -> tuple[dict[str, Any], bool]:
     if key is not None:
         if not 1 <= len(key) <= 255:
             raise ApiError(422, "Idempotency-Key must be 1 to 255 characters")
+        try:
+            key.encode()  # aiohttp keeps header bytes that are not UTF-8 as surrogates
+        except UnicodeEncodeError:
+            raise ApiError(422, "Idempotency-Key must be UTF-8 text") from None
         batch_id = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, key))
         if (known := await queries.get_batch(store, batch_id)) is not None:
             return _same_upload(known, sha), False
@@ -169,11 +172,14 @@ async def upload_csv(request: web.Request) -> web.Response:
 @response_schema(schemas.ValidationResult, 200)
 async def validate_csv(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
-    upload = await read_upload(request, settings.csv.max_bytes)
     try:
+        upload = await read_upload(request, settings.csv.max_bytes)
         parsed = csv_intake.read_upload(upload.filename, upload.data, settings.csv.max_rows)
-    except csv_intake.CsvRejected as exc:
-        body = {"valid": False, "message": "CSV validation failed", "errors": exc.problems}
+    except (csv_intake.CsvRejected, ApiError) as exc:
+        problems = exc.problems if isinstance(exc, csv_intake.CsvRejected) else exc.detail
+        if isinstance(problems, str):
+            problems = [csv_intake.problem(["body"], problems, "body_error")]
+        body = {"valid": False, "message": "CSV validation failed", "errors": problems}
         return web.json_response(body, status=exc.status)
     return web.json_response(
         {
@@ -190,6 +196,11 @@ async def validate_csv(request: web.Request) -> web.Response:
 @docs(
     tags=["batches"],
     summary="Upload a CSV and wait for the result (up to api.bulk_wait_seconds)",
+    description=(
+        "The same intake as /batch/upload-csv (Idempotency-Key included). Answers 200 with the "
+        "/status body once the batch has finished, or 202 with its batch_id when it is still "
+        "running after api.bulk_wait_seconds; processing goes on either way."
+    ),
     consumes=["multipart/form-data"],
     parameters=[FILE_PARAMETER, IDEMPOTENCY_PARAMETER],
     responses={
@@ -207,8 +218,10 @@ async def bulk(request: web.Request) -> web.Response:
         async with asyncio.timeout(request.app[SETTINGS].api.bulk_wait_seconds):
             await request.app[PROCESSOR].wait_finished(batch_id)
     except TimeoutError:
+        now = await queries.get_batch(request.app[STORE], batch_id) or batch
+        body = {**accepted_body(batch), "status": now["status"]}
         headers = {"Location": f"/batch/{batch_id}/status"}
-        return web.json_response(accepted_body(batch), status=202, headers=headers)
+        return web.json_response(body, status=202, headers=headers)
     return web.json_response(await status_body(request, batch_id))
 
 
@@ -263,7 +276,15 @@ async def status(request: web.Request) -> web.Response:
 
 
 @routes.get("/batch")
-@docs(tags=["batches"], summary="Batches, newest first, paged by cursor")
+@docs(
+    tags=["batches"],
+    summary="Batches, newest first, paged by cursor",
+    description=(
+        "Each entry carries the /progress numbers. Pass next_cursor as ?cursor= for the next "
+        "page; it is null on the last page."
+    ),
+    responses={422: {"schema": schemas.Error, "description": "bad status, limit or cursor"}},
+)
 @querystring_schema(schemas.ListQuery)
 @response_schema(schemas.BatchList, 200)
 async def list_batches(request: web.Request) -> web.Response:
@@ -307,26 +328,27 @@ def _decode_cursor(cursor: str | None) -> tuple[str, str] | None:
 # Results export -------------------------------------------------------------------------------
 
 RESULT_COLUMNS = ("row", "name", "address", "phone", "status", "hospital_id", "error_message")
-PHONE_LIKE = re.compile(r"^[+\-]?[\d\s().\-x/+]*$")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def spreadsheet_safe(value: object) -> str:
     """Keep a spreadsheet from running a cell as a formula (prefix it with ').
 
-    A leading + or - is left alone on values that look like phone numbers.
+    Phone numbers too: a spreadsheet computes +1-555-0100 as -654, and saves that back.
     """
     text = "" if value is None else str(value)
-    if text[:1] in ("=", "@", "\t", "\r") or (
-        text[:1] in ("+", "-") and not PHONE_LIKE.match(text)
-    ):
-        return "'" + text
-    return text
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
 @routes.get("/batch/{batch_id}/results.csv")
 @docs(
     tags=["batches"],
     summary="Every row's result as CSV; ?only=failed gives the failed rows in upload format",
+    description=(
+        "Columns row,name,address,phone,status,hospital_id,error_message; with ?only=failed, "
+        "name,address,phone. A value starting with = + - @, a tab or a carriage return is "
+        "prefixed with ' so that a spreadsheet shows it instead of computing it."
+    ),
     produces=["text/csv"],
     responses={**NOT_FOUND, **BAD_ID, 200: {"description": "CSV file"}},
 )
@@ -363,6 +385,12 @@ async def results_csv(request: web.Request) -> web.Response:
 @docs(
     tags=["lifecycle"],
     summary="Retry the failed rows (each is looked for in the directory first)",
+    description=(
+        "Each failed row is first looked for in the directory (a create that failed unclearly "
+        "may have been stored) and created only when absent; the batch is activated once "
+        "every row exists. After an activation failure, resume checks and retries activation. "
+        "409 while the batch is processing, after a rollback, or when nothing failed."
+    ),
     responses={
         **NOT_FOUND,
         **BAD_ID,
@@ -386,7 +414,9 @@ async def resume(request: web.Request) -> web.Response:
     summary="Roll a batch back: delete its hospitals from the directory",
     description=(
         "Stops new creates, lets those in flight finish, then deletes every upstream batch. "
-        "Answers 202 while that runs and 200 once the batch is rolled back; repeating is harmless."
+        "Answers 202 while that runs and 200 once the batch is rolled back; repeating is harmless. "
+        "Afterwards the batch reads processing_status failed with rolled_back true; created rows "
+        "read deleted, rows never created read failed."
     ),
     responses={
         **NOT_FOUND,
@@ -398,10 +428,7 @@ async def resume(request: web.Request) -> web.Response:
 async def rollback(request: web.Request) -> web.Response:
     batch = await existing_batch(request)
     if not batch["rolled_back"]:
-        try:
-            await request.app[PROCESSOR].rollback(batch["batch_id"], actor(request))
-        except Refused as exc:
-            raise ApiError(409, str(exc)) from exc
+        await request.app[PROCESSOR].rollback(batch["batch_id"], actor(request))
         batch = await existing_batch(request)
     return web.json_response(
         presenters.progress(batch), status=200 if batch["rolled_back"] else 202

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
@@ -17,6 +18,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID = "request_id"
+# A client's X-Request-ID is kept only when it is safe to echo and to store in the audit log.
+CLIENT_REQUEST_ID = re.compile(r"[!-~]{1,128}")
 
 
 class ApiError(Exception):
@@ -59,7 +62,8 @@ def webargs_error(
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Give each request an id; answer every failure in the one JSON shape, never a traceback."""
-    request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+    given = request.headers.get("X-Request-ID", "")
+    request_id = given if CLIENT_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
     request[REQUEST_ID] = request_id
     try:
         response = await handler(request)

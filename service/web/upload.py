@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from service.domain.csv_intake import Problem, problem
 from service.web.errors import ApiError
@@ -56,7 +57,7 @@ async def read_upload(request: web.Request, max_bytes: int) -> Upload:
             if not isinstance(part, BodyPartReader):
                 raise ValueError("nested multipart bodies are not accepted")
             if part.name == "file" and upload is None:
-                upload = Upload(part.filename, await _read_limited(part, max_bytes))
+                upload = Upload(_storable(part.filename), await _read_limited(part, max_bytes))
             else:
                 name = part.name or "(unnamed)"
                 what = "a second 'file'" if part.name == "file" else f"unexpected field {name!r}"
@@ -72,12 +73,26 @@ async def read_upload(request: web.Request, max_bytes: int) -> Upload:
         raise ApiError(
             422, [problem(["body"], f"malformed multipart body: {exc}", "multipart_error")]
         ) from exc
+    except BadHttpMessage as exc:  # a part's headers are too long or not headers at all
+        raise ApiError(
+            422, [problem(["body"], f"malformed multipart body: {exc.message}", "multipart_error")]
+        ) from exc
+    except web.RequestPayloadError as exc:  # the body itself is broken, e.g. gzip that is not
+        cause = exc.__cause__.message if isinstance(exc.__cause__, BadHttpMessage) else exc
+        raise ApiError(
+            400, [problem(["body"], f"the request body cannot be read: {cause}", "body_error")]
+        ) from exc
     if upload is None:
         extra.insert(0, problem(["body", "file"], "Field required: the CSV file", "missing"))
     if extra:
         raise ApiError(422, extra)
     assert upload is not None
     return upload
+
+
+def _storable(filename: str | None) -> str | None:
+    # aiohttp keeps header bytes that are not UTF-8 as lone surrogates, which SQLite refuses.
+    return None if filename is None else filename.encode("utf-8", "replace").decode("utf-8")
 
 
 async def _read_limited(part: BodyPartReader, max_bytes: int) -> bytes:

@@ -1,0 +1,226 @@
+"""WindowPacer on virtual time, and the retry backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import random
+from collections.abc import Awaitable
+from types import SimpleNamespace
+from typing import TypeVar
+
+import pytest
+
+from service.processing import pacing
+from service.processing.pacing import WindowPacer, backoff
+
+T = TypeVar("T")
+PER_WINDOW, WINDOW, MARGIN = 30, 60.0, 0.5
+NEXT = WINDOW + MARGIN  # when the pacer's second window opens
+
+
+class VirtualTime:
+    """A clock that moves only when every task sleeps, straight to the earliest wake-up."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+        self._wakeups: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, delay: float) -> None:
+        self.sleeps.append(delay)
+        woken = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._wakeups, (self.now + delay, next(self._order), woken))
+        await woken
+
+    async def run(self, *calls: Awaitable[T]) -> list[T]:
+        """Run the calls concurrently to their end, jumping over every sleep."""
+        tasks = [asyncio.ensure_future(call) for call in calls]
+        for _ in range(10_000):
+            for _ in range(3):  # let every woken task run until it sleeps again or ends
+                await asyncio.sleep(0)
+            if all(task.done() for task in tasks):
+                return [task.result() for task in tasks]
+            assert self._wakeups, "tasks wait for something other than time"
+            when, _, woken = heapq.heappop(self._wakeups)
+            self.now = max(self.now, when)
+            woken.set_result(None)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        pytest.fail(f"still waiting at {self.now:g} s after 10,000 sleeps")
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> VirtualTime:
+    time = VirtualTime()
+    # Only the pacer's sleeps are virtual; the event loop and VirtualTime.run keep the real one.
+    monkeypatch.setattr(pacing, "asyncio", SimpleNamespace(sleep=time.sleep))
+    return time
+
+
+@pytest.fixture
+def pacer(clock: VirtualTime) -> WindowPacer:
+    return WindowPacer(PER_WINDOW, WINDOW, MARGIN, clock=clock)
+
+
+async def grant(pacer: WindowPacer, clock: VirtualTime) -> float:
+    await pacer.acquire()
+    return clock.now
+
+
+async def grants_in_turn(pacer: WindowPacer, clock: VirtualTime, count: int) -> list[float]:
+    """Acquire `count` times one after the other; the time of each grant."""
+
+    async def in_turn() -> list[float]:
+        return [await grant(pacer, clock) for _ in range(count)]
+
+    (times,) = await clock.run(in_turn())
+    return times
+
+
+def directory_counts(times: list[float]) -> list[int]:
+    """Sends per window, counted as the directory counts: each opens at its first request."""
+    counts: list[int] = []
+    start = -float("inf")
+    for t in sorted(times):
+        if t >= start + WINDOW:
+            start = t
+            counts.append(0)
+        counts[-1] += 1
+    return counts
+
+
+async def test_a_full_window_goes_out_at_once(pacer: WindowPacer, clock: VirtualTime) -> None:
+    times = await grants_in_turn(pacer, clock, PER_WINDOW)
+
+    assert times == [0.0] * PER_WINDOW
+    assert clock.sleeps == []
+
+
+async def test_one_more_waits_for_the_window_and_margin(
+    pacer: WindowPacer, clock: VirtualTime
+) -> None:
+    clock.now = 100.0
+
+    times = await grants_in_turn(pacer, clock, PER_WINDOW + 1)
+
+    assert times[-2:] == [100.0, 100.0 + NEXT]
+
+
+async def test_the_window_starts_at_the_first_grant_not_at_creation(clock: VirtualTime) -> None:
+    pacer = WindowPacer(PER_WINDOW, WINDOW, MARGIN, clock=clock)
+    clock.now = 5.0
+    await grants_in_turn(pacer, clock, 1)
+    clock.now = 20.0
+
+    times = await grants_in_turn(pacer, clock, PER_WINDOW)
+
+    assert times[-1] == 5.0 + NEXT
+
+
+async def test_a_new_window_starts_afresh(pacer: WindowPacer, clock: VirtualTime) -> None:
+    times = await grants_in_turn(pacer, clock, 2 * PER_WINDOW + 1)
+
+    assert times[PER_WINDOW:] == [NEXT] * PER_WINDOW + [2 * NEXT]
+
+
+async def test_after_an_idle_spell_a_full_window_goes_out_at_once(
+    pacer: WindowPacer, clock: VirtualTime
+) -> None:
+    await grants_in_turn(pacer, clock, PER_WINDOW)
+    clock.now = 500.0
+
+    times = await grants_in_turn(pacer, clock, PER_WINDOW)
+
+    assert times == [500.0] * PER_WINDOW
+
+
+async def test_a_refusal_blocks_everything_for_a_whole_window_from_now(
+    pacer: WindowPacer, clock: VirtualTime
+) -> None:
+    await grants_in_turn(pacer, clock, 5)  # the window still has room for 25
+    clock.now = 10.0
+    pacer.refused()
+
+    assert pacer.delay_if_refused() == NEXT
+    times = await grants_in_turn(pacer, clock, PER_WINDOW + 1)
+
+    # Then a fresh window: a full burst, and the next one a window and margin later.
+    assert times == [10.0 + NEXT] * PER_WINDOW + [10.0 + 2 * NEXT]
+    assert pacer.delay_if_refused() == 0.0
+
+
+async def test_delay_if_refused_counts_down(pacer: WindowPacer, clock: VirtualTime) -> None:
+    assert pacer.delay_if_refused() == 0.0
+    pacer.refused()
+    clock.now = 20.0
+
+    assert pacer.delay_if_refused() == NEXT - 20.0
+
+
+async def test_pacing_is_off_when_per_window_is_zero(clock: VirtualTime) -> None:
+    pacer = WindowPacer(0, WINDOW, MARGIN, clock=clock)
+    pacer.refused()
+
+    times = await grants_in_turn(pacer, clock, 1000)
+
+    assert set(times) == {0.0}
+    assert clock.sleeps == []
+
+
+async def test_concurrent_acquirers_never_overfill_a_window(
+    pacer: WindowPacer, clock: VirtualTime
+) -> None:
+    times = await clock.run(*(grant(pacer, clock) for _ in range(100)))
+
+    assert directory_counts(times) == [30, 30, 30, 10]
+    assert sorted(set(times)) == [0.0, NEXT, 2 * NEXT, 3 * NEXT]
+
+
+async def test_a_refusal_holds_back_acquirers_already_waiting(
+    pacer: WindowPacer, clock: VirtualTime
+) -> None:
+    async def refuse_at(when: float) -> None:
+        await clock.sleep(when)
+        pacer.refused()
+
+    results = await clock.run(refuse_at(30.0), *(grant(pacer, clock) for _ in range(60)))
+
+    times = [t for t in results if t is not None]
+    assert sorted(set(times)) == [0.0, 30.0 + NEXT]
+    assert directory_counts(times) == [30, 30]
+
+
+# backoff --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attempt", range(1, 12))
+def test_backoff_stays_within_its_bound(attempt: int) -> None:
+    bound = min(30.0, 0.5 * 2 ** (attempt - 1))
+
+    delays = [backoff(attempt, base=0.5, cap=30.0) for _ in range(200)]
+
+    assert all(0.0 <= d <= bound for d in delays)
+    assert len(set(delays)) > 1  # jittered, not a fixed delay
+
+
+def test_backoff_bound_doubles_with_each_attempt_up_to_the_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)
+
+    bounds = [backoff(attempt, base=1.0, cap=30.0) for attempt in range(1, 9)]
+
+    assert bounds == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+
+
+def test_backoff_may_be_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(random, "uniform", lambda low, high: low)
+
+    assert backoff(3, base=1.0, cap=30.0) == 0.0
