@@ -170,12 +170,12 @@ class Processor:
     def _schedule(self, run: BatchRun) -> None:
         """Give a batch whatever work its fold calls for next."""
         state = run.state
+        queued = set(run.queue) | run.held  # rows a worker or a retry timer already has
         for row in state.to_reconcile():
             gate = run.gate(row.creation_batch_id)
-            if row.row.row not in gate.suspects:
+            if row.row.row not in gate.suspects and row.row.row not in queued:
                 gate.suspect(row.row.row)
                 self._reconcile_soon(run, gate)
-        queued = set(run.queue) | run.held
         self._enqueue(run, [r.row.row for r in state.to_create() if r.row.row not in queued])
         if run.task is None and (state.needs_rollback() and self._quiet(run)):
             run.task = self._spawn(self._roll_back(run), run)
@@ -417,6 +417,8 @@ class Processor:
                 key = (record.get("name"), record.get("address"), record.get("phone"))
                 unclaimed[key].append(record["id"])
         for n in suspects:
+            if rows[n].status != b.ROW_PENDING or not rows[n].may_exist:
+                continue  # its own answer arrived meanwhile
             row, attempt = rows[n].row, rows[n].attempts
             found = unclaimed.get((row.name, row.address, row.phone))
             if found:

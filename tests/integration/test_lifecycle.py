@@ -1,0 +1,312 @@
+"""Resume and rollback end to end: real service, real SQLite, the local directory on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+import pytest
+
+from service.domain.batch import ROLLED_BACK_MESSAGE
+from service.local_directory import RunningDirectory
+from service.projections.rebuild import rebuild
+from service.store.records import NewEvent, StoredEvent
+from service.web.batches import IDEMPOTENCY_NAMESPACE
+from service.web.keys import SETTINGS, STORE
+from tests.support import SAMPLE_CSV, Service, ServiceFactory, csv_of
+
+BATCH_FULL = "Batch cannot exceed 20 hospitals"
+
+
+def keyed_batch() -> tuple[str, str]:
+    """An Idempotency-Key and the batch id the service derives from it."""
+    key = "lifecycle-" + uuid.uuid4().hex
+    return key, str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, key))
+
+
+async def fill_upstream_batch(directory: RunningDirectory, batch_id: str) -> list[int]:
+    """Fill a directory batch to its cap of 20 with other hospitals; their ids."""
+    directory.standin.set_delay(0.0)
+    ids = []
+    async with aiohttp.ClientSession() as http:
+        for n in range(20):
+            body = {"name": f"Filler {n}", "address": "x", "creation_batch_id": batch_id}
+            async with http.post(f"{directory.url}/hospitals/", json=body) as r:
+                assert r.status == 200
+                ids.append((await r.json())["id"])
+    directory.standin.set_delay(0.2)
+    return ids
+
+
+async def delete_hospitals(directory: RunningDirectory, ids: Sequence[int]) -> None:
+    async with aiohttp.ClientSession() as http:
+        for hospital_id in ids:
+            async with http.delete(f"{directory.url}/hospitals/{hospital_id}") as r:
+                assert r.status == 204
+
+
+async def post(service: Service, path: str) -> tuple[int, Any]:
+    async with service.http.post(service.url + path) as r:
+        return r.status, await r.json()
+
+
+async def delete(service: Service, path: str) -> tuple[int, Any]:
+    async with service.http.delete(service.url + path) as r:
+        return r.status, await r.json()
+
+
+async def event_types(service: Service, batch_id: str) -> list[str]:
+    _, page = await service.get(f"/batch/{batch_id}/events?limit=1000")
+    return [e["event_type"] for e in page["events"]]
+
+
+async def wait_rolled_back(service: Service, batch_id: str, within: float = 20.0) -> dict[str, Any]:
+    """Poll /status until the rollback is done and the processor has let the batch go."""
+    deadline = time.monotonic() + within
+    while True:
+        _, body = await service.get(f"/batch/{batch_id}/status")
+        if body["rolled_back"] and await service.idle(batch_id):
+            return dict(body)
+        assert time.monotonic() < deadline, f"batch was not rolled back: {body}"
+        await asyncio.sleep(0.05)
+
+
+async def assert_fold_matches_read_model(service: Service, batch_id: str) -> None:
+    """The read model (/status) equals the domain fold of the whole stream (/status?as_of)."""
+    _, now = await service.get(f"/batch/{batch_id}/status")
+    _, folded = await service.get(f"/batch/{batch_id}/status?as_of={now['version']}")
+    assert folded == now
+    assert rebuild(service.app[SETTINGS].database.path).equal
+
+
+async def failed_batch(service: Service, directory: RunningDirectory) -> tuple[str, list[int]]:
+    """A 3-row batch whose every row the directory refused (its batch was full); fillers' ids."""
+    key, batch_id = keyed_batch()
+    fillers = await fill_upstream_batch(directory, batch_id)
+    await service.upload(SAMPLE_CSV, headers={"Idempotency-Key": key})
+    final = await service.wait_finished(batch_id)
+    assert final["processing_status"] == "failed"
+    return batch_id, fillers
+
+
+# Resume -------------------------------------------------------------------------------------
+
+
+async def test_resume_fails_refused_rows_again_then_creates_them_once_there_is_room(
+    service: Service, directory: RunningDirectory
+) -> None:
+    batch_id, fillers = await failed_batch(service, directory)
+
+    status, body = await post(service, f"/batch/{batch_id}/resume")
+    assert status == 202
+    assert body["processing_status"] == "processing"
+    assert body["failed_hospitals"] == 0 and body["processed_hospitals"] == 0
+    again = await service.wait_finished(batch_id)
+    assert again["processing_status"] == "failed"
+    assert [h["status"] for h in again["hospitals"]] == ["failed"] * 3
+    assert all(BATCH_FULL in h["error_message"] for h in again["hospitals"])
+
+    await delete_hospitals(directory, fillers)
+    status, _ = await post(service, f"/batch/{batch_id}/resume")
+    assert status == 202
+    final = await service.wait_finished(batch_id)
+
+    assert final["processing_status"] == "completed"
+    assert [h["status"] for h in final["hospitals"]] == ["created_and_activated"] * 3
+    stored = directory.standin.hospitals_in_batch(batch_id)
+    assert sorted(h["id"] for h in stored) == sorted(h["hospital_id"] for h in final["hospitals"])
+    assert all(h["active"] for h in stored)
+    assert directory.standin.duplicates() == []
+    assert directory.standin.request_counts["create"] == 20 + 3 * 3
+    assert (await event_types(service, batch_id)).count("BatchResumed") == 2
+    await assert_fold_matches_read_model(service, batch_id)
+
+
+async def test_resume_finds_a_row_that_was_stored_but_unconfirmed_instead_of_resending_it(
+    service_factory: ServiceFactory, directory: RunningDirectory
+) -> None:
+    # The first create is stored but its answer is lost, and the check that follows fails:
+    # the row ends failed although its hospital exists.
+    directory.standin.add_fault("create", "commit_drop", nth=[1])
+    directory.standin.add_fault("batch_get", "503", nth=[1, 2])
+    async with service_factory(max_attempts=2) as service:
+        accepted = await service.upload(SAMPLE_CSV)
+        batch_id = accepted["batch_id"]
+        first = await service.wait_finished(batch_id)
+        assert first["processing_status"] == "partially_completed"
+        assert first["failed_hospitals"] == 1
+
+        status, _ = await post(service, f"/batch/{batch_id}/resume")
+        assert status == 202
+        final = await service.wait_finished(batch_id)
+        await assert_fold_matches_read_model(service, batch_id)
+
+    assert final["processing_status"] == "completed"
+    assert final["failed_hospitals"] == 0
+    assert len(directory.standin.all_hospitals()) == 3
+    assert directory.standin.duplicates() == []
+    assert directory.standin.request_counts["create"] == 3  # found, never sent again
+
+
+async def test_resume_is_refused_while_processing_and_when_nothing_failed(
+    service: Service, directory: RunningDirectory
+) -> None:
+    directory.standin.set_delay(1.0)
+    accepted = await service.upload(SAMPLE_CSV)
+    batch_id = accepted["batch_id"]
+
+    status, body = await post(service, f"/batch/{batch_id}/resume")
+    assert status == 409
+    assert "still processing" in body["detail"]
+
+    await service.wait_finished(batch_id)
+    status, body = await post(service, f"/batch/{batch_id}/resume")
+    assert status == 409
+    assert "nothing to resume" in body["detail"]
+    assert await service.idle(batch_id)  # a refused resume leaves nothing behind to wait on
+    assert "BatchResumed" not in await event_types(service, batch_id)
+
+    unknown = str(uuid.uuid4())
+    status, body = await post(service, f"/batch/{unknown}/resume")
+    assert status == 404
+    assert body == {"detail": f"Batch with ID {unknown} not found"}
+
+
+async def test_two_concurrent_resumes_exactly_one_is_accepted(
+    service: Service, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch_id, fillers = await failed_batch(service, directory)
+    await delete_hospitals(directory, fillers)
+    store = service.app[STORE]
+    append = store.append
+
+    async def slow_append(
+        stream_id: str, expected_version: int | None, events: Sequence[NewEvent]
+    ) -> list[StoredEvent]:
+        # Hold the decision open so that both requests have read the batch before either lands.
+        if any(e.event.type_name == "BatchResumed" for e in events):
+            await asyncio.sleep(0.2)
+        return await append(stream_id, expected_version, events)
+
+    monkeypatch.setattr(store, "append", slow_append)
+
+    answers = await asyncio.gather(
+        post(service, f"/batch/{batch_id}/resume"), post(service, f"/batch/{batch_id}/resume")
+    )
+
+    assert sorted(status for status, _ in answers) == [202, 409]
+    final = await service.wait_finished(batch_id)
+    assert final["processing_status"] == "completed"
+    assert (await event_types(service, batch_id)).count("BatchResumed") == 1
+    assert directory.standin.duplicates() == []
+
+
+async def test_resume_after_an_activation_failure_activates_the_batch(
+    service_factory: ServiceFactory, directory: RunningDirectory
+) -> None:
+    directory.standin.add_fault("batch_activate", "503", nth=[1, 2])
+    async with service_factory(max_attempts=2) as service:
+        accepted = await service.upload(SAMPLE_CSV)
+        batch_id = accepted["batch_id"]
+        first = await service.wait_finished(batch_id)
+        assert first["processing_status"] == "failed"
+        assert "did not take effect" in first["activation_error"]
+        assert first["failed_hospitals"] == 0
+
+        status, body = await post(service, f"/batch/{batch_id}/resume")
+        assert status == 202
+        assert body["current_message"] == "Activating batch"
+        final = await service.wait_finished(batch_id)
+        await assert_fold_matches_read_model(service, batch_id)
+
+    assert final["processing_status"] == "completed"
+    assert final["activation_error"] is None
+    assert all(h["active"] for h in directory.standin.hospitals_in_batch(batch_id))
+    assert directory.standin.request_counts["batch_activate"] == 3
+    assert directory.standin.request_counts["create"] == 3
+
+
+# Rollback -----------------------------------------------------------------------------------
+
+
+async def test_rollback_of_a_completed_batch_deletes_its_hospitals_once(
+    service: Service, directory: RunningDirectory
+) -> None:
+    accepted = await service.upload(SAMPLE_CSV)
+    batch_id = accepted["batch_id"]
+    await service.wait_finished(batch_id)
+
+    status, body = await delete(service, f"/batch/{batch_id}")
+    assert status == 202
+    assert body["current_message"] == "Rolling back: waiting for creates in flight, then deleting"
+    final = await wait_rolled_back(service, batch_id)
+
+    assert final["processing_status"] == "failed"
+    assert final["rolled_back"] is True
+    assert final["deleted_hospitals"] == 3 and final["failed_hospitals"] == 0
+    assert [h["status"] for h in final["hospitals"]] == ["deleted"] * 3
+    assert directory.standin.all_hospitals() == []
+    await assert_fold_matches_read_model(service, batch_id)
+
+    status, again = await delete(service, f"/batch/{batch_id}")
+    assert status == 200
+    assert again["current_message"] == "Rolled back: 3 hospital(s) deleted from the directory"
+    assert directory.standin.request_counts["batch_delete"] == 1
+    types = await event_types(service, batch_id)
+    assert types.count("BatchRollbackRequested") == 1 and types.count("BatchRolledBack") == 1
+    status, body = await post(service, f"/batch/{batch_id}/resume")
+    assert status == 409 and "rolled back" in body["detail"]
+
+
+async def test_rollback_of_a_running_batch_stops_creates_and_deletes_those_in_flight(
+    service: Service, directory: RunningDirectory
+) -> None:
+    directory.standin.set_delay(1.0)
+    accepted = await service.upload(csv_of(30))  # 20 workers: 20 creates in flight, 10 queued
+    batch_id = accepted["batch_id"]
+    await asyncio.sleep(0.5)
+    sent = directory.standin.request_counts["create"]
+    assert sent == 20
+
+    answers = await asyncio.gather(
+        delete(service, f"/batch/{batch_id}"), delete(service, f"/batch/{batch_id}")
+    )
+    assert [status for status, _ in answers] == [202, 202]
+    final = await wait_rolled_back(service, batch_id)
+
+    assert directory.standin.request_counts["create"] == sent
+    assert directory.standin.all_hospitals() == []
+    assert final["processing_status"] == "failed"
+    assert final["deleted_hospitals"] == 20 and final["failed_hospitals"] == 10
+    in_flight, queued = final["hospitals"][:20], final["hospitals"][20:]
+    assert {h["status"] for h in in_flight} == {"deleted"}
+    assert all(h["hospital_id"] is not None for h in in_flight)  # recorded before deleting
+    assert {h["status"] for h in queued} == {"failed"}
+    assert {h["error_message"] for h in queued} == {ROLLED_BACK_MESSAGE}
+    types = await event_types(service, batch_id)
+    assert types.count("HospitalCreated") == 20
+    assert types.count("BatchRollbackRequested") == 1
+    assert "BatchActivated" not in types
+    await assert_fold_matches_read_model(service, batch_id)
+
+
+async def test_rollback_treats_a_batch_already_gone_from_the_directory_as_deleted(
+    service: Service, directory: RunningDirectory
+) -> None:
+    accepted = await service.upload(SAMPLE_CSV)
+    batch_id = accepted["batch_id"]
+    await service.wait_finished(batch_id)
+    directory.standin.restart()  # the directory lost everything: its batch answers 404
+
+    status, _ = await delete(service, f"/batch/{batch_id}")
+    assert status == 202
+    final = await wait_rolled_back(service, batch_id)
+
+    assert [h["status"] for h in final["hospitals"]] == ["deleted"] * 3
+    assert directory.standin.request_counts["batch_delete"] == 1
+    _, page = await service.get(f"/batch/{batch_id}/events?limit=100")
+    assert page["events"][-1]["data"]["deleted_count"] == 0

@@ -1,0 +1,237 @@
+"""Listing batches, exporting results, idempotent uploads and /hospitals/bulk, end to end."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+
+from service.local_directory import RunningDirectory
+from service.web.batches import IDEMPOTENCY_NAMESPACE
+from tests.support import (
+    SAMPLE_CSV,
+    Service,
+    ServiceFactory,
+    csv_of,
+    fast_settings,
+    form,
+    running_service,
+)
+
+REFUSED = "the directory refused the row (HTTP 400): Batch cannot exceed 20 hospitals"
+
+
+async def fill_upstream_batch(directory: RunningDirectory, batch_id: str, count: int) -> None:
+    """Put `count` other hospitals in a directory batch, so that it fills up before ours."""
+    directory.standin.set_delay(0.0)
+    async with aiohttp.ClientSession() as http:
+        for n in range(count):
+            body = {"name": f"Filler {n}", "address": "x", "creation_batch_id": batch_id}
+            async with http.post(f"{directory.url}/hospitals/", json=body) as r:
+                assert r.status == 200
+    directory.standin.set_delay(0.2)
+
+
+async def upload_into_full_batch(
+    service: Service, directory: RunningDirectory, content: str, room: int
+) -> str:
+    """Upload `content` into a directory batch with room for `room` rows; its batch id."""
+    key = "export-" + uuid.uuid4().hex
+    batch_id = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, key))
+    await fill_upstream_batch(directory, batch_id, 20 - room)
+    await service.upload(content, headers={"Idempotency-Key": key})
+    await service.wait_finished(batch_id)
+    return batch_id
+
+
+async def upload(
+    service: Service, content: str, key: str | None = None, path: str = "/batch/upload-csv"
+) -> tuple[int, Any, Mapping[str, str]]:
+    headers = {"Idempotency-Key": key} if key is not None else {}
+    async with service.http.post(service.url + path, data=form(content), headers=headers) as r:
+        return r.status, await r.json(), r.headers
+
+
+async def listing(service: Service, **query: str | int) -> dict[str, Any]:
+    status, body = await service.get(f"/batch?{urlencode(query)}")
+    assert status == 200, body
+    return dict(body)
+
+
+async def results(service: Service, batch_id: str, query: str = "") -> tuple[list[list[str]], str]:
+    """GET results.csv; (its rows parsed, its raw text)."""
+    async with service.http.get(f"{service.url}/batch/{batch_id}/results.csv{query}") as r:
+        assert r.status == 200
+        assert r.content_type == "text/csv"
+        suffix = "failed" if query else "results"
+        assert r.headers["Content-Disposition"] == (
+            f'attachment; filename="{batch_id}-{suffix}.csv"'
+        )
+        text = await r.text()
+    return list(csv.reader(io.StringIO(text))), text
+
+
+# Listing ------------------------------------------------------------------------------------
+
+
+async def test_batches_are_listed_newest_first_with_progress_and_paged_by_cursor(
+    service: Service,
+) -> None:
+    ids = []
+    for n in range(3):
+        accepted = await service.upload(csv_of(n + 1, prefix=f"Batch {n}"))
+        await service.wait_finished(accepted["batch_id"])
+        ids.append(accepted["batch_id"])
+
+    first = await listing(service, limit=2)
+    assert [b["batch_id"] for b in first["batches"]] == [ids[2], ids[1]]
+    assert first["next_cursor"] is not None
+    newest = first["batches"][0]
+    assert newest["total_hospitals"] == 3 and newest["processed_hospitals"] == 3
+    assert newest["progress_percentage"] == 100.0 and newest["failed_hospitals"] == 0
+    assert newest["processing_status"] == "completed" and newest["batch_activated"] is True
+    assert newest["file_name"] == "hospitals.csv" and newest["deleted_hospitals"] == 0
+    assert newest["created_at"] < newest["finished_at"]
+
+    second = await listing(service, limit=2, cursor=first["next_cursor"])
+    assert [b["batch_id"] for b in second["batches"]] == [ids[0]]
+    assert second["next_cursor"] is None
+    everything = await listing(service)
+    assert [b["batch_id"] for b in everything["batches"]] == ids[::-1]
+
+
+async def test_listing_filters_by_status_and_refuses_bad_queries(
+    service: Service, directory: RunningDirectory
+) -> None:
+    completed = await service.upload(SAMPLE_CSV)
+    await service.wait_finished(completed["batch_id"])
+    failed = await upload_into_full_batch(service, directory, SAMPLE_CSV, room=0)
+
+    only_failed = await listing(service, status="failed")
+    assert [b["batch_id"] for b in only_failed["batches"]] == [failed]
+    assert only_failed["batches"][0]["failed_hospitals"] == 3
+    only_completed = await listing(service, status="completed")
+    assert [b["batch_id"] for b in only_completed["batches"]] == [completed["batch_id"]]
+    assert (await listing(service, status="processing"))["batches"] == []
+
+    for query, field in (("status=done", "status"), ("limit=0", "limit"), ("cursor=xyz", "cursor")):
+        status, body = await service.get(f"/batch?{query}")
+        assert status == 422, query
+        assert body["detail"][0]["loc"] == ["query", field]
+
+
+# Results export -------------------------------------------------------------------------------
+
+
+async def test_results_csv_has_every_row_quoted_and_formulas_kept_inert(
+    service_factory: ServiceFactory, directory: RunningDirectory
+) -> None:
+    upload_csv = (
+        "name,address,phone\n"
+        '"Saint Mary\'s, North","1 ""Quoted"" Road",+1-555-0100\n'
+        '"=HYPERLINK(""http://x"")",@SUM(A1),-2+3\n'
+        "Plain Clinic,2 Side Street,\n"
+    )
+    async with service_factory(concurrency=1) as service:  # rows are sent in file order
+        batch_id = await upload_into_full_batch(service, directory, upload_csv, room=1)
+
+        rows, text = await results(service, batch_id)
+        failed_rows, failed_text = await results(service, batch_id, "?only=failed")
+        _, status = await service.get(f"/batch/{batch_id}/status")
+        invalid, body = await service.get(f"/batch/{batch_id}/results.csv?only=created")
+        async with service.http.post(
+            f"{service.url}/batch/validate-csv", data=form(failed_text)
+        ) as r:
+            validation = await r.json()
+
+    hospital_id = str(status["hospitals"][0]["hospital_id"])
+    assert rows == [
+        ["row", "name", "address", "phone", "status", "hospital_id", "error_message"],
+        ["1", "Saint Mary's, North", '1 "Quoted" Road', "'+1-555-0100", "created", hospital_id, ""],
+        ["2", '\'=HYPERLINK("http://x")', "'@SUM(A1)", "'-2+3", "failed", "", REFUSED],
+        ["3", "Plain Clinic", "2 Side Street", "", "failed", "", REFUSED],
+    ]
+    assert text.startswith("row,name,address,phone,status,hospital_id,error_message\r\n")
+    assert '"Saint Mary\'s, North","1 ""Quoted"" Road"' in text
+    assert failed_rows == [
+        ["name", "address", "phone"],
+        ['\'=HYPERLINK("http://x")', "'@SUM(A1)", "'-2+3"],
+        ["Plain Clinic", "2 Side Street", ""],
+    ]
+    assert validation["valid"] is True and validation["total_rows"] == 2  # ready to upload again
+    assert invalid == 422 and body["detail"][0]["loc"] == ["query", "only"]
+
+
+async def test_results_of_an_unknown_batch_are_404(service: Service) -> None:
+    unknown = str(uuid.uuid4())
+    status, body = await service.get(f"/batch/{unknown}/results.csv")
+    assert status == 404
+    assert body == {"detail": f"Batch with ID {unknown} not found"}
+
+
+# Idempotent upload --------------------------------------------------------------------------
+
+
+async def test_idempotency_key_replays_the_same_file_and_refuses_another(
+    service: Service, directory: RunningDirectory
+) -> None:
+    key = "idem-" + uuid.uuid4().hex
+    status, first, _ = await upload(service, SAMPLE_CSV, key)
+    assert status == 202
+    batch_id = first["batch_id"]
+    await service.wait_finished(batch_id)
+
+    status, again, headers = await upload(service, SAMPLE_CSV, key)
+    assert status == 200
+    assert again["batch_id"] == batch_id and again["status"] == "completed"
+    assert headers["Location"] == f"/batch/{batch_id}/status"
+    status, refused, _ = await upload(service, csv_of(2), key)
+    assert status == 409
+    assert batch_id in refused["detail"] and "different file" in refused["detail"]
+    assert [b["batch_id"] for b in (await listing(service))["batches"]] == [batch_id]
+    assert len(directory.standin.all_hospitals()) == 3
+
+    unkeyed = [await upload(service, SAMPLE_CSV) for _ in range(2)]
+    assert [status for status, _, _ in unkeyed] == [202, 202]
+    assert len({body["batch_id"] for _, body, _ in unkeyed} | {batch_id}) == 3
+
+
+# /hospitals/bulk ------------------------------------------------------------------------------
+
+
+async def test_bulk_waits_for_the_batch_and_answers_its_status(
+    service: Service, directory: RunningDirectory
+) -> None:
+    status, body, _ = await upload(service, SAMPLE_CSV, path="/hospitals/bulk")
+
+    assert status == 200
+    assert body["processing_status"] == "completed"
+    assert [h["status"] for h in body["hospitals"]] == ["created_and_activated"] * 3
+    _, now = await service.get(f"/batch/{body['batch_id']}/status")
+    assert body == now
+    assert len(directory.standin.hospitals_in_batch(body["batch_id"])) == 3
+
+
+async def test_bulk_answers_202_with_the_batch_id_when_the_wait_runs_out(
+    directory: RunningDirectory, db_path: Path
+) -> None:
+    directory.standin.set_delay(1.0)
+    settings = fast_settings(db_path, directory.url).replace(api={"bulk_wait_seconds": 0.3})
+    async with running_service(settings) as service:
+        started = time.monotonic()
+        status, body, headers = await upload(service, SAMPLE_CSV, path="/hospitals/bulk")
+        waited = time.monotonic() - started
+        final = await service.wait_finished(body["batch_id"])
+
+    assert status == 202
+    assert waited >= 0.3
+    assert body["total_hospitals"] == 3 and body["status"] == "processing"
+    assert headers["Location"] == f"/batch/{body['batch_id']}/status"
+    assert final["processing_status"] == "completed"
