@@ -51,11 +51,7 @@ class WindowPacer:
         self._blocked_until = self._clock() + self.window + self.margin
         self._window_start = None
 
-    def delay_if_refused(self) -> float:
-        """Seconds until sending may resume after a 429 (0 when not blocked)."""
-        return max(0.0, self._blocked_until - self._clock())
-
 
 def backoff(attempt: int, base: float, cap: float) -> float:
     """Exponential delay with full jitter for retry number `attempt` (1, 2, ...)."""
-    return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+    return random.uniform(0, min(cap, base * 2 ** min(attempt - 1, 32)))

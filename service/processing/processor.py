@@ -276,10 +276,20 @@ class Processor:
         """Record the intent, then send the create; None when the row needs no create now."""
         row = run.state.rows[n]
         gate = run.gate(row.creation_batch_id)
+
+        def still_needed() -> bool:
+            return (
+                row.status == b.ROW_PENDING
+                and not row.may_exist
+                and not (run.state.rollback_requested)
+            )
+
         await gate.wait_open()
         await self._ensure_awake()
+        if not still_needed():  # checked before taking one of the window's creates, and after
+            return None
         await self._pacer.acquire()
-        if row.status != b.ROW_PENDING or row.may_exist or run.state.rollback_requested:
+        if not still_needed():
             return None
         attempt = row.attempts + 1
         gate.in_flight += 1

@@ -148,20 +148,10 @@ async def test_a_refusal_blocks_everything_for_a_whole_window_from_now(
     clock.now = 10.0
     pacer.refused()
 
-    assert pacer.delay_if_refused() == NEXT
     times = await grants_in_turn(pacer, clock, PER_WINDOW + 1)
 
     # Then a fresh window: a full burst, and the next one a window and margin later.
     assert times == [10.0 + NEXT] * PER_WINDOW + [10.0 + 2 * NEXT]
-    assert pacer.delay_if_refused() == 0.0
-
-
-async def test_delay_if_refused_counts_down(pacer: WindowPacer, clock: VirtualTime) -> None:
-    assert pacer.delay_if_refused() == 0.0
-    pacer.refused()
-    clock.now = 20.0
-
-    assert pacer.delay_if_refused() == NEXT - 20.0
 
 
 async def test_pacing_is_off_when_per_window_is_zero(clock: VirtualTime) -> None:
