@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint unit integration bench chaos demo local-directory clean
+.PHONY: run test lint bench chaos demo demo-45 local-directory clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ chaos: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m service demo
+
+demo-45: $(STAMP)
+	$(BIN)/python -m service demo --file samples/hospitals-45.csv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

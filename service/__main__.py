@@ -1,4 +1,4 @@
-"""Command line of the Hospital Batch Processor: serve, the local directory, audit tools."""
+"""Command line of the Hospital Batch Processor: serve, the local directory, the client, audit."""
 
 from __future__ import annotations
 
@@ -107,15 +107,51 @@ def local_directory(argv: list[str]) -> int:
     return run(argv)
 
 
+def client(argv: list[str]) -> int:
+    """The client of a running service: upload, resume, rollback, follow, results."""
+    from service.client import main as run
+
+    return run(argv)
+
+
+def demo(argv: list[str]) -> int:
+    """The local directory and the service, with a sample upload followed live."""
+    from service.demo import main as run
+
+    return run(argv)
+
+
+CLIENT_COMMANDS = ("upload", "resume", "rollback", "follow", "results")
+
+
+def own_options_first(args: argparse.Namespace) -> int:
+    """These commands parse their own options, so they must come first on the line."""
+    print(
+        f"error: put {args.command} first: python -m service {args.command} [its options]",
+        file=sys.stderr,
+    )
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["local-directory"]:
         return local_directory(argv[1:])
+    if argv[:1] == ["demo"]:
+        return demo(argv[1:])
+    if argv[:1] and argv[0] in CLIENT_COMMANDS:
+        return client(argv)
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
     parser.add_argument("--config", help="settings file (default config.toml, or CONFIG_PATH)")
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="run the HTTP service (the default)")
     commands.add_parser("local-directory", help="run the local directory stand-in")
+    commands.add_parser("demo", help="run the directory and the service, upload a sample")
+    commands.add_parser("upload", help="upload a CSV to a running service (--follow: live)")
+    commands.add_parser("resume", help="retry the failed rows of a batch")
+    commands.add_parser("rollback", help="delete a batch's hospitals from the directory")
+    commands.add_parser("follow", help="show a batch's live progress until it finishes")
+    commands.add_parser("results", help="a batch's per-row results as CSV")
     p = commands.add_parser("events", help="print the audit log")
     p.add_argument("--batch", help="only this batch's events")
     p.add_argument("--after", type=int, help="after this stream version (or log position)")
@@ -124,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replace", action="store_true", help="swap in the rebuilt read models")
     args = parser.parse_args(argv)
     handlers = {"serve": serve, "events": events, "rebuild": rebuild, None: serve}
+    handlers |= dict.fromkeys(("local-directory", "demo", *CLIENT_COMMANDS), own_options_first)
     try:
         return handlers[args.command](args)
     except SettingsError as exc:

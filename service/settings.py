@@ -101,12 +101,17 @@ def load_settings(
 ) -> Settings:
     """Build Settings from defaults, the TOML file, .env and the environment, in that order."""
     environ = os.environ if environ is None else environ
-    path = config_path or Path(environ.get("CONFIG_PATH", str(DEFAULT_CONFIG)))
+    named = config_path or (Path(environ["CONFIG_PATH"]) if "CONFIG_PATH" in environ else None)
+    path = named or DEFAULT_CONFIG
     layers: dict[str, dict[str, Any]] = {}
     if path.exists():
         with path.open("rb") as f:
-            _merge_toml(layers, tomllib.load(f), path)
-    elif config_path is not None:
+            try:
+                data = tomllib.load(f)
+            except tomllib.TOMLDecodeError as exc:
+                raise SettingsError(f"{path}: {exc}") from exc
+        _merge_toml(layers, data, path)
+    elif named is not None:
         raise SettingsError(f"config file {path} does not exist")
     if dotenv_path is not None and dotenv_path.exists():
         _merge_env(layers, read_dotenv(dotenv_path))
@@ -115,7 +120,8 @@ def load_settings(
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
-    """Parse KEY=VALUE lines; blank lines and # comments are skipped, quotes stripped."""
+    """Parse KEY=VALUE lines: blank lines and # comments skipped, quotes or a trailing comment
+    stripped."""
     values = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         line = line.strip()
@@ -124,7 +130,12 @@ def read_dotenv(path: Path) -> dict[str, str]:
         key, sep, value = line.removeprefix("export ").partition("=")
         if not sep:
             raise SettingsError(f"{path}:{number}: expected KEY=VALUE, got {line!r}")
-        values[key.strip()] = value.strip().strip("'\"")
+        value = value.strip()
+        if value[:1] in ("'", '"') and value.count(value[0]) >= 2:
+            value = value[1 : value.index(value[0], 1)]
+        else:
+            value = value.split(" #", 1)[0].rstrip()  # an unquoted value ends at a comment
+        values[key.strip()] = value
     return values
 
 
@@ -183,8 +194,6 @@ def _coerce(name: str, kind: Any, raw: Any) -> Any:
     where = f"{name} (from {raw.name})" if isinstance(raw, _EnvValue) else name
     value = raw.text if isinstance(raw, _EnvValue) else raw
     try:
-        if kind is bool:
-            return _to_bool(value)
         if kind in (int, float):
             if isinstance(value, bool):
                 raise ValueError
@@ -205,20 +214,7 @@ def _coerce(name: str, kind: Any, raw: Any) -> Any:
 
 
 def _kind_name(kind: Any) -> str:
-    return {int: "whole number", float: "number", str: "string", bool: "boolean"}.get(
-        kind, "comma-separated list"
-    )
-
-
-def _to_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(value)
+    return {int: "whole number", float: "number", str: "string"}.get(kind, "comma-separated list")
 
 
 def _validate(s: Settings) -> None:

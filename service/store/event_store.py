@@ -140,7 +140,11 @@ class EventStore:
 
     def _open_writer(self) -> sqlite3.Connection:
         conn = connect_writer(self.path, self._busy_timeout_ms)
-        migrate(conn)
+        try:
+            migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     async def close(self) -> None:

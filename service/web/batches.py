@@ -33,15 +33,30 @@ FILE_PARAMETER = {
     "required": True,
     "description": "CSV with header name,address,phone (phone optional), UTF-8",
 }
+MAX_KEY_LENGTH = 255
 IDEMPOTENCY_PARAMETER = {
     "in": "header",
     "name": "Idempotency-Key",
     "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_KEY_LENGTH,
     "required": False,
     "description": "the same key with the same file returns the first batch instead of a new one",
 }
+BATCH_ID_PARAMETER = {
+    "in": "path",
+    "name": "batch_id",
+    "type": "string",
+    "format": "uuid",
+    "required": True,
+    "description": "batch_id of the upload answer",
+}
 NOT_FOUND = {404: {"schema": schemas.Error, "description": "unknown batch"}}
-BAD_ID = {422: {"schema": schemas.Error, "description": "malformed batch id"}}
+BAD_ID = {422: {"schema": schemas.Error, "description": "malformed batch id or query"}}
+BAD_QUERY = {422: {"schema": schemas.Error, "description": "a query parameter out of range"}}
+# /batch/upload-csv and /batch/validate-csv are fixed paths: without the lookahead aiohttp routes
+# DELETE to them too (a rollback of batch "upload-csv") and lists DELETE in their 405's Allow.
+BATCH = "/batch/{batch_id:(?!upload-csv$|validate-csv$)[^/]+}"
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1c7f0e-2b9a-4c43-9f57-6d1f1a0c9b11")
 
 
@@ -89,8 +104,8 @@ async def accept_upload(request: web.Request) -> tuple[dict[str, Any], bool]:
     key = request.headers.get("Idempotency-Key")
     store = request.app[STORE]
     if key is not None:
-        if not 1 <= len(key) <= 255:
-            raise ApiError(422, "Idempotency-Key must be 1 to 255 characters")
+        if not 1 <= len(key) <= MAX_KEY_LENGTH:
+            raise ApiError(422, f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters")
         try:
             key.encode()  # aiohttp keeps header bytes that are not UTF-8 as surrogates
         except UnicodeEncodeError:
@@ -238,7 +253,12 @@ async def status_body(request: web.Request, batch_id: str) -> dict[str, Any]:
 
 
 @routes.get("/batch/{batch_id}/progress")
-@docs(tags=["batches"], summary="How far a batch is", responses={**NOT_FOUND, **BAD_ID})
+@docs(
+    tags=["batches"],
+    summary="How far a batch is",
+    parameters=[BATCH_ID_PARAMETER],
+    responses={**NOT_FOUND, **BAD_ID},
+)
 @response_schema(schemas.Progress, 200)
 async def progress(request: web.Request) -> web.Response:
     return web.json_response(presenters.progress(await existing_batch(request)))
@@ -248,6 +268,7 @@ async def progress(request: web.Request) -> web.Response:
 @docs(
     tags=["batches"],
     summary="A batch's result, row by row; ?as_of=N shows it as it was after version N",
+    parameters=[BATCH_ID_PARAMETER],
     responses={**NOT_FOUND, **BAD_ID},
 )
 @querystring_schema(schemas.StatusQuery)
@@ -349,8 +370,9 @@ def spreadsheet_safe(value: object) -> str:
         "name,address,phone. A value starting with = + - @, a tab or a carriage return is "
         "prefixed with ' so that a spreadsheet shows it instead of computing it."
     ),
-    produces=["text/csv"],
-    responses={**NOT_FOUND, **BAD_ID, 200: {"description": "CSV file"}},
+    produces=["text/csv", "application/json"],
+    parameters=[BATCH_ID_PARAMETER],
+    responses={**NOT_FOUND, **BAD_ID, 200: {"description": "CSV file (errors are JSON)"}},
 )
 @querystring_schema(schemas.ResultsQuery)
 async def results_csv(request: web.Request) -> web.Response:
@@ -391,6 +413,7 @@ async def results_csv(request: web.Request) -> web.Response:
         "every row exists. After an activation failure, resume checks and retries activation. "
         "409 while the batch is processing, after a rollback, or when nothing failed."
     ),
+    parameters=[BATCH_ID_PARAMETER],
     responses={
         **NOT_FOUND,
         **BAD_ID,
@@ -408,7 +431,7 @@ async def resume(request: web.Request) -> web.Response:
     return web.json_response(presenters.progress(refreshed), status=202)
 
 
-@routes.delete("/batch/{batch_id}")
+@routes.delete(BATCH)
 @docs(
     tags=["lifecycle"],
     summary="Roll a batch back: delete its hospitals from the directory",
@@ -418,6 +441,7 @@ async def resume(request: web.Request) -> web.Response:
         "Afterwards the batch reads processing_status failed with rolled_back true; created rows "
         "read deleted, rows never created read failed."
     ),
+    parameters=[BATCH_ID_PARAMETER],
     responses={
         **NOT_FOUND,
         **BAD_ID,

@@ -7,7 +7,7 @@ from aiohttp_apispec import docs, querystring_schema, response_schema
 
 from service.domain import batch as b
 from service.web import schemas
-from service.web.batches import BAD_ID, NOT_FOUND, existing_batch
+from service.web.batches import BAD_ID, BAD_QUERY, BATCH_ID_PARAMETER, NOT_FOUND, existing_batch
 from service.web.keys import STORE
 
 routes = web.RouteTableDef()
@@ -17,6 +17,7 @@ routes = web.RouteTableDef()
 @docs(
     tags=["audit"],
     summary="A batch's events in order; ?after=<stream version> pages on",
+    parameters=[BATCH_ID_PARAMETER],
     responses={**NOT_FOUND, **BAD_ID},
 )
 @querystring_schema(schemas.EventsQuery)
@@ -33,7 +34,11 @@ async def batch_events(request: web.Request) -> web.Response:
 
 
 @routes.get("/events")
-@docs(tags=["audit"], summary="Every event of every batch; ?after=<global position> pages on")
+@docs(
+    tags=["audit"],
+    summary="Every event of every batch; ?after=<global position> pages on",
+    responses=BAD_QUERY,
+)
 @querystring_schema(schemas.EventsQuery)
 @response_schema(schemas.EventPage, 200)
 async def all_events(request: web.Request) -> web.Response:

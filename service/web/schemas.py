@@ -6,6 +6,10 @@ from marshmallow import EXCLUDE, Schema, fields, validate
 
 from service.domain import batch as b
 
+# Log positions and stream versions are SQLite integers (at most 2**63 - 1); /status?as_of=N
+# reads N + 1 events, so a larger number in a query is refused instead of overflowing.
+MAX_LOG_NUMBER = 2**63 - 2
+
 
 class Query(Schema):
     class Meta:
@@ -70,7 +74,7 @@ class Status(Schema):
 
 class StatusQuery(Query):
     as_of = fields.Integer(
-        validate=validate.Range(min=0),
+        validate=validate.Range(min=0, max=MAX_LOG_NUMBER),
         metadata={"description": "the batch as it was after this stream version"},
     )
 
@@ -88,6 +92,7 @@ class Health(Schema):
     status = fields.String(required=True, metadata={"example": "healthy"})
     timestamp = fields.String(required=True)
     version = fields.String(required=True)
+    uptime_seconds = fields.Float(required=True)
     database = fields.Dict(required=True)
     workers = fields.Dict(required=True)
     directory = fields.Dict(required=True)
@@ -138,5 +143,5 @@ class EventPage(Schema):
 
 
 class EventsQuery(Query):
-    after = fields.Integer(load_default=None, validate=validate.Range(min=-1))
+    after = fields.Integer(load_default=None, validate=validate.Range(min=-1, max=MAX_LOG_NUMBER))
     limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))

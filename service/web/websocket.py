@@ -1,6 +1,8 @@
 """Live progress over websockets: one batch's events in order, or every batch's progress.
 
-Messages are JSON objects with a `type`; docs/websocket.md describes each kind.
+Messages are JSON objects with a `type`; docs/websocket.md describes each kind and close code.
+Nothing is queued per client: each socket reads the log from its own position, so a slow
+client costs a read position, not memory, and is told to resync once it lags too far.
 """
 
 from __future__ import annotations
@@ -8,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from collections.abc import AsyncGenerator, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -17,35 +20,63 @@ from aiohttp_apispec import docs
 
 from service.domain import batch as b
 from service.projections import queries
-from service.web import presenters
-from service.web.batches import BAD_ID, NOT_FOUND, existing_batch
+from service.store.records import StoredEvent
+from service.web import presenters, schemas
+from service.web.batches import BAD_ID, BAD_QUERY, BATCH_ID_PARAMETER, NOT_FOUND, existing_batch
 from service.web.errors import ApiError
 from service.web.keys import SETTINGS, SOCKETS, STORE
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
-RESYNC = 4000  # closed for lagging too far behind: reconnect with ?after=<last version>
-Sender = Callable[[web.WebSocketResponse], Coroutine[Any, Any, None]]
+FINISHED = WSCloseCode.OK  # the batch reached a finished state
+SHUTDOWN = WSCloseCode.GOING_AWAY  # the service is stopping
+RESYNC = 4000  # the client fell behind: reconnect with ?after=<last version received>
+DASHBOARD_BATCHES = 50  # batches in the /ws snapshot
+
+HANDSHAKE_RESPONSES = {
+    101: {"description": "switching to websocket; docs/websocket.md lists the messages"},
+    400: {"schema": schemas.Error, "description": "not a websocket handshake"},
+    403: {"schema": schemas.Error, "description": "cross-origin handshake refused"},
+}
+AFTER_OUT_OF_RANGE = {422: {"schema": schemas.Error, "description": "?after out of range"}}
+
+
+@dataclass(frozen=True)
+class Closing:
+    """How a sender wants its socket closed."""
+
+    code: int
+    reason: str
+
+
+Sender = Callable[[web.WebSocketResponse], Coroutine[Any, Any, Closing]]
 
 
 def check_origin(request: web.Request) -> None:
-    """Refuse cross-origin handshakes unless the origin is configured as allowed."""
+    """Refuse cross-origin handshakes unless the origin is configured as allowed.
+
+    Clients that send no Origin (command-line tools, servers) are not browsers and pass.
+    """
     origin = request.headers.get("Origin")
     if origin is None:
         return
     allowed = request.app[SETTINGS].websocket.allowed_origins
-    if urlsplit(origin).netloc != request.host and origin not in allowed:
-        raise ApiError(403, f"websocket origin {origin!r} is not allowed")
+    same_host = urlsplit(origin).netloc.lower() == request.host.lower()
+    if not (same_host or origin in allowed or "*" in allowed):
+        raise ApiError(
+            403,
+            f"websocket origin {origin!r} is not allowed; add it to websocket.allowed_origins",
+        )
 
 
-def _after(request: web.Request, floor: int) -> int | None:
+def _after(request: web.Request, floor: int, ceiling: int) -> int | None:
     raw = request.query.get("after")
     if raw is None:
         return None
     try:
         value = int(raw)
-        if value < floor:
+        if not floor <= value <= ceiling:
             raise ValueError
     except ValueError:
         raise ApiError(
@@ -53,37 +84,97 @@ def _after(request: web.Request, floor: int) -> int | None:
             [
                 {
                     "loc": ["query", "after"],
-                    "msg": f"after must be an integer >= {floor}",
-                    "type": "int_parsing",
+                    "msg": f"after must be an integer from {floor} to {ceiling}, got {raw[:40]!r}",
+                    "type": "value_error",
                 }
             ],
         ) from None
     return value
 
 
+async def _send(ws: web.WebSocketResponse, message: dict[str, Any], seconds: float | None) -> bool:
+    """Send one message; False when the client has not taken it within `seconds`."""
+    try:
+        async with asyncio.timeout(seconds):
+            await ws.send_json(message)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _read_until_closed(ws: web.WebSocketResponse) -> None:
+    # Clients send nothing we act on; reading answers pings and notices their close.
+    async for msg in ws:
+        if msg.type is WSMsgType.ERROR:
+            return
+
+
+async def _close(ws: web.WebSocketResponse, closing: Closing, seconds: float | None) -> None:
+    """Close with a code, giving up (and dropping the connection) after `seconds`."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await ws.close(code=closing.code, message=closing.reason.encode()[:123])
+
+
 async def _serve(request: web.Request, sender: Sender) -> web.WebSocketResponse:
-    """Run `sender` on an open socket while reading the client's side until either ends."""
-    settings = request.app[SETTINGS].websocket
-    ws = web.WebSocketResponse(heartbeat=settings.heartbeat_seconds)
+    """Upgrade, run `sender` while reading the client's side until either ends, then close."""
+    seconds = request.app[SETTINGS].websocket.heartbeat_seconds or None
+    ws = web.WebSocketResponse(heartbeat=seconds)
+    if not ws.can_prepare(request).ok:
+        raise ApiError(400, "this route is a websocket: connect with a websocket client")
     await ws.prepare(request)
-    request.app[SOCKETS].add(ws)
+    sockets = request.app[SOCKETS]
+    sockets.add(ws)
+    reading = asyncio.create_task(_read_until_closed(ws))
     sending = asyncio.create_task(sender(ws))
     try:
-        async for msg in ws:
-            if msg.type is WSMsgType.ERROR:
-                break
+        await asyncio.wait((reading, sending), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        sending.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sending
-        request.app[SOCKETS].discard(ws)
+        for task in (reading, sending):
+            task.cancel()
+        await asyncio.gather(reading, sending, return_exceptions=True)
+        sockets.discard(ws)
+    if ws.closed or sending.cancelled():  # the client left, or the service closed it
+        return ws
+    if (error := sending.exception()) is not None:
+        if isinstance(error, ConnectionError):  # aiohttp's reset errors are ConnectionErrors
+            return ws
+        log.error("websocket %s failed", request.path, exc_info=error)
+        closing = Closing(WSCloseCode.INTERNAL_ERROR, "internal error; reconnect with ?after")
+    else:
+        closing = sending.result()
+    await _close(ws, closing, seconds)
     return ws
 
 
-async def _send(ws: web.WebSocketResponse, message: dict[str, Any], seconds: float) -> None:
-    # A client that does not read within the heartbeat interval is not keeping up.
-    async with asyncio.timeout(seconds):
-        await ws.send_json(message)
+def _not_reading(seconds: float | None) -> Closing:
+    return Closing(RESYNC, f"not reading for {seconds}s; reconnect with ?after=<last version>")
+
+
+def _progress(state: b.BatchState) -> dict[str, Any]:
+    return presenters.progress(presenters.records_of(state)[0])
+
+
+def _whole(kind: str, state: b.BatchState) -> dict[str, Any]:
+    """A snapshot or finished message: progress and status as of the state's version."""
+    batch, rows = presenters.records_of(state)
+    return {
+        "type": kind,
+        "version": state.version,
+        "progress": presenters.progress(batch),
+        "status": presenters.status(batch, rows),
+    }
+
+
+def _advance(state: b.BatchState | None, event: StoredEvent) -> b.BatchState:
+    """The state with one more event folded in; the first event starts it."""
+    if state is None:
+        return b.fold([(event.decode(), event.recorded_at)])
+    return b.apply(state, event.decode(), event.recorded_at)
+
+
+def _settled(state: b.BatchState) -> bool:
+    return state.finished and not state.unsettled()
 
 
 @routes.get("/batch/{batch_id}/ws")
@@ -91,74 +182,73 @@ async def _send(ws: web.WebSocketResponse, message: dict[str, Any], seconds: flo
     tags=["live"],
     summary="Websocket: a batch's snapshot, then each event with updated progress",
     description=(
-        "Upgrade to a websocket. Without ?after the first message is a `snapshot`; with "
-        "?after=N the events after version N are replayed first and no snapshot is sent. "
-        "A `finished` message and a normal close end a finished batch. Close code 4000 "
-        "means the client fell behind: reconnect with ?after=<last version received>."
+        "Upgrade to a websocket (docs/websocket.md). Without ?after the first message is a "
+        "`snapshot` (progress and status at a stream version); then one `event` message per "
+        "later event of the batch, in version order, each with the updated progress. "
+        "?after=N replays the events after version N instead, and no snapshot is sent. "
+        "Once the batch is finished, a `finished` message and close code 1000. Close code "
+        "4000: the client fell behind; reconnect with ?after=<last version received>. "
+        "1001: the service is shutting down."
     ),
+    parameters=[
+        BATCH_ID_PARAMETER,
+        {
+            "in": "query",
+            "name": "after",
+            "type": "integer",
+            "minimum": -1,
+            "required": False,
+            "description": "resume after this stream version (-1 replays from the start)",
+        },
+    ],
     responses={
         **NOT_FOUND,
         **BAD_ID,
-        101: {"description": "switching to websocket"},
-        403: {"description": "cross-origin handshake refused"},
+        **HANDSHAKE_RESPONSES,
     },
 )
 async def batch_socket(request: web.Request) -> web.WebSocketResponse:
     check_origin(request)
     batch = await existing_batch(request)
-    after = _after(request, floor=-1)
     store, settings = request.app[STORE], request.app[SETTINGS].websocket
     stream = b.stream_id(batch["batch_id"])
+    last = await store.stream_version(stream)
+    after = _after(request, floor=-1, ceiling=last)
+    # Events up to here are history the client asked for, not lag.
+    live_from = store.head.position
+    seconds = settings.heartbeat_seconds or None
 
-    async def sender(ws: web.WebSocketResponse) -> None:
-        history = await store.read_stream(stream, limit=None if after is None else after + 1)
-        state = b.fold((e.decode(), e.recorded_at) for e in history)
-        if after is None:
-            batch_record, rows = presenters.records_of(state)
-            snapshot = {
-                "type": "snapshot",
-                "version": state.version,
-                "progress": presenters.progress(batch_record),
-                "status": presenters.status(batch_record, rows),
-            }
-            await _send(ws, snapshot, settings.heartbeat_seconds)
-        async for event in _until_finished(
-            store.follow(stream, after_version=state.version), state
-        ):
-            b.apply(state, event.decode(), event.recorded_at)
-            progress = presenters.progress(presenters.records_of(state)[0])
-            message = {
-                "type": "event",
-                "version": event.stream_version,
-                "event": event.to_json(),
-                "progress": progress,
-            }
-            await _send(ws, message, settings.heartbeat_seconds)
-            if store.head.position - event.global_position > settings.max_backlog:
-                await ws.close(
-                    code=RESYNC, message=f"behind; reconnect with ?after={state.version}".encode()
-                )
-                return
-        final = {
-            "type": "finished",
-            "version": state.version,
-            "processing_status": state.status,
-            "progress": presenters.progress(presenters.records_of(state)[0]),
-        }
-        await _send(ws, final, settings.heartbeat_seconds)
-        await ws.close()
+    async def sender(ws: web.WebSocketResponse) -> Closing:
+        state = None
+        if after != -1:
+            history = await store.read_stream(stream, limit=None if after is None else after + 1)
+            state = b.fold((e.decode(), e.recorded_at) for e in history)
+            if after is None and not await _send(ws, _whole("snapshot", state), seconds):
+                return _not_reading(seconds)
+        start = -1 if state is None else state.version
+        # follow() is an async generator (annotated as an iterator): close it with us.
+        following = cast(AsyncGenerator[StoredEvent, None], store.follow(stream, start))
+        async with contextlib.aclosing(following) as events:
+            while state is None or not (state.version >= last and _settled(state)):
+                event = await anext(events)
+                state = _advance(state, event)
+                message = {
+                    "type": "event",
+                    "version": event.stream_version,
+                    "event": event.to_json(),
+                    "progress": _progress(state),
+                }
+                if not await _send(ws, message, seconds):
+                    return _not_reading(seconds)
+                lag = store.head.position - event.global_position
+                if event.global_position > live_from and lag > settings.max_backlog:
+                    reason = f"{lag} events behind; reconnect with ?after={state.version}"
+                    return Closing(RESYNC, reason)
+        if not await _send(ws, _whole("finished", state), seconds):
+            return _not_reading(seconds)
+        return Closing(FINISHED, f"batch {state.status}")
 
     return await _serve(request, sender)
-
-
-async def _until_finished(events: AsyncIterator[Any], state: b.BatchState) -> AsyncIterator[Any]:
-    """The followed events, ending once the batch has nothing left to do."""
-    if state.finished and not state.unsettled():
-        return
-    async for event in events:
-        yield event
-        if state.finished and not state.unsettled():
-            return
 
 
 @routes.get("/ws")
@@ -166,51 +256,74 @@ async def _until_finished(events: AsyncIterator[Any], state: b.BatchState) -> As
     tags=["live"],
     summary="Websocket: progress of every batch as the log moves (for dashboards)",
     description=(
-        "First a `snapshot` of the 50 newest batches with the log position, then a "
-        "`progress` message listing the batches that changed, each time the log moves. "
-        "?after=P starts from log position P instead of the snapshot."
+        f"Upgrade to a websocket (docs/websocket.md). First a `snapshot` of the "
+        f"{DASHBOARD_BATCHES} newest batches and the log position it reflects, then, each time "
+        "the log moves, a `progress` message with the current summary of every batch that "
+        "changed. ?after=P starts from log position P instead of a snapshot. Never ends on "
+        "its own; 1001 at shutdown, 4000 when the client stops reading."
     ),
-    responses={
-        101: {"description": "switching to websocket"},
-        403: {"description": "cross-origin handshake refused"},
-    },
+    parameters=[
+        {
+            "in": "query",
+            "name": "after",
+            "type": "integer",
+            "minimum": 0,
+            "required": False,
+            "description": "resume after this global log position",
+        }
+    ],
+    responses={**BAD_QUERY, **HANDSHAKE_RESPONSES},
 )
 async def dashboard_socket(request: web.Request) -> web.WebSocketResponse:
     check_origin(request)
-    after = _after(request, floor=0)
     store, settings = request.app[STORE], request.app[SETTINGS].websocket
+    after = _after(request, floor=0, ceiling=store.head.position)
+    seconds = settings.heartbeat_seconds or None
 
-    async def sender(ws: web.WebSocketResponse) -> None:
+    async def sender(ws: web.WebSocketResponse) -> Closing:
         position = after
         if position is None:
+            # Read before the listing: a change in between is sent twice, never missed.
             position = store.head.position
-            recent = await queries.list_batches(store, status=None, limit=50, before=None)
+            recent = await queries.list_batches(
+                store, status=None, limit=DASHBOARD_BATCHES, before=None
+            )
             snapshot = {
                 "type": "snapshot",
                 "position": position,
-                "batches": [presenters.progress(x) for x in recent[:50]],
+                "batches": [presenters.summary(x) for x in recent[:DASHBOARD_BATCHES]],
             }
-            await _send(ws, snapshot, settings.heartbeat_seconds)
+            if not await _send(ws, snapshot, seconds):
+                return _not_reading(seconds)
         while True:
+            # A client that reads slowly gets larger pages, so its lag never grows a queue.
             page = await store.read_all(position, limit=settings.max_backlog)
             if not page:
                 await store.head.wait_past(position)
                 continue
-            position = page[-1].global_position
             changed = dict.fromkeys(e.stream_id.removeprefix("batch-") for e in page)
             batches = [await queries.get_batch(store, batch_id) for batch_id in changed]
             message = {
                 "type": "progress",
-                "position": position,
-                "batches": [presenters.progress(x) for x in batches if x is not None],
+                "position": page[-1].global_position,
+                "batches": [presenters.summary(x) for x in batches if x is not None],
             }
-            await _send(ws, message, settings.heartbeat_seconds)
+            if not await _send(ws, message, seconds):
+                return _not_reading(seconds)
+            position = page[-1].global_position
 
     return await _serve(request, sender)
 
 
 async def close_all(app: web.Application) -> None:
-    """At shutdown, close every socket with 1001 Going Away."""
-    sockets = app[SOCKETS]
-    for ws in list(sockets):
-        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+    """At shutdown, close every socket with 1001 Going Away, within the shutdown timeout."""
+    tracked = app[SOCKETS]
+    sockets = list(tracked)
+    if not sockets:
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(app[SETTINGS].app.shutdown_timeout):
+            await asyncio.gather(
+                *(ws.close(code=SHUTDOWN, message=b"server shutdown") for ws in sockets),
+                return_exceptions=True,
+            )

@@ -24,13 +24,17 @@ def three_events(batch_id: str) -> list[NewEvent]:
 async def append_forever(path: str) -> None:
     store = EventStore(path, projectors=[batches.project])
     await store.open()
-    while True:
-        appended = await asyncio.gather(
-            *(store.append(f"batch-{i}", -1, three_events(i)) for i in (uuid.uuid4() for _ in "abcd"))
-        )
-        for events in appended:
-            for event in events:
-                print(event.global_position, flush=True)
+    try:
+        while True:
+            ids = [str(uuid.uuid4()) for _ in range(4)]
+            appended = await asyncio.gather(
+                *(store.append(f"batch-{i}", -1, three_events(i)) for i in ids)
+            )
+            for events in appended:
+                for event in events:
+                    print(event.global_position, flush=True)
+    finally:
+        await store.close()
 
 
 if __name__ == "__main__":

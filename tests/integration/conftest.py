@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -26,6 +27,17 @@ async def store(store_path: Path) -> AsyncIterator[EventStore]:
         yield store
     finally:
         await store.close()
+
+
+def run_sql(path: Path, statement: str) -> list[tuple[object, ...]]:
+    """Run one statement on its own connection, behind the store's back, and commit."""
+    conn = sqlite3.connect(path)
+    try:
+        rows = conn.execute(statement).fetchall()
+        conn.commit()
+        return rows
+    finally:
+        conn.close()
 
 
 def batch_created(batch_id: str, rows: int = 2) -> ev.BatchCreated:

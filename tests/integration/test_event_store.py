@@ -13,7 +13,7 @@ from service.domain import events as ev
 from service.projections import queries
 from service.store.event_store import EventStore
 from service.store.records import ConcurrencyError, DuplicateEventError, NewEvent
-from tests.integration.conftest import new_batch, requested
+from tests.integration.conftest import new_batch, requested, run_sql
 
 
 async def positions(store: EventStore) -> list[int]:
@@ -72,7 +72,7 @@ async def test_failing_append_stores_none_of_its_events_and_spares_its_group(
 ) -> None:
     await store.append("batch-b", -1, new_batch("b", rows=2))
     # The projector refuses the second event (row 99 does not exist), after the first passed.
-    doomed = requested("b") + [NewEvent(ev.HospitalCreated(99, 1234))]
+    doomed = [*requested("b"), NewEvent(ev.HospitalCreated(99, 1234))]
 
     first, failed, last = await asyncio.gather(
         store.append("batch-a", -1, new_batch("a")),
@@ -101,7 +101,12 @@ async def test_positions_stay_dense_through_conflicts_and_failures(store: EventS
     )
     await store.append("batch-a", None, requested("a"))
 
-    assert [type(o).__name__ for o in outcomes] == ["list", "ConcurrencyError", "ValueError", "list"]
+    assert [type(o).__name__ for o in outcomes] == [
+        "list",
+        "ConcurrencyError",
+        "ValueError",
+        "list",
+    ]
     assert await positions(store) == list(range(1, 9))
     versions = [e.stream_version for e in await store.read_stream("batch-a")]
     assert versions == [0, 1, 2, 3]
@@ -150,12 +155,8 @@ async def test_database_refuses_to_edit_the_log(
 ) -> None:
     await store.append("batch-a", -1, new_batch("a"))
 
-    conn = sqlite3.connect(store_path)
-    try:
-        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-            conn.execute(statement)
-    finally:
-        conn.close()
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        run_sql(store_path, statement)
 
     assert len(await store.read_all()) == 1
 
@@ -205,7 +206,9 @@ async def test_reopened_store_continues_the_log(store_path: Path) -> None:
 async def test_close_commits_the_queued_appends_first(store_path: Path) -> None:
     store = EventStore(store_path)
     await store.open()
-    pending = [asyncio.create_task(store.append(f"batch-{i}", -1, new_batch(str(i)))) for i in range(5)]
+    pending = [
+        asyncio.create_task(store.append(f"batch-{i}", -1, new_batch(str(i)))) for i in range(5)
+    ]
     await asyncio.sleep(0)  # let every task queue its append
 
     await store.close()
@@ -230,22 +233,19 @@ async def test_old_payloads_are_upcast_on_read_and_never_rewritten(
     store = EventStore(store_path)
     await store.open()
     try:
-        conn = sqlite3.connect(store_path)
-        conn.execute(
+        run_sql(
+            store_path,
             "INSERT INTO events (event_id, stream_id, stream_version, event_type, "
             "schema_version, data, metadata, recorded_at) "
-            "VALUES ('e1', 'notes', 0, 'NoteAdded', 1, '{\"note\":\"hi\"}', '{}', 'then')"
+            "VALUES ('e1', 'notes', 0, 'NoteAdded', 1, '{\"note\":\"hi\"}', '{}', 'then')",
         )
-        conn.commit()
         monkeypatch.setattr(NoteAdded, "schema_version", 2)
         monkeypatch.setitem(ev.UPCASTERS, ("NoteAdded", 1), lambda p: {"text": p["note"]})
 
         (stored,) = await store.read_stream("notes")
-        raw = conn.execute("SELECT schema_version, data FROM events").fetchone()
-        conn.close()
     finally:
         await store.close()
 
     assert (stored.schema_version, stored.data) == (2, {"text": "hi"})
     assert stored.decode() == NoteAdded("hi")
-    assert raw == (1, '{"note":"hi"}')
+    assert run_sql(store_path, "SELECT schema_version, data FROM events") == [(1, '{"note":"hi"}')]

@@ -13,10 +13,13 @@ from service.store.records import ConcurrencyError, StoredEvent
 from tests.integration.conftest import new_batch, requested
 
 
-async def take(store: EventStore, count: int, **after: int | str) -> list[StoredEvent]:
-    """The first `count` events store.follow(**after) yields."""
+async def take(
+    store: EventStore, count: int, stream_id: str | None = None, **after: int
+) -> list[StoredEvent]:
+    """The first `count` events store.follow(stream_id, **after) yields."""
     got: list[StoredEvent] = []
-    async with aclosing(store.follow(**after)) as events:  # type: ignore[arg-type]
+    # follow() is an async generator (annotated AsyncIterator): close it when done.
+    async with aclosing(store.follow(stream_id, **after)) as events:  # type: ignore[type-var]
         async for event in events:
             got.append(event)
             if len(got) == count:
@@ -101,24 +104,26 @@ async def test_follow_of_the_log_misses_nothing_under_concurrent_appends(
     assert [e.global_position for e in got] == list(range(1, 511))
 
 
-async def test_follow_after_a_restart_catches_up_from_the_database(store_path: Path) -> None:
+async def test_follow_reads_what_memory_no_longer_holds_from_the_database(
+    store_path: Path,
+) -> None:
     before = EventStore(store_path)
     await before.open()
-    await before.append("batch-a", -1, new_batch("a") + requested("a", 29))
+    await before.append("batch-a", -1, new_batch("a") + requested("a", 29))  # positions 1..30
     await before.close()
 
-    store = EventStore(store_path)
+    store = EventStore(store_path)  # a restart: it holds only what it appends itself
     await store.open()
     try:
-        follower = asyncio.create_task(take(store, 30, after_position=5))
+        await store.append("batch-a", 29, requested("a", 5))  # 31..35
+        follower = asyncio.create_task(take(store, 35, after_position=5))
         await asyncio.sleep(0.01)
-        for _ in range(5):
-            await store.append("batch-a", None, requested("a"))
+        await store.append("batch-a", 34, requested("a", 5))  # 36..40
         got = await asyncio.wait_for(follower, timeout=5)
     finally:
         await store.close()
 
-    assert [e.global_position for e in got] == list(range(6, 36))
+    assert [e.global_position for e in got] == list(range(6, 41))
 
 
 async def test_follow_yields_a_retried_append_once(store: EventStore) -> None:

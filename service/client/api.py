@@ -1,0 +1,90 @@
+"""The service's HTTP API as the client uses it; every refusal carries the server's messages."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+
+class Refused(Exception):
+    """The service refused the request, or could not be reached: nothing was done."""
+
+    def __init__(self, summary: str, problems: list[str] | None = None) -> None:
+        super().__init__(summary)
+        self.summary, self.problems = summary, problems or []
+
+
+def problems_of(body: Any) -> list[str]:
+    """The service's error detail as lines: a message, or each problem with its place."""
+    detail = body.get("detail") if isinstance(body, dict) else body
+    if isinstance(detail, list):
+        return [
+            f"{' '.join(str(part) for part in item.get('loc', []))}: {item.get('msg')}"
+            if isinstance(item, dict)
+            else str(item)
+            for item in detail
+        ]
+    return [str(detail)] if detail else []
+
+
+@dataclass(frozen=True)
+class ServiceApi:
+    """Calls to one running service."""
+
+    http: aiohttp.ClientSession
+    base_url: URL
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        url = self.base_url.join(URL(path))
+        try:
+            async with self.http.request(method, url, **kwargs) as response:
+                if response.content_type == "application/json":
+                    body = await response.json()
+                else:
+                    body = await response.text()
+                if response.status >= 400:
+                    raise Refused(
+                        f"{method} {path} was refused (HTTP {response.status})", problems_of(body)
+                    )
+                return response.status, body
+        except aiohttp.ClientError as exc:
+            raise Refused(f"cannot reach the service at {self.base_url}: {exc}") from exc
+
+    async def upload(self, path: Path, idempotency_key: str | None = None) -> dict[str, Any]:
+        """POST /batch/upload-csv; the accepted batch."""
+        try:
+            content = await asyncio.to_thread(path.read_bytes)
+        except OSError as exc:
+            raise Refused(f"cannot read {path}: {exc.strerror}") from exc
+        form = aiohttp.FormData()
+        form.add_field("file", content, filename=path.name, content_type="text/csv")
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        _, body = await self._call("POST", "/batch/upload-csv", data=form, headers=headers)
+        return dict(body)
+
+    async def resume(self, batch_id: str) -> dict[str, Any]:
+        """POST /batch/{id}/resume; the batch's progress."""
+        _, body = await self._call("POST", f"/batch/{batch_id}/resume")
+        return dict(body)
+
+    async def rollback(self, batch_id: str) -> dict[str, Any]:
+        """DELETE /batch/{id}; the batch's progress (rolled back, or rolling back)."""
+        _, body = await self._call("DELETE", f"/batch/{batch_id}")
+        return dict(body)
+
+    async def results_csv(self, batch_id: str, only_failed: bool) -> str:
+        """GET /batch/{id}/results.csv, optionally only the failed rows."""
+        query = "?only=failed" if only_failed else ""
+        _, body = await self._call("GET", f"/batch/{batch_id}/results.csv{query}")
+        return str(body)
+
+    def socket_url(self, batch_id: str, after: int | None) -> URL:
+        """The batch's websocket, resuming after a stream version when one is given."""
+        scheme = "wss" if self.base_url.scheme == "https" else "ws"
+        url = self.base_url.with_scheme(scheme).join(URL(f"/batch/{batch_id}/ws"))
+        return url if after is None else url.with_query(after=after)

@@ -1,0 +1,187 @@
+"""`python -m service upload|resume|rollback|follow|results`: the service from the command line.
+
+Exit status: 0 the request was done (with --follow: the batch completed, or was rolled
+back); 1 with --follow, the batch ended partially completed or failed; 2 the service
+refused the request (its messages are printed) or could not be reached, or a local file
+could not be read; 3 the live progress could not be followed to the end; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from rich.console import Console
+from rich.markup import escape
+from yarl import URL
+
+from service.client.api import Refused, ServiceApi
+from service.client.display import Watch, print_table, result_table, summary
+from service.client.follow import LostContact, follow
+
+OK, BATCH_FAILED, REFUSED, LOST, INTERRUPTED = 0, 1, 2, 3, 130
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_PATIENCE = 60.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The client's commands; every option can also come from the environment."""
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="Client of a running Hospital Batch Processor.",
+        epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--url",
+        default=os.environ.get("SERVICE_URL", DEFAULT_URL),
+        help="the service's base URL (SERVICE_URL; default %(default)s)",
+    )
+    following = argparse.ArgumentParser(add_help=False)
+    following.add_argument(
+        "--follow", action="store_true", help="show live progress until the batch finishes"
+    )
+    following.add_argument(
+        "--reconnect-timeout",
+        type=float,
+        default=os.environ.get("SERVICE_RECONNECT_TIMEOUT", str(DEFAULT_PATIENCE)),
+        metavar="SECONDS",
+        help="give up following after this long without contact (default %(default)s)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("upload", parents=[common, following], help="upload a CSV of hospitals")
+    p.add_argument("file", type=Path, help="CSV with header name,address,phone")
+    p.add_argument("--idempotency-key", help="the same key and file never make a second batch")
+    p = commands.add_parser(
+        "resume", parents=[common, following], help="retry a finished batch's failed rows"
+    )
+    p.add_argument("batch_id")
+    p = commands.add_parser(
+        "rollback", parents=[common, following], help="delete a batch's hospitals upstream"
+    )
+    p.add_argument("batch_id")
+    p = commands.add_parser(
+        "follow", parents=[common, following], help="show a batch's live progress to its end"
+    )
+    p.set_defaults(follow=True)
+    p.add_argument("batch_id")
+    p = commands.add_parser("results", parents=[common], help="every row's result as CSV")
+    p.add_argument("batch_id")
+    p.add_argument("--only", choices=["failed"], help="only the failed rows, in upload format")
+    p.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
+    return parser
+
+
+async def run(argv: list[str], out: Console | None = None, err: Console | None = None) -> int:
+    """Run one client command; the exit status."""
+    args = build_parser().parse_args(argv)
+    out = out or Console()
+    err = err or Console(stderr=True)
+    for console in (out, err):
+        console.soft_wrap = not console.is_terminal  # a log line is never cut in two
+    try:
+        async with aiohttp.ClientSession() as http:
+            api = ServiceApi(http, URL(args.url))
+            return await COMMAND_RUNNERS[args.command](api, args, out)
+    except Refused as exc:
+        err.print(f"[red]error:[/] {escape(exc.summary)}")
+        for problem in exc.problems:
+            err.print(f"  {escape(problem)}")
+        return REFUSED
+    except LostContact as exc:
+        err.print(f"[red]error:[/] lost the live progress: {escape(str(exc))}")
+        return LOST
+
+
+async def _upload(api: ServiceApi, args: argparse.Namespace, out: Console) -> int:
+    batch = await api.upload(args.file, args.idempotency_key)
+    out.print(
+        f"Batch [bold]{batch['batch_id']}[/] accepted: {batch['total_hospitals']} hospital(s) "
+        f"from {escape(args.file.name)}"
+    )
+    for warning in batch.get("warnings", []):
+        out.print(
+            f"[yellow]warning:[/] {escape(' '.join(map(str, warning['loc'])))}: "
+            f"{escape(warning['msg'])}"
+        )
+    return await _then_follow(api, batch["batch_id"], args, out)
+
+
+async def _resume(api: ServiceApi, args: argparse.Namespace, out: Console) -> int:
+    progress = await api.resume(args.batch_id)
+    out.print(f"Batch {args.batch_id}: {escape(progress['current_message'])}")
+    return await _then_follow(api, args.batch_id, args, out)
+
+
+async def _rollback(api: ServiceApi, args: argparse.Namespace, out: Console) -> int:
+    progress = await api.rollback(args.batch_id)
+    out.print(f"Batch {args.batch_id}: {escape(progress['current_message'])}")
+    return await _then_follow(api, args.batch_id, args, out)
+
+
+async def _follow_only(api: ServiceApi, args: argparse.Namespace, out: Console) -> int:
+    return await _then_follow(api, args.batch_id, args, out)
+
+
+async def _results(api: ServiceApi, args: argparse.Namespace, out: Console) -> int:
+    text = await api.results_csv(args.batch_id, only_failed=args.only == "failed")
+    if args.output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        try:
+            await asyncio.to_thread(args.output.write_text, text, encoding="utf-8", newline="")
+        except OSError as exc:
+            raise Refused(f"cannot write {args.output}: {exc.strerror}") from exc
+        out.print(f"Wrote the results of batch {args.batch_id} to {escape(str(args.output))}")
+    return OK
+
+
+async def _then_follow(
+    api: ServiceApi, batch_id: str, args: argparse.Namespace, out: Console
+) -> int:
+    """With --follow, show the batch live to its end and its results; the exit status.
+
+    A batch ends well when it completed, or for `rollback`, when it was rolled back.
+    """
+    if not args.follow:
+        out.print(f"Follow it: python -m service follow {batch_id} --url {args.url}")
+        return OK
+    try:
+        with Watch(out) as watch:
+            final = await follow(api, batch_id, watch.show, watch.note, args.reconnect_timeout)
+    except asyncio.CancelledError:
+        out.print(
+            f"Stopped following batch {batch_id}; it keeps running on the service. "
+            f"Follow it again: python -m service follow {batch_id} --url {args.url}"
+        )
+        raise
+    status: dict[str, Any] = final["status"]
+    print_table(out, result_table(status))
+    out.print(summary(status))
+    if args.command == "rollback":
+        return OK if status["rolled_back"] else BATCH_FAILED
+    return OK if status["processing_status"] == "completed" else BATCH_FAILED
+
+
+COMMAND_RUNNERS = {
+    "upload": _upload,
+    "resume": _resume,
+    "rollback": _rollback,
+    "follow": _follow_only,
+    "results": _results,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the client commands."""
+    try:
+        return asyncio.run(run(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        return INTERRUPTED

@@ -1,0 +1,183 @@
+"""What the client shows: a live progress bar on a terminal, plain lines otherwise, and results."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from types import TracebackType
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+STATUS_STYLES = {
+    "completed": "green",
+    "created_and_activated": "green",
+    "created": "cyan",
+    "partially_completed": "yellow",
+    "failed": "red",
+    "deleted": "magenta",
+}
+
+
+UNWRAPPED = 10_000  # columns offered to a table that is not printed on a terminal
+
+
+def rows_per_second(task: Task) -> float | None:
+    """Rows finished since following began over the time since: steady under bursts.
+
+    (rich's own speed spans only its update samples, so three rows ending together read
+    as thousands a minute.)
+    """
+    done, elapsed = task.completed - task.fields["initial"], task.elapsed
+    return done / elapsed if done > 0 and elapsed else None
+
+
+class RateColumn(ProgressColumn):
+    """Rows finished per minute."""
+
+    def render(self, task: Task) -> Text:
+        rate = rows_per_second(task)
+        return Text("-- rows/min" if rate is None else f"{rate * 60:.1f} rows/min")
+
+
+class EtaColumn(ProgressColumn):
+    """Time left at the rate so far."""
+
+    def render(self, task: Task) -> Text:
+        rate = rows_per_second(task)
+        if task.total is None or rate is None:
+            return Text("ETA -:--:--", style="progress.remaining")
+        left = timedelta(seconds=round((task.total - task.completed) / rate))
+        return Text(f"ETA {left}", style="progress.remaining")
+
+
+class Watch:
+    """One batch's progress: rich's bar on a terminal, a line per change otherwise.
+
+    Both ways read rows done, failed, rate and ETA from the same rich task.
+    """
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.live = console.is_terminal
+        self.rate, self.eta = RateColumn(), EtaColumn()
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("[red]{task.fields[failed]} failed"),
+            self.rate,
+            self.eta,
+            console=console,
+            disable=not self.live,
+        )
+        self.task: TaskID | None = None
+        self.last_line: tuple[Any, ...] | None = None
+
+    def __enter__(self) -> Watch:
+        self.progress.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.progress.stop()
+
+    def show(self, message: dict[str, Any]) -> None:
+        """Take one websocket message's progress numbers."""
+        numbers = message["progress"]
+        done, total = numbers["processed_hospitals"], numbers["total_hospitals"]
+        status, failed = numbers["processing_status"], numbers["failed_hospitals"]
+        if self.task is None:
+            self.task = self.progress.add_task(
+                status, total=total, completed=done, failed=failed, initial=done
+            )
+        else:
+            self.progress.update(
+                self.task, description=status, total=total, completed=done, failed=failed
+            )
+        if not self.live:
+            self._line(status, done, total, failed, numbers["current_message"])
+
+    def _line(self, status: str, done: int, total: int, failed: int, text: str) -> None:
+        if (status, done, failed) == self.last_line:
+            return
+        self.last_line = (status, done, failed)
+        assert self.task is not None
+        task = next(t for t in self.progress.tasks if t.id == self.task)
+        rate, eta = self.rate.render(task).plain, self.eta.render(task).plain
+        self.console.print(
+            f"{time.strftime('%H:%M:%S')} {status} {done}/{total} done, {failed} failed, "
+            f"{rate}, {eta} - {text}",
+            markup=False,
+            highlight=False,
+        )
+
+    def note(self, text: str) -> None:
+        """A line above the bar (or among the lines): reconnects and the like."""
+        self.console.print(Text(text, style="dim"))
+
+
+def _styled(value: str) -> Text:
+    return Text(value, style=STATUS_STYLES.get(value, ""))
+
+
+def result_table(status: dict[str, Any]) -> Table:
+    """Every row's result."""
+    table = Table(box=box.SIMPLE_HEAD, title=f"Batch {status['batch_id']}", title_justify="left")
+    for column in ("Row", "Name", "Address", "Phone", "Status", "Hospital ID", "Error"):
+        table.add_column(column, overflow="fold")
+    for row in status["hospitals"]:
+        table.add_row(
+            str(row["row"]),
+            Text(row["name"]),
+            Text(row["address"]),
+            Text(row["phone"] or ""),
+            _styled(row["status"]),
+            "" if row["hospital_id"] is None else str(row["hospital_id"]),
+            Text(row["error_message"] or "", style="red"),
+        )
+    return table
+
+
+def print_table(console: Console, table: Table) -> None:
+    """A table as wide as it needs off a terminal (logs, pipes); fitted to the terminal on one."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    natural = console.measure(table, options=console.options.update_width(UNWRAPPED)).maximum
+    width, console.width = console.width, max(console.width, natural)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
+
+
+def summary(status: dict[str, Any]) -> Text:
+    """One line: how the batch ended."""
+    line = Text()
+    line.append(status["processing_status"], style=STATUS_STYLES.get(status["processing_status"]))
+    created = status["processed_hospitals"] - status["failed_hospitals"]
+    created -= status.get("deleted_hospitals", 0)
+    line.append(
+        f": {created} created, {status['failed_hospitals']} failed, "
+        f"{status.get('deleted_hospitals', 0)} deleted of {status['total_hospitals']}; "
+        f"activated: {'yes' if status['batch_activated'] else 'no'}; "
+        f"{status['processing_time_seconds']:.1f} s"
+    )
+    return line

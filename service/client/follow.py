@@ -1,0 +1,71 @@
+"""Following a batch over its websocket to the end, reconnecting with ?after when cut off."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from service.client.api import Refused, ServiceApi
+
+RESYNC = 4000  # the service says we fell behind: reconnect at once with ?after
+HEARTBEAT_SECONDS = 20.0  # ping the service; a silent one is dropped and reconnected
+FIRST_RETRY_SECONDS = 0.2
+LONGEST_RETRY_SECONDS = 5.0
+
+Message = dict[str, Any]
+
+
+class LostContact(Exception):
+    """The websocket could not be reopened within the patience allowed."""
+
+
+async def follow(
+    api: ServiceApi,
+    batch_id: str,
+    show: Callable[[Message], None],
+    note: Callable[[str], None],
+    patience: float,
+) -> Message:
+    """Pass every message to `show` until the batch finishes; the `finished` message.
+
+    A closed or dropped socket is reopened with ?after=<last version seen>, so no event is
+    lost or shown twice; after `patience` seconds without a message, LostContact.
+    """
+    after: int | None = None
+    loop = asyncio.get_running_loop()
+    lost_since: float | None = None
+    retry = FIRST_RETRY_SECONDS
+    while True:
+        code: int | None = None
+        try:
+            async with api.http.ws_connect(
+                api.socket_url(batch_id, after), heartbeat=HEARTBEAT_SECONDS
+            ) as ws:
+                async for msg in ws:
+                    if msg.type is not aiohttp.WSMsgType.TEXT:
+                        break
+                    message: Message = msg.json()
+                    show(message)
+                    after, lost_since, retry = message["version"], None, FIRST_RETRY_SECONDS
+                    if message["type"] == "finished":
+                        return message
+            code = ws.close_code
+            reason = f"the service closed the websocket (code {code})"
+        except aiohttp.WSServerHandshakeError as exc:
+            if 400 <= exc.status < 500:
+                raise Refused(f"websocket of batch {batch_id} refused (HTTP {exc.status})") from exc
+            reason = f"websocket handshake failed (HTTP {exc.status})"
+        except (aiohttp.ClientError, OSError) as exc:
+            reason = f"connection lost ({exc or type(exc).__name__})"
+        now = loop.time()
+        lost_since = now if lost_since is None else lost_since
+        if now - lost_since > patience:
+            raise LostContact(f"{reason}; gave up after {patience:g}s")
+        where = "from the start" if after is None else f"after version {after}"
+        note(f"{reason}; reconnecting {where}")
+        if code != RESYNC:
+            await asyncio.sleep(retry)
+            retry = min(retry * 2, LONGEST_RETRY_SECONDS)

@@ -1,0 +1,609 @@
+"""The benchmark scenarios of `make bench`: each runs fresh processes and records figures.
+
+Every ratio is taken against its reference measured in the same run, on the same machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tests.bench import harness
+from tests.bench.harness import FINISHED, WINDOW_SECONDS, Directory, Service
+from tests.bench.results import Report, at_least, at_most, exactly
+from tests.bench.seed_history import TOTAL_EVENTS
+from tests.support import csv_of, form
+
+LATENCY = "1 latency-bound"
+RATE = "2 rate-bound"
+OVERHEAD = "3 overhead-bound"
+READS = "4 read path"
+FAN_OUT = "5 fan-out"
+HISTORY = "6 history size"
+MEMORY = "7 memory"
+
+CREATE_DELAY = 5.0  # the real directory's create delay, for scenarios 1 and 2
+OVERHEAD_ROWS = 5_000
+OVERHEAD_WORKERS = 20
+PROGRESS_POLLERS = 100
+STATUS_POLLERS = 20
+POLL_INTERVAL = 1.0  # each reader polls once a second, like a dashboard
+FAN_OUT_ROWS = 1_000
+FAN_OUT_CLIENTS = 500
+FAN_OUT_HOLD = 10.0  # the directory sleeps this long so every client is connected first
+FAN_OUT_WITHIN = 150.0  # the fan-out is cut off after this long; missing deliveries count
+RESYNC = 4000  # the service's close code for "reconnect with ?after="
+
+
+def unlimited() -> aiohttp.ClientSession:
+    """A client session whose pool does not cap the readers' connections."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+
+async def upload(http: aiohttp.ClientSession, url: str, content: str) -> str:
+    """POST /batch/upload-csv; the batch id."""
+    async with http.post(f"{url}/batch/upload-csv", data=form(content)) as r:
+        body = await r.json()
+        if r.status != 202:
+            raise RuntimeError(f"upload refused ({r.status}): {body}")
+        return str(body["batch_id"])
+
+
+async def get_json(http: aiohttp.ClientSession, url: str) -> Any:
+    async with http.get(url) as r:
+        r.raise_for_status()
+        return await r.json()
+
+
+def _timestamp(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
+
+
+async def recorded_at(http: aiohttp.ClientSession, url: str) -> dict[int, float]:
+    """Each stream version's commit time, from a batch's /events pages."""
+    found: dict[int, float] = {}
+    after = -1
+    while True:
+        page = await get_json(http, f"{url}?after={after}&limit=1000")
+        found.update((e["stream_version"], _timestamp(e["recorded_at"])) for e in page["events"])
+        if page["next_after"] is None:
+            return found
+        after = page["next_after"]
+
+
+# Scenarios 1 and 2: the directory's delay and limits set the floor ---------------------------
+
+
+@dataclass(frozen=True)
+class Floor:
+    """The directory's own timings, measured directly: one create, one activation."""
+
+    create: float
+    activate: float
+
+
+async def directory_floor(http: aiohttp.ClientSession, d: Directory) -> Floor:
+    """Time one create and one activation against the directory, then wipe it."""
+    batch = str(uuid.uuid4())
+    body = {"name": "Probe", "address": "1 Probe Street", "phone": None, "creation_batch_id": batch}
+    started = time.perf_counter()
+    async with http.post(f"{d.url}/hospitals/", json=body) as r:
+        await r.read()
+        r.raise_for_status()
+    created = time.perf_counter()
+    async with http.patch(f"{d.url}/hospitals/batch/{batch}/activate") as r:
+        await r.read()
+        r.raise_for_status()
+    floor = Floor(created - started, time.perf_counter() - created)
+    # A fresh directory: the service's first window must be its own, as after an idle spell.
+    await d.control(http, "restart")
+    return floor
+
+
+@dataclass
+class Followed:
+    """What one websocket client saw of a batch."""
+
+    keep: bool = True  # keep each event's body, not only its version
+    events: list[dict[str, Any]] = field(default_factory=list)  # the `event` of each message
+    versions: list[int] = field(default_factory=list)  # stream version of each message
+    received: list[float] = field(default_factory=list)  # wall clock of each receipt
+    completed_at: float | None = None  # perf_counter when a message first said finished
+    status: str | None = None
+    resyncs: int = 0
+    finished: bool = False
+
+    @property
+    def last(self) -> int:
+        return self.versions[-1] if self.versions else -1
+
+    def in_order(self, last_version: int) -> bool:
+        """Every version from 0 to `last_version` exactly once, in order, then `finished`."""
+        return self.finished and self.versions == list(range(last_version + 1))
+
+
+async def follow(
+    http: aiohttp.ClientSession,
+    url: str,
+    batch_id: str,
+    seen: Followed | None = None,
+    connected: Callable[[], None] | None = None,
+) -> Followed:
+    """Follow a batch's websocket from its first event to `finished`, resyncing when told."""
+    seen = seen or Followed()
+    while not seen.finished:
+        path = f"{url}/batch/{batch_id}/ws?after={seen.last}"
+        async with http.ws_connect(path, heartbeat=None, max_msg_size=0) as ws:
+            if connected is not None:
+                connected()
+                connected = None
+            async for msg in ws:
+                if msg.type is not aiohttp.WSMsgType.TEXT:
+                    break
+                wall, now = time.time(), time.perf_counter()
+                body = json.loads(msg.data)
+                if body["type"] == "event":
+                    seen.versions.append(body["version"])
+                    seen.received.append(wall)
+                    if seen.keep:
+                        seen.events.append(body["event"])
+                if body["type"] in ("event", "finished"):
+                    status = body["progress"]["processing_status"]
+                    if status in FINISHED and seen.completed_at is None:
+                        seen.completed_at, seen.status = now, status
+                if body["type"] == "finished":
+                    seen.finished = True
+                    break
+        if not seen.finished and ws.close_code != RESYNC:
+            raise RuntimeError(f"websocket closed with {ws.close_code} before the batch finished")
+        seen.resyncs += ws.close_code == RESYNC
+    return seen
+
+
+async def latency_bound(workdir: Path, report: Report) -> None:
+    """A 20-row file against the real directory's 5 s creates: one burst, one delay."""
+    async with (
+        harness.directory(workdir, CREATE_DELAY, rate_limit=True, name="s1-directory") as d,
+        harness.service(workdir, d.url, workdir / "s1.db", name="s1-service") as s,
+        aiohttp.ClientSession() as http,
+    ):
+        floor = await directory_floor(http, d)
+        started = time.perf_counter()
+        batch_id = await upload(http, s.url, csv_of(20, "Latency"))
+        seen = await asyncio.wait_for(follow(http, s.url, batch_id), 120)
+        assert seen.completed_at is not None
+        wall = seen.completed_at - started
+        async with http.get(f"{d.url}/hospitals/batch/{batch_id}") as r:
+            stored = await r.json() if r.status == 200 else []
+    sent = [datetime.fromisoformat(h["created_at"]).timestamp() for h in stored]
+    spread = max(sent) - min(sent) if sent else None
+    add = report.add
+    add(
+        LATENCY,
+        "latency_bound.floor",
+        "floor: one create + one activation",
+        floor.create + floor.activate,
+        "s",
+    )
+    add(LATENCY, "latency_bound.wall", f"upload to completed ({seen.status}, websocket)", wall, "s")
+    add(
+        LATENCY,
+        "latency_bound.wall_over_floor",
+        "wall / floor",
+        wall / (floor.create + floor.activate),
+        "",
+        at_most(1.05),
+    )
+    add(
+        LATENCY,
+        "latency_bound.create_spread",
+        "spread of the 20 creates (one burst)",
+        spread,
+        "s",
+        at_most(1.0),
+    )
+
+
+async def rate_bound(workdir: Path, report: Report) -> None:
+    """A 65-row file under the directory's 30 creates a minute: three windows."""
+    rows = 65
+    async with (
+        harness.directory(workdir, CREATE_DELAY, rate_limit=True, name="s2-directory") as d,
+        harness.service(workdir, d.url, workdir / "s2.db", name="s2-service") as s,
+        aiohttp.ClientSession() as http,
+    ):
+        floor = await directory_floor(http, d)
+        before = await d.state(http)
+        started = time.perf_counter()
+        batch_id = await upload(http, s.url, csv_of(rows, "Rate"))
+        seen = await asyncio.wait_for(follow(http, s.url, batch_id), 6 * WINDOW_SECONDS)
+        assert seen.completed_at is not None
+        wall = seen.completed_at - started
+        after = await d.state(http)
+    floor_seconds = 2 * WINDOW_SECONDS + floor.create + floor.activate
+    counts = before["request_counts"], after["request_counts"]
+    creates_sent = counts[1].get("create", 0) - counts[0].get("create", 0)
+    refused = creates_sent - after["hospital_count"]
+    requested = [
+        _timestamp(e["recorded_at"]) for e in seen.events if e["event_type"] == "HospitalRequested"
+    ]
+    late_429s = sum(
+        1
+        for e in seen.events
+        if e["event_type"] == "HospitalRetryScheduled"
+        and e["data"]["reason"] == "rate_limited"
+        and _timestamp(e["recorded_at"]) >= min(requested) + WINDOW_SECONDS
+    )
+    add = report.add
+    add(
+        RATE,
+        "rate_bound.floor",
+        "floor: 2 windows + one create + one activation",
+        floor_seconds,
+        "s",
+    )
+    add(RATE, "rate_bound.wall", f"upload to completed ({seen.status}, websocket)", wall, "s")
+    add(RATE, "rate_bound.wall_over_floor", "wall / floor", wall / floor_seconds, "", at_most(1.10))
+    add(RATE, "rate_bound.429s", "429 answers from the directory", refused, "")
+    add(RATE, "rate_bound.late_429s", "429s after the first window", late_429s, "", exactly(0))
+    add(
+        RATE,
+        "rate_bound.duplicates",
+        "duplicates in the directory",
+        len(after["duplicates"]),
+        "",
+        exactly(0),
+    )
+
+
+# Scenarios 3, 4 and 7: throughput against a directory that answers at once ------------------
+
+
+async def bare_loop(url: str, bodies: list[dict[str, Any]], in_flight: int) -> float:
+    """Seconds for a plain aiohttp loop to post every body with `in_flight` at once."""
+    gate = asyncio.Semaphore(in_flight)
+    connector = aiohttp.TCPConnector(limit=in_flight + 10)  # the service's pool size
+    async with aiohttp.ClientSession(connector=connector) as http:
+
+        async def create(body: dict[str, Any]) -> None:
+            async with gate, http.post(f"{url}/hospitals/", json=body) as r:
+                await r.json()
+                r.raise_for_status()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(create(b) for b in bodies))
+        return time.perf_counter() - started
+
+
+def create_bodies(rows: int, prefix: str) -> list[dict[str, Any]]:
+    """The creates the service sends for csv_of(rows, prefix): 20 rows per upstream batch."""
+    batches = [str(uuid.uuid4()) for _ in range(0, rows, 20)]
+    return [
+        {
+            "name": f"{prefix} {n}",
+            "address": f"{n} Main Street",
+            "phone": f"555-{n:04d}",
+            "creation_batch_id": batches[(n - 1) // 20],
+        }
+        for n in range(1, rows + 1)
+    ]
+
+
+@dataclass
+class Processed:
+    """One file through the service, and what its readers saw meanwhile."""
+
+    seconds: float
+    rows: int
+    events: int
+    status: str
+    duplicates: int
+    latencies: dict[str, list[float]]
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds
+
+    def p(self, path: str, q: float) -> float:
+        """A latency percentile of one endpoint, in milliseconds."""
+        return 1000 * harness.percentile(self.latencies[path], q)
+
+
+async def _poll(
+    http: aiohttp.ClientSession, url: str, stop: asyncio.Event, latencies: list[float]
+) -> None:
+    await asyncio.sleep(random.uniform(0, POLL_INTERVAL))
+    due = time.perf_counter()
+    while not stop.is_set():
+        started = time.perf_counter()
+        async with http.get(url) as r:
+            await r.read()
+            r.raise_for_status()
+        latencies.append(time.perf_counter() - started)
+        due += POLL_INTERVAL
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+
+
+async def process_file(
+    http: aiohttp.ClientSession, s: Service, d: Directory, prefix: str, readers: bool
+) -> Processed:
+    """Upload OVERHEAD_ROWS rows and time them to the end, with or without the readers."""
+    await d.control(http, "restart")
+    content = csv_of(OVERHEAD_ROWS, prefix)
+    started = time.perf_counter()
+    batch_id = await upload(http, s.url, content)
+    stop = asyncio.Event()
+    latencies: dict[str, list[float]] = {"progress": [], "status": []}
+    pollers = [
+        asyncio.create_task(_poll(http, f"{s.url}/batch/{batch_id}/{path}", stop, latencies[path]))
+        for path, count in (("progress", PROGRESS_POLLERS), ("status", STATUS_POLLERS))
+        for _ in range(count if readers else 0)
+    ]
+    try:
+        while True:
+            progress = await get_json(http, f"{s.url}/batch/{batch_id}/progress")
+            if progress["processing_status"] in FINISHED:
+                break
+            await asyncio.sleep(0.05)
+        seconds = time.perf_counter() - started
+    finally:
+        stop.set()
+        await asyncio.gather(*pollers)
+    status = await get_json(http, f"{s.url}/batch/{batch_id}/status")
+    state = await d.state(http)
+    return Processed(
+        seconds,
+        OVERHEAD_ROWS,
+        status["version"] + 1,
+        status["processing_status"],
+        len(state["duplicates"]),
+        latencies,
+    )
+
+
+def overhead_settings() -> dict[str, str]:
+    """Pacing off, 20 workers, files of OVERHEAD_ROWS rows allowed."""
+    return {
+        "DIRECTORY_CREATES_PER_MINUTE": "0",
+        "DIRECTORY_CONCURRENCY": str(OVERHEAD_WORKERS),
+        "CSV_MAX_ROWS": str(OVERHEAD_ROWS),
+    }
+
+
+async def overhead_bound(workdir: Path, report: Report) -> None:
+    """5,000 rows against an instant directory: the service's own cost per row."""
+    async with (
+        harness.directory(workdir, 0.0, rate_limit=False, name="s3-directory") as d,
+        harness.service(
+            workdir, d.url, workdir / "s3.db", name="s3-service", **overhead_settings()
+        ) as s,
+        unlimited() as http,
+    ):
+        await bare_loop(d.url, create_bodies(500, "Warm-up"), OVERHEAD_WORKERS)
+        bare = OVERHEAD_ROWS / await bare_loop(
+            d.url, create_bodies(OVERHEAD_ROWS, "Bare"), OVERHEAD_WORKERS
+        )
+        clean = await process_file(http, s, d, "Overhead", readers=False)
+        peak = s.process.memory().peak_mb
+        loaded = await process_file(http, s, d, "Read", readers=True)
+        peak_with_readers = s.process.memory().peak_mb
+    add = report.add
+    add(
+        OVERHEAD,
+        "overhead_bound.bare_rows_per_second",
+        "bare aiohttp loop, 20 in flight",
+        bare,
+        "rows/s",
+    )
+    add(
+        OVERHEAD,
+        "overhead_bound.rows_per_second",
+        f"service, 20 workers ({clean.status})",
+        clean.rows_per_second,
+        "rows/s",
+    )
+    add(
+        OVERHEAD,
+        "overhead_bound.ratio",
+        "service / bare loop",
+        clean.rows_per_second / bare,
+        "",
+        at_least(0.75),
+    )
+    add(
+        OVERHEAD,
+        "overhead_bound.events_per_second",
+        "events appended per second",
+        clean.events / clean.seconds,
+        "events/s",
+    )
+    add(
+        OVERHEAD,
+        "overhead_bound.duplicates",
+        "duplicates in the directory",
+        clean.duplicates,
+        "",
+        exactly(0),
+    )
+    reads(report, READS, "read_path", loaded, targets=True)
+    add(
+        READS,
+        "read_path.rows_per_second",
+        f"service rows/s under this read load ({loaded.status})",
+        loaded.rows_per_second,
+        "rows/s",
+    )
+    add(MEMORY, "memory.peak_rss", "service peak RSS during scenario 3", peak, "MB", at_most(200))
+    add(
+        MEMORY,
+        "memory.peak_rss_with_readers",
+        "service peak RSS, scenario 4 included",
+        peak_with_readers,
+        "MB",
+    )
+
+
+def reads(report: Report, scenario: str, prefix: str, run: Processed, targets: bool) -> None:
+    """p50 and p99 of both readers' latencies; p99 against 50 ms with `targets`."""
+    for path, count in (("progress", PROGRESS_POLLERS), ("status", STATUS_POLLERS)):
+        where = f"/{path}, {count} clients at {1 / POLL_INTERVAL:g}/s"
+        target = at_most(50) if targets else None
+        report.add(scenario, f"{prefix}.{path}_p50", f"{where}: p50", run.p(path, 50), "ms")
+        report.add(scenario, f"{prefix}.{path}_p99", f"{where}: p99", run.p(path, 99), "ms", target)
+
+
+# Scenario 5: one batch, many websocket followers ----------------------------------------------
+
+
+async def fan_out(workdir: Path, report: Report) -> None:
+    """500 websocket clients follow one 1,000-row batch from its first event to the end."""
+    settings = {"DIRECTORY_CREATES_PER_MINUTE": "0", "CSV_MAX_ROWS": str(FAN_OUT_ROWS)}
+    async with (
+        harness.directory(workdir, 0.0, rate_limit=False, name="s5-directory") as d,
+        harness.service(workdir, d.url, workdir / "s5.db", name="s5-service", **settings) as s,
+        unlimited() as http,
+    ):
+        # The service's first call wakes the directory: hold it until every client follows.
+        await d.control(http, "cold-start", {"seconds": FAN_OUT_HOLD})
+        batch_id = await upload(http, s.url, csv_of(FAN_OUT_ROWS, "Fan-out"))
+        clients = [Followed(keep=False) for _ in range(FAN_OUT_CLIENTS)]
+        pending = len(clients)
+        all_connected = asyncio.Event()
+
+        def connected() -> None:
+            nonlocal pending
+            pending -= 1
+            if not pending:
+                all_connected.set()
+
+        started = time.perf_counter()
+        tasks = [
+            asyncio.create_task(follow(http, s.url, batch_id, seen, connected)) for seen in clients
+        ]
+        await asyncio.wait_for(all_connected.wait(), FAN_OUT_WITHIN)
+        live_from = time.time()
+        connect_seconds = time.perf_counter() - started
+        done, cut_off = await asyncio.wait(tasks, timeout=FAN_OUT_WITHIN)
+        ended = time.time()
+        for task in cut_off:
+            task.cancel()
+        await asyncio.gather(*cut_off, return_exceptions=True)
+        for task in done:
+            task.result()
+        status = await get_json(http, f"{s.url}/batch/{batch_id}/status")
+        recorded = await recorded_at(http, f"{s.url}/batch/{batch_id}/events")
+    live = {v for v, at in recorded.items() if at >= live_from}
+    lags, missing = [], 0
+    for seen in clients:
+        got = dict(zip(seen.versions, seen.received, strict=True))
+        for version in live:
+            if version in got:
+                lags.append(got[version] - recorded[version])
+            else:  # never arrived: its lag is at least the time the run was given
+                lags.append(ended - recorded[version])
+                missing += 1
+    in_order = sum(seen.in_order(status["version"]) for seen in clients)
+    add = report.add
+    add(FAN_OUT, "fan_out.connect", f"{FAN_OUT_CLIENTS} clients connected in", connect_seconds, "s")
+    add(
+        FAN_OUT,
+        "fan_out.events",
+        f"events of the batch ({status['processing_status']}), live ones",
+        len(live),
+        "",
+    )
+    add(
+        FAN_OUT,
+        "fan_out.in_order",
+        "clients that got every event in order",
+        in_order,
+        "",
+        exactly(FAN_OUT_CLIENTS),
+    )
+    add(
+        FAN_OUT,
+        "fan_out.missing",
+        f"deliveries missing after {FAN_OUT_WITHIN:g} s",
+        missing,
+        "",
+        exactly(0),
+    )
+    add(
+        FAN_OUT,
+        "fan_out.resyncs",
+        "resyncs (close 4000, reconnect with ?after)",
+        sum(c.resyncs for c in clients),
+        "",
+    )
+    add(
+        FAN_OUT,
+        "fan_out.lag_p50",
+        "lag, append to receipt: p50",
+        1000 * harness.percentile(lags, 50),
+        "ms",
+    )
+    add(
+        FAN_OUT,
+        "fan_out.lag_p99",
+        "lag, append to receipt: p99",
+        1000 * harness.percentile(lags, 99),
+        "ms",
+        at_most(250),
+    )
+
+
+# Scenario 6: a long history ------------------------------------------------------------------
+
+
+async def history_size(
+    workdir: Path, report: Report, database: Callable[[], Awaitable[Path]]
+) -> None:
+    """A service on 1,000,000 events: start, rebuild, idle memory, and reads under load."""
+    db = await database()
+    out = await harness.Command(
+        "s6-rebuild", ["-m", "service", "rebuild"], workdir, DATABASE_PATH=str(db)
+    ).output()
+    rebuilt = json.loads(out.strip().splitlines()[-1])
+    add = report.add
+    add(
+        HISTORY,
+        "history.events",
+        "events in the log",
+        rebuilt["events_replayed"],
+        "",
+        exactly(TOTAL_EVENTS),
+    )
+    add(
+        HISTORY,
+        "history.rebuild_rate",
+        "rebuild (equal to live: " + str(rebuilt["equal_to_live"]).lower() + ")",
+        rebuilt["events_per_second"],
+        "events/s",
+        at_least(50_000),
+    )
+    async with (
+        harness.directory(workdir, 0.0, rate_limit=False, name="s6-directory") as d,
+        harness.service(workdir, d.url, db, name="s6-service", **overhead_settings()) as s,
+        unlimited() as http,
+    ):
+        await asyncio.sleep(2.0)
+        idle = s.process.memory().rss_mb
+        loaded = await process_file(http, s, d, "History", readers=True)
+    add(HISTORY, "history.ready", "service start to /health 200", s.ready_seconds, "s", at_most(2))
+    add(HISTORY, "history.idle_rss", "idle RSS", idle, "MB", at_most(100))
+    reads(report, HISTORY, "history", loaded, targets=False)
+    before = report.value("read_path.progress_p99")
+    ratio = None if before is None else loaded.p("progress", 99) / before
+    add(
+        HISTORY, "history.progress_p99_ratio", "/progress p99 / scenario 4's", ratio, "", at_most(2)
+    )

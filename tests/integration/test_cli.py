@@ -1,0 +1,329 @@
+"""The command-line client and the demo against a running service and the local directory."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import re
+import signal
+import socket
+import sys
+import uuid
+from pathlib import Path
+
+import aiohttp
+import pytest
+from rich.console import Console
+
+from service.client import run
+from service.domain import batch as b
+from service.domain import events as ev
+from service.local_directory import RunningDirectory
+from service.store.records import NewEvent
+from service.web.keys import SOCKETS, STORE
+from tests.integration.conftest import new_batch
+from tests.support import SAMPLE_CSV, Service, ServiceFactory, fast_settings, running_service
+
+PROJECT = Path(__file__).resolve().parents[2]
+IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1c7f0e-2b9a-4c43-9f57-6d1f1a0c9b11")
+
+
+class Captured:
+    """Consoles that write into strings, a terminal or not."""
+
+    def __init__(self, terminal: bool = False) -> None:
+        self.out_file, self.err_file = io.StringIO(), io.StringIO()
+        self.out = Console(file=self.out_file, force_terminal=terminal, width=160)
+        self.err = Console(file=self.err_file, force_terminal=False, width=160)
+
+    @property
+    def stdout(self) -> str:
+        return self.out_file.getvalue()
+
+    @property
+    def stderr(self) -> str:
+        return self.err_file.getvalue()
+
+
+async def client(captured: Captured, *argv: str) -> int:
+    return await run(list(argv), out=captured.out, err=captured.err)
+
+
+@pytest.fixture
+def sample(tmp_path: Path) -> Path:
+    path = tmp_path / "hospitals.csv"
+    path.write_text(SAMPLE_CSV)
+    return path
+
+
+async def test_upload_follow_prints_progress_lines_and_the_results(
+    service: Service, sample: Path
+) -> None:
+    captured = Captured()
+    status = await client(captured, "upload", str(sample), "--url", service.url, "--follow")
+
+    assert status == 0, captured.stderr
+    lines = captured.stdout.splitlines()
+    batch_id = re.search(r"Batch (\S+) accepted: 3 hospital", lines[0])
+    assert batch_id is not None
+    progress = [line for line in lines if " done, " in line]
+    done = [int(n) for line in progress for n in re.findall(r" (\d)/3 done", line)]
+    assert len(done) == len(progress)
+    assert done == sorted(done) and done[-1] == 3
+    assert "rows/min, ETA" in progress[-1]
+    for name in ("General Hospital", "City Medical Center", "Community Hospital"):
+        assert name in captured.stdout
+    assert captured.stdout.count("created_and_activated") == 3
+    assert "completed: 3 created, 0 failed" in lines[-1]
+    final = await service.wait_finished(batch_id.group(1))
+    assert final["processing_status"] == "completed"
+
+
+async def test_on_a_terminal_the_progress_is_a_rich_bar(service: Service, sample: Path) -> None:
+    captured = Captured(terminal=True)
+    status = await client(captured, "upload", str(sample), "--url", service.url, "--follow")
+
+    assert status == 0
+    assert "━" in captured.stdout  # rich's bar
+    assert "3/3" in captured.stdout and "rows/min" in captured.stdout
+    assert " done, " not in captured.stdout  # no plain lines
+
+
+async def _fill_upstream_batch(directory: RunningDirectory, batch_id: str, count: int) -> list[int]:
+    ids = []
+    async with aiohttp.ClientSession() as http:
+        for n in range(count):
+            body = {"name": f"Other {n}", "address": "x", "creation_batch_id": batch_id}
+            async with http.post(f"{directory.url}/hospitals/", json=body) as r:
+                ids.append((await r.json())["id"])
+    return ids
+
+
+async def test_a_partial_batch_exits_1_and_a_resume_that_completes_it_exits_0(
+    service_factory: ServiceFactory, directory: RunningDirectory, sample: Path
+) -> None:
+    key = "cli-" + uuid.uuid4().hex
+    batch_id = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, key))
+    directory.standin.set_delay(0.0)
+    others = await _fill_upstream_batch(directory, batch_id, 19)
+    directory.standin.set_delay(0.2)
+    first, second, refused = Captured(), Captured(), Captured()
+    async with service_factory(concurrency=1) as service:  # one create at a time: exact cap
+        url = ["--url", service.url]
+        partial = await client(
+            first, "upload", str(sample), *url, "--follow", "--idempotency-key", key
+        )
+        async with aiohttp.ClientSession() as http:
+            for hospital_id in others[:5]:
+                async with http.delete(f"{directory.url}/hospitals/{hospital_id}") as r:
+                    assert r.status == 204
+        resumed = await client(second, "resume", batch_id, *url, "--follow")
+        again = await client(refused, "resume", batch_id, *url)
+
+    assert partial == 1
+    assert "partially_completed: 1 created, 2 failed" in first.stdout
+    assert "Batch cannot exceed 20 hospitals" in first.stdout
+    assert resumed == 0, second.stderr
+    assert "completed: 3 created, 0 failed" in second.stdout
+    assert again == 2
+    assert "HTTP 409" in refused.stderr and "nothing to resume" in refused.stderr
+
+
+async def test_a_refused_upload_exits_2_with_the_servers_messages(
+    service: Service, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("hospital,street\nA,B\n")
+    captured = Captured()
+    assert await client(captured, "upload", str(bad), "--url", service.url, "--follow") == 2
+    assert "HTTP 422" in captured.stderr
+    assert "name" in captured.stderr  # the missing column, as the server names it
+    assert captured.stdout == ""
+
+    missing = Captured()
+    assert await client(missing, "upload", str(tmp_path / "nope.csv"), "--url", service.url) == 2
+    assert "cannot read" in missing.stderr
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    unreachable = Captured()
+    url = f"http://127.0.0.1:{closed_port}"
+    assert await client(unreachable, "upload", str(bad), "--url", url) == 2
+    assert "cannot reach the service" in unreachable.stderr
+
+
+async def test_results_and_rollback(service: Service, sample: Path, tmp_path: Path) -> None:
+    accepted = await service.upload(SAMPLE_CSV)
+    batch_id = accepted["batch_id"]
+    await service.wait_finished(batch_id)
+    url = ["--url", service.url]
+    output, failed = tmp_path / "results.csv", tmp_path / "failed.csv"
+
+    assert await client(Captured(), "results", batch_id, *url, "-o", str(output)) == 0
+    assert (
+        await client(Captured(), "results", batch_id, *url, "--only", "failed", "-o", str(failed))
+        == 0
+    )
+    rolled = Captured()
+    assert await client(rolled, "rollback", batch_id, *url, "--follow") == 0
+    after_rollback = tmp_path / "after.csv"
+    assert await client(Captured(), "results", batch_id, *url, "-o", str(after_rollback)) == 0
+    unknown, unknown_follow = Captured(), Captured()
+    assert await client(unknown, "results", str(uuid.uuid4()), *url) == 2
+    assert await client(unknown_follow, "follow", str(uuid.uuid4()), *url) == 2
+
+    lines = output.read_text().splitlines()
+    assert lines[0] == "row,name,address,phone,status,hospital_id,error_message"
+    assert len(lines) == 4 and all(",created_and_activated," in line for line in lines[1:])
+    assert failed.read_text().splitlines() == ["name,address,phone"]
+    assert "rolled back" in rolled.stdout.lower() and "3 deleted" in rolled.stdout
+    assert [line.split(",")[4] for line in after_rollback.read_text().splitlines()[1:]] == [
+        "deleted"
+    ] * 3
+    assert "HTTP 404" in unknown.stderr and "not found" in unknown.stderr
+    assert "HTTP 404" in unknown_follow.stderr
+
+
+async def test_follow_reconnects_after_a_resync_and_loses_nothing(
+    directory: RunningDirectory, db_path: Path
+) -> None:
+    settings = fast_settings(db_path, directory.url).replace(websocket={"max_backlog": 1})
+    async with running_service(settings) as service:
+        batch_id = str(uuid.uuid4())
+        store, stream = service.app[STORE], b.stream_id(batch_id)
+        await store.append(stream, -1, new_batch(batch_id, rows=2))
+        captured = Captured()
+        following = asyncio.create_task(client(captured, "follow", batch_id, "--url", service.url))
+        async with asyncio.timeout(5):
+            while True:  # until the client's websocket is open
+                if service.app[SOCKETS]:
+                    break
+                await asyncio.sleep(0.01)
+        burst = [
+            ev.HospitalRequested(1, batch_id, 1),
+            ev.HospitalRequested(2, batch_id, 1),
+            ev.HospitalCreated(1, 101),
+            ev.HospitalCreated(2, 102),
+            ev.BatchActivated(1, (batch_id,)),
+        ]
+        await store.append(stream, 0, [NewEvent(e) for e in burst])
+        async with asyncio.timeout(10):
+            status = await following
+
+    assert status == 0, captured.stderr
+    assert "code 4000" in captured.stdout and "reconnecting after version 1" in captured.stdout
+    assert "completed: 2 created, 0 failed" in captured.stdout
+
+
+async def test_the_command_line_runs_as_a_process(service: Service, sample: Path) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        "upload",
+        str(sample),
+        "--url",
+        service.url,
+        "--follow",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=PROJECT,
+    )
+    async with asyncio.timeout(30):
+        stdout, stderr = await process.communicate()
+
+    assert process.returncode == 0, stderr.decode()
+    text = stdout.decode()
+    assert "3/3 done" in text and "completed: 3 created" in text
+    assert "City Medical Center" in text  # the table is not wrapped to 80 columns
+    assert "accepted: 3 hospital(s) from hospitals.csv" in text
+
+
+async def test_ctrl_c_stops_following_and_leaves_the_batch_running(
+    service: Service, directory: RunningDirectory
+) -> None:
+    directory.standin.set_delay(5.0)
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "service", "follow"),
+        (await service.upload(SAMPLE_CSV))["batch_id"],
+        *("--url", service.url),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=PROJECT,
+    )
+    assert process.stdout is not None
+    async with asyncio.timeout(20):
+        first = await process.stdout.readline()  # following: the snapshot's line
+        process.send_signal(signal.SIGINT)
+        rest, _ = await process.communicate()
+
+    assert b" 0/3 done" in first
+    assert process.returncode == 130
+    assert b"keeps running on the service" in rest and b"python -m service follow" in rest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_the_demo_runs_both_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    port, directory_port = _free_port(), _free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        "demo",
+        "--port",
+        str(port),
+        "--directory-port",
+        str(directory_port),
+        "--create-delay",
+        "0.05",
+        "--database",
+        str(tmp_path / "demo.db"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=PROJECT,
+        env=os.environ | {"PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(40):
+            while not lines or "Ctrl-C" not in lines[-1]:
+                line = await process.stdout.readline()
+                assert line, "\n".join(lines)
+                lines.append(line.decode().rstrip())
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/docs") as r:
+                assert r.status == 200
+            async with http.get(f"http://127.0.0.1:{directory_port}/") as r:
+                assert r.status == 200
+        process.send_signal(signal.SIGINT)
+        async with asyncio.timeout(30):
+            rest, _ = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    output = "\n".join(lines) + rest.decode()
+    assert process.returncode == 0, output
+    assert "completed: 3 created, 0 failed" in output
+    assert f"http://127.0.0.1:{port}/docs" in output and f"ws://127.0.0.1:{port}/ws" in output
+    pids = [int(p) for p in re.findall(r"started the .* \(pid (\d+)\)", output)]
+    assert len(pids) == 2
+    assert not any(_alive(pid) for pid in pids)
+    assert output.count("(exit status 0)") == 2

@@ -1,0 +1,155 @@
+"""The audit log: paging a batch and the whole log, `as_of`, restarts, and `events` on the CLI."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.__main__ import main
+from service.domain import batch as b
+from service.store.records import StoredEvent
+from service.web import presenters
+from tests.support import SAMPLE_CSV, Service, ServiceFactory, csv_of
+
+FIELDS = {
+    "global_position",
+    "event_id",
+    "stream_id",
+    "stream_version",
+    "event_type",
+    "schema_version",
+    "recorded_at",
+    "data",
+    "metadata",
+}
+
+
+async def pages(service: Service, path: str, limit: int) -> list[list[dict[str, Any]]]:
+    """Every page of an events listing, following next_after to the empty page."""
+    found, after = [], None
+    while True:
+        query = f"?limit={limit}" + ("" if after is None else f"&after={after}")
+        status, body = await service.get(path + query)
+        assert status == 200, body
+        if not body["events"]:
+            assert body["next_after"] is None
+            return found
+        found.append(body["events"])
+        after = body["next_after"]
+
+
+async def test_a_batch_pages_in_version_order(service: Service) -> None:
+    accepted = await service.upload(SAMPLE_CSV)
+    batch_id = accepted["batch_id"]
+    await service.wait_finished(batch_id)
+
+    found = await pages(service, f"/batch/{batch_id}/events", limit=2)
+    events = [e for page in found for e in page]
+
+    assert all(len(page) == 2 for page in found[:-1])
+    assert [e["stream_version"] for e in events] == list(range(len(events)))
+    assert all(set(e) == FIELDS for e in events)
+    assert {e["stream_id"] for e in events} == {b.stream_id(batch_id)}
+    assert events[0]["event_type"] == "BatchCreated"
+    assert events[0]["data"]["file_name"] == "hospitals.csv"
+    assert events[0]["metadata"]["actor"] == "api"
+    assert events[-1]["event_type"] == "BatchActivated"
+    assert [e["recorded_at"] for e in events] == sorted(e["recorded_at"] for e in events)
+    assert all(e["schema_version"] >= 1 for e in events)
+
+
+async def test_the_whole_log_pages_by_position_and_holds_every_batch(service: Service) -> None:
+    first = await service.upload(SAMPLE_CSV)
+    second = await service.upload(csv_of(4))
+    await service.wait_finished(first["batch_id"])
+    await service.wait_finished(second["batch_id"])
+
+    everything = [e for page in await pages(service, "/events", limit=3) for e in page]
+    positions = [e["global_position"] for e in everything]
+
+    assert positions == list(range(1, len(everything) + 1))
+    for accepted in (first, second):
+        _, own = await service.get(f"/batch/{accepted['batch_id']}/events?limit=1000")
+        mine = [e for e in everything if e["stream_id"] == b.stream_id(accepted["batch_id"])]
+        assert mine == own["events"]
+    _, tail = await service.get(f"/events?after={positions[-2]}")
+    assert tail["events"] == everything[-1:]
+
+
+async def test_pages_are_the_same_after_a_restart(service_factory: ServiceFactory) -> None:
+    async with service_factory() as service:
+        accepted = await service.upload(SAMPLE_CSV)
+        await service.wait_finished(accepted["batch_id"])
+        before = await pages(service, "/events", limit=4)
+        batch_before = await pages(service, f"/batch/{accepted['batch_id']}/events", limit=3)
+    async with service_factory() as service:
+        after = await pages(service, "/events", limit=4)
+        batch_after = await pages(service, f"/batch/{accepted['batch_id']}/events", limit=3)
+
+    assert after == before and batch_after == batch_before
+
+
+async def test_as_of_equals_a_fold_of_the_first_events(service: Service) -> None:
+    accepted = await service.upload(csv_of(4))
+    batch_id = accepted["batch_id"]
+    await service.wait_finished(batch_id)
+    _, page = await service.get(f"/batch/{batch_id}/events?limit=1000")
+    stored = [StoredEvent(**e) for e in page["events"]]
+
+    for version in range(len(stored)):
+        status, as_of = await service.get(f"/batch/{batch_id}/status?as_of={version}")
+        state = b.fold((e.decode(), e.recorded_at) for e in stored[: version + 1])
+        expected = presenters.status(*presenters.records_of(state))
+        assert status == 200
+        assert as_of["version"] == version
+        # The time of an unfinished batch runs on with the clock; everything else is the fold.
+        assert _without_time(as_of) == _without_time(expected), version
+    _, now = await service.get(f"/batch/{batch_id}/status")
+    assert _without_time(as_of) == _without_time(now)
+
+
+def _without_time(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k != "processing_time_seconds"}
+
+
+async def test_refusals(service: Service) -> None:
+    accepted = await service.upload(SAMPLE_CSV)
+    unknown = str(uuid.uuid4())
+    cases = {
+        f"/batch/{unknown}/events": 404,
+        "/batch/not-a-uuid/events": 422,
+        "/events?limit=0": 422,
+        "/events?limit=1001": 422,
+        "/events?after=x": 422,
+        f"/batch/{unknown}/status?as_of=0": 404,
+        f"/batch/{accepted['batch_id']}/status?as_of=-1": 422,
+    }
+    for path, expected in cases.items():
+        status, body = await service.get(path)
+        assert status == expected, (path, body)
+        assert "detail" in body
+
+
+async def test_the_events_command_prints_a_timeline_or_json_lines(
+    service: Service, db_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: Any
+) -> None:
+    accepted = await service.upload(SAMPLE_CSV)
+    batch_id = accepted["batch_id"]
+    await service.wait_finished(batch_id)
+    _, page = await service.get(f"/batch/{batch_id}/events")
+    monkeypatch.setenv("DATABASE_PATH", str(db_path))
+
+    assert main(["events", "--batch", batch_id]) == 0
+    timeline = capsys.readouterr().out.splitlines()
+    assert main(["events", "--batch", batch_id, "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    assert lines == page["events"]
+    assert len(timeline) == len(page["events"])
+    assert "BatchCreated" in timeline[0] and "file='hospitals.csv' rows=3" in timeline[0]
+    assert all(f"v{e['stream_version']}" in line for e, line in zip(lines, timeline, strict=True))
+    assert "BatchActivated" in timeline[-1]

@@ -1,0 +1,128 @@
+"""Migrations: applied once each, in order, recorded; newer schemas and old SQLite refused."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.store.event_store import EventStore
+from service.store.migrations import (
+    MIGRATIONS_DIR,
+    Migration,
+    MigrationError,
+    check_sqlite_version,
+    discover,
+    migrate,
+)
+
+EXPECTED_TABLES = {"events", "batches", "batch_rows", "projection_checkpoints", "schema_migrations"}
+
+
+@pytest.fixture
+def conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
+    conn = sqlite3.connect(tmp_path / "events.db", isolation_level=None)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def names(conn: sqlite3.Connection, kind: str) -> set[str]:
+    rows = conn.execute("SELECT name FROM sqlite_master WHERE type = ?", (kind,))
+    return {name for (name,) in rows if not name.startswith("sqlite_")}
+
+
+def recorded(conn: sqlite3.Connection) -> list[tuple[int, str]]:
+    return conn.execute("SELECT version, name FROM schema_migrations ORDER BY version").fetchall()
+
+
+def test_fresh_database_gets_every_migration_recorded(conn: sqlite3.Connection) -> None:
+    files = sorted(MIGRATIONS_DIR.glob("*.sql"))
+
+    assert migrate(conn) == list(range(1, len(files) + 1))
+    assert recorded(conn) == [(int(f.name[:3]), f.stem) for f in files]
+    assert names(conn, "table") >= EXPECTED_TABLES
+    assert names(conn, "trigger") >= {"events_no_update", "events_no_delete"}
+
+
+def test_second_run_applies_nothing(conn: sqlite3.Connection) -> None:
+    migrate(conn)
+    before = recorded(conn)
+
+    assert migrate(conn) == []
+    assert recorded(conn) == before
+
+
+async def test_store_migrates_on_open_and_again_finds_nothing_to_do(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    for _ in range(2):
+        store = EventStore(path)
+        await store.open()
+        await store.close()
+
+    conn = sqlite3.connect(path)
+    try:
+        assert [v for v, _ in recorded(conn)] == [m.version for m in discover()]
+    finally:
+        conn.close()
+
+
+def test_database_newer_than_the_code_is_refused(conn: sqlite3.Connection) -> None:
+    migrate(conn)
+    conn.execute("INSERT INTO schema_migrations VALUES (99, '099_future', 'later')")
+
+    with pytest.raises(MigrationError, match="newer"):
+        migrate(conn)
+
+
+async def test_store_refuses_to_open_a_newer_database(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    migrate(conn)
+    conn.execute("INSERT INTO schema_migrations VALUES (99, '099_future', 'later')")
+    conn.close()
+    store = EventStore(path)
+
+    with pytest.raises(MigrationError, match="newer"):
+        await store.open()
+    await store.close()  # safe after a failed open
+
+
+def test_failing_migration_leaves_nothing_of_itself(conn: sqlite3.Connection) -> None:
+    good = Migration(1, "001_good", "CREATE TABLE good (x);")
+    bad = Migration(2, "002_bad", "CREATE TABLE half (x);\nINSERT INTO missing VALUES (1);")
+
+    with pytest.raises(MigrationError, match="002_bad"):
+        migrate(conn, [good, bad])
+
+    assert recorded(conn) == [(1, "001_good")]
+    assert "half" not in names(conn, "table")
+    assert migrate(conn, [good]) == []
+
+
+@pytest.mark.parametrize(
+    ("files", "problem"),
+    [
+        (["001_a.sql", "003_c.sql"], "without gaps"),
+        (["001_a.sql", "2_b.sql"], "not NNN_name.sql"),
+    ],
+)
+def test_discover_refuses_misnumbered_files(tmp_path: Path, files: list[str], problem: str) -> None:
+    for name in files:
+        (tmp_path / name).write_text("SELECT 1;", encoding="utf-8")
+
+    with pytest.raises(MigrationError, match=problem):
+        discover(tmp_path)
+
+
+def test_old_sqlite_is_refused() -> None:
+    with pytest.raises(MigrationError, match=r"3\.35\.0 or newer is required, found 3\.30\.0"):
+        check_sqlite_version((3, 30, 0))
+
+
+@pytest.mark.parametrize("version", [(3, 35, 0), (3, 45, 1), sqlite3.sqlite_version_info])
+def test_recent_sqlite_is_accepted(version: tuple[int, int, int]) -> None:
+    check_sqlite_version(version)

@@ -1,0 +1,300 @@
+"""The websockets against the real service: order, resume with ?after, lag, origin, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from service.domain import batch as b
+from service.local_directory import RunningDirectory
+from service.store.records import StoredEvent
+from service.web import presenters
+from service.web.keys import STORE
+from tests.integration.conftest import new_batch, requested
+from tests.support import SAMPLE_CSV, Service, csv_of, fast_settings, running_service
+
+
+async def received(ws: aiohttp.ClientWebSocketResponse, count: int | None = None) -> list[Any]:
+    """The next `count` messages, or every message until the server closes."""
+    messages = []
+    async with asyncio.timeout(20):
+        while count is None or len(messages) < count:
+            msg = await ws.receive()
+            if msg.type is not aiohttp.WSMsgType.TEXT:
+                assert count is None, f"closed early ({ws.close_code}) after {messages}"
+                break
+            messages.append(msg.json())
+    return messages
+
+
+async def close_of(ws: aiohttp.ClientWebSocketResponse) -> aiohttp.WSMessage:
+    """The first message that is not data: how the server ended the socket."""
+    while True:
+        msg = await ws.receive()
+        if msg.type is not aiohttp.WSMsgType.TEXT:
+            return msg
+
+
+async def history(service: Service, batch_id: str) -> list[dict[str, Any]]:
+    """Every event of the batch from the audit API."""
+    _, page = await service.get(f"/batch/{batch_id}/events?limit=1000")
+    return list(page["events"])
+
+
+def progress_after(events: list[dict[str, Any]], version: int) -> dict[str, Any]:
+    """The progress a fold of the first version + 1 events gives: what a message must carry."""
+    stored = [StoredEvent(**e) for e in events[: version + 1]]
+    state = b.fold((e.decode(), e.recorded_at) for e in stored)
+    return presenters.progress(presenters.records_of(state)[0])
+
+
+async def wait_processed(service: Service, batch_id: str, at_least: int) -> None:
+    async with asyncio.timeout(20):
+        while True:
+            _, body = await service.get(f"/batch/{batch_id}/progress")
+            if body["processed_hospitals"] >= at_least:
+                return
+            await asyncio.sleep(0.02)
+
+
+async def test_a_client_connected_mid_batch_gets_every_later_version_in_order(
+    service_factory: Any,
+) -> None:
+    async with service_factory(concurrency=2) as service:
+        accepted = await service.upload(csv_of(8))
+        batch_id = accepted["batch_id"]
+        await wait_processed(service, batch_id, 2)
+        async with service.http.ws_connect(f"{service.url}/batch/{batch_id}/ws") as ws:
+            messages = await received(ws)
+            assert ws.close_code == 1000
+        events = await history(service, batch_id)
+
+    snapshot, *updates, final = messages
+    k, n = snapshot["version"], events[-1]["stream_version"]
+    assert snapshot["type"] == "snapshot" and 0 < k < n
+    assert snapshot["progress"] == progress_after(events, k)
+    assert snapshot["status"]["version"] == k
+    assert [m["version"] for m in updates] == list(range(k + 1, n + 1))
+    for message in updates:
+        assert message["type"] == "event"
+        assert message["event"] == events[message["version"]]
+        assert message["progress"] == progress_after(events, message["version"])
+    assert final["type"] == "finished" and final["version"] == n
+    assert final["progress"]["processing_status"] == "completed"
+    assert final["progress"]["processed_hospitals"] == 8
+    assert [h["status"] for h in final["status"]["hospitals"]] == ["created_and_activated"] * 8
+
+
+async def test_reconnecting_with_after_resumes_without_gap_or_repeat(service: Service) -> None:
+    accepted = await service.upload(csv_of(6))
+    url = f"{service.url}/batch/{accepted['batch_id']}/ws"
+    async with service.http.ws_connect(url) as ws:
+        first = await received(ws, 3)
+    last = first[-1]["version"]
+    async with service.http.ws_connect(f"{url}?after={last}") as ws:
+        rest = await received(ws)
+        assert ws.close_code == 1000
+    events = await history(service, accepted["batch_id"])
+
+    assert first[0]["type"] == "snapshot"
+    assert all(m["type"] != "snapshot" for m in rest)
+    versions = [m["version"] for m in first[1:] + rest[:-1]]
+    assert versions == list(range(first[0]["version"] + 1, len(events)))
+    assert rest[-1]["type"] == "finished"
+
+
+async def test_after_on_a_finished_batch_replays_the_rest_then_finishes(service: Service) -> None:
+    accepted = await service.upload(SAMPLE_CSV)
+    final = await service.wait_finished(accepted["batch_id"])
+    url = f"{service.url}/batch/{accepted['batch_id']}/ws"
+    events = await history(service, accepted["batch_id"])
+    n = events[-1]["stream_version"]
+
+    async with service.http.ws_connect(f"{url}?after=-1") as ws:
+        everything = await received(ws)
+    async with service.http.ws_connect(f"{url}?after=2") as ws:
+        tail = await received(ws)
+    async with service.http.ws_connect(f"{url}?after={n}") as ws:
+        nothing_new = await received(ws)
+        assert ws.close_code == 1000
+
+    assert [m["event"] for m in everything[:-1]] == events
+    assert [m["version"] for m in tail[:-1]] == list(range(3, n + 1))
+    assert [m["type"] for m in nothing_new] == ["finished"]
+    assert nothing_new[0]["status"]["hospitals"] == final["hospitals"]
+
+
+async def test_a_finished_batch_gets_its_snapshot_and_the_final_message(service: Service) -> None:
+    accepted = await service.upload(SAMPLE_CSV)
+    final = await service.wait_finished(accepted["batch_id"])
+    async with service.http.ws_connect(f"{service.url}/batch/{accepted['batch_id']}/ws") as ws:
+        messages = await received(ws)
+        assert ws.close_code == 1000
+
+    assert [m["type"] for m in messages] == ["snapshot", "finished"]
+    assert messages[0]["version"] == messages[1]["version"] == final["version"]
+    assert messages[0]["status"]["hospitals"] == final["hospitals"]
+    assert messages[1]["progress"]["processing_status"] == "completed"
+
+
+async def test_several_clients_on_one_batch_see_the_same_events(
+    service: Service, directory: RunningDirectory
+) -> None:
+    directory.standin.set_delay(0.3)
+    accepted = await service.upload(csv_of(4))
+    url = f"{service.url}/batch/{accepted['batch_id']}/ws?after=0"
+    sockets = [await service.http.ws_connect(url) for _ in range(3)]
+    try:
+        streams = await asyncio.gather(*(received(ws) for ws in sockets))
+    finally:
+        for ws in sockets:
+            await ws.close()
+
+    events = await history(service, accepted["batch_id"])
+    assert streams[0][-1]["type"] == "finished"
+    assert [m["version"] for m in streams[0][:-1]] == list(range(1, len(events)))
+    assert streams[0] == streams[1] == streams[2]
+
+
+async def test_handshakes_that_are_refused_before_the_upgrade(service: Service) -> None:
+    accepted = await service.upload(SAMPLE_CSV)
+    batch_id = accepted["batch_id"]
+    refused = {
+        f"/batch/{uuid.uuid4()}/ws": 404,
+        "/batch/not-a-uuid/ws": 422,
+        f"/batch/{batch_id}/ws?after=99": 422,
+        f"/batch/{batch_id}/ws?after=x": 422,
+        "/ws?after=-5": 422,
+    }
+    for path, status in refused.items():
+        with pytest.raises(aiohttp.WSServerHandshakeError) as raised:
+            await service.http.ws_connect(service.url + path)
+        assert raised.value.status == status, path
+    status, body = await service.get(f"/batch/{batch_id}/ws")
+    assert status == 400
+    assert "websocket" in body["detail"]
+
+
+async def test_cross_origin_handshakes_are_refused_unless_configured(
+    directory: RunningDirectory, db_path: Path
+) -> None:
+    settings = fast_settings(db_path, directory.url).replace(
+        websocket={"allowed_origins": ("https://dashboard.example",)}
+    )
+    async with running_service(settings) as service:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as raised:
+            await service.http.ws_connect(
+                f"{service.url}/ws", headers={"Origin": "https://evil.example"}
+            )
+        assert raised.value.status == 403
+        for origin in (service.url, "https://dashboard.example"):
+            async with service.http.ws_connect(
+                f"{service.url}/ws", headers={"Origin": origin}
+            ) as ws:
+                assert (await received(ws, 1))[0]["type"] == "snapshot"
+
+
+async def test_shutdown_closes_every_socket_with_going_away(
+    directory: RunningDirectory, db_path: Path
+) -> None:
+    directory.standin.set_delay(5.0)
+    async with aiohttp.ClientSession() as http:
+        async with running_service(fast_settings(db_path, directory.url)) as service:
+            accepted = await service.upload(SAMPLE_CSV)
+            batch_ws = await http.ws_connect(f"{service.url}/batch/{accepted['batch_id']}/ws")
+            dashboard_ws = await http.ws_connect(f"{service.url}/ws")
+            await received(batch_ws, 1)
+            await received(dashboard_ws, 1)
+            # Reading while the service stops, as a live client does, so it answers the close.
+            closes = [asyncio.create_task(close_of(ws)) for ws in (batch_ws, dashboard_ws)]
+        async with asyncio.timeout(5):
+            messages = await asyncio.gather(*closes)
+    assert [m.type for m in messages] == [aiohttp.WSMsgType.CLOSE] * 2
+    assert [m.data for m in messages] == [1001, 1001]
+    assert batch_ws.closed and dashboard_ws.closed
+
+
+@pytest.fixture
+async def lagging_service(
+    directory: RunningDirectory, db_path: Path
+) -> AsyncIterator[tuple[Service, str]]:
+    """A service that tolerates 2 events of lag, and a batch no worker touches."""
+    settings = fast_settings(db_path, directory.url).replace(websocket={"max_backlog": 2})
+    async with running_service(settings) as service:
+        batch_id = str(uuid.uuid4())
+        await service.app[STORE].append(b.stream_id(batch_id), -1, new_batch(batch_id))
+        yield service, batch_id
+
+
+async def test_a_client_that_falls_behind_is_told_to_resync_and_loses_nothing(
+    lagging_service: tuple[Service, str],
+) -> None:
+    service, batch_id = lagging_service
+    store, stream = service.app[STORE], b.stream_id(batch_id)
+    url = f"{service.url}/batch/{batch_id}/ws"
+    async with service.http.ws_connect(url) as ws:
+        (snapshot,) = await received(ws, 1)
+        await store.append(stream, 0, requested(batch_id, 6))  # while the client reads nothing
+        before_close = await received(ws, 1)
+        async with asyncio.timeout(5):
+            close = await close_of(ws)
+    assert close.type is aiohttp.WSMsgType.CLOSE
+    assert close.data == 4000 and "?after=1" in close.extra
+    last = before_close[-1]["version"]
+    async with service.http.ws_connect(f"{url}?after={last}") as ws:
+        rest = await received(ws, 6 - last)  # a replay longer than the backlog is not lag
+        await store.append(stream, 6, requested(batch_id, 1))
+        live = await received(ws, 1)
+
+    assert snapshot["version"] == 0
+    assert [m["version"] for m in before_close] == [1]
+    assert [m["version"] for m in rest + live] == list(range(last + 1, 8))
+    assert all(m["progress"]["processing_status"] == "processing" for m in rest + live)
+
+
+async def test_the_dashboard_follows_every_batch(service: Service) -> None:
+    async with service.http.ws_connect(f"{service.url}/ws") as ws:
+        (snapshot,) = await received(ws, 1)
+        accepted = await service.upload(SAMPLE_CSV)
+        seen: list[dict[str, Any]] = []
+        while not seen or seen[-1]["processing_status"] != "completed":
+            (message,) = await received(ws, 1)
+            assert message["type"] == "progress"
+            seen += [x for x in message["batches"] if x["batch_id"] == accepted["batch_id"]]
+    async with service.http.ws_connect(f"{service.url}/ws?after={snapshot['position']}") as ws:
+        (replayed,) = await received(ws, 1)
+
+    assert snapshot["type"] == "snapshot" and snapshot["batches"] == []
+    assert [x["processed_hospitals"] for x in seen] == sorted(
+        x["processed_hospitals"] for x in seen
+    )
+    assert seen[-1]["processed_hospitals"] == 3 and seen[-1]["file_name"] == "hospitals.csv"
+    assert replayed["type"] == "progress"
+    assert [x["batch_id"] for x in replayed["batches"]] == [accepted["batch_id"]]
+
+
+async def test_heartbeat_pings_reach_the_client(directory: RunningDirectory, db_path: Path) -> None:
+    settings = fast_settings(db_path, directory.url).replace(websocket={"heartbeat_seconds": 0.2})
+    async with (
+        running_service(settings) as service,
+        service.http.ws_connect(f"{service.url}/ws", autoping=False) as ws,
+    ):
+        await received(ws, 1)
+        async with asyncio.timeout(2):
+            msg = await ws.receive()
+        assert msg.type is aiohttp.WSMsgType.PING
+
+
+async def test_the_handshake_routes_are_documented(service: Service) -> None:
+    status, spec = await service.get("/openapi.json")
+    assert status == 200
+    for path in ("/batch/{batch_id}/ws", "/ws"):
+        operation = spec["paths"][path]["get"]
+        assert "101" in operation["responses"]
+        assert any(p["name"] == "after" for p in operation["parameters"])

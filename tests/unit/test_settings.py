@@ -1,0 +1,187 @@
+"""Settings: defaults < config.toml < .env < environment, and clear errors for bad values."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from service.settings import Settings, SettingsError, load_settings
+
+SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "config.toml"
+
+
+def load(tmp_path: Path, toml: str = "", dotenv: str | None = None, **environ: str) -> Settings:
+    """Settings from a config.toml holding `toml`, an optional .env, and `environ` only."""
+    config = tmp_path / "config.toml"
+    config.write_text(toml, encoding="utf-8")
+    env_file = tmp_path / ".env"
+    if dotenv is not None:
+        env_file.write_text(dotenv, encoding="utf-8")
+    return load_settings(config_path=config, environ=environ, dotenv_path=env_file)
+
+
+def test_empty_sources_give_the_defaults(tmp_path: Path) -> None:
+    assert load(tmp_path) == Settings()
+
+
+def test_shipped_config_toml_states_the_defaults() -> None:
+    assert load_settings(config_path=SHIPPED_CONFIG, environ={}, dotenv_path=None) == Settings()
+
+
+def test_each_source_overrides_the_ones_below(tmp_path: Path) -> None:
+    settings = load(
+        tmp_path,
+        toml='[app]\nport = 8001\nhost = "toml"\nshutdown_timeout = 3\n'
+        "[directory]\nconcurrency = 5\n",
+        dotenv="APP_PORT=8002\nAPP_HOST=dotenv\n",
+        APP_PORT="8003",
+    )
+
+    assert settings.app.port == 8003  # environment over .env
+    assert settings.app.host == "dotenv"  # .env over config.toml
+    assert settings.app.shutdown_timeout == 3.0  # config.toml over the default
+    assert settings.directory.concurrency == 5
+    assert settings.directory.batch_size == 20  # the default
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "section", "key", "expected"),
+    [
+        ("DIRECTORY_CONCURRENCY", "10", "directory", "concurrency", 10),
+        ("DIRECTORY_RATE_WINDOW_MARGIN", "0.25", "directory", "rate_window_margin", 0.25),
+        ("DATABASE_PATH", "/var/lib/hbp.db", "database", "path", "/var/lib/hbp.db"),
+        (
+            "WEBSOCKET_ALLOWED_ORIGINS",
+            "https://a.example, https://b.example",
+            "websocket",
+            "allowed_origins",
+            ("https://a.example", "https://b.example"),
+        ),
+    ],
+)
+def test_environment_names_are_section_and_key_in_upper_case(
+    tmp_path: Path, name: str, value: str, section: str, key: str, expected: object
+) -> None:
+    settings = load(tmp_path, **{name: value})
+
+    assert getattr(getattr(settings, section), key) == expected
+
+
+def test_lower_case_environment_names_are_not_settings(tmp_path: Path) -> None:
+    assert load(tmp_path, app_port="1234").app.port == 8000
+
+
+@pytest.mark.parametrize(
+    ("alias", "section", "key", "value"),
+    [
+        ("EXTERNAL_API_BASE_URL", "directory", "base_url", "http://localhost:9000"),
+        ("LOG_LEVEL", "app", "log_level", "DEBUG"),
+    ],
+)
+def test_aliases_set_their_setting(
+    tmp_path: Path, alias: str, section: str, key: str, value: str
+) -> None:
+    assert getattr(getattr(load(tmp_path, **{alias: value}), section), key) == value
+
+
+def test_canonical_name_wins_over_its_alias_in_one_source(tmp_path: Path) -> None:
+    settings = load(tmp_path, LOG_LEVEL="DEBUG", APP_LOG_LEVEL="ERROR")
+
+    assert settings.app.log_level == "ERROR"
+
+
+def test_alias_in_the_environment_wins_over_dotenv(tmp_path: Path) -> None:
+    settings = load(tmp_path, dotenv="APP_LOG_LEVEL=ERROR\n", LOG_LEVEL="DEBUG")
+
+    assert settings.app.log_level == "DEBUG"
+
+
+def test_dotenv_skips_comments_and_strips_export_and_quotes(tmp_path: Path) -> None:
+    dotenv = "# local overrides\n\nexport APP_HOST=\"127.0.0.1\"\nDATABASE_PATH='x.db'\n"
+
+    settings = load(tmp_path, dotenv=dotenv)
+
+    assert (settings.app.host, settings.database.path) == ("127.0.0.1", "x.db")
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({"APP_PORT": "abc"}, "app.port (from APP_PORT)"),
+        ({"APP_PORT": "true"}, "app.port (from APP_PORT)"),
+        ({"APP_PORT": "80.5"}, "app.port (from APP_PORT)"),
+        ({"APP_PORT": "70000"}, "app.port"),
+        ({"APP_PORT": "0"}, "app.port"),
+        (
+            {"DIRECTORY_BACKOFF_BASE": "fast"},
+            "directory.backoff_base (from DIRECTORY_BACKOFF_BASE)",
+        ),
+        ({"DIRECTORY_BATCH_SIZE": "21"}, "directory.batch_size"),
+        ({"LOG_LEVEL": "LOUD"}, "app.log_level"),
+        ({"EXTERNAL_API_BASE_URL": "ftp://x"}, "directory.base_url"),
+        ({"DATABASE_PATH": ""}, "database.path"),
+    ],
+)
+def test_bad_environment_values_name_the_setting(
+    tmp_path: Path, environ: dict[str, str], named: str
+) -> None:
+    with pytest.raises(SettingsError, match=re.escape(f"setting {named}")):
+        load(tmp_path, **environ)
+
+
+@pytest.mark.parametrize(
+    ("toml", "named"),
+    [
+        ('[app]\nport = "abc"\n', "app.port"),
+        ("[app]\nport = 1.5\n", "app.port"),
+        ("[app]\nport = true\n", "app.port"),
+        ("[app]\nhost = 5\n", "app.host"),
+        ("[websocket]\nallowed_origins = 5\n", "websocket.allowed_origins"),
+        ("[app]\nprot = 8000\n", "unknown setting app.prot"),
+        ("[apps]\nport = 8000\n", r"unknown section \[apps\]"),
+        ("app = 5\n", r"unknown section \[app\]"),
+    ],
+)
+def test_bad_config_values_name_the_setting(tmp_path: Path, toml: str, named: str) -> None:
+    with pytest.raises(SettingsError, match=named):
+        load(tmp_path, toml=toml)
+
+
+def test_malformed_dotenv_line_names_file_and_line(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"\.env:2: expected KEY=VALUE"):
+        load(tmp_path, dotenv="APP_PORT=8001\nnot a setting\n")
+
+
+def test_missing_config_file_given_explicitly_is_refused(tmp_path: Path) -> None:
+    missing = tmp_path / "other.toml"
+
+    with pytest.raises(SettingsError, match=r"other\.toml does not exist"):
+        load_settings(config_path=missing, environ={}, dotenv_path=None)
+
+
+def test_missing_config_file_named_by_config_path_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings(environ={"CONFIG_PATH": str(tmp_path / "nope.toml")}, dotenv_path=None)
+
+
+def test_malformed_config_file_is_a_settings_error(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"config\.toml"):
+        load(tmp_path, toml="[app\nport = 8000\n")
+
+
+def test_replace_changes_only_the_named_keys() -> None:
+    settings = Settings().replace(directory={"concurrency": 3})
+
+    assert settings.directory.concurrency == 3
+    assert settings.directory.batch_size == Settings().directory.batch_size
+    assert settings.app == Settings().app
+
+
+def test_dotenv_values_lose_trailing_comments_but_keep_quoted_text(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("DATABASE_PATH=x.db # local copy\nAPP_HOST='a # b'\n")
+    settings = load_settings(None, {}, dotenv)
+    assert settings.database.path == "x.db"
+    assert settings.app.host == "a # b"
