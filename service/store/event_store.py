@@ -9,7 +9,7 @@ import json
 import logging
 import sqlite3
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -369,7 +369,7 @@ class EventStore:
 
     async def follow(
         self, stream_id: str | None = None, after_version: int = -1, after_position: int = 0
-    ) -> AsyncIterator[StoredEvent]:
+    ) -> AsyncGenerator[StoredEvent, None]:
         """Yield the events after a point, then every later one as it commits, forever.
 
         Followers are served from the recent committed events kept in memory when they

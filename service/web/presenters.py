@@ -106,10 +106,10 @@ def summary(batch: Record) -> Record:
     }
 
 
-def records_of(state: b.BatchState) -> tuple[Record, list[Record]]:
-    """A folded batch in the read models' shape, so one presenter serves both."""
+def batch_record(state: b.BatchState) -> Record:
+    """A folded batch in the `batches` read model's shape, so one presenter serves both."""
     counts = state.counts()
-    batch = {
+    return {
         "batch_id": state.batch_id,
         "file_name": state.file_name,
         "total_rows": counts.total,
@@ -125,6 +125,10 @@ def records_of(state: b.BatchState) -> tuple[Record, list[Record]]:
         "created_at": state.created_at,
         "finished_at": state.finished_at,
     }
+
+
+def records_of(state: b.BatchState) -> tuple[Record, list[Record]]:
+    """A folded batch and its rows in the read models' shape."""
     rows = [
         {
             "row": r.row.row,
@@ -137,4 +141,4 @@ def records_of(state: b.BatchState) -> tuple[Record, list[Record]]:
         }
         for r in state.rows.values()
     ]
-    return batch, rows
+    return batch_record(state), rows

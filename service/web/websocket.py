@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -152,7 +152,7 @@ def _not_reading(seconds: float | None) -> Closing:
 
 
 def _progress(state: b.BatchState) -> dict[str, Any]:
-    return presenters.progress(presenters.records_of(state)[0])
+    return presenters.progress(presenters.batch_record(state))
 
 
 def _whole(kind: str, state: b.BatchState) -> dict[str, Any]:
@@ -227,7 +227,7 @@ async def batch_socket(request: web.Request) -> web.WebSocketResponse:
                 return _not_reading(seconds)
         start = -1 if state is None else state.version
         # follow() is an async generator (annotated as an iterator): close it with us.
-        following = cast(AsyncGenerator[StoredEvent, None], store.follow(stream, start))
+        following = store.follow(stream, start)
         async with contextlib.aclosing(following) as events:
             while state is None or not (state.version >= last and _settled(state)):
                 event = await anext(events)
