@@ -13,6 +13,16 @@ from service.local_directory import DirectoryOptions, RunningDirectory, run_dire
 from tests.support import Service, ServiceFactory, fast_settings, running_service
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print what the chaos suites did (faults injected, kills, duplicates found)."""
+    from tests.integration.chaos import TALLY
+
+    if TALLY:
+        terminalreporter.section("chaos tally")
+        for what, count in sorted(TALLY.items()):
+            terminalreporter.write_line(f"{what}: {count}")
+
+
 @pytest.fixture
 async def directory() -> AsyncIterator[RunningDirectory]:
     """The stand-in with short creates (0.2 s) and no rate limit; tests change it as needed."""

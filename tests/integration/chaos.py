@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections import Counter
 from typing import Any
 
 import aiohttp
@@ -13,6 +14,8 @@ from service.local_directory import StandIn
 from tests.support import FINISHED, form
 
 LONG = os.environ.get("CHAOS") == "long"
+# What the chaos suites did, printed at the end of the run (tests/conftest.py).
+TALLY: Counter[str] = Counter()
 
 
 def trials(quick: int, long: int) -> range:
@@ -57,6 +60,8 @@ def _settled(final: dict[str, Any]) -> bool:
 
 def assert_exactly_once(standin: StandIn, finals: list[dict[str, Any]]) -> None:
     """Every created row is exactly one hospital upstream, nothing else is, activation agrees."""
+    TALLY["batches checked exactly once"] += len(finals)
+    TALLY["duplicates found"] += len(standin.duplicates())
     assert standin.duplicates() == []
     stored = {h["id"]: h for h in standin.all_hospitals()}
     expected = 0

@@ -12,6 +12,7 @@ import pytest
 from service.local_directory import RunningDirectory
 from service.projections.rebuild import rebuild
 from tests.integration.chaos import (
+    TALLY,
     assert_exactly_once,
     status,
     trials,
@@ -37,6 +38,7 @@ async def test_sigkill_at_a_random_moment_loses_and_duplicates_nothing(
         ]
         await asyncio.sleep(rng.uniform(0.0, 1.2))
         service.kill()
+        TALLY["SIGKILLs at random moments"] += 1
         await service.start(http)
         finals = await wait_settled(http, service.url, batches)
         service.stop()

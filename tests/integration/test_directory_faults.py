@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from service.local_directory import RunningDirectory
-from tests.integration.chaos import assert_exactly_once, trials
+from tests.integration.chaos import TALLY, assert_exactly_once, trials
 from tests.support import Service, ServiceFactory, csv_of
 
 FAULTS = ("429", "500", "502", "503", "504", "reset", "hang", "commit_drop")
@@ -28,6 +28,7 @@ async def test_a_third_of_calls_failing_still_creates_each_row_exactly_once(
         batches = [(await service.upload(csv_of(n, f"B{n}")))["batch_id"] for n in (45, 7)]
         finals = [await service.wait_finished(b, within=120) for b in batches]
     injected = sum(rule.fired for rule in directory.standin.faults.rules)
+    TALLY["directory faults injected"] += injected
     assert injected >= 5
     assert_exactly_once(directory.standin, finals)
     # Where the directory kept its data, a batch can only end completed, or failed with reasons.
