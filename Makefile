@@ -35,7 +35,8 @@ bench: $(STAMP)
 
 chaos: $(STAMP)
 	CHAOS=long $(BIN)/python -m pytest -q tests/integration/test_crash_recovery.py \
-		tests/integration/test_directory_faults.py tests/integration/test_load.py
+		tests/integration/test_directory_faults.py tests/integration/test_load.py \
+		tests/integration/test_api_fuzz.py
 
 demo: $(STAMP)
 	$(BIN)/python -m service demo

@@ -52,8 +52,11 @@ BATCH_ID_PARAMETER = {
     "description": "batch_id of the upload answer",
 }
 NOT_FOUND = {404: {"schema": schemas.Error, "description": "unknown batch"}}
-BAD_ID = {422: {"schema": schemas.Error, "description": "malformed batch id or query"}}
-BAD_QUERY = {422: {"schema": schemas.Error, "description": "a query parameter out of range"}}
+BAD_ID = {422: {"schema": schemas.Error, "description": "malformed batch id"}}
+BAD_QUERY = {422: {"schema": schemas.Error, "description": "bad query parameter"}}
+BAD_ID_OR_QUERY = {
+    422: {"schema": schemas.Error, "description": "malformed batch id or bad query parameter"}
+}
 # /batch/upload-csv and /batch/validate-csv are fixed paths: without the lookahead aiohttp routes
 # DELETE to them too (a rollback of batch "upload-csv") and lists DELETE in their 405's Allow.
 BATCH = "/batch/{batch_id:(?!upload-csv$|validate-csv$)[^/]+}"
@@ -269,7 +272,7 @@ async def progress(request: web.Request) -> web.Response:
     tags=["batches"],
     summary="A batch's result, row by row; ?as_of=N shows it as it was after version N",
     parameters=[BATCH_ID_PARAMETER],
-    responses={**NOT_FOUND, **BAD_ID},
+    responses={**NOT_FOUND, **BAD_ID_OR_QUERY},
 )
 @querystring_schema(schemas.StatusQuery)
 @response_schema(schemas.Status, 200)
@@ -372,7 +375,7 @@ def spreadsheet_safe(value: object) -> str:
     ),
     produces=["text/csv", "application/json"],
     parameters=[BATCH_ID_PARAMETER],
-    responses={**NOT_FOUND, **BAD_ID, 200: {"description": "CSV file (errors are JSON)"}},
+    responses={**NOT_FOUND, **BAD_ID_OR_QUERY, 200: {"description": "CSV file (errors are JSON)"}},
 )
 @querystring_schema(schemas.ResultsQuery)
 async def results_csv(request: web.Request) -> web.Response:

@@ -7,7 +7,13 @@ from aiohttp_apispec import docs, querystring_schema, response_schema
 
 from service.domain import batch as b
 from service.web import schemas
-from service.web.batches import BAD_ID, BAD_QUERY, BATCH_ID_PARAMETER, NOT_FOUND, existing_batch
+from service.web.batches import (
+    BAD_ID_OR_QUERY,
+    BAD_QUERY,
+    BATCH_ID_PARAMETER,
+    NOT_FOUND,
+    existing_batch,
+)
 from service.web.keys import STORE
 
 routes = web.RouteTableDef()
@@ -18,7 +24,7 @@ routes = web.RouteTableDef()
     tags=["audit"],
     summary="A batch's events in order; ?after=<stream version> pages on",
     parameters=[BATCH_ID_PARAMETER],
-    responses={**NOT_FOUND, **BAD_ID},
+    responses={**NOT_FOUND, **BAD_ID_OR_QUERY},
 )
 @querystring_schema(schemas.EventsQuery)
 @response_schema(schemas.EventPage, 200)

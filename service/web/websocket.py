@@ -22,7 +22,13 @@ from service.domain import batch as b
 from service.projections import queries
 from service.store.records import StoredEvent
 from service.web import presenters, schemas
-from service.web.batches import BAD_ID, BAD_QUERY, BATCH_ID_PARAMETER, NOT_FOUND, existing_batch
+from service.web.batches import (
+    BAD_ID_OR_QUERY,
+    BAD_QUERY,
+    BATCH_ID_PARAMETER,
+    NOT_FOUND,
+    existing_batch,
+)
 from service.web.errors import ApiError
 from service.web.keys import SETTINGS, SOCKETS, STORE
 
@@ -203,7 +209,7 @@ def _settled(state: b.BatchState) -> bool:
     ],
     responses={
         **NOT_FOUND,
-        **BAD_ID,
+        **BAD_ID_OR_QUERY,
         **HANDSHAKE_RESPONSES,
     },
 )
