@@ -19,7 +19,7 @@ from service.processing.processor import Refused
 from service.projections import queries
 from service.store.records import ConcurrencyError, NewEvent
 from service.web import presenters, schemas
-from service.web.errors import REQUEST_ID, ApiError
+from service.web.errors import REQUEST_ID, ApiError, invalid
 from service.web.keys import PROCESSOR, SETTINGS, STORE
 from service.web.upload import read_upload
 
@@ -74,15 +74,8 @@ def batch_id_of(request: web.Request) -> str:
     try:
         return str(uuid.UUID(raw))
     except ValueError:
-        raise ApiError(
-            422,
-            [
-                {
-                    "loc": ["path", "batch_id"],
-                    "msg": f"batch_id must be a UUID, got {raw[:80]!r}",
-                    "type": "uuid_parsing",
-                }
-            ],
+        raise invalid(
+            ["path", "batch_id"], f"batch_id must be a UUID, got {raw[:80]!r}", "uuid_parsing"
         ) from None
 
 
@@ -286,15 +279,9 @@ async def status(request: web.Request) -> web.Response:
         raise ApiError(404, f"Batch with ID {batch_id} not found")
     state = b.fold((e.decode(), e.recorded_at) for e in history)
     if state.version < as_of:
-        raise ApiError(
-            422,
-            [
-                {
-                    "loc": ["query", "as_of"],
-                    "msg": f"batch {batch_id} has no version {as_of}; its last is {state.version}",
-                    "type": "value_error",
-                }
-            ],
+        raise invalid(
+            ["query", "as_of"],
+            f"batch {batch_id} has no version {as_of}; its last is {state.version}",
         )
     return web.json_response(presenters.status(*presenters.records_of(state)))
 
@@ -336,16 +323,7 @@ def _decode_cursor(cursor: str | None) -> tuple[str, str] | None:
         created_at, _, batch_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
         uuid.UUID(batch_id)
     except (ValueError, UnicodeDecodeError):
-        raise ApiError(
-            422,
-            [
-                {
-                    "loc": ["query", "cursor"],
-                    "msg": "not a cursor from this API",
-                    "type": "value_error",
-                }
-            ],
-        ) from None
+        raise invalid(["query", "cursor"], "not a cursor from this API") from None
     return created_at, batch_id
 
 

@@ -30,6 +30,11 @@ class ApiError(Exception):
         self.status, self.detail = status, detail
 
 
+def invalid(loc: list[str | int], msg: str, kind: str = "value_error") -> ApiError:
+    """A 422 for one problem at one place of the request."""
+    return ApiError(422, [{"loc": loc, "msg": msg, "type": kind}])
+
+
 def error_response(
     status: int, detail: str | list[Problem], headers: dict[str, str] | None = None
 ) -> web.Response:

@@ -29,7 +29,7 @@ from service.web.batches import (
     NOT_FOUND,
     existing_batch,
 )
-from service.web.errors import ApiError
+from service.web.errors import ApiError, invalid
 from service.web.keys import SETTINGS, SOCKETS, STORE
 
 log = logging.getLogger(__name__)
@@ -85,15 +85,9 @@ def _after(request: web.Request, floor: int, ceiling: int) -> int | None:
         if not floor <= value <= ceiling:
             raise ValueError
     except ValueError:
-        raise ApiError(
-            422,
-            [
-                {
-                    "loc": ["query", "after"],
-                    "msg": f"after must be an integer from {floor} to {ceiling}, got {raw[:40]!r}",
-                    "type": "value_error",
-                }
-            ],
+        raise invalid(
+            ["query", "after"],
+            f"after must be an integer from {floor} to {ceiling}, got {raw[:40]!r}",
         ) from None
     return value
 
