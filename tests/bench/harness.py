@@ -26,7 +26,6 @@ from service.local_directory import DirectoryOptions
 REPO = Path(__file__).resolve().parents[2]
 WINDOW_SECONDS = DirectoryOptions().window_seconds  # the directory's rate-limit window
 READY_WITHIN = 30.0
-FINISHED = ("completed", "partially_completed", "failed")
 
 # The service reads these from the environment; the benchmark sets them, nothing inherited.
 _SETTING_PREFIXES = ("APP_", "DATABASE_", "DIRECTORY_", "CSV_", "API_", "WEBSOCKET_")
@@ -40,11 +39,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def load() -> float:
-    """The 1-minute load average, printed with every figure: the machine is shared."""
-    return os.getloadavg()[0]
-
-
 @dataclass(frozen=True)
 class Memory:
     rss_mb: float  # resident now (VmRSS)
@@ -52,13 +46,17 @@ class Memory:
 
 
 class Process:
-    """A child process with its output in a log file."""
+    """A child process run in the directory of its log file, its output in that file."""
 
     def __init__(self, name: str, args: Sequence[str], env: dict[str, str], log: Path) -> None:
         self.name, self.log = name, log
         with log.open("wb") as out:
             self.popen = subprocess.Popen(
-                [sys.executable, *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
+                [sys.executable, *args],
+                cwd=log.parent,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         self.pid = self.popen.pid
 
@@ -110,12 +108,21 @@ async def wait_ready(http: aiohttp.ClientSession, url: str, process: Process) ->
 
 
 def _clean_env(**settings: str) -> dict[str, str]:
+    """The environment without any setting of the service, plus `settings`."""
+    # With config.toml named and the processes run outside the checkout, a developer's
+    # .env or exported settings never change the figures.
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(_SETTING_PREFIXES) and k not in _SETTING_NAMES
     }
-    return {**env, "PYTHONUNBUFFERED": "1", **settings}
+    return {
+        **env,
+        "CONFIG_PATH": str(REPO / "config.toml"),
+        "PYTHONPATH": str(REPO),
+        "PYTHONUNBUFFERED": "1",
+        **settings,
+    }
 
 
 @dataclass

@@ -22,11 +22,11 @@ class Target:
     op: str
     limit: float
 
-    def met(self, value: float | None) -> bool:
-        return value is not None and not math.isnan(value) and _COMPARE[self.op](value, self.limit)
+    def met(self, value: float) -> bool:
+        return not math.isnan(value) and _COMPARE[self.op](value, self.limit)
 
     def __str__(self) -> str:
-        return f"{self.op} {self.limit:g}"
+        return f"{self.op} {_number(self.limit)}"
 
 
 def at_most(limit: float) -> Target:
@@ -55,7 +55,10 @@ class Figure:
 
     @property
     def ok(self) -> bool | None:
-        return None if self.target is None else self.target.met(self.value)
+        """Whether the target is met; None without a target or without a value."""
+        if self.target is None or self.value is None:
+            return None
+        return self.target.met(self.value)
 
     def to_json(self) -> dict[str, object]:
         return {

@@ -88,14 +88,14 @@ async def seed(path: Path) -> int:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     task.result()
-        for task in asyncio.as_completed(pending):
-            await task
+        await asyncio.gather(*pending)
         return store.head.position
     finally:
         await store.close()
 
 
 def main(argv: list[str]) -> int:
+    """Build the database at the path given; prints events, seconds and rate as JSON."""
     if len(argv) != 1:
         print("usage: python -m tests.bench.seed_history PATH", file=sys.stderr)
         return 2

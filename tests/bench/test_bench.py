@@ -32,7 +32,7 @@ class Bench:
         self.started = time.perf_counter()
         self.load_at_start = os.getloadavg()
         kept = os.environ.get("BENCH_HISTORY_DB")
-        self.history_db = Path(kept) if kept else workdir / "history.db"
+        self.history_db = Path(kept).resolve() if kept else workdir / "history.db"
         self._kept = kept is not None
         self._seeding: Command | None = None
 
@@ -68,6 +68,9 @@ class Bench:
             self._seeding.popen.wait()
 
     def check(self, scenario: str) -> None:
+        """Say the scenario is done; under BENCH_STRICT, fail it if it missed a target."""
+        minutes = (time.perf_counter() - self.started) / 60
+        print(f"\n{scenario}: done at {minutes:.1f} min, load {os.getloadavg()[0]:.2f}")
         missed = self.report.missed(scenario)
         if STRICT and missed:
             pytest.fail(f"{scenario}: missed " + ", ".join(f.label for f in missed))
