@@ -18,7 +18,8 @@ from service.store.event_store import EventStore
 from service.web import batches as batch_routes
 from service.web import docs, events, health, websocket
 from service.web.errors import error_middleware, webargs_error
-from service.web.keys import CLIENT, PROCESSOR, SETTINGS, SOCKETS, STARTED_AT, STORE
+from service.web.keys import CLIENT, PROCESSOR, SETTINGS, SOCKETS, STARTED_AT, STATUS_CACHE, STORE
+from service.web.status_cache import StatusCache
 
 DESCRIPTION = (
     "Bulk-load hospitals from a CSV into the Hospital Directory API. Every fact is an event "
@@ -61,6 +62,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[STARTED_AT] = time.monotonic()
     app[SOCKETS] = weakref.WeakSet()
+    app[STATUS_CACHE] = StatusCache(settings.api.status_cache_seconds)
     app.cleanup_ctx.extend([store_ctx, directory_ctx, processor_ctx])
     app.on_shutdown.append(websocket.close_all)
     app.add_routes(batch_routes.routes)

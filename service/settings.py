@@ -67,6 +67,7 @@ class CsvSettings:
 @dataclass(frozen=True)
 class ApiSettings:
     bulk_wait_seconds: float = 120.0
+    status_cache_seconds: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,7 @@ def _validate(s: Settings) -> None:
         (s.csv.max_rows >= 1, "csv.max_rows", "must be at least 1"),
         (s.csv.max_bytes >= 1024, "csv.max_bytes", "must be at least 1024"),
         (s.api.bulk_wait_seconds >= 0, "api.bulk_wait_seconds", "must be >= 0"),
+        (s.api.status_cache_seconds >= 0, "api.status_cache_seconds", "must be >= 0"),
         (s.websocket.max_backlog >= 1, "websocket.max_backlog", "must be at least 1"),
     ]
     for ok, name, problem in checks:

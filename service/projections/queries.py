@@ -28,12 +28,15 @@ async def get_batch(store: EventStore, batch_id: str) -> dict[str, Any] | None:
     return _dict(rows[0]) if rows else None
 
 
+ROW_NAMES = tuple(name.strip() for name in ROW_COLUMNS.split(","))
+
+
 async def get_rows(store: EventStore, batch_id: str) -> list[dict[str, Any]]:
     """Every row of a batch, in file order."""
-    rows = await store.fetch(
+    rows = await store.select(
         f"SELECT {ROW_COLUMNS} FROM batch_rows WHERE batch_id = ? ORDER BY row", (batch_id,)
     )
-    return [_dict(r) for r in rows]
+    return [dict(zip(ROW_NAMES, r, strict=True)) for r in rows]
 
 
 async def find_by_idempotency_key(store: EventStore, key: str) -> dict[str, Any] | None:

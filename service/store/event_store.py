@@ -337,7 +337,7 @@ class EventStore:
         self, stream_id: str, after_version: int = -1, limit: int | None = None
     ) -> list[StoredEvent]:
         """A stream's events after `after_version`, in version order."""
-        rows = await self._select(
+        rows = await self.select(
             f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ? AND stream_version > ? "
             "ORDER BY stream_version LIMIT ?",
             (stream_id, after_version, -1 if limit is None else limit),
@@ -346,7 +346,7 @@ class EventStore:
 
     async def read_all(self, after_position: int = 0, limit: int = READ_PAGE) -> list[StoredEvent]:
         """Events of every stream after `after_position`, in log order."""
-        rows = await self._select(
+        rows = await self.select(
             f"SELECT {EVENT_COLUMNS} FROM events WHERE global_position > ? "
             "ORDER BY global_position LIMIT ?",
             (after_position, limit),
@@ -355,13 +355,14 @@ class EventStore:
 
     async def stream_version(self, stream_id: str) -> int:
         """The stream's last version, -1 when it does not exist."""
-        rows = await self._select(
+        rows = await self.select(
             "SELECT COALESCE(MAX(stream_version), -1) FROM events WHERE stream_id = ?",
             (stream_id,),
         )
         return int(rows[0][0])
 
-    async def _select(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    async def select(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """Run a read-only query on a reader connection; rows as tuples."""
         async with self._reader() as conn:
             conn.row_factory = None
             async with conn.execute(sql, params) as cur:
@@ -405,7 +406,7 @@ class EventStore:
             return list(_islice(recent, start))
         if stream_id is None:
             return await self.read_all(position, READ_PAGE)
-        rows = await self._select(
+        rows = await self.select(
             f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ? AND global_position > ? "
             "ORDER BY global_position LIMIT ?",
             (stream_id, position, READ_PAGE),

@@ -20,7 +20,7 @@ from service.projections import queries
 from service.store.records import ConcurrencyError, NewEvent
 from service.web import presenters, schemas
 from service.web.errors import REQUEST_ID, ApiError, invalid
-from service.web.keys import PROCESSOR, SETTINGS, STORE
+from service.web.keys import PROCESSOR, SETTINGS, STATUS_CACHE, STORE
 from service.web.upload import read_upload
 
 routes = web.RouteTableDef()
@@ -273,7 +273,10 @@ async def status(request: web.Request) -> web.Response:
     batch_id = batch_id_of(request)
     as_of = request["querystring"].get("as_of")
     if as_of is None:
-        return web.json_response(await status_body(request, batch_id))
+        body = await request.app[STATUS_CACHE].body(request.app[STORE], batch_id)
+        if body is None:
+            raise ApiError(404, f"Batch with ID {batch_id} not found")
+        return web.Response(body=body, content_type="application/json")
     history = await request.app[STORE].read_stream(b.stream_id(batch_id), limit=as_of + 1)
     if not history:
         raise ApiError(404, f"Batch with ID {batch_id} not found")

@@ -10,10 +10,12 @@ from service.processing.directory_client import DirectoryClient
 from service.processing.processor import Processor
 from service.settings import Settings
 from service.store.event_store import EventStore
+from service.web.status_cache import StatusCache
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", EventStore)
 CLIENT = web.AppKey("directory_client", DirectoryClient)
 PROCESSOR = web.AppKey("processor", Processor)
 STARTED_AT = web.AppKey("started_at", float)
+STATUS_CACHE = web.AppKey("status_cache", StatusCache)
 SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("websockets")

@@ -1,0 +1,46 @@
+"""The shared /status body: reused while a batch runs, never across a change of status."""
+
+from __future__ import annotations
+
+import json
+
+from service.domain import events as ev
+from service.store.event_store import EventStore
+from service.store.records import NewEvent
+from service.web.status_cache import StatusCache
+from tests.integration.conftest import new_batch, requested
+
+
+async def version_of(cache: StatusCache, store: EventStore, batch_id: str) -> int:
+    body = await cache.body(store, batch_id)
+    assert body is not None
+    return int(json.loads(body)["version"])
+
+
+async def test_a_running_batch_shares_its_body_until_it_is_too_old(store: EventStore) -> None:
+    await store.append("batch-b", -1, new_batch("b", rows=2))
+    await store.append("batch-b", None, requested("b"))
+    shared, fresh = StatusCache(max_age=60.0), StatusCache(max_age=0.0)
+    assert await version_of(shared, store, "b") == 1
+
+    await store.append("batch-b", None, requested("b"))
+
+    assert await version_of(shared, store, "b") == 1  # same status, young body: reused
+    assert await version_of(fresh, store, "b") == 2
+
+
+async def test_a_change_of_status_is_never_hidden(store: EventStore) -> None:
+    await store.append("batch-b", -1, new_batch("b", rows=1))
+    await store.append("batch-b", None, requested("b"))
+    cache = StatusCache(max_age=60.0)
+    assert await version_of(cache, store, "b") == 1
+
+    await store.append("batch-b", None, [NewEvent(ev.HospitalFailed(1, "rejected", "no", False))])
+
+    body = await cache.body(store, "b")
+    assert body is not None
+    assert json.loads(body)["processing_status"] == "failed"
+
+
+async def test_an_unknown_batch_has_no_body(store: EventStore) -> None:
+    assert await StatusCache(max_age=1.0).body(store, "nope") is None
