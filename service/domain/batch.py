@@ -102,6 +102,7 @@ class BatchState:
     deleted_count: int = 0
     resumes: int = 0
     requested_any: bool = False
+    derived_status: str = ""  # kept by apply, so the fold derives it once per event
     tally: Counter[str] = field(default_factory=Counter)  # rows by status
 
     def counts(self) -> Counts:
@@ -125,7 +126,7 @@ class BatchState:
 
     @property
     def status(self) -> str:
-        return derive_status(self.counts())
+        return self.derived_status or derive_status(self.counts())
 
     @property
     def finished(self) -> bool:
@@ -187,6 +188,7 @@ def start(event: ev.BatchCreated, recorded_at: str | None = None) -> BatchState:
 def apply(state: BatchState, event: ev.Event, recorded_at: str | None = None) -> BatchState:
     """Fold one more event into the state (in place) and return it."""
     was_finished = state.finished
+    state.derived_status = ""
     match event:
         case ev.HospitalRequested(row=n, attempt=attempt):
             row = state.rows[n]
@@ -231,6 +233,7 @@ def apply(state: BatchState, event: ev.Event, recorded_at: str | None = None) ->
         case _:
             raise ValueError(f"{event.type_name} does not apply to an existing batch")
     state.version += 1
+    state.derived_status = derive_status(state.counts())
     if state.finished and not was_finished:
         state.finished_at = recorded_at
     elif not state.finished:

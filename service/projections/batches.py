@@ -222,3 +222,60 @@ def _refresh_batch(cur: sqlite3.Cursor, batch_id: str, stored: StoredEvent) -> N
             batch_id,
         ),
     )
+
+
+def write_fold(
+    cur: sqlite3.Cursor, state: b.BatchState, updated_at: str, last_position: int
+) -> None:
+    """Write one batch's read-model rows straight from its fold (what rebuild does)."""
+    counts = state.counts()
+    cur.execute(
+        "INSERT INTO batches (batch_id, file_name, idempotency_key, content_sha256, total_rows, "
+        "created_rows, failed_rows, deleted_rows, requested, activated, activation_error, "
+        "rollback_requested, rolled_back, status, stream_version, last_position, created_at, "
+        "updated_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            state.batch_id,
+            state.file_name,
+            state.idempotency_key,
+            state.content_sha256,
+            counts.total,
+            counts.created,
+            counts.failed,
+            counts.deleted,
+            int(state.requested_any),
+            int(state.activated),
+            state.activation_failure,
+            int(state.rollback_requested),
+            int(state.rolled_back),
+            state.status,
+            state.version,
+            last_position,
+            state.created_at,
+            updated_at,
+            state.finished_at,
+        ),
+    )
+    cur.executemany(
+        "INSERT INTO batch_rows (batch_id, row, line, name, address, phone, creation_batch_id, "
+        "status, hospital_id, error_reason, error_message, attempts, reconciled) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                state.batch_id,
+                r.row.row,
+                r.row.line,
+                r.row.name,
+                r.row.address,
+                r.row.phone,
+                r.creation_batch_id,
+                b.row_status(r.status, state.activated),
+                r.hospital_id,
+                r.reason,
+                r.error,
+                r.attempts,
+                int(r.reconciled),
+            )
+            for r in state.rows.values()
+        ],
+    )
