@@ -8,10 +8,12 @@ same (the body carries `version`, so the delay is visible).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 from service.domain import batch as b
 from service.projections import queries
@@ -33,6 +35,7 @@ class StatusCache:
     def __init__(self, max_age: float, size: int = 64) -> None:
         self.max_age, self.size = max_age, size
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._building: dict[tuple[str, str], asyncio.Future[bytes]] = {}
 
     async def body(self, store: EventStore, batch_id: str) -> bytes | None:
         """The batch's /status body as JSON bytes, None when there is no such batch."""
@@ -48,6 +51,17 @@ class StatusCache:
         ):
             self._entries.move_to_end(batch_id)
             return entry.body
+        # One build at a time per batch and status: pollers arriving meanwhile wait for it.
+        key = (batch_id, batch["status"])
+        building = self._building.get(key)
+        if building is None:
+            building = asyncio.ensure_future(self._build(store, batch, now))
+            self._building[key] = building
+            building.add_done_callback(lambda _: self._building.pop(key, None))
+        return await asyncio.shield(building)
+
+    async def _build(self, store: EventStore, batch: dict[str, Any], now: float) -> bytes:
+        batch_id = batch["batch_id"]
         rows = await queries.get_rows(store, batch_id)
         body = json.dumps(presenters.status(batch, rows)).encode()
         self._entries[batch_id] = _Entry(batch["stream_version"], batch["status"], now, body)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+import pytest
+
 from service.domain import events as ev
+from service.projections import queries
 from service.store.event_store import EventStore
 from service.store.records import NewEvent
 from service.web.status_cache import StatusCache
@@ -44,3 +48,24 @@ async def test_a_change_of_status_is_never_hidden(store: EventStore) -> None:
 
 async def test_an_unknown_batch_has_no_body(store: EventStore) -> None:
     assert await StatusCache(max_age=1.0).body(store, "nope") is None
+
+
+async def test_pollers_arriving_together_share_one_build(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.append("batch-b", -1, new_batch("b", rows=3))
+    cache = StatusCache(max_age=60.0)
+    reads = 0
+    real = queries.get_rows
+
+    async def counted(*args: object) -> list[dict[str, object]]:
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(0.05)
+        return await real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(queries, "get_rows", counted)
+    bodies = await asyncio.gather(*(cache.body(store, "b") for _ in range(10)))
+
+    assert reads == 1
+    assert len(set(bodies)) == 1
