@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,9 @@ import aiohttp
 from aiohttp import web
 
 from service.app import create_app
+from service.local_directory import RunningDirectory
 from service.settings import Settings
-from service.web.keys import PROCESSOR
+from service.web.keys import PROCESSOR, SETTINGS
 
 PROJECT = Path(__file__).resolve().parents[1]
 FINISHED = ("completed", "partially_completed", "failed")
@@ -72,6 +74,11 @@ class Service:
     url: str
     app: web.Application
     http: aiohttp.ClientSession
+
+    @property
+    def db_path(self) -> str:
+        """The service's SQLite file."""
+        return self.app[SETTINGS].database.path
 
     async def upload(self, content: str | bytes, **kwargs: Any) -> dict[str, Any]:
         """POST /batch/upload-csv and return the body; asserts it was accepted."""
@@ -199,3 +206,27 @@ class ServiceProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def keyed_batch(prefix: str = "test") -> tuple[str, str]:
+    """A fresh Idempotency-Key and the batch id the service derives from it."""
+    from service.web.batches import IDEMPOTENCY_NAMESPACE
+
+    key = f"{prefix}-{uuid.uuid4().hex}"
+    return key, str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, key))
+
+
+async def fill_upstream_batch(directory: RunningDirectory, batch_id: str, count: int) -> list[int]:
+    """Put `count` other hospitals into a directory batch at once, so ours meets its cap."""
+    standin = directory.standin
+    delay, jitter = standin.create_delay, standin.jitter
+    standin.set_delay(0.0)
+    ids = []
+    async with aiohttp.ClientSession() as http:
+        for n in range(count):
+            body = {"name": f"Filler {n}", "address": "x", "creation_batch_id": batch_id}
+            async with http.post(f"{directory.url}/hospitals/", json=body) as r:
+                assert r.status == 200
+                ids.append(int((await r.json())["id"]))
+    standin.set_delay(delay, jitter)
+    return ids

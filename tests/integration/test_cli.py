@@ -23,10 +23,17 @@ from service.local_directory import RunningDirectory
 from service.store.records import NewEvent
 from service.web.keys import SOCKETS, STORE
 from tests.integration.conftest import new_batch
-from tests.support import SAMPLE_CSV, Service, ServiceFactory, fast_settings, running_service
+from tests.support import (
+    SAMPLE_CSV,
+    Service,
+    ServiceFactory,
+    fast_settings,
+    fill_upstream_batch,
+    keyed_batch,
+    running_service,
+)
 
 PROJECT = Path(__file__).resolve().parents[2]
-IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1c7f0e-2b9a-4c43-9f57-6d1f1a0c9b11")
 
 
 class Captured:
@@ -90,24 +97,11 @@ async def test_on_a_terminal_the_progress_is_a_rich_bar(service: Service, sample
     assert " done, " not in captured.stdout  # no plain lines
 
 
-async def _fill_upstream_batch(directory: RunningDirectory, batch_id: str, count: int) -> list[int]:
-    ids = []
-    async with aiohttp.ClientSession() as http:
-        for n in range(count):
-            body = {"name": f"Other {n}", "address": "x", "creation_batch_id": batch_id}
-            async with http.post(f"{directory.url}/hospitals/", json=body) as r:
-                ids.append((await r.json())["id"])
-    return ids
-
-
 async def test_a_partial_batch_exits_1_and_a_resume_that_completes_it_exits_0(
     service_factory: ServiceFactory, directory: RunningDirectory, sample: Path
 ) -> None:
-    key = "cli-" + uuid.uuid4().hex
-    batch_id = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, key))
-    directory.standin.set_delay(0.0)
-    others = await _fill_upstream_batch(directory, batch_id, 19)
-    directory.standin.set_delay(0.2)
+    key, batch_id = keyed_batch("cli")
+    others = await fill_upstream_batch(directory, batch_id, 19)
     first, second, refused = Captured(), Captured(), Captured()
     async with service_factory(concurrency=1) as service:  # one create at a time: exact cap
         url = ["--url", service.url]

@@ -15,31 +15,17 @@ from service.domain.batch import ROLLED_BACK_MESSAGE
 from service.local_directory import RunningDirectory
 from service.projections.rebuild import rebuild
 from service.store.records import NewEvent, StoredEvent
-from service.web.batches import IDEMPOTENCY_NAMESPACE
 from service.web.keys import SETTINGS, STORE
-from tests.support import SAMPLE_CSV, Service, ServiceFactory, csv_of
+from tests.support import (
+    SAMPLE_CSV,
+    Service,
+    ServiceFactory,
+    csv_of,
+    fill_upstream_batch,
+    keyed_batch,
+)
 
 BATCH_FULL = "Batch cannot exceed 20 hospitals"
-
-
-def keyed_batch() -> tuple[str, str]:
-    """An Idempotency-Key and the batch id the service derives from it."""
-    key = "lifecycle-" + uuid.uuid4().hex
-    return key, str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, key))
-
-
-async def fill_upstream_batch(directory: RunningDirectory, batch_id: str) -> list[int]:
-    """Fill a directory batch to its cap of 20 with other hospitals; their ids."""
-    directory.standin.set_delay(0.0)
-    ids = []
-    async with aiohttp.ClientSession() as http:
-        for n in range(20):
-            body = {"name": f"Filler {n}", "address": "x", "creation_batch_id": batch_id}
-            async with http.post(f"{directory.url}/hospitals/", json=body) as r:
-                assert r.status == 200
-                ids.append((await r.json())["id"])
-    directory.standin.set_delay(0.2)
-    return ids
 
 
 async def delete_hospitals(directory: RunningDirectory, ids: Sequence[int]) -> None:
@@ -85,8 +71,8 @@ async def assert_fold_matches_read_model(service: Service, batch_id: str) -> Non
 
 async def failed_batch(service: Service, directory: RunningDirectory) -> tuple[str, list[int]]:
     """A 3-row batch whose every row the directory refused (its batch was full); fillers' ids."""
-    key, batch_id = keyed_batch()
-    fillers = await fill_upstream_batch(directory, batch_id)
+    key, batch_id = keyed_batch("lifecycle")
+    fillers = await fill_upstream_batch(directory, batch_id, 20)
     await service.upload(SAMPLE_CSV, headers={"Idempotency-Key": key})
     final = await service.wait_finished(batch_id)
     assert final["processing_status"] == "failed"

@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-import aiohttp
-
 from service.local_directory import RunningDirectory
 from service.web.batches import IDEMPOTENCY_NAMESPACE
 from tests.support import (
@@ -21,22 +19,12 @@ from tests.support import (
     ServiceFactory,
     csv_of,
     fast_settings,
+    fill_upstream_batch,
     form,
     running_service,
 )
 
 REFUSED = "the directory refused the row (HTTP 400): Batch cannot exceed 20 hospitals"
-
-
-async def fill_upstream_batch(directory: RunningDirectory, batch_id: str, count: int) -> None:
-    """Put `count` other hospitals in a directory batch, so that it fills up before ours."""
-    directory.standin.set_delay(0.0)
-    async with aiohttp.ClientSession() as http:
-        for n in range(count):
-            body = {"name": f"Filler {n}", "address": "x", "creation_batch_id": batch_id}
-            async with http.post(f"{directory.url}/hospitals/", json=body) as r:
-                assert r.status == 200
-    directory.standin.set_delay(0.2)
 
 
 async def upload_into_full_batch(

@@ -6,11 +6,17 @@ import asyncio
 import time
 import uuid
 
-import aiohttp
-
 from service.local_directory import RunningDirectory
 from service.projections.rebuild import rebuild
-from tests.support import SAMPLE_CSV, Service, ServiceFactory, csv_of, form
+from tests.support import (
+    SAMPLE_CSV,
+    Service,
+    ServiceFactory,
+    csv_of,
+    fill_upstream_batch,
+    form,
+    keyed_batch,
+)
 
 
 async def test_readme_sample_is_created_and_activated(
@@ -64,31 +70,14 @@ async def test_45_rows_use_three_upstream_batches(
     )
     assert sizes == [5, 20, 20]
     assert directory.standin.duplicates() == []
-    assert rebuild(_db(service)).equal
-
-
-def _db(service: Service) -> str:
-    from service.web.keys import SETTINGS
-
-    return service.app[SETTINGS].database.path
-
-
-async def _fill_upstream_batch(directory: RunningDirectory, batch_id: str, count: int) -> None:
-    directory.standin.set_delay(0.0)
-    async with aiohttp.ClientSession() as http:
-        for n in range(count):
-            body = {"name": f"Other {n}", "address": "x", "creation_batch_id": batch_id}
-            async with http.post(f"{directory.url}/hospitals/", json=body) as r:
-                assert r.status == 200
-    directory.standin.set_delay(0.2)
+    assert rebuild(service.db_path).equal
 
 
 async def test_rows_refused_by_the_directory_leave_the_batch_partially_completed(
     service_factory: ServiceFactory, directory: RunningDirectory
 ) -> None:
-    key = "partial-" + uuid.uuid4().hex
-    batch_id = str(uuid.uuid5(uuid.UUID("6f1c7f0e-2b9a-4c43-9f57-6d1f1a0c9b11"), key))
-    await _fill_upstream_batch(directory, batch_id, 19)
+    key, batch_id = keyed_batch("partial")
+    await fill_upstream_batch(directory, batch_id, 19)
     async with service_factory(concurrency=1) as service:
         accepted = await service.upload(SAMPLE_CSV, headers={"Idempotency-Key": key})
         assert accepted["batch_id"] == batch_id
@@ -105,9 +94,8 @@ async def test_rows_refused_by_the_directory_leave_the_batch_partially_completed
 async def test_a_batch_whose_every_row_fails_is_failed(
     service_factory: ServiceFactory, directory: RunningDirectory
 ) -> None:
-    key = "full-" + uuid.uuid4().hex
-    batch_id = str(uuid.uuid5(uuid.UUID("6f1c7f0e-2b9a-4c43-9f57-6d1f1a0c9b11"), key))
-    await _fill_upstream_batch(directory, batch_id, 20)
+    key, batch_id = keyed_batch("full")
+    await fill_upstream_batch(directory, batch_id, 20)
     async with service_factory() as service:
         await service.upload(SAMPLE_CSV, headers={"Idempotency-Key": key})
         final = await service.wait_finished(batch_id)
@@ -226,7 +214,7 @@ async def test_a_restart_mid_batch_finishes_it_without_duplicates(
     assert 0 < progress["processed_hospitals"] < 45
     async with service_factory() as service:
         final = await service.wait_finished(accepted["batch_id"], within=30)
-        assert rebuild(_db(service)).equal
+        assert rebuild(service.db_path).equal
     assert final["processing_status"] == "completed"
     assert len(directory.standin.all_hospitals()) == 45
     assert directory.standin.duplicates() == []
