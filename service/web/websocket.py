@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ from service.web.batches import (
     existing_batch,
 )
 from service.web.errors import ApiError, invalid
-from service.web.keys import SETTINGS, SOCKETS, STORE
+from service.web.keys import ENCODED_EVENTS, SETTINGS, SOCKETS, STORE
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -92,11 +94,15 @@ def _after(request: web.Request, floor: int, ceiling: int) -> int | None:
     return value
 
 
-async def _send(ws: web.WebSocketResponse, message: dict[str, Any], seconds: float | None) -> bool:
-    """Send one message; False when the client has not taken it within `seconds`."""
+async def _send(
+    ws: web.WebSocketResponse, message: dict[str, Any] | str, seconds: float | None
+) -> bool:
+    """Send one message (a dict, or one already encoded); False when the client has not
+    taken it within `seconds`."""
+    text = message if isinstance(message, str) else json.dumps(message)
     try:
         async with asyncio.timeout(seconds):
-            await ws.send_json(message)
+            await ws.send_str(text)
     except TimeoutError:
         return False
     return True
@@ -155,6 +161,16 @@ def _progress(state: b.BatchState) -> dict[str, Any]:
     return presenters.progress(presenters.batch_record(state))
 
 
+def _event_message(event: StoredEvent, state: b.BatchState) -> dict[str, Any]:
+    """One event and the progress right after it."""
+    return {
+        "type": "event",
+        "version": event.stream_version,
+        "event": event.to_json(),
+        "progress": _progress(state),
+    }
+
+
 def _whole(kind: str, state: b.BatchState) -> dict[str, Any]:
     """A snapshot or finished message: progress and status as of the state's version."""
     batch, rows = presenters.records_of(state)
@@ -211,6 +227,7 @@ async def batch_socket(request: web.Request) -> web.WebSocketResponse:
     check_origin(request)
     batch = await existing_batch(request)
     store, settings = request.app[STORE], request.app[SETTINGS].websocket
+    encoded = request.app[ENCODED_EVENTS]
     stream = b.stream_id(batch["batch_id"])
     last = await store.stream_version(stream)
     after = _after(request, floor=-1, ceiling=last)
@@ -232,12 +249,9 @@ async def batch_socket(request: web.Request) -> web.WebSocketResponse:
             while state is None or not (state.version >= last and _settled(state)):
                 event = await anext(events)
                 state = _advance(state, event)
-                message = {
-                    "type": "event",
-                    "version": event.stream_version,
-                    "event": event.to_json(),
-                    "progress": _progress(state),
-                }
+                message = encoded.get(
+                    stream, event.stream_version, functools.partial(_event_message, event, state)
+                )
                 if not await _send(ws, message, seconds):
                     return _not_reading(seconds)
                 lag = store.head.position - event.global_position
