@@ -6,6 +6,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from service.domain import events as ev
 
@@ -34,8 +35,7 @@ def stream_id(batch_id: str) -> str:
     return f"batch-{batch_id}"
 
 
-@dataclass(frozen=True)
-class Counts:
+class Counts(NamedTuple):
     """The numbers status is derived from; shared by the fold and the read model."""
 
     total: int

@@ -176,7 +176,7 @@ def decode(type_name: str, version: int, payload: Payload) -> Event:
     cls = EVENT_TYPES.get(type_name)
     if cls is None:
         raise UnknownEventError(f"unknown event type {type_name!r}")
-    data = upcast(type_name, version, payload)
+    data = payload if version == cls.schema_version else upcast(type_name, version, payload)
     if cls is BatchCreated:
         data = {
             **data,
@@ -186,7 +186,7 @@ def decode(type_name: str, version: int, payload: Payload) -> Event:
                 for u in data["upstream_batches"]
             ),
         }
-    else:
+    elif any(isinstance(v, list) for v in data.values()):  # JSON arrays back to tuples
         data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     return cls(**data)
 
