@@ -2,14 +2,17 @@
 
 A 5,000-row batch's /status is a large body; twenty pollers must not each read and
 encode it while the batch runs. A finished batch's body is reused until its version
-moves; a running batch's for at most `max_age` seconds while its status stays the
-same (the body carries `version`, so the delay is visible).
+moves. A running batch's is reused for `max_age` seconds while its status stays the same,
+then answered once more while its successor is built (the body carries `version`, so
+the delay is visible); a change of status always waits for a fresh body.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -19,6 +22,8 @@ from service.domain import batch as b
 from service.projections import queries
 from service.store.event_store import EventStore
 from service.web import presenters
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,21 +49,38 @@ class StatusCache:
             return None
         now = time.monotonic()
         entry = self._entries.get(batch_id)
+        same_status = entry is not None and entry.status == batch["status"]
         running = batch["status"] not in b.FINISHED
         if entry is not None and (
             entry.version == batch["stream_version"]
-            or (running and entry.status == batch["status"] and now - entry.built_at < self.max_age)
+            or (running and same_status and now - entry.built_at < self.max_age)
         ):
             self._entries.move_to_end(batch_id)
             return entry.body
-        # One build at a time per batch and status: pollers arriving meanwhile wait for it.
-        key = (batch_id, batch["status"])
+        building = self._start_build(store, batch, now)
+        if entry is not None and running and same_status:
+            # Too old, but of the same status: answer with it while the new one is built.
+            return entry.body
+        return await asyncio.shield(building)
+
+    def _start_build(
+        self, store: EventStore, batch: dict[str, Any], now: float
+    ) -> asyncio.Future[bytes]:
+        """One build at a time per batch and status; pollers arriving meanwhile share it."""
+        key = (batch["batch_id"], batch["status"])
         building = self._building.get(key)
         if building is None:
             building = asyncio.ensure_future(self._build(store, batch, now))
             self._building[key] = building
-            building.add_done_callback(lambda _: self._building.pop(key, None))
-        return await asyncio.shield(building)
+            building.add_done_callback(functools.partial(self._built, key))
+        return building
+
+    def _built(self, key: tuple[str, str], building: asyncio.Future[bytes]) -> None:
+        self._building.pop(key, None)
+        if not building.cancelled() and building.exception() is not None:
+            log.warning(
+                "building the /status body of %s failed", key[0], exc_info=building.exception()
+            )
 
     async def _build(self, store: EventStore, batch: dict[str, Any], now: float) -> bytes:
         batch_id = batch["batch_id"]

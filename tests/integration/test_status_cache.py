@@ -69,3 +69,17 @@ async def test_pollers_arriving_together_share_one_build(
 
     assert reads == 1
     assert len(set(bodies)) == 1
+
+
+async def test_an_expired_body_is_answered_once_more_while_its_successor_is_built(
+    store: EventStore,
+) -> None:
+    await store.append("batch-b", -1, new_batch("b", rows=2))
+    await store.append("batch-b", None, requested("b"))
+    cache = StatusCache(max_age=0.0)
+    assert await version_of(cache, store, "b") == 1
+    await store.append("batch-b", None, requested("b"))
+
+    assert await version_of(cache, store, "b") == 1  # stale, the rebuild is under way
+    await asyncio.sleep(0.05)
+    assert await version_of(cache, store, "b") == 2
