@@ -233,19 +233,18 @@ async def bulk(request: web.Request) -> web.Response:
         body = {**accepted_body(batch), "status": now["status"]}
         headers = {"Location": f"/batch/{batch_id}/status"}
         return web.json_response(body, status=202, headers=headers)
-    return web.json_response(await status_body(request, batch_id))
+    return await status_response(request, batch_id)
 
 
 # Reading ------------------------------------------------------------------------------------
 
 
-async def status_body(request: web.Request, batch_id: str) -> dict[str, Any]:
-    """The /status body from the read models."""
-    store = request.app[STORE]
-    batch = await queries.get_batch(store, batch_id)
-    if batch is None:
+async def status_response(request: web.Request, batch_id: str) -> web.Response:
+    """The /status body, shared with other pollers of the batch (see StatusCache)."""
+    body = await request.app[STATUS_CACHE].body(request.app[STORE], batch_id)
+    if body is None:
         raise ApiError(404, f"Batch with ID {batch_id} not found")
-    return presenters.status(batch, await queries.get_rows(store, batch_id))
+    return web.Response(body=body, content_type="application/json")
 
 
 @routes.get("/batch/{batch_id}/progress")
@@ -273,10 +272,7 @@ async def status(request: web.Request) -> web.Response:
     batch_id = batch_id_of(request)
     as_of = request["querystring"].get("as_of")
     if as_of is None:
-        body = await request.app[STATUS_CACHE].body(request.app[STORE], batch_id)
-        if body is None:
-            raise ApiError(404, f"Batch with ID {batch_id} not found")
-        return web.Response(body=body, content_type="application/json")
+        return await status_response(request, batch_id)
     history = await request.app[STORE].read_stream(b.stream_id(batch_id), limit=as_of + 1)
     if not history:
         raise ApiError(404, f"Batch with ID {batch_id} not found")
