@@ -447,11 +447,17 @@ class Processor:
                 run.batch_id,
             )
 
-    async def _patiently(self, call: Callable[[], Awaitable[Answer]]) -> Answer:
-        """Repeat a call that is safe to repeat (a read, a delete) until it gets an answer."""
+    async def _patiently(
+        self, call: Callable[[], Awaitable[Answer]], repeat_ambiguous: bool = True
+    ) -> Answer:
+        """Repeat a call while it provably was not processed, and, for a read or a delete,
+        while its answer was lost: a rate limit waits out the window, the rest back off."""
+        retryable = {Outcome.NOT_SENT, Outcome.RATE_LIMITED}
+        if repeat_ambiguous:
+            retryable.add(Outcome.AMBIGUOUS)
         answer = await call()
         for attempt in range(1, self._settings.max_attempts):
-            if answer.outcome not in (Outcome.NOT_SENT, Outcome.RATE_LIMITED, Outcome.AMBIGUOUS):
+            if answer.outcome not in retryable:
                 break
             wait = backoff(attempt, self._settings.backoff_base, self._settings.backoff_max)
             if answer.outcome is Outcome.RATE_LIMITED:
@@ -484,9 +490,9 @@ class Processor:
         ours = {run.state.rows[n].hospital_id for n in upstream.rows}
         answer = None
         for _ in range(self._settings.max_attempts):
-            answer = await self._patiently_unsent(
-                functools.partial(self._client.activate, batch_id)
-            )
+            # Activation is not idempotent: it is repeated only while provably not done.
+            activate = functools.partial(self._client.activate, batch_id)
+            answer = await self._patiently(activate, repeat_ambiguous=False)
             count = answer.body.get("activated_count") if isinstance(answer.body, dict) else None
             if answer.ok and count == len(ours):
                 return True, str(len(ours))
@@ -514,21 +520,6 @@ class Processor:
             # None of ours is active: the activation did not happen, so asking again is safe.
         message = answer.message if answer else "no answer"
         return False, f"activation of upstream batch {batch_id} did not take effect: {message}"
-
-    async def _patiently_unsent(self, call: Callable[[], Awaitable[Answer]]) -> Answer:
-        """Repeat a non-idempotent call only while it provably was not processed."""
-        answer = await call()
-        for attempt in range(1, self._settings.max_attempts):
-            if answer.outcome is Outcome.RATE_LIMITED:
-                await asyncio.sleep(self._settings.rate_window_seconds)
-            elif answer.outcome is Outcome.NOT_SENT:
-                await asyncio.sleep(
-                    backoff(attempt, self._settings.backoff_base, self._settings.backoff_max)
-                )
-            else:
-                break
-            answer = await call()
-        return answer
 
     async def _roll_back(self, run: BatchRun) -> None:
         """Delete every upstream batch; a 404 means its hospitals are already gone."""

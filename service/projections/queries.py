@@ -39,14 +39,6 @@ async def get_rows(store: EventStore, batch_id: str) -> list[dict[str, Any]]:
     return [dict(zip(ROW_NAMES, r, strict=True)) for r in rows]
 
 
-async def find_by_idempotency_key(store: EventStore, key: str) -> dict[str, Any] | None:
-    """The batch uploaded with this Idempotency-Key, or None."""
-    rows = await store.fetch(
-        f"SELECT {BATCH_COLUMNS} FROM batches WHERE idempotency_key = ?", (key,)
-    )
-    return _dict(rows[0]) if rows else None
-
-
 async def unfinished_batch_ids(store: EventStore) -> list[str]:
     """Batches the service still owes work to, oldest first."""
     rows = await store.fetch(

@@ -79,12 +79,17 @@ def batch_id_of(request: web.Request) -> str:
         ) from None
 
 
+def batch_not_found(batch_id: str) -> ApiError:
+    """The 404 users of the original tool know."""
+    return ApiError(404, f"Batch with ID {batch_id} not found")
+
+
 async def existing_batch(request: web.Request) -> dict[str, Any]:
     """The read model of the path's batch, or 404."""
     batch_id = batch_id_of(request)
     batch = await queries.get_batch(request.app[STORE], batch_id)
     if batch is None:
-        raise ApiError(404, f"Batch with ID {batch_id} not found")
+        raise batch_not_found(batch_id)
     return batch
 
 
@@ -243,7 +248,7 @@ async def status_response(request: web.Request, batch_id: str) -> web.Response:
     """The /status body, shared with other pollers of the batch (see StatusCache)."""
     body = await request.app[STATUS_CACHE].body(request.app[STORE], batch_id)
     if body is None:
-        raise ApiError(404, f"Batch with ID {batch_id} not found")
+        raise batch_not_found(batch_id)
     return web.Response(body=body, content_type="application/json")
 
 
@@ -275,7 +280,7 @@ async def status(request: web.Request) -> web.Response:
         return await status_response(request, batch_id)
     history = await request.app[STORE].read_stream(b.stream_id(batch_id), limit=as_of + 1)
     if not history:
-        raise ApiError(404, f"Batch with ID {batch_id} not found")
+        raise batch_not_found(batch_id)
     state = b.fold((e.decode(), e.recorded_at) for e in history)
     if state.version < as_of:
         raise invalid(
