@@ -48,6 +48,8 @@ class HospitalStore:
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
         self._rows: dict[int, Hospital] = {}
+        # Members of each batch by id: the cap check on every create must not scan the table.
+        self._batches: dict[str, dict[int, Hospital]] = {}
         self._last_id = 0
 
     def add(self, new: NewHospital) -> Hospital:
@@ -64,8 +66,10 @@ class HospitalStore:
             created_at=datetime.now(UTC).replace(tzinfo=None),
         )
         self._rows[hospital.id] = hospital
+        if hospital.creation_batch_id is not None:
+            self._batches.setdefault(hospital.creation_batch_id, {})[hospital.id] = hospital
         while len(self._rows) > self._capacity:
-            del self._rows[next(iter(self._rows))]
+            self.delete(next(iter(self._rows)))
         return hospital
 
     def __len__(self) -> int:
@@ -77,7 +81,15 @@ class HospitalStore:
 
     def delete(self, hospital_id: int) -> bool:
         """Remove one hospital; False when it was not stored."""
-        return self._rows.pop(hospital_id, None) is not None
+        hospital = self._rows.pop(hospital_id, None)
+        if hospital is None:
+            return False
+        if hospital.creation_batch_id is not None:
+            members = self._batches[hospital.creation_batch_id]
+            del members[hospital_id]
+            if not members:
+                del self._batches[hospital.creation_batch_id]
+        return True
 
     def all(self) -> list[Hospital]:
         """Every stored hospital, oldest first."""
@@ -85,20 +97,18 @@ class HospitalStore:
 
     def batch(self, batch_id: str) -> list[Hospital]:
         """The stored members of a batch, oldest first."""
-        return [h for h in self._rows.values() if h.creation_batch_id == batch_id]
+        return list(self._batches.get(batch_id, {}).values())
 
     def delete_batch(self, batch_id: str) -> int:
         """Remove every member of a batch and return how many there were."""
         members = self.batch(batch_id)
         for hospital in members:
-            del self._rows[hospital.id]
+            self.delete(hospital.id)
         return len(members)
 
     def batch_totals(self) -> dict[str, int]:
         """Stored hospitals per batch id (batchless hospitals are left out)."""
-        return dict(
-            Counter(h.creation_batch_id for h in self._rows.values() if h.creation_batch_id)
-        )
+        return {batch_id: len(members) for batch_id, members in self._batches.items()}
 
     def duplicates(self) -> list[dict[str, Any]]:
         """Groups of batch members sharing batch, name, address and phone, with their count."""
@@ -122,4 +132,5 @@ class HospitalStore:
     def clear(self) -> None:
         """Forget everything, ids included, as a directory restart does."""
         self._rows.clear()
+        self._batches.clear()
         self._last_id = 0

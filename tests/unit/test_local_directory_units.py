@@ -118,6 +118,20 @@ def test_store_drops_the_oldest_and_restarts_ids_when_cleared() -> None:
     assert store.add(NewHospital("D", "x", None, None)).id == 1
 
 
+def test_batch_members_follow_eviction_and_deletes() -> None:
+    store = HospitalStore(capacity=3)
+    for name, batch in (("A", "b1"), ("B", "b1"), ("C", "b2"), ("D", "b1")):
+        store.add(NewHospital(name, "x", None, batch))
+
+    assert [h.name for h in store.batch("b1")] == ["B", "D"]  # A was evicted, oldest first
+    assert store.delete(2)
+    assert not store.delete(2)
+    assert [h.name for h in store.batch("b1")] == ["D"]
+    assert store.delete_batch("b1") == 1
+    assert store.batch("b1") == []
+    assert store.batch_totals() == {"b2": 1}
+
+
 def test_duplicates_only_count_rows_of_the_same_batch() -> None:
     store = HospitalStore(capacity=10)
     for batch in ("b1", "b1", "b2", None, None):
