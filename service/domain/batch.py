@@ -190,9 +190,10 @@ def apply(state: BatchState, event: ev.Event, recorded_at: str | None = None) ->
     was_finished = state.finished
     state.derived_status = ""
     match event:
-        case ev.HospitalRequested(row=n, attempt=attempt):
-            row = state.rows[n]
-            row.may_exist, row.attempts = True, attempt
+        case ev.HospitalRequested(rows=rows, attempts=attempts):
+            for n, attempt in zip(rows, attempts, strict=True):
+                row = state.rows[n]
+                row.may_exist, row.attempts = True, attempt
             state.requested_any = True
         case ev.HospitalRetryScheduled(row=n, reason=reason, message=message):
             row = state.rows[n]

@@ -65,10 +65,20 @@ class BatchCreated(Event):
 
 @dataclass(frozen=True)
 class HospitalRequested(Event):
+    """Creates about to be sent: row `rows[i]` on its attempt `attempts[i]`.
+
+    Version 2 names every row that workers took up together, so their intents share one
+    event and one commit; version 1 named one row and the upstream batch its plan gives.
+    """
+
     type_name = "HospitalRequested"
-    row: int
-    creation_batch_id: str
-    attempt: int
+    schema_version = 2
+    rows: tuple[int, ...]
+    attempts: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.rows) != len(self.attempts):
+            raise ValueError("HospitalRequested needs one attempt per row")
 
 
 @dataclass(frozen=True)
@@ -148,7 +158,9 @@ EVENT_TYPES: dict[str, type[Event]] = {
 
 Upcaster = Callable[[Payload], Payload]
 # (type name, from version) -> function returning the payload at from version + 1.
-UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+UPCASTERS: dict[tuple[str, int], Upcaster] = {
+    ("HospitalRequested", 1): lambda p: {"rows": [p["row"]], "attempts": [p["attempt"]]},
+}
 
 
 class UnknownEventError(ValueError):

@@ -8,11 +8,13 @@ import functools
 import logging
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from service.domain import batch as b
 from service.domain import events as ev
 from service.processing.directory_client import Answer, DirectoryClient, Outcome
+from service.processing.outbox import Outbox
 from service.processing.pacing import WindowPacer, backoff
 from service.processing.runs import BatchRun, Gate
 from service.projections import queries
@@ -25,6 +27,20 @@ log = logging.getLogger(__name__)
 
 class Refused(Exception):
     """A lifecycle request that the batch's state does not allow (409 at the API)."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A row whose intent is in the log, waiting for its create to be sent."""
+
+    run: BatchRun
+    row: int
+    gate: Gate
+    attempt: int
+
+    @property
+    def batch_id(self) -> str:
+        return self.run.batch_id
 
 
 class Processor:
@@ -235,19 +251,44 @@ class Processor:
         return None
 
     async def _worker(self) -> None:
+        """Send one row at a time; while its create is in flight, get the next one ready.
+
+        Getting a row ready ends with its intent committed, so the commit overlaps the
+        create before it instead of holding up the directory's pipe.
+        """
+        upcoming = asyncio.create_task(self._next_ready())
+        try:
+            while (ready := await upcoming) is not None:
+                upcoming = asyncio.create_task(self._next_ready())
+                try:
+                    answer = await self._deliver(ready)
+                except Exception:
+                    log.exception("creating row %s of batch %s failed", ready.row, ready.batch_id)
+                    answer = None
+                if answer is None:
+                    ready.gate.in_flight -= 1
+                    await ready.gate.notify()
+                    self._release(ready.run, ready.row)
+                else:
+                    # The worker moves on; the row stays held (and its create counted in
+                    # flight) until its outcome is in the log.
+                    self._spawn(self._record(ready, answer))
+        finally:
+            upcoming.cancel()
+
+    async def _next_ready(self) -> Ready | None:
+        """The next row with its intent in the log, or None once the pool stops."""
         while (job := await self._next_row()) is not None:
             run, row = job
             try:
-                sent = await self._send(run, row)
+                ready = await self._prepare(run, row)
             except Exception:
-                log.exception("creating row %s of batch %s failed", row, run.batch_id)
-                sent = None
-            if sent is None:
-                self._release(run, row)
-            else:
-                # The worker moves on; the row stays held (and its create counted in flight)
-                # until its outcome is in the log.
-                self._spawn(self._record(run, row, *sent))
+                log.exception("preparing row %s of batch %s failed", row, run.batch_id)
+                ready = None
+            if ready is not None:
+                return ready
+            self._release(run, row)
+        return None
 
     def _release(self, run: BatchRun, row: int) -> None:
         run.held.discard(row)
@@ -261,56 +302,67 @@ class Processor:
         self, run: BatchRun, event: ev.Event, *id_parts: object, cause: str = "processing"
     ) -> None:
         """Append a worker's fact; its id derives from the decision, so a retry stores it once."""
+        run.absorb(await self._outbox(run).emit(self._fact(run, event, *id_parts, cause=cause)))
+
+    @staticmethod
+    def _fact(
+        run: BatchRun, event: ev.Event, *id_parts: object, cause: str = "processing"
+    ) -> NewEvent:
         if run.state.resumes:
             # After a resume, the same row and attempt is a new decision: without this, the
             # resumed row's outcome would take the id of the failure it replaces, and be dropped.
             id_parts = (*id_parts, "resume", run.state.resumes)
-        new = NewEvent(
+        return NewEvent(
             event,
             event_id=ev.derived_event_id(run.batch_id, *id_parts),
             metadata={"actor": "processor", "cause": cause},
         )
-        run.absorb(await self._store.append(b.stream_id(run.batch_id), None, [new]))
 
-    async def _send(self, run: BatchRun, n: int) -> tuple[Gate, int, Answer] | None:
-        """Record the intent, then send the create; None when the row needs no create now."""
+    def _outbox(self, run: BatchRun) -> Outbox:
+        if run.outbox is None:
+
+            def intent(rows: tuple[int, ...], attempts: tuple[int, ...]) -> NewEvent:
+                pairs = (f"{n}.{a}" for n, a in zip(rows, attempts, strict=True))
+                return self._fact(run, ev.HospitalRequested(rows, attempts), "requested", *pairs)
+
+            append = functools.partial(self._store.append, b.stream_id(run.batch_id), None)
+            run.outbox = Outbox(append, intent, self._spawn)
+        return run.outbox
+
+    async def _prepare(self, run: BatchRun, n: int) -> Ready | None:
+        """Record the intent to send row `n`; None when the row needs no create now."""
         row = run.state.rows[n]
         gate = run.gate(row.creation_batch_id)
-
-        def still_needed() -> bool:
-            return (
-                row.status == b.ROW_PENDING
-                and not row.may_exist
-                and not (run.state.rollback_requested)
-            )
-
         await gate.wait_open()
         await self._ensure_awake()
-        if not still_needed():  # checked before taking one of the window's creates, and after
-            return None
-        await self._pacer.acquire()
-        if not still_needed():
+        if row.status != b.ROW_PENDING or row.may_exist or run.state.rollback_requested:
             return None
         attempt = row.attempts + 1
         gate.in_flight += 1
         try:
-            intent = ev.HospitalRequested(n, row.creation_batch_id, attempt)
-            await self._emit(run, intent, n, "requested", attempt)
-            answer = await self._client.create(
-                row.row.name, row.row.address, row.row.phone, row.creation_batch_id
-            )
+            run.absorb(await self._outbox(run).request(n, attempt))
         except BaseException:
             gate.in_flight -= 1
             await gate.notify()
             raise
-        return gate, attempt, answer
+        return Ready(run, n, gate, attempt)
 
-    async def _record(
-        self, run: BatchRun, n: int, gate: Gate, attempt: int, answer: Answer
-    ) -> None:
+    async def _deliver(self, ready: Ready) -> Answer | None:
+        """Send a ready row's create within the window's limit; None when a rollback came
+        first (its intent then gets the check in the directory that unanswered ones get)."""
+        await self._pacer.acquire()
+        if ready.run.state.rollback_requested:
+            return None
+        row = ready.run.state.rows[ready.row].row
+        return await self._client.create(
+            row.name, row.address, row.phone, ready.gate.creation_batch_id
+        )
+
+    async def _record(self, ready: Ready, answer: Answer) -> None:
+        run, n, gate = ready.run, ready.row, ready.gate
         keep = False
         try:
-            keep = await self._record_create(run, gate, n, attempt, answer)
+            keep = await self._record_create(run, gate, n, ready.attempt, answer)
         finally:
             gate.in_flight -= 1
             await gate.notify()

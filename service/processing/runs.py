@@ -8,6 +8,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from service.domain import batch as b
+from service.processing.outbox import Outbox
 from service.store.records import StoredEvent
 
 
@@ -62,6 +63,7 @@ class BatchRun:
     scheduled: bool = False  # in the processor's round-robin line
     gates: dict[str, Gate] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None  # activation or rollback under way
+    outbox: Outbox | None = None  # the facts its workers emit, appended together
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     _early: dict[int, StoredEvent] = field(default_factory=dict)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+from collections import Counter
+from collections.abc import Sequence
 
 from service.domain import batch as b
 from service.domain import events as ev
@@ -11,14 +13,16 @@ from service.store.records import StoredEvent
 CREATED_STATUSES = (b.ROW_CREATED, b.ROW_ACTIVE)
 
 
-def project(cur: sqlite3.Cursor, stored: StoredEvent, event: ev.Event) -> None:
-    """Apply one event to the read models; rebuild replays the log through this same code."""
-    batch_id = stored.stream_id.removeprefix("batch-")
-    if isinstance(event, ev.BatchCreated):
-        _insert_batch(cur, stored, event)
-    else:
-        _update_rows(cur, batch_id, event)
-    _refresh_batch(cur, batch_id, stored)
+def project(cur: sqlite3.Cursor, appended: Sequence[StoredEvent]) -> None:
+    """Apply one append's events (one stream's) to the read models, then derive status once."""
+    batch = _Batch(cur, appended[0].stream_id.removeprefix("batch-"))
+    for stored in appended:
+        event = stored.decode()
+        if isinstance(event, ev.BatchCreated):
+            _insert_batch(cur, stored, event)
+        else:
+            batch.apply(event)
+    batch.finish(appended[-1])
 
 
 def _insert_batch(cur: sqlite3.Cursor, stored: StoredEvent, event: ev.BatchCreated) -> None:
@@ -68,160 +72,125 @@ COUNTER = {
 }
 
 
-def _set_row(cur: sqlite3.Cursor, batch_id: str, row: int, sql: str, *params: object) -> None:
-    cur.execute(
-        f"UPDATE batch_rows SET {sql} WHERE batch_id = ? AND row = ?", (*params, batch_id, row)
-    )
-    if cur.rowcount != 1:
-        raise ValueError(f"batch {batch_id} has no row {row}")
+class _Batch:
+    """One append's changes to one batch: rows at once, counters and status at the end."""
 
+    def __init__(self, cur: sqlite3.Cursor, batch_id: str) -> None:
+        self.cur, self.batch_id = cur, batch_id
+        self.counts: Counter[str] = Counter()  # change of each counter column
+        self.values: dict[str, object] = {}  # columns given a new value
 
-def _move_row(
-    cur: sqlite3.Cursor, batch_id: str, row: int, status: str, sql: str, *params: object
-) -> None:
-    """Give one row a new status, keeping the batch's counters in step."""
-    found = cur.execute(
-        "SELECT status FROM batch_rows WHERE batch_id = ? AND row = ?", (batch_id, row)
-    ).fetchone()
-    if found is None:
-        raise ValueError(f"batch {batch_id} has no row {row}")
-    _set_row(cur, batch_id, row, f"status = ?, {sql}", status, *params)
-    _count(cur, batch_id, found[0], status, 1)
-
-
-def _move_rows(
-    cur: sqlite3.Cursor, batch_id: str, old: str, new: str, sql: str = "", *params: object
-) -> None:
-    """Give every row of one status another, keeping the counters in step."""
-    sets = f"status = ?{', ' + sql if sql else ''}"
-    cur.execute(
-        f"UPDATE batch_rows SET {sets} WHERE batch_id = ? AND status = ?",
-        (new, *params, batch_id, old),
-    )
-    _count(cur, batch_id, old, new, cur.rowcount)
-
-
-def _count(cur: sqlite3.Cursor, batch_id: str, old: str, new: str, rows: int) -> None:
-    if rows == 0 or COUNTER.get(old) == COUNTER.get(new):
-        return
-    sets = [
-        f"{COUNTER[s]} = {COUNTER[s]} {sign} ?"
-        for s, sign in ((old, "-"), (new, "+"))
-        if s in COUNTER
-    ]
-    cur.execute(
-        f"UPDATE batches SET {', '.join(sets)} WHERE batch_id = ?",
-        (*[rows] * len(sets), batch_id),
-    )
-
-
-def _update_rows(cur: sqlite3.Cursor, batch_id: str, event: ev.Event) -> None:
-    batch_sets = ""
-    match event:
-        case ev.HospitalRequested(row=row, attempt=attempt):
-            _set_row(cur, batch_id, row, "attempts = ?", attempt)
-            batch_sets = "requested = 1"
-        case ev.HospitalRetryScheduled(row=row, reason=reason, message=message):
-            _set_row(cur, batch_id, row, "error_reason = ?, error_message = ?", reason, message)
-        case ev.HospitalCreated(row=row, hospital_id=hospital_id, reconciled=reconciled):
-            _move_row(
-                cur,
-                batch_id,
-                row,
-                b.ROW_CREATED,
-                "hospital_id = ?, reconciled = ?, error_reason = NULL, error_message = NULL",
-                hospital_id,
-                int(reconciled),
-            )
-        case ev.HospitalFailed(row=row, reason=reason, message=message):
-            _move_row(
-                cur,
-                batch_id,
-                row,
-                b.ROW_FAILED,
-                "error_reason = ?, error_message = ?",
-                reason,
-                message,
-            )
-        case ev.BatchActivated():
-            _move_rows(cur, batch_id, b.ROW_CREATED, b.ROW_ACTIVE)
-            batch_sets = "activated = 1"
-        case ev.BatchActivationFailed(reason=reason):
-            cur.execute(
-                "UPDATE batches SET activation_error = ? WHERE batch_id = ?", (reason, batch_id)
-            )
-        case ev.BatchResumed(rows=rows):
-            for row in rows:
-                _move_row(
-                    cur, batch_id, row, b.ROW_PENDING, "error_reason = NULL, error_message = NULL"
+    def apply(self, event: ev.Event) -> None:
+        match event:
+            case ev.HospitalRequested(rows=rows, attempts=attempts):
+                self.cur.executemany(
+                    "UPDATE batch_rows SET attempts = ? WHERE batch_id = ? AND row = ?",
+                    [
+                        (attempt, self.batch_id, n)
+                        for n, attempt in zip(rows, attempts, strict=True)
+                    ],
                 )
-            batch_sets = "activation_error = NULL"
-        case ev.BatchRollbackRequested():
-            batch_sets = "rollback_requested = 1"
-        case ev.BatchRolledBack():
-            for created in CREATED_STATUSES:
-                _move_rows(cur, batch_id, created, b.ROW_DELETED)
-            _move_rows(
-                cur,
-                batch_id,
-                b.ROW_PENDING,
-                b.ROW_FAILED,
-                "error_reason = ?, error_message = ?",
-                "rolled_back",
-                b.ROLLED_BACK_MESSAGE,
-            )
-            batch_sets = "rolled_back = 1"
-        case _:
-            raise ValueError(f"{event.type_name} does not apply to an existing batch")
-    if batch_sets:
-        cur.execute(f"UPDATE batches SET {batch_sets} WHERE batch_id = ?", (batch_id,))
+                if self.cur.rowcount != len(rows):
+                    raise ValueError(f"batch {self.batch_id} lacks some of the rows {rows}")
+                self.values["requested"] = 1
+            case ev.HospitalRetryScheduled(row=row, reason=reason, message=message):
+                self._set_row(row, "error_reason = ?, error_message = ?", reason, message)
+            case ev.HospitalCreated(row=row, hospital_id=hospital_id, reconciled=reconciled):
+                self._move_row(
+                    row,
+                    b.ROW_CREATED,
+                    "hospital_id = ?, reconciled = ?, error_reason = NULL, error_message = NULL",
+                    hospital_id,
+                    int(reconciled),
+                )
+            case ev.HospitalFailed(row=row, reason=reason, message=message):
+                self._move_row(
+                    row, b.ROW_FAILED, "error_reason = ?, error_message = ?", reason, message
+                )
+            case ev.BatchActivated():
+                self._move_rows(b.ROW_CREATED, b.ROW_ACTIVE)
+                self.values["activated"] = 1
+            case ev.BatchActivationFailed(reason=reason):
+                self.values["activation_error"] = reason
+            case ev.BatchResumed(rows=rows):
+                for row in rows:
+                    self._move_row(row, b.ROW_PENDING, "error_reason = NULL, error_message = NULL")
+                self.values["activation_error"] = None
+                self.values["finished_at"] = None  # it finishes anew, maybe in this append
+            case ev.BatchRollbackRequested():
+                self.values["rollback_requested"] = 1
+            case ev.BatchRolledBack():
+                for created in CREATED_STATUSES:
+                    self._move_rows(created, b.ROW_DELETED)
+                self._move_rows(
+                    b.ROW_PENDING,
+                    b.ROW_FAILED,
+                    "error_reason = ?, error_message = ?",
+                    "rolled_back",
+                    b.ROLLED_BACK_MESSAGE,
+                )
+                self.values["rolled_back"] = 1
+            case _:
+                raise ValueError(f"{event.type_name} does not apply to an existing batch")
 
-
-def _refresh_batch(cur: sqlite3.Cursor, batch_id: str, stored: StoredEvent) -> None:
-    """Derive the status from the counters with the same rule as the domain fold."""
-    (
-        total,
-        created,
-        failed,
-        deleted,
-        requested,
-        activated,
-        activation_failed,
-        rolled_back,
-        finished_at,
-    ) = cur.execute(
-        "SELECT total_rows, created_rows, failed_rows, deleted_rows, requested, activated, "
-        "activation_error IS NOT NULL, rolled_back, finished_at FROM batches WHERE batch_id = ?",
-        (batch_id,),
-    ).fetchone()
-    status = b.derive_status(
-        b.Counts(
-            total=total,
-            created=created,
-            failed=failed,
-            deleted=deleted,
-            requested=bool(requested),
-            activated=bool(activated),
-            activation_failed=bool(activation_failed),
-            rolled_back=bool(rolled_back),
+    def _set_row(self, row: int, sql: str, *params: object) -> None:
+        self.cur.execute(
+            f"UPDATE batch_rows SET {sql} WHERE batch_id = ? AND row = ?",
+            (*params, self.batch_id, row),
         )
-    )
-    if status not in b.FINISHED:
-        finished_at = None
-    elif finished_at is None:
-        finished_at = stored.recorded_at
-    cur.execute(
-        "UPDATE batches SET status = ?, stream_version = ?, last_position = ?, updated_at = ?, "
-        "finished_at = ? WHERE batch_id = ?",
-        (
-            status,
-            stored.stream_version,
-            stored.global_position,
-            stored.recorded_at,
-            finished_at,
-            batch_id,
-        ),
-    )
+        if self.cur.rowcount != 1:
+            raise ValueError(f"batch {self.batch_id} has no row {row}")
+
+    def _move_row(self, row: int, status: str, sql: str, *params: object) -> None:
+        """Give one row a new status, counting the change."""
+        found = self.cur.execute(
+            "SELECT status FROM batch_rows WHERE batch_id = ? AND row = ?", (self.batch_id, row)
+        ).fetchone()
+        if found is None:
+            raise ValueError(f"batch {self.batch_id} has no row {row}")
+        self._set_row(row, f"status = ?, {sql}", status, *params)
+        self._count(found[0], status, 1)
+
+    def _move_rows(self, old: str, new: str, sql: str = "", *params: object) -> None:
+        """Give every row of one status another, counting the change."""
+        sets = f"status = ?{', ' + sql if sql else ''}"
+        self.cur.execute(
+            f"UPDATE batch_rows SET {sets} WHERE batch_id = ? AND status = ?",
+            (new, *params, self.batch_id, old),
+        )
+        self._count(old, new, self.cur.rowcount)
+
+    def _count(self, old: str, new: str, rows: int) -> None:
+        if old in COUNTER:
+            self.counts[COUNTER[old]] -= rows
+        if new in COUNTER:
+            self.counts[COUNTER[new]] += rows
+
+    def finish(self, last: StoredEvent) -> None:
+        """Write the counters and values, then derive the status with the fold's rule."""
+        sets = [f"{column} = {column} + ?" for column in self.counts]
+        sets += [f"{column} = ?" for column in self.values]
+        sets += ["stream_version = ?", "last_position = ?", "updated_at = ?"]
+        params = [*self.counts.values(), *self.values.values()]
+        params += [last.stream_version, last.global_position, last.recorded_at, self.batch_id]
+        found = self.cur.execute(
+            f"UPDATE batches SET {', '.join(sets)} WHERE batch_id = ? RETURNING total_rows, "
+            "created_rows, failed_rows, deleted_rows, requested, activated, "
+            "activation_error IS NOT NULL, rolled_back, finished_at",
+            params,
+        ).fetchone()
+        if found is None:
+            raise ValueError(f"batch {self.batch_id} does not exist")
+        *counts, finished_at = found
+        status = b.derive_status(b.Counts(*counts[:4], *map(bool, counts[4:])))
+        if status not in b.FINISHED:
+            finished_at = None
+        elif finished_at is None:
+            finished_at = last.recorded_at
+        self.cur.execute(
+            "UPDATE batches SET status = ?, finished_at = ? WHERE batch_id = ?",
+            (status, finished_at, self.batch_id),
+        )
 
 
 def write_fold(

@@ -9,6 +9,8 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
+import orjson
+
 from service.domain import batch as b
 from service.domain.events import decode
 from service.projections import batches
@@ -61,7 +63,8 @@ def replay(conn: sqlite3.Connection, source: str = "main") -> int:
     for _, stream in itertools.groupby(events, key=operator.itemgetter(0)):
         rows = list(stream)
         history = [
-            (decode(kind, schema, json.loads(data)), at) for _, _, kind, schema, data, at, _ in rows
+            (decode(kind, schema, orjson.loads(data)), at)
+            for _, _, kind, schema, data, at, _ in rows
         ]
         count += len(rows)
         *_, updated_at, position = rows[-1]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import json
 import logging
 import sqlite3
 from collections import deque
@@ -17,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import orjson
 
-from service.domain.events import Event
 from service.store.migrations import check_sqlite_version, migrate
 from service.store.records import (
     EVENT_COLUMNS,
@@ -31,7 +30,8 @@ from service.store.records import (
 
 log = logging.getLogger(__name__)
 
-Projector = Callable[[sqlite3.Cursor, StoredEvent, Event], None]
+# Keeps read models in step: called in the append's transaction with its stored events.
+Projector = Callable[[sqlite3.Cursor, Sequence[StoredEvent]], None]
 
 MAX_GROUP = 256  # appends committed in one transaction at most
 RECENT_EVENTS = 20_000  # committed events kept in memory for followers
@@ -269,7 +269,7 @@ class EventStore:
             raise ConcurrencyError(item.stream_id, item.expected_version, current)
         result = []
         for offset, new in enumerate(item.events):
-            data = json.dumps(new.event.payload(), separators=(",", ":"))
+            payload = orjson.dumps(new.event.payload())
             version = current + 1 + offset
             try:
                 cur.execute(
@@ -282,8 +282,8 @@ class EventStore:
                         version,
                         new.event.type_name,
                         new.event.schema_version,
-                        data,
-                        json.dumps(new.metadata, separators=(",", ":")),
+                        payload.decode(),
+                        orjson.dumps(new.metadata).decode(),
                         at,
                     ),
                 )
@@ -291,21 +291,22 @@ class EventStore:
                 if self._ids_known(cur, item):
                     raise _AlreadyStored from None
                 raise
-            event = StoredEvent(
-                global_position=cur.lastrowid or 0,
-                event_id=new.event_id,
-                stream_id=item.stream_id,
-                stream_version=version,
-                event_type=new.event.type_name,
-                schema_version=new.event.schema_version,
-                data=json.loads(data),
-                metadata=new.metadata,
-                recorded_at=at,
-                event=new.event,
+            result.append(
+                StoredEvent(
+                    global_position=cur.lastrowid or 0,
+                    event_id=new.event_id,
+                    stream_id=item.stream_id,
+                    stream_version=version,
+                    event_type=new.event.type_name,
+                    schema_version=new.event.schema_version,
+                    data=orjson.loads(payload),  # as a read returns it: arrays, not tuples
+                    metadata=new.metadata,
+                    recorded_at=at,
+                    event=new.event,
+                )
             )
-            for project in self._projectors:
-                project(cur, event, new.event)
-            result.append(event)
+        for project in self._projectors:
+            project(cur, result)
         self._versions[item.stream_id] = current + len(item.events)
         return result
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from service.domain.events import Event, decode, new_event_id
 
@@ -76,7 +77,7 @@ EVENT_COLUMNS = (
 def from_row(row: tuple[Any, ...]) -> StoredEvent:
     """Build a StoredEvent from a row selected with EVENT_COLUMNS, upcasting its payload."""
     position, event_id, stream, version, event_type, schema_version, data, meta, at = row
-    event = decode(event_type, schema_version, json.loads(data))
+    event = decode(event_type, schema_version, orjson.loads(data))
     return StoredEvent(
         global_position=position,
         event_id=event_id,
@@ -85,7 +86,7 @@ def from_row(row: tuple[Any, ...]) -> StoredEvent:
         event_type=event_type,
         schema_version=event.schema_version,
         data=_plain(event.payload()),
-        metadata=json.loads(meta),
+        metadata=orjson.loads(meta),
         recorded_at=at,
     )
 

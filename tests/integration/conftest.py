@@ -62,4 +62,4 @@ def new_batch(batch_id: str, rows: int = 2) -> list[NewEvent]:
 
 def requested(batch_id: str, count: int = 1) -> list[NewEvent]:
     """`count` create intents for row 1: valid any number of times, so good filler."""
-    return [NewEvent(ev.HospitalRequested(1, batch_id, attempt)) for attempt in range(1, count + 1)]
+    return [NewEvent(ev.HospitalRequested((1,), (attempt,))) for attempt in range(1, count + 1)]

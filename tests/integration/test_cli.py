@@ -196,8 +196,7 @@ async def test_follow_reconnects_after_a_resync_and_loses_nothing(
                     break
                 await asyncio.sleep(0.01)
         burst = [
-            ev.HospitalRequested(1, batch_id, 1),
-            ev.HospitalRequested(2, batch_id, 1),
+            ev.HospitalRequested((1, 2), (1, 1)),
             ev.HospitalCreated(1, 101),
             ev.HospitalCreated(2, 102),
             ev.BatchActivated(1, (batch_id,)),

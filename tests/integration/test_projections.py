@@ -52,10 +52,12 @@ class Model:
         if self.activated:
             return {"rollback": [ev.BatchRollbackRequested()]}
         options: dict[str, list[ev.Event]] = {
-            "request": [
-                ev.HospitalRequested(n, self.upstream_of(n), self.attempts[n] + 1)
-                for n in rows_in["new"]
-            ],
+            "request": [ev.HospitalRequested((n,), (self.attempts[n] + 1,)) for n in rows_in["new"]]
+            + (  # every new row at once, as workers that take rows together record them
+                [ev.HospitalRequested(tuple(new), tuple(self.attempts[n] + 1 for n in new))]
+                if len(new := rows_in["new"]) > 1
+                else []
+            ),
             "create": [
                 ev.HospitalCreated(n, 1000 + n, reconciled=n % 2 == 0) for n in rows_in["sent"]
             ],
@@ -76,14 +78,12 @@ class Model:
             options["resume"] = [ev.BatchResumed(failed)]
         return {kind: events for kind, events in options.items() if events}
 
-    def upstream_of(self, row: int) -> str:
-        return next(u.creation_batch_id for u in self.created.upstream_batches if row in u.rows)
-
     def apply(self, event: ev.Event) -> None:
         match event:
-            case ev.HospitalRequested(row=n):
-                self.rows[n] = "sent"
-                self.attempts[n] += 1
+            case ev.HospitalRequested(rows=rows):
+                for n in rows:
+                    self.rows[n] = "sent"
+                    self.attempts[n] += 1
             case ev.HospitalRetryScheduled(row=n):
                 self.rows[n] = "new"
             case ev.HospitalCreated(row=n):
@@ -183,7 +183,7 @@ def story(rows: int, *appends: list[ev.Event]) -> list[tuple[str, list[ev.Event]
     return [("s", [batch_created("s", rows)]), *(("s", events) for events in appends)]
 
 
-REQUEST_1, CREATE_1 = ev.HospitalRequested(1, "s", 1), ev.HospitalCreated(1, 1001)
+REQUEST_1, CREATE_1 = ev.HospitalRequested((1,), (1,)), ev.HospitalCreated(1, 1001)
 ROLLBACK = [ev.BatchRollbackRequested(), ev.BatchRolledBack(1, ("s",))]
 
 

@@ -23,7 +23,7 @@ def history(row_count: int, *events: ev.Event) -> b.BatchState:
 
 
 def requested(row: int, attempt: int = 1) -> ev.HospitalRequested:
-    return ev.HospitalRequested(row, BATCH_ID, attempt)
+    return ev.HospitalRequested((row,), (attempt,))
 
 
 def created(row: int) -> ev.HospitalCreated:

@@ -22,7 +22,7 @@ ONE_OF_EACH: list[ev.Event] = [
         content_sha256="abc",
         idempotency_key="key-1",
     ),
-    ev.HospitalRequested(row=1, creation_batch_id="b1", attempt=2),
+    ev.HospitalRequested(rows=(1, 2), attempts=(2, 1)),
     ev.HospitalCreated(row=1, hospital_id=42, reconciled=True),
     ev.HospitalFailed(row=2, reason="rejected", message="name is required", retryable=False),
     ev.HospitalRetryScheduled(row=2, attempt=1, reason="server_error", message="503"),
@@ -91,6 +91,17 @@ def test_a_missing_upcaster_is_an_unknown_event(monkeypatch: pytest.MonkeyPatch)
 
     with pytest.raises(ev.UnknownEventError, match="no upcaster for NoteAdded v1"):
         ev.decode("NoteAdded", 1, {"note": "hi"})
+
+
+def test_a_version_1_intent_reads_as_version_2_with_one_row() -> None:
+    old = {"row": 3, "creation_batch_id": "b1", "attempt": 2}
+
+    assert ev.decode("HospitalRequested", 1, old) == ev.HospitalRequested((3,), (2,))
+
+
+def test_an_intent_needs_one_attempt_per_row() -> None:
+    with pytest.raises(ValueError, match="one attempt per row"):
+        ev.HospitalRequested((1, 2), (1,))
 
 
 def test_unknown_event_type_is_refused() -> None:
