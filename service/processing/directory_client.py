@@ -8,6 +8,7 @@ from enum import StrEnum
 from typing import Any
 
 import aiohttp
+import orjson
 
 from service.settings import DirectorySettings
 
@@ -41,6 +42,10 @@ class Reachability:
     last_call_at: float | None = None
     last_success_at: float | None = None
     last_error: str | None = None
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
 
 
 def _message(body: Any, status: int) -> str:
@@ -92,7 +97,9 @@ class DirectoryClient:
     def new_session(settings: DirectorySettings) -> aiohttp.ClientSession:
         """A session whose pool holds every worker's connection, plus a few for reads."""
         connector = aiohttp.TCPConnector(limit=settings.concurrency + 10)
-        return aiohttp.ClientSession(connector=connector, raise_for_status=False)
+        return aiohttp.ClientSession(
+            connector=connector, raise_for_status=False, json_serialize=_json
+        )
 
     async def create(
         self, name: str, address: str, phone: str | None, creation_batch_id: str
@@ -144,7 +151,7 @@ class DirectoryClient:
             ) as response:
                 raw = await response.read()
                 try:
-                    body = await response.json(content_type=None) if raw else None
+                    body = orjson.loads(raw) if raw else None
                 except ValueError:
                     if 200 <= response.status < 300:
                         raise  # a success must be readable: what it said may have happened

@@ -24,6 +24,8 @@ from service.store.records import ConcurrencyError, NewEvent, StoredEvent
 
 log = logging.getLogger(__name__)
 
+READY_AHEAD = 2  # rows each worker keeps ready (intent committed) behind the one it sends
+
 
 class Refused(Exception):
     """A lifecycle request that the batch's state does not allow (409 at the API)."""
@@ -256,10 +258,11 @@ class Processor:
         Getting a row ready ends with its intent committed, so the commit overlaps the
         create before it instead of holding up the directory's pipe.
         """
-        upcoming = asyncio.create_task(self._next_ready())
+        upcoming = deque(asyncio.create_task(self._next_ready()) for _ in range(READY_AHEAD))
         try:
-            while (ready := await upcoming) is not None:
-                upcoming = asyncio.create_task(self._next_ready())
+            while (ready := await upcoming[0]) is not None:
+                upcoming.popleft()
+                upcoming.append(asyncio.create_task(self._next_ready()))
                 try:
                     answer = await self._deliver(ready)
                 except Exception:
@@ -274,7 +277,8 @@ class Processor:
                     # flight) until its outcome is in the log.
                     self._spawn(self._record(ready, answer))
         finally:
-            upcoming.cancel()
+            for task in upcoming:
+                task.cancel()
 
     async def _next_ready(self) -> Ready | None:
         """The next row with its intent in the log, or None once the pool stops."""

@@ -153,3 +153,6 @@ async def test_the_events_command_prints_a_timeline_or_json_lines(
     assert "BatchCreated" in timeline[0] and "file='hospitals.csv' rows=3" in timeline[0]
     assert all(f"v{e['stream_version']}" in line for e, line in zip(lines, timeline, strict=True))
     assert "BatchActivated" in timeline[-1]
+    requested = [line.split("rows=")[1] for line in timeline if "HospitalRequested" in line]
+    rows = sorted(int(n) for line in requested for n in line.split(" ")[0].split(","))
+    assert rows == [1, 2, 3] and all("attempts=1" in line for line in requested)
