@@ -24,8 +24,6 @@ from service.store.records import ConcurrencyError, NewEvent, StoredEvent
 
 log = logging.getLogger(__name__)
 
-READY_AHEAD = 2  # rows each worker keeps ready (intent committed) behind the one it sends
-
 
 class Refused(Exception):
     """A lifecycle request that the batch's state does not allow (409 at the API)."""
@@ -255,14 +253,14 @@ class Processor:
     async def _worker(self) -> None:
         """Send one row at a time; while its create is in flight, get the next one ready.
 
-        Getting a row ready ends with its intent committed, so the commit overlaps the
-        create before it instead of holding up the directory's pipe.
+        A row is ready once its intent is committed, so that commit overlaps the create
+        before it instead of holding up the directory's pipe. Only one row is got ready
+        ahead, so a batch uploaded meanwhile waits for at most one more create per worker.
         """
-        upcoming = deque(asyncio.create_task(self._next_ready()) for _ in range(READY_AHEAD))
+        upcoming = asyncio.create_task(self._next_ready())
         try:
-            while (ready := await upcoming[0]) is not None:
-                upcoming.popleft()
-                upcoming.append(asyncio.create_task(self._next_ready()))
+            while (ready := await upcoming) is not None:
+                upcoming = asyncio.create_task(self._next_ready())
                 try:
                     answer = await self._deliver(ready)
                 except Exception:
@@ -277,8 +275,7 @@ class Processor:
                     # flight) until its outcome is in the log.
                     self._spawn(self._record(ready, answer))
         finally:
-            for task in upcoming:
-                task.cancel()
+            upcoming.cancel()
 
     async def _next_ready(self) -> Ready | None:
         """The next row with its intent in the log, or None once the pool stops."""

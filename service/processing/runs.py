@@ -40,6 +40,8 @@ class Gate:
 
     async def wait_open(self) -> None:
         """Until no reconciliation of this upstream batch is under way."""
+        if self.reconciling is None:  # the usual case, without taking the lock
+            return
         async with self.changed:
             await self.changed.wait_for(lambda: self.reconciling is None)
 
