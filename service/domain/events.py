@@ -198,9 +198,15 @@ def decode(type_name: str, version: int, payload: Payload) -> Event:
                 for u in data["upstream_batches"]
             ),
         }
-    elif any(isinstance(v, list) for v in data.values()):  # JSON arrays back to tuples
-        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    elif tuples := _tuple_fields(type_name):  # JSON arrays back to tuples
+        data = {k: tuple(v) if k in tuples else v for k, v in data.items()}
     return cls(**data)
+
+
+@functools.cache
+def _tuple_fields(type_name: str) -> frozenset[str]:
+    fields = dataclasses.fields(EVENT_TYPES[type_name])
+    return frozenset(f.name for f in fields if str(f.type).startswith("tuple"))
 
 
 def new_event_id() -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import uvloop
 
 from tests.bench import harness
 from tests.bench.harness import WINDOW_SECONDS, Directory, Service
@@ -410,6 +411,14 @@ async def overhead_bound(workdir: Path, report: Report) -> None:
             seconds = await bare_loop(d.url, create_bodies(OVERHEAD_ROWS, "Bare"), OVERHEAD_WORKERS)
             bares.append(OVERHEAD_ROWS / seconds)
         bare = statistics.median(bares)
+        on_uvloop = []
+        for _ in range(BARE_RUNS):  # the loop the service runs on, for comparison only
+            await d.control(http, "restart")
+            bodies = create_bodies(OVERHEAD_ROWS, "Uvloop")
+            seconds = await asyncio.to_thread(
+                uvloop.run, bare_loop(d.url, bodies, OVERHEAD_WORKERS)
+            )
+            on_uvloop.append(OVERHEAD_ROWS / seconds)
         clean = await process_file(http, s, d, "Overhead", readers=False)
         peak = s.process.memory().peak_mb
         loaded = await process_file(http, s, d, "Read", readers=True)
@@ -438,6 +447,22 @@ async def overhead_bound(workdir: Path, report: Report) -> None:
         clean.rows_per_second / bare,
         "",
         at_least(0.75),
+    )
+    add(
+        OVERHEAD,
+        "overhead_bound.bare_uvloop_rows_per_second",
+        f"the same bare loop on uvloop (median of {BARE_RUNS}: "
+        + ", ".join(f"{x:.0f}" for x in sorted(on_uvloop))
+        + ")",
+        statistics.median(on_uvloop),
+        "rows/s",
+    )
+    add(
+        OVERHEAD,
+        "overhead_bound.ratio_uvloop",
+        "service / bare loop on uvloop",
+        clean.rows_per_second / statistics.median(on_uvloop),
+        "",
     )
     add(
         OVERHEAD,
