@@ -143,6 +143,15 @@ class _Batch:
 
     def _move_row(self, row: int, status: str, sql: str, *params: object) -> None:
         """Give one row a new status, counting the change."""
+        # Rows mostly leave pending: try that first, and look the old status up otherwise.
+        self.cur.execute(
+            f"UPDATE batch_rows SET status = ?, {sql} WHERE batch_id = ? AND row = ? "
+            "AND status = ?",
+            (status, *params, self.batch_id, row, b.ROW_PENDING),
+        )
+        if self.cur.rowcount == 1:
+            self._count(b.ROW_PENDING, status, 1)
+            return
         found = self.cur.execute(
             "SELECT status FROM batch_rows WHERE batch_id = ? AND row = ?", (self.batch_id, row)
         ).fetchone()
