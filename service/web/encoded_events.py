@@ -1,30 +1,153 @@
-"""`event` websocket messages, encoded once and sent to every follower of the stream."""
+"""Each followed batch as websocket messages: folded once, encoded once, sent to every follower.
+
+Hundreds of sockets may follow one batch. The message for a stream version is the same for
+all of them, so one feed per stream reads the log, folds each event and encodes its message,
+and each socket only sends the bytes from its own position on.
+"""
 
 from __future__ import annotations
 
-import json
-from collections import OrderedDict
-from collections.abc import Callable
+import asyncio
+import contextlib
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
+
+import orjson
+
+from service.domain import batch as b
+from service.store.event_store import EventStore
+from service.store.records import StoredEvent
+from service.web import presenters
+
+
+@dataclass(frozen=True)
+class Message:
+    """An `event` message, framed, and where its event is in the log."""
+
+    frame: bytes  # the whole websocket frame, so a socket only writes it
+    position: int  # the event's global log position
+    status: str  # the batch's status after the event
+    finished: bytes | None  # the `finished` message, when the batch is settled after this event
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A final, unmasked text frame (RFC 6455, 5.2): one message from a server."""
+    size = len(payload)
+    if size < 126:
+        header = struct.pack("!BB", 0x81, size)
+    elif size < 1 << 16:
+        header = struct.pack("!BBH", 0x81, 126, size)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, size)
+    return header + payload
+
+
+def _whole(kind: str, state: b.BatchState) -> bytes:
+    """A snapshot or finished message: progress and status as of the state's version."""
+    batch, rows = presenters.records_of(state)
+    message = {
+        "type": kind,
+        "version": state.version,
+        "progress": presenters.progress(batch),
+        "status": presenters.status(batch, rows),
+    }
+    return orjson.dumps(message)
+
+
+def _event_message(event: StoredEvent, state: b.BatchState) -> bytes:
+    """One event and the progress right after it."""
+    message: dict[str, Any] = {
+        "type": "event",
+        "version": event.stream_version,
+        "event": event.to_json(),
+        "progress": presenters.progress(presenters.batch_record(state)),
+    }
+    return orjson.dumps(message)
+
+
+def _advance(state: b.BatchState | None, event: StoredEvent) -> b.BatchState:
+    """The state with one more event folded in; the first event starts it."""
+    if state is None:
+        return b.fold([(event.decode(), event.recorded_at)])
+    return b.apply(state, event.decode(), event.recorded_at)
+
+
+class Feed:
+    """One batch stream's messages, from its first event on, kept while anyone follows it."""
+
+    def __init__(self, store: EventStore, stream_id: str) -> None:
+        self.stream_id = stream_id
+        self.messages: list[Message] = []  # by stream version
+        self.state: b.BatchState | None = None
+        self.followers = 0
+        self._moved = asyncio.Event()
+        self._reading = asyncio.create_task(self._read(store, stream_id))
+
+    @property
+    def version(self) -> int:
+        """The last stream version folded in, -1 before the first."""
+        return len(self.messages) - 1
+
+    def finished(self, version: int) -> bytes | None:
+        """The `finished` message if the batch is settled as of `version`, else None."""
+        return self.messages[version].finished if version >= 0 else None
+
+    def snapshot(self) -> bytes:
+        """The `snapshot` message as of the last version folded in."""
+        assert self.state is not None, "wait_past(-1) first"
+        return _whole("snapshot", self.state)
+
+    async def wait_past(self, version: int) -> None:
+        """Return once a message after `version` is in; raise if reading the log failed."""
+        while self.version <= version:
+            if self._reading.done():
+                failure = self._reading.exception()
+                raise RuntimeError(f"{self.stream_id}: reading the log failed") from failure
+            await self._moved.wait()
+
+    async def close(self) -> None:
+        self._reading.cancel()
+        await asyncio.gather(self._reading, return_exceptions=True)
+
+    async def _read(self, store: EventStore, stream_id: str) -> None:
+        try:
+            # follow() is an async generator (annotated as an iterator): close it with us.
+            async with contextlib.aclosing(store.follow(stream_id)) as events:
+                async for event in events:
+                    self._add(event)
+        finally:
+            self._moved.set()  # followers see the failure rather than wait forever
+
+    def _add(self, event: StoredEvent) -> None:
+        state = self.state = _advance(self.state, event)
+        settled = state.finished and not state.unsettled()
+        finished = _whole("finished", state) if settled else None
+        frame = text_frame(_event_message(event, state))
+        self.messages.append(Message(frame, event.global_position, state.status, finished))
+        # follow() hands over a commit's events together: followers wake once for all of them.
+        moved, self._moved = self._moved, asyncio.Event()
+        moved.set()
 
 
 class EncodedEvents:
-    """The recent messages by (stream, version).
+    """The feeds of the batches being followed: one per stream, dropped with its last follower."""
 
-    A stream's event at a version never changes, and neither does the fold after it, so
-    the message is the same for every follower: the first one to reach it encodes it.
-    """
+    def __init__(self) -> None:
+        self._feeds: dict[str, Feed] = {}
 
-    def __init__(self, size: int = 8192) -> None:
-        self.size = size
-        self._messages: OrderedDict[tuple[str, int], str] = OrderedDict()
-
-    def get(self, stream_id: str, version: int, build: Callable[[], dict[str, Any]]) -> str:
-        """The encoded message, built and kept on first use."""
-        key = (stream_id, version)
-        text = self._messages.get(key)
-        if text is None:
-            text = self._messages[key] = json.dumps(build())
-            if len(self._messages) > self.size:
-                self._messages.popitem(last=False)
-        return text
+    @contextlib.asynccontextmanager
+    async def follow(self, store: EventStore, stream_id: str) -> AsyncIterator[Feed]:
+        """The stream's feed, started by its first follower."""
+        feed = self._feeds.get(stream_id)
+        if feed is None:
+            feed = self._feeds[stream_id] = Feed(store, stream_id)
+        feed.followers += 1
+        try:
+            yield feed
+        finally:
+            feed.followers -= 1
+            if not feed.followers:
+                del self._feeds[stream_id]
+                await feed.close()

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from service.domain import batch as b
 from service.projections import queries
@@ -85,7 +86,7 @@ class StatusCache:
     async def _build(self, store: EventStore, batch: dict[str, Any], now: float) -> bytes:
         batch_id = batch["batch_id"]
         rows = await queries.get_rows(store, batch_id)
-        body = json.dumps(presenters.status(batch, rows)).encode()
+        body = orjson.dumps(presenters.status(batch, rows))
         self._entries[batch_id] = _Entry(batch["stream_version"], batch["status"], now, body)
         self._entries.move_to_end(batch_id)
         while len(self._entries) > self.size:

@@ -1,28 +1,27 @@
 """Live progress over websockets: one batch's events in order, or every batch's progress.
 
 Messages are JSON objects with a `type`; docs/websocket.md describes each kind and close code.
-Nothing is queued per client: each socket reads the log from its own position, so a slow
-client costs a read position, not memory, and is told to resync once it lags too far.
+Nothing is queued per client: each socket sends its batch's shared messages (one Feed per
+followed batch) from its own position, so a slow client costs a position, not memory, and
+is told to resync once it lags too far.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import json
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp_apispec import docs
 
 from service.domain import batch as b
 from service.projections import queries
-from service.store.records import StoredEvent
 from service.web import presenters, schemas
 from service.web.batches import (
     BAD_ID_OR_QUERY,
@@ -41,6 +40,7 @@ FINISHED = WSCloseCode.OK  # the batch reached a finished state
 SHUTDOWN = WSCloseCode.GOING_AWAY  # the service is stopping
 RESYNC = 4000  # the client fell behind: reconnect with ?after=<last version received>
 DASHBOARD_BATCHES = 50  # batches in the /ws snapshot
+BURST_BYTES = 1 << 16  # event frames written together, at most (and at least one)
 
 HANDSHAKE_RESPONSES = {
     101: {"description": "switching to websocket; docs/websocket.md lists the messages"},
@@ -95,16 +95,41 @@ def _after(request: web.Request, floor: int, ceiling: int) -> int | None:
 
 
 async def _send(
-    ws: web.WebSocketResponse, message: dict[str, Any] | str, seconds: float | None
+    ws: web.WebSocketResponse, message: dict[str, Any] | bytes, seconds: float | None
 ) -> bool:
     """Send one message (a dict, or one already encoded); False when the client has not
     taken it within `seconds`."""
-    text = message if isinstance(message, str) else json.dumps(message)
+    text = message if isinstance(message, bytes) else orjson.dumps(message)
     try:
         async with asyncio.timeout(seconds):
-            await ws.send_str(text)
+            await ws.send_frame(text, WSMsgType.TEXT)
     except TimeoutError:
         return False
+    return True
+
+
+async def _write(
+    request: web.Request,
+    ws: web.WebSocketResponse,
+    frames: bytes | bytearray,
+    seconds: float | None,
+) -> bool:
+    """Write frames built by the feed in one go; False when the client has not taken them
+    within `seconds`.
+
+    aiohttp writes each message with a system call of its own; a few hundred followers of a
+    busy batch spend most of the service's time there, so a socket writes what it has at once.
+    """
+    transport = request.transport
+    if ws.closed or transport is None or transport.is_closing():
+        raise ConnectionResetError("the websocket is closing")
+    transport.write(frames)
+    if transport.get_write_buffer_size():  # not all taken by the kernel: the client is behind
+        try:
+            async with asyncio.timeout(seconds):
+                await request.writer.drain()
+        except TimeoutError:
+            return False
     return True
 
 
@@ -157,42 +182,6 @@ def _not_reading(seconds: float | None) -> Closing:
     return Closing(RESYNC, f"not reading for {seconds}s; reconnect with ?after=<last version>")
 
 
-def _progress(state: b.BatchState) -> dict[str, Any]:
-    return presenters.progress(presenters.batch_record(state))
-
-
-def _event_message(event: StoredEvent, state: b.BatchState) -> dict[str, Any]:
-    """One event and the progress right after it."""
-    return {
-        "type": "event",
-        "version": event.stream_version,
-        "event": event.to_json(),
-        "progress": _progress(state),
-    }
-
-
-def _whole(kind: str, state: b.BatchState) -> dict[str, Any]:
-    """A snapshot or finished message: progress and status as of the state's version."""
-    batch, rows = presenters.records_of(state)
-    return {
-        "type": kind,
-        "version": state.version,
-        "progress": presenters.progress(batch),
-        "status": presenters.status(batch, rows),
-    }
-
-
-def _advance(state: b.BatchState | None, event: StoredEvent) -> b.BatchState:
-    """The state with one more event folded in; the first event starts it."""
-    if state is None:
-        return b.fold([(event.decode(), event.recorded_at)])
-    return b.apply(state, event.decode(), event.recorded_at)
-
-
-def _settled(state: b.BatchState) -> bool:
-    return state.finished and not state.unsettled()
-
-
 @routes.get("/batch/{batch_id}/ws")
 @docs(
     tags=["live"],
@@ -236,31 +225,35 @@ async def batch_socket(request: web.Request) -> web.WebSocketResponse:
     seconds = settings.heartbeat_seconds or None
 
     async def sender(ws: web.WebSocketResponse) -> Closing:
-        state = None
-        if after != -1:
-            history = await store.read_stream(stream, limit=None if after is None else after + 1)
-            state = b.fold((e.decode(), e.recorded_at) for e in history)
-            if after is None and not await _send(ws, _whole("snapshot", state), seconds):
-                return _not_reading(seconds)
-        start = -1 if state is None else state.version
-        # follow() is an async generator (annotated as an iterator): close it with us.
-        following = store.follow(stream, start)
-        async with contextlib.aclosing(following) as events:
-            while state is None or not (state.version >= last and _settled(state)):
-                event = await anext(events)
-                state = _advance(state, event)
-                message = encoded.get(
-                    stream, event.stream_version, functools.partial(_event_message, event, state)
-                )
-                if not await _send(ws, message, seconds):
+        async with encoded.follow(store, stream) as feed:
+            if after is None:
+                await feed.wait_past(last - 1)
+                version = feed.version
+                if not await _send(ws, feed.snapshot(), seconds):
                     return _not_reading(seconds)
-                lag = store.head.position - event.global_position
-                if event.global_position > live_from and lag > settings.max_backlog:
-                    reason = f"{lag} events behind; reconnect with ?after={state.version}"
-                    return Closing(RESYNC, reason)
-        if not await _send(ws, _whole("finished", state), seconds):
+            else:
+                version = after
+                await feed.wait_past(version - 1)
+            while (finished := feed.finished(version) if version >= last else None) is None:
+                await feed.wait_past(version)
+                # Everything this socket is behind on goes in one write; lag is still per event.
+                frames, resync = bytearray(), None
+                for message in feed.messages[version + 1 :]:
+                    frames += message.frame
+                    version += 1
+                    lag = store.head.position - message.position
+                    if message.position > live_from and lag > settings.max_backlog:
+                        reason = f"{lag} events behind; reconnect with ?after={version}"
+                        resync = Closing(RESYNC, reason)
+                    if resync or message.finished or len(frames) >= BURST_BYTES:
+                        break
+                if not await _write(request, ws, frames, seconds):
+                    return _not_reading(seconds)
+                if resync:
+                    return resync
+        if not await _send(ws, finished, seconds):
             return _not_reading(seconds)
-        return Closing(FINISHED, f"batch {state.status}")
+        return Closing(FINISHED, f"batch {feed.messages[version].status}")
 
     return await _serve(request, sender)
 

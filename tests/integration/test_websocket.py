@@ -162,6 +162,17 @@ async def test_several_clients_on_one_batch_see_the_same_events(
     assert streams[0] == streams[1] == streams[2]
 
 
+async def test_an_event_larger_than_64_kib_arrives_whole(service: Service) -> None:
+    batch_id = str(uuid.uuid4())
+    await service.app[STORE].append(b.stream_id(batch_id), -1, new_batch(batch_id, rows=2000))
+    async with service.http.ws_connect(f"{service.url}/batch/{batch_id}/ws?after=-1") as ws:
+        msg = await ws.receive(timeout=20)
+
+    assert msg.type is aiohttp.WSMsgType.TEXT and len(msg.data) > 1 << 16
+    assert msg.json()["event"]["event_type"] == "BatchCreated"
+    assert len(msg.json()["event"]["data"]["rows"]) == 2000
+
+
 async def test_handshakes_that_are_refused_before_the_upgrade(service: Service) -> None:
     accepted = await service.upload(SAMPLE_CSV)
     batch_id = accepted["batch_id"]

@@ -1,32 +1,36 @@
-"""Encoded websocket messages: built once per stream version, shared by every follower."""
+"""Feed frames are written to sockets as they are, so they must be what aiohttp would send."""
 
 from __future__ import annotations
 
-import json
+import pytest
+from aiohttp import WSMsgType
+from aiohttp.http import WebSocketWriter
 
-from service.web.encoded_events import EncodedEvents
-
-
-def test_a_version_is_encoded_once_and_then_shared() -> None:
-    encoded, builds = EncodedEvents(), []
-
-    def build() -> dict[str, object]:
-        builds.append(1)
-        return {"type": "event", "version": 3}
-
-    first = encoded.get("batch-a", 3, build)
-    second = encoded.get("batch-a", 3, build)
-
-    assert first is second
-    assert json.loads(first) == {"type": "event", "version": 3}
-    assert len(builds) == 1
+from service.web.encoded_events import text_frame
 
 
-def test_streams_and_versions_do_not_share_and_old_ones_are_dropped() -> None:
-    encoded = EncodedEvents(size=2)
-    encoded.get("batch-a", 1, lambda: {"v": "a1"})
-    encoded.get("batch-b", 1, lambda: {"v": "b1"})
-    encoded.get("batch-a", 2, lambda: {"v": "a2"})
+class Transport:
+    """Collects what aiohttp's websocket writer writes."""
 
-    assert json.loads(encoded.get("batch-b", 1, lambda: {"v": "new"})) == {"v": "b1"}
-    assert json.loads(encoded.get("batch-a", 1, lambda: {"v": "rebuilt"})) == {"v": "rebuilt"}
+    def __init__(self) -> None:
+        self.written = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class Protocol:
+    _paused = False
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 200_000])
+async def test_a_frame_is_what_aiohttp_sends_for_the_same_text(size: int) -> None:
+    transport, payload = Transport(), b"x" * size
+    writer = WebSocketWriter(Protocol(), transport)  # type: ignore[arg-type]  # stand-ins
+
+    await writer.send_frame(payload, WSMsgType.TEXT)
+
+    assert text_frame(payload) == bytes(transport.written)

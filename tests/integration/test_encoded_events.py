@@ -1,0 +1,99 @@
+"""One feed per followed stream: folded and encoded once, shared, dropped with its last follower."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+
+from service.domain import events as ev
+from service.store.event_store import EventStore
+from service.store.records import NewEvent, StoredEvent
+from service.web.encoded_events import EncodedEvents, Message
+from tests.integration.conftest import new_batch, requested
+
+
+def payload(frame: bytes) -> Any:
+    """The JSON of a frame the tests' messages are big enough for: a 16-bit length header."""
+    assert frame[:2] == b"\x81\x7e"
+    return orjson.loads(frame[4:])
+
+
+async def test_followers_share_one_feed_until_the_last_leaves(store: EventStore) -> None:
+    await store.append("batch-b", -1, new_batch("b") + requested("b", 2))
+    encoded = EncodedEvents()
+
+    async with encoded.follow(store, "batch-b") as first, encoded.follow(store, "batch-b") as same:
+        await first.wait_past(1)
+        assert same is first
+        messages = list(first.messages)
+    async with encoded.follow(store, "batch-b") as later:
+        await later.wait_past(1)
+
+    assert later is not first
+    assert [payload(m.frame)["version"] for m in messages] == [0, 1, 2]
+    assert [m.frame for m in later.messages] == [m.frame for m in messages]
+
+
+async def test_each_message_carries_the_event_and_the_progress_after_it(store: EventStore) -> None:
+    stored = await store.append("batch-b", -1, new_batch("b", rows=2) + requested("b"))
+    created = NewEvent(ev.HospitalCreated(row=1, hospital_id=7))
+    stored += await store.append("batch-b", 1, [created])
+    encoded = EncodedEvents()
+
+    async with encoded.follow(store, "batch-b") as feed:
+        await feed.wait_past(1)
+        bodies = [payload(m.frame) for m in feed.messages]
+
+    assert [b["event"] for b in bodies] == [orjson.loads(orjson.dumps(e.to_json())) for e in stored]
+    assert [b["progress"]["processed_hospitals"] for b in bodies] == [0, 0, 1]
+    assert [m.position for m in feed.messages] == [e.global_position for e in stored]
+
+
+async def test_the_finished_message_comes_with_the_event_that_settles_the_batch(
+    store: EventStore,
+) -> None:
+    await store.append("batch-b", -1, new_batch("b", rows=1))
+    created = NewEvent(ev.HospitalCreated(row=1, hospital_id=7))
+    activated = NewEvent(ev.BatchActivated(activated_count=1, upstream_batch_ids=("b",)))
+    await store.append("batch-b", 0, [created, activated])
+    encoded = EncodedEvents()
+
+    async with encoded.follow(store, "batch-b") as feed:
+        await feed.wait_past(1)
+        finished = [m.finished for m in feed.messages]
+        last = feed.finished(2)
+
+    assert finished[:2] == [None, None]
+    assert last is not None and last == finished[2]
+    assert orjson.loads(last)["type"] == "finished"
+    assert orjson.loads(last)["progress"]["processing_status"] == "completed"
+    assert feed.finished(-1) is None
+
+
+@pytest.fixture
+async def failing_store(store: EventStore) -> AsyncIterator[EventStore]:
+    """A store whose stream reads fail a moment after the first event."""
+
+    async def follow(stream_id: str) -> AsyncIterator[StoredEvent]:
+        yield (await store.read_stream(stream_id))[0]
+        await asyncio.sleep(0.05)  # the follower is waiting for the next event by then
+        raise OSError("disk gone")
+
+    await store.append("batch-b", -1, new_batch("b"))
+    store.follow = follow  # type: ignore[method-assign,assignment]
+    yield store
+
+
+async def test_followers_are_told_when_the_feed_cannot_read(failing_store: EventStore) -> None:
+    async with EncodedEvents().follow(failing_store, "batch-b") as feed:
+        await feed.wait_past(-1)
+        async with asyncio.timeout(5):
+            with pytest.raises(RuntimeError) as raised:
+                await feed.wait_past(0)
+
+    assert isinstance(raised.value.__cause__, OSError)
+    assert [type(m) for m in feed.messages] == [Message]
