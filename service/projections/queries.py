@@ -39,6 +39,22 @@ async def get_rows(store: EventStore, batch_id: str) -> list[dict[str, Any]]:
     return [dict(zip(ROW_NAMES, r, strict=True)) for r in rows]
 
 
+# /status `hospitals` as SQLite builds it, in its reader's thread rather than on the event loop:
+# the same objects as presenters.row_result, in file order (the primary key's order).
+ROW_RESULTS_JSON = (
+    "SELECT json_group_array(json_object('row', row, 'hospital_id', hospital_id, "
+    "'name', name, 'address', address, 'phone', phone, 'status', status, "
+    "'error_message', CASE WHEN status != 'created' THEN error_message END)) "
+    "FROM (SELECT * FROM batch_rows WHERE batch_id = ? ORDER BY row)"
+)
+
+
+async def row_results_json(store: EventStore, batch_id: str) -> bytes:
+    """A batch's /status `hospitals` array, encoded."""
+    ((encoded,),) = await store.select(ROW_RESULTS_JSON, (batch_id,))
+    return str(encoded).encode()
+
+
 async def unfinished_batch_ids(store: EventStore) -> list[str]:
     """Batches the service still owes work to, oldest first."""
     rows = await store.fetch(

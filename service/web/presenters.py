@@ -78,6 +78,11 @@ def row_result(row: Record) -> Record:
 
 def status(batch: Record, rows: list[Record]) -> Record:
     """The /status body: the batch's numbers and every row's result."""
+    return {**status_numbers(batch), "hospitals": [row_result(r) for r in rows]}
+
+
+def status_numbers(batch: Record) -> Record:
+    """The /status body without its last field, `hospitals`."""
     return {
         "batch_id": batch["batch_id"],
         "total_hospitals": batch["total_rows"],
@@ -90,7 +95,6 @@ def status(batch: Record, rows: list[Record]) -> Record:
         "activation_error": batch["activation_error"],
         "rolled_back": bool(batch["rolled_back"]),
         "version": batch["stream_version"],
-        "hospitals": [row_result(r) for r in rows],
     }
 
 

@@ -85,8 +85,9 @@ class StatusCache:
 
     async def _build(self, store: EventStore, batch: dict[str, Any], now: float) -> bytes:
         batch_id = batch["batch_id"]
-        rows = await queries.get_rows(store, batch_id)
-        body = orjson.dumps(presenters.status(batch, rows))
+        # SQLite encodes the rows (thousands of them) off the event loop; they go last.
+        rows = await queries.row_results_json(store, batch_id)
+        body = orjson.dumps(presenters.status_numbers(batch))[:-1] + b',"hospitals":' + rows + b"}"
         self._entries[batch_id] = _Entry(batch["stream_version"], batch["status"], now, body)
         self._entries.move_to_end(batch_id)
         while len(self._entries) > self.size:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from unittest.mock import ANY
 
 import pytest
 
@@ -11,6 +12,7 @@ from service.domain import events as ev
 from service.projections import queries
 from service.store.event_store import EventStore
 from service.store.records import NewEvent
+from service.web import presenters
 from service.web.status_cache import StatusCache
 from tests.integration.conftest import new_batch, requested
 
@@ -56,15 +58,15 @@ async def test_pollers_arriving_together_share_one_build(
     await store.append("batch-b", -1, new_batch("b", rows=3))
     cache = StatusCache(max_age=60.0)
     reads = 0
-    real = queries.get_rows
+    real = queries.row_results_json
 
-    async def counted(*args: object) -> list[dict[str, object]]:
+    async def counted(*args: object) -> bytes:
         nonlocal reads
         reads += 1
         await asyncio.sleep(0.05)
         return await real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(queries, "get_rows", counted)
+    monkeypatch.setattr(queries, "row_results_json", counted)
     bodies = await asyncio.gather(*(cache.body(store, "b") for _ in range(10)))
 
     assert reads == 1
@@ -83,3 +85,30 @@ async def test_an_expired_body_is_answered_once_more_while_its_successor_is_buil
     assert await version_of(cache, store, "b") == 1  # stale, the rebuild is under way
     await asyncio.sleep(0.05)
     assert await version_of(cache, store, "b") == 2
+
+
+async def test_the_body_equals_the_presenters_for_every_kind_of_row(store: EventStore) -> None:
+    rows = (
+        ev.Row(1, 'St "Quoted" \\ Mary', "1 Main St", "555-0100", 2),
+        ev.Row(2, "Hôpital Saint-Éloi ✚", "2 Rue\tde l'Église", None, 3),
+        ev.Row(3, "Third", "3 Elm", "", 4),
+    )
+    created = ev.BatchCreated("b-json", "f.csv", rows, (ev.UpstreamBatch("b-json", (1, 2, 3)),))
+    await store.append("batch-b-json", -1, [NewEvent(created)])
+    outcomes = [
+        ev.HospitalRequested((1, 2, 3), (1, 1, 1)),
+        ev.HospitalCreated(1, 101),
+        ev.HospitalRetryScheduled(3, 1, "server_error", "HTTP 503"),  # pending, with a message
+        ev.HospitalFailed(2, "rejected", "name: too long", retryable=False),
+    ]
+    await store.append("batch-b-json", 0, [NewEvent(e) for e in outcomes])
+    batch = await queries.get_batch(store, "b-json")
+    assert batch is not None
+
+    body = await StatusCache(max_age=0).body(store, "b-json")
+
+    assert body is not None
+    expected = presenters.status(batch, await queries.get_rows(store, "b-json"))
+    assert json.loads(body) == {**expected, "processing_time_seconds": ANY}
+    assert [h["row"] for h in json.loads(body)["hospitals"]] == [1, 2, 3]
+    assert json.loads(body)["hospitals"][2]["error_message"] == "HTTP 503"
