@@ -17,11 +17,11 @@ from service.settings import Settings
 from service.store.event_store import EventStore
 from service.web import batches as batch_routes
 from service.web import docs, events, health, websocket
-from service.web.encoded_events import EncodedEvents
 from service.web.errors import error_middleware, webargs_error
+from service.web.feeds import Feeds
 from service.web.keys import (
     CLIENT,
-    ENCODED_EVENTS,
+    FEEDS,
     PROCESSOR,
     SETTINGS,
     SOCKETS,
@@ -73,7 +73,7 @@ def create_app(settings: Settings) -> web.Application:
     app[STARTED_AT] = time.monotonic()
     app[SOCKETS] = weakref.WeakSet()
     app[STATUS_CACHE] = StatusCache(settings.api.status_cache_seconds)
-    app[ENCODED_EVENTS] = EncodedEvents()
+    app[FEEDS] = Feeds()
     app.cleanup_ctx.extend([store_ctx, directory_ctx, processor_ctx])
     app.on_shutdown.append(websocket.close_all)
     app.add_routes(batch_routes.routes)

@@ -10,7 +10,7 @@ from service.processing.directory_client import DirectoryClient
 from service.processing.processor import Processor
 from service.settings import Settings
 from service.store.event_store import EventStore
-from service.web.encoded_events import EncodedEvents
+from service.web.feeds import Feeds
 from service.web.status_cache import StatusCache
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -19,5 +19,5 @@ CLIENT = web.AppKey("directory_client", DirectoryClient)
 PROCESSOR = web.AppKey("processor", Processor)
 STARTED_AT = web.AppKey("started_at", float)
 STATUS_CACHE = web.AppKey("status_cache", StatusCache)
-ENCODED_EVENTS = web.AppKey("encoded_events", EncodedEvents)
+FEEDS = web.AppKey("feeds", Feeds)
 SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("websockets")

@@ -31,7 +31,7 @@ from service.web.batches import (
     existing_batch,
 )
 from service.web.errors import ApiError, invalid
-from service.web.keys import ENCODED_EVENTS, SETTINGS, SOCKETS, STORE
+from service.web.keys import FEEDS, SETTINGS, SOCKETS, STORE
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -216,7 +216,7 @@ async def batch_socket(request: web.Request) -> web.WebSocketResponse:
     check_origin(request)
     batch = await existing_batch(request)
     store, settings = request.app[STORE], request.app[SETTINGS].websocket
-    encoded = request.app[ENCODED_EVENTS]
+    feeds = request.app[FEEDS]
     stream = b.stream_id(batch["batch_id"])
     last = await store.stream_version(stream)
     after = _after(request, floor=-1, ceiling=last)
@@ -225,7 +225,7 @@ async def batch_socket(request: web.Request) -> web.WebSocketResponse:
     seconds = settings.heartbeat_seconds or None
 
     async def sender(ws: web.WebSocketResponse) -> Closing:
-        async with encoded.follow(store, stream) as feed:
+        async with feeds.follow(store, stream) as feed:
             if after is None:
                 await feed.wait_past(last - 1)
                 version = feed.version

@@ -131,7 +131,7 @@ class Feed:
         moved.set()
 
 
-class EncodedEvents:
+class Feeds:
     """The feeds of the batches being followed: one per stream, dropped with its last follower."""
 
     def __init__(self) -> None:

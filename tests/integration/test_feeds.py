@@ -12,7 +12,7 @@ import pytest
 from service.domain import events as ev
 from service.store.event_store import EventStore
 from service.store.records import NewEvent, StoredEvent
-from service.web.encoded_events import EncodedEvents, Message
+from service.web.feeds import Feeds, Message
 from tests.integration.conftest import new_batch, requested
 
 
@@ -24,13 +24,13 @@ def payload(frame: bytes) -> Any:
 
 async def test_followers_share_one_feed_until_the_last_leaves(store: EventStore) -> None:
     await store.append("batch-b", -1, new_batch("b") + requested("b", 2))
-    encoded = EncodedEvents()
+    feeds = Feeds()
 
-    async with encoded.follow(store, "batch-b") as first, encoded.follow(store, "batch-b") as same:
+    async with feeds.follow(store, "batch-b") as first, feeds.follow(store, "batch-b") as same:
         await first.wait_past(1)
         assert same is first
         messages = list(first.messages)
-    async with encoded.follow(store, "batch-b") as later:
+    async with feeds.follow(store, "batch-b") as later:
         await later.wait_past(1)
 
     assert later is not first
@@ -42,9 +42,9 @@ async def test_each_message_carries_the_event_and_the_progress_after_it(store: E
     stored = await store.append("batch-b", -1, new_batch("b", rows=2) + requested("b"))
     created = NewEvent(ev.HospitalCreated(row=1, hospital_id=7))
     stored += await store.append("batch-b", 1, [created])
-    encoded = EncodedEvents()
+    feeds = Feeds()
 
-    async with encoded.follow(store, "batch-b") as feed:
+    async with feeds.follow(store, "batch-b") as feed:
         await feed.wait_past(1)
         bodies = [payload(m.frame) for m in feed.messages]
 
@@ -60,9 +60,9 @@ async def test_the_finished_message_comes_with_the_event_that_settles_the_batch(
     created = NewEvent(ev.HospitalCreated(row=1, hospital_id=7))
     activated = NewEvent(ev.BatchActivated(activated_count=1, upstream_batch_ids=("b",)))
     await store.append("batch-b", 0, [created, activated])
-    encoded = EncodedEvents()
+    feeds = Feeds()
 
-    async with encoded.follow(store, "batch-b") as feed:
+    async with feeds.follow(store, "batch-b") as feed:
         await feed.wait_past(1)
         finished = [m.finished for m in feed.messages]
         last = feed.finished(2)
@@ -89,7 +89,7 @@ async def failing_store(store: EventStore) -> AsyncIterator[EventStore]:
 
 
 async def test_followers_are_told_when_the_feed_cannot_read(failing_store: EventStore) -> None:
-    async with EncodedEvents().follow(failing_store, "batch-b") as feed:
+    async with Feeds().follow(failing_store, "batch-b") as feed:
         await feed.wait_past(-1)
         async with asyncio.timeout(5):
             with pytest.raises(RuntimeError) as raised:

@@ -6,7 +6,7 @@ import pytest
 from aiohttp import WSMsgType
 from aiohttp.http import WebSocketWriter
 
-from service.web.encoded_events import text_frame
+from service.web.feeds import text_frame
 
 
 class Transport:
