@@ -27,6 +27,8 @@ ROW_STATUSES = (ROW_PENDING, ROW_CREATED, ROW_ACTIVE, ROW_FAILED, ROW_DELETED)
 
 # Failure reasons recorded in HospitalFailed / HospitalRetryScheduled.
 RATE_LIMITED = "rate_limited"
+WITHDRAWN = "withdrawn"  # a ready create was not sent after all (rollback, or the pool stopping)
+NOT_FAILURES = (RATE_LIMITED, WITHDRAWN)  # retries that do not count towards max_attempts
 ROLLED_BACK_MESSAGE = "not created: the batch was rolled back first"
 
 
@@ -198,7 +200,7 @@ def apply(state: BatchState, event: ev.Event, recorded_at: str | None = None) ->
         case ev.HospitalRetryScheduled(row=n, reason=reason, message=message):
             row = state.rows[n]
             row.may_exist, row.error, row.reason = False, message, reason
-            if reason != RATE_LIMITED:
+            if reason not in NOT_FAILURES:
                 row.failures += 1
         case ev.HospitalCreated(row=n, hospital_id=hid, reconciled=reconciled):
             row = state.rows[n]

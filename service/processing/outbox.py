@@ -27,11 +27,12 @@ class _Entry:
 
 
 class Outbox:
-    """The facts that one batch's workers emit, appended in the order they were emitted.
+    """The facts that one batch's workers emit, appended together.
 
     Whatever is emitted while an append of the batch commits goes into the next append,
-    so a busy batch costs one append per commit rather than one per fact, and the rows
-    that workers are about to send share one intent event in it.
+    in the order it was emitted, so a busy batch costs one append per commit rather than
+    one per fact. The rows that workers are about to send share one intent event in it,
+    placed where the first of them was requested.
     """
 
     def __init__(self, append: Append, intent: Intent, spawn: Spawn) -> None:
@@ -65,15 +66,19 @@ class Outbox:
         try:
             while self._next:
                 entries, self._next, self._requests = self._next, [], None
-                news = [
-                    e.new if e.new is not None else self._intent(tuple(e.rows), tuple(e.attempts))
-                    for e in entries
-                ]
+                news: list[NewEvent] = []  # stays short if building an intent fails
                 try:
+                    news = [
+                        e.new
+                        if e.new is not None
+                        else self._intent(tuple(e.rows), tuple(e.attempts))
+                        for e in entries
+                    ]
                     stored = await self._append(news)
                 except Exception as exc:
-                    if len(entries) == 1:
-                        entries[0].stored.set_exception(exc)
+                    if len(entries) == 1 or len(news) != len(entries):
+                        for entry in entries:
+                            entry.stored.set_exception(exc)
                         continue
                     # One refused fact must not sink its neighbours: append each on its own.
                     for entry, new in zip(entries, news, strict=True):

@@ -30,21 +30,35 @@ class WindowPacer:
         self._blocked_until = 0.0
 
     async def acquire(self) -> None:
-        """Wait until one more create may be sent; pacing off when per_window is 0."""
+        """Wait until one more create may be sent, and count it; pacing off when per_window is 0."""
         if self.per_window <= 0:
             return
+        await self.room()
+        now = self._clock()
+        if self._window_start is None or now >= self._window_end():
+            self._window_start, self._used = now, 0
+        self._used += 1
+
+    async def room(self) -> None:
+        """Wait until one more create could be sent, without counting it."""
         while True:
-            now = self._clock()
-            wait = self._blocked_until - now
+            wait = self._until_room()
             if wait <= 0:
-                end = (self._window_start or 0.0) + self.window + self.margin
-                if self._window_start is None or now >= end:
-                    self._window_start, self._used = now, 0
-                if self._used < self.per_window:
-                    self._used += 1
-                    return
-                wait = end - now
+                return
             await asyncio.sleep(wait)
+
+    def _until_room(self) -> float:
+        if self.per_window <= 0:
+            return 0.0
+        now = self._clock()
+        if self._blocked_until > now:
+            return self._blocked_until - now
+        if self._window_start is None or now >= self._window_end() or self._used < self.per_window:
+            return 0.0
+        return self._window_end() - now
+
+    def _window_end(self) -> float:
+        return (self._window_start or 0.0) + self.window + self.margin
 
     def refused(self) -> None:
         """A 429 came back: someone else's traffic shares our window; wait a whole one."""

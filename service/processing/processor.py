@@ -29,6 +29,10 @@ class Refused(Exception):
     """A lifecycle request that the batch's state does not allow (409 at the API)."""
 
 
+class Withdrawn(Exception):
+    """A ready row's create must not be sent any more."""
+
+
 @dataclass(frozen=True)
 class Ready:
     """A row whose intent is in the log, waiting for its create to be sent."""
@@ -263,23 +267,33 @@ class Processor:
                 upcoming = asyncio.create_task(self._next_ready())
                 try:
                     answer = await self._deliver(ready)
-                except Exception:
+                except Withdrawn as why:
+                    await self._withdraw(ready, str(why))
+                    continue
+                except Exception:  # it may have been sent: the row's intent gets it checked
                     log.exception("creating row %s of batch %s failed", ready.row, ready.batch_id)
-                    answer = None
-                if answer is None:
+                    await self._settle(ready)
+                    continue
+                except BaseException:  # the pool stopping: the next start checks the row
                     ready.gate.in_flight -= 1
-                    await ready.gate.notify()
-                    self._release(ready.run, ready.row)
-                else:
-                    # The worker moves on; the row stays held (and its create counted in
-                    # flight) until its outcome is in the log.
-                    self._spawn(self._record(ready, answer))
+                    raise
+                # The worker moves on; the row stays held (and its create counted in flight)
+                # until its outcome is in the log.
+                self._spawn(self._record(ready, answer))
         finally:
             upcoming.cancel()
 
     async def _next_ready(self) -> Ready | None:
-        """The next row with its intent in the log, or None once the pool stops."""
-        while (job := await self._next_row()) is not None:
+        """The next row with its intent in the log, or None once the pool stops.
+
+        A row is only taken while the window has room: an intent that would then wait for
+        the next window holds a check of its upstream batch back, and, after a crash, costs
+        the row one of its attempts.
+        """
+        while True:
+            await self._pacer.room()
+            if (job := await self._next_row()) is None:
+                return None
             run, row = job
             try:
                 ready = await self._prepare(run, row)
@@ -289,7 +303,6 @@ class Processor:
             if ready is not None:
                 return ready
             self._release(run, row)
-        return None
 
     def _release(self, run: BatchRun, row: int) -> None:
         run.held.discard(row)
@@ -348,16 +361,45 @@ class Processor:
             raise
         return Ready(run, n, gate, attempt)
 
-    async def _deliver(self, ready: Ready) -> Answer | None:
-        """Send a ready row's create within the window's limit; None when a rollback came
-        first (its intent then gets the check in the directory that unanswered ones get)."""
+    async def _deliver(self, ready: Ready) -> Answer:
+        """Send a ready row's create within the window's limit, unless it was withdrawn.
+
+        The row is held, so nothing else changed it since its intent; only a rollback or
+        the pool stopping can have come in between, or while the window was full.
+        """
+        self._check_wanted(ready)
         await self._pacer.acquire()
-        if ready.run.state.rollback_requested:
-            return None
+        self._check_wanted(ready)
         row = ready.run.state.rows[ready.row].row
         return await self._client.create(
             row.name, row.address, row.phone, ready.gate.creation_batch_id
         )
+
+    def _check_wanted(self, ready: Ready) -> None:
+        if ready.run.state.rollback_requested:
+            raise Withdrawn("the batch is being rolled back")
+        if self._stopping:
+            raise Withdrawn("the service is stopping")
+
+    async def _withdraw(self, ready: Ready, why: str) -> None:
+        """Record that a ready row was not sent after all, so it needs no check before
+        being sent again (and the attempt does not count as a failure)."""
+        try:
+            fact = ev.HospitalRetryScheduled(
+                ready.row, ready.attempt, b.WITHDRAWN, f"not sent: {why}"
+            )
+            await self._emit(ready.run, fact, ready.row, "outcome", ready.attempt)
+        except Exception:  # the intent stands, and gets the row checked
+            log.exception(
+                "recording that row %s of batch %s was not sent", ready.row, ready.batch_id
+            )
+        await self._settle(ready)
+
+    async def _settle(self, ready: Ready) -> None:
+        """The row's create is over (or never left): count it out and let the batch go on."""
+        ready.gate.in_flight -= 1
+        await ready.gate.notify()
+        self._release(ready.run, ready.row)
 
     async def _record(self, ready: Ready, answer: Answer) -> None:
         run, n, gate = ready.run, ready.row, ready.gate

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sqlite3
@@ -47,6 +48,11 @@ def check_sqlite_version(version: tuple[int, int, int] = sqlite3.sqlite_version_
         wanted = ".".join(map(str, MIN_SQLITE))
         found = ".".join(map(str, version))
         raise MigrationError(f"SQLite {wanted} or newer is required, found {found}")
+    try:  # /status rows are built by json_group_array: built in from 3.38, optional before
+        with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+            conn.execute("SELECT json_group_array(json_object('a', 1))")
+    except sqlite3.OperationalError as exc:
+        raise MigrationError(f"SQLite's JSON functions are required: {exc}") from None
 
 
 def migrate(conn: sqlite3.Connection, migrations: list[Migration] | None = None) -> list[int]:

@@ -64,7 +64,7 @@ def _elapsed(batch: Record) -> float:
 
 
 def row_result(row: Record) -> Record:
-    """One entry of /status `hospitals`."""
+    """One entry of /status `hospitals` (queries.ROW_RESULTS_JSON builds the same in SQLite)."""
     return {
         "row": row["row"],
         "hospital_id": row["hospital_id"],

@@ -124,7 +124,7 @@ async def _write(
     if ws.closed or transport is None or transport.is_closing():
         raise ConnectionResetError("the websocket is closing")
     transport.write(frames)
-    if transport.get_write_buffer_size():  # not all taken by the kernel: the client is behind
+    if transport.get_write_buffer_size():  # the kernel did not take it all: the client lags
         try:
             async with asyncio.timeout(seconds):
                 await request.writer.drain()

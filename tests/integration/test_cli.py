@@ -245,6 +245,8 @@ async def test_ctrl_c_stops_following_and_leaves_the_batch_running(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=PROJECT,
+        # A suite started in the background inherits an ignored SIGINT, which Python keeps.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert process.stdout is not None
     async with asyncio.timeout(20):

@@ -277,6 +277,12 @@ async def test_rollback_of_a_running_batch_stops_creates_and_deletes_those_in_fl
     assert types.count("HospitalCreated") == 20
     assert types.count("BatchRollbackRequested") == 1
     assert "BatchActivated" not in types
+    # Rows that were ready to go are withdrawn, not mistaken for lost answers and looked up.
+    _, page = await service.get(f"/batch/{batch_id}/events?after=-1&limit=500")
+    retries = [e["data"] for e in page["events"] if e["event_type"] == "HospitalRetryScheduled"]
+    assert len(retries) == 10 and {r["reason"] for r in retries} == {"withdrawn"}
+    assert all(r["message"] == "not sent: the batch is being rolled back" for r in retries)
+    assert directory.standin.request_counts["batch_get"] == 0
     await assert_fold_matches_read_model(service, batch_id)
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 import uuid
 
+from service.domain import batch as b
 from service.local_directory import RunningDirectory
 from service.projections.rebuild import rebuild
+from service.store.records import EVENT_COLUMNS, from_row
 from tests.support import (
     SAMPLE_CSV,
     Service,
@@ -200,6 +203,31 @@ async def test_a_small_batch_is_not_starved_by_a_large_one(
     assert large_progress["processing_status"] == "processing"
     assert large_progress["processed_hospitals"] < 100
     assert small_took < large_took / 3
+
+
+async def test_a_clean_stop_sends_nothing_new_and_leaves_no_row_to_check(
+    service_factory: ServiceFactory, directory: RunningDirectory
+) -> None:
+    directory.standin.set_delay(0.5)
+    async with service_factory() as service:
+        accepted = await service.upload(csv_of(45))
+        await asyncio.sleep(0.8)  # the second 20 in flight, the last 5 ready behind them
+    conn = sqlite3.connect(service.db_path)
+    history = conn.execute(
+        f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ? ORDER BY stream_version",
+        (b.stream_id(accepted["batch_id"]),),
+    ).fetchall()
+    conn.close()
+    state = b.fold((e.decode(), e.recorded_at) for e in map(from_row, history))
+
+    assert directory.standin.request_counts["create"] == 40
+    assert len(directory.standin.all_hospitals()) == 40
+    assert state.counts().created == 40
+    assert state.to_reconcile() == []  # every intent has its outcome: nothing to look up
+    withdrawn = [r for r in state.rows.values() if r.reason == b.WITHDRAWN]
+    assert [r.row.row for r in withdrawn] == [41, 42, 43, 44, 45]
+    assert {r.error for r in withdrawn} == {"not sent: the service is stopping"}
+    assert all(r.failures == 0 for r in withdrawn)
 
 
 async def test_a_restart_mid_batch_finishes_it_without_duplicates(

@@ -214,3 +214,19 @@ def test_backoff_may_be_zero(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(random, "uniform", lambda low, high: low)
 
     assert backoff(3, base=1.0, cap=30.0) == 0.0
+
+
+async def test_room_waits_for_the_next_window_without_taking_a_place(
+    pacer: WindowPacer, clock: VirtualTime
+) -> None:
+    clock.now = 100.0
+
+    async def room_at() -> float:
+        await pacer.room()
+        return clock.now
+
+    assert await clock.run(room_at(), room_at()) == [100.0, 100.0]  # room() counts nothing
+    assert await grants_in_turn(pacer, clock, PER_WINDOW) == [100.0] * PER_WINDOW
+    (opened,) = await clock.run(room_at())
+    assert opened == 100.0 + NEXT
+    assert await grants_in_turn(pacer, clock, PER_WINDOW) == [100.0 + NEXT] * PER_WINDOW
