@@ -100,6 +100,11 @@ class Processor:
     def workers_alive(self) -> int:
         return sum(not t.done() for t in self._workers)
 
+    def live_state(self, batch_id: str) -> b.BatchState | None:
+        """The fold of a batch being worked on, as its last committed event left it."""
+        run = self._runs.get(batch_id)
+        return run.state if run is not None else None
+
     @property
     def active_batches(self) -> int:
         return sum(not run.idle for run in self._runs.values())

@@ -261,7 +261,10 @@ async def status_response(request: web.Request, batch_id: str) -> web.Response:
 )
 @response_schema(schemas.Progress, 200)
 async def progress(request: web.Request) -> web.Response:
-    return web.json_response(presenters.progress(await existing_batch(request)))
+    # A batch being worked on is folded in memory already: pollers need not wait for a read.
+    live = request.app[PROCESSOR].live_state(batch_id_of(request))
+    batch = presenters.batch_record(live) if live else await existing_batch(request)
+    return web.json_response(presenters.progress(batch))
 
 
 @routes.get("/batch/{batch_id}/status")

@@ -6,11 +6,17 @@ import asyncio
 import sqlite3
 import time
 import uuid
+from typing import Any
+
+import pytest
 
 from service.domain import batch as b
 from service.local_directory import RunningDirectory
+from service.projections import queries
 from service.projections.rebuild import rebuild
 from service.store.records import EVENT_COLUMNS, from_row
+from service.web import presenters
+from service.web.keys import STORE
 from tests.support import (
     SAMPLE_CSV,
     Service,
@@ -203,6 +209,35 @@ async def test_a_small_batch_is_not_starved_by_a_large_one(
     assert large_progress["processing_status"] == "processing"
     assert large_progress["processed_hospitals"] < 100
     assert small_took < large_took / 3
+
+
+async def test_progress_of_a_running_batch_is_its_fold_and_equals_the_read_model(
+    service: Service, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory.standin.set_delay(1.0)
+    batch_id = (await service.upload(csv_of(30)))["batch_id"]  # 20 in flight, then 10
+    store = service.app[STORE]
+    async with asyncio.timeout(10):
+        while (batch := await queries.get_batch(store, batch_id)) is None or batch[
+            "created_rows"
+        ] < 20:
+            await asyncio.sleep(0.05)
+    reads: list[object] = []
+    real = queries.get_batch
+
+    async def counted(*args: Any) -> Any:
+        reads.append(args)
+        return await real(*args)
+
+    monkeypatch.setattr(queries, "get_batch", counted)
+    status, body = await service.get(f"/batch/{batch_id}/progress")
+
+    assert status == 200 and reads == []  # answered without reading the database
+    assert body == presenters.progress(batch)
+    assert (body["processed_hospitals"], body["processing_status"]) == (20, "processing")
+    await service.wait_finished(batch_id)
+    await service.get(f"/batch/{batch_id}/progress")
+    assert reads  # a finished batch is read from the read model
 
 
 async def test_a_clean_stop_sends_nothing_new_and_leaves_no_row_to_check(
