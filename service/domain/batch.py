@@ -183,6 +183,7 @@ def start(event: ev.BatchCreated, recorded_at: str | None = None) -> BatchState:
         version=0,
         created_at=recorded_at,
     )
+    state.tally.update(dict.fromkeys(ROW_STATUSES, 0))  # no key missing: counts() stays cheap
     state.tally[ROW_PENDING] = len(state.rows)
     return state
 

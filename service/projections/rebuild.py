@@ -88,6 +88,13 @@ def rebuild(path: str, busy_timeout_ms: int = 5000, replace: bool = False) -> Re
     fresh = sqlite3.connect(":memory:", isolation_level=None)
     try:
         migrate(fresh)
+        # A scratch copy, only ever compared whole: it needs no rollback journal and no
+        # index beyond its tables' keys.
+        fresh.execute("PRAGMA main.journal_mode=OFF")
+        for (index,) in fresh.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+        ).fetchall():
+            fresh.execute(f"DROP INDEX {index}")
         fresh.execute("ATTACH DATABASE ? AS live", (path,))
         fresh.execute(f"PRAGMA live.busy_timeout={int(busy_timeout_ms)}")
         fresh.execute("BEGIN")
