@@ -59,11 +59,16 @@ async def directory_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def processor_ctx(app: web.Application) -> AsyncIterator[None]:
-    processor = Processor(app[STORE], app[CLIENT], app[SETTINGS].directory)
+    store, cache = app[STORE], app[STATUS_CACHE]
+    # A new status needs a new /status body: build it now rather than on a poller's time.
+    processor = Processor(
+        store, app[CLIENT], app[SETTINGS].directory, lambda batch: cache.warm(store, batch)
+    )
     app[PROCESSOR] = processor
     await processor.start()
     yield
     await processor.stop(grace=app[SETTINGS].app.shutdown_timeout)
+    await cache.close()
 
 
 def create_app(settings: Settings) -> web.Application:

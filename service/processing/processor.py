@@ -51,9 +51,15 @@ class Processor:
     """Runs every unfinished batch to its end: creates, reconciliation, activation, rollback."""
 
     def __init__(
-        self, store: EventStore, client: DirectoryClient, settings: DirectorySettings
+        self,
+        store: EventStore,
+        client: DirectoryClient,
+        settings: DirectorySettings,
+        on_status: Callable[[str], object] | None = None,
     ) -> None:
+        """`on_status(batch_id)` is called when a batch being worked on changes status."""
         self._store, self._client, self._settings = store, client, settings
+        self._on_status = on_status
         self._pacer = WindowPacer(
             settings.creates_per_minute, settings.rate_window_seconds, settings.rate_window_margin
         )
@@ -115,7 +121,7 @@ class Processor:
         """Start work on a batch whose BatchCreated was just committed."""
         event = created.decode()
         assert isinstance(event, ev.BatchCreated)
-        run = BatchRun(b.start(event, created.recorded_at))
+        run = BatchRun(b.start(event, created.recorded_at), on_status=self._on_status)
         self._runs[run.batch_id] = run
         self._schedule(run)
 
@@ -186,7 +192,9 @@ class Processor:
         history = await self._store.read_stream(b.stream_id(batch_id))
         if not history:
             return None
-        run = BatchRun(b.fold((e.decode(), e.recorded_at) for e in history))
+        run = BatchRun(
+            b.fold((e.decode(), e.recorded_at) for e in history), on_status=self._on_status
+        )
         if register:
             self._runs[batch_id] = run
             self._schedule(run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from service.domain import batch as b
@@ -66,6 +67,7 @@ class BatchRun:
     gates: dict[str, Gate] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None  # activation or rollback under way
     outbox: Outbox | None = None  # the facts its workers emit, appended together
+    on_status: Callable[[str], object] | None = None  # told the batch id when status changes
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     _early: dict[int, StoredEvent] = field(default_factory=dict)
 
@@ -81,12 +83,15 @@ class BatchRun:
 
     def absorb(self, stored: list[StoredEvent]) -> None:
         """Fold committed events into the state in stream order, whatever order they came in."""
+        status = self.state.status
         for event in stored:
             if event.stream_version > self.state.version:
                 self._early[event.stream_version] = event
         while self.state.version + 1 in self._early:
             event = self._early.pop(self.state.version + 1)
             b.apply(self.state, event.decode(), event.recorded_at)
+        if self.on_status is not None and self.state.status != status:
+            self.on_status(self.batch_id)
 
     @property
     def idle(self) -> bool:

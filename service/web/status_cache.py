@@ -42,6 +42,26 @@ class StatusCache:
         self.max_age, self.size = max_age, size
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._building: dict[tuple[str, str], asyncio.Future[bytes]] = {}
+        self._warming: set[asyncio.Task[bytes | None]] = set()
+
+    def warm(self, store: EventStore, batch_id: str) -> asyncio.Task[bytes | None]:
+        """Bring the batch's body up to date in the background (its status just changed)."""
+        task = asyncio.ensure_future(self.body(store, batch_id))
+        self._warming.add(task)
+        task.add_done_callback(self._warmed)
+        return task
+
+    async def close(self) -> None:
+        """Stop the builds under way (before the store closes)."""
+        pending: list[asyncio.Future[Any]] = [*self._warming, *self._building.values()]
+        for future in pending:
+            future.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    def _warmed(self, task: asyncio.Task[bytes | None]) -> None:
+        self._warming.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("warming a /status body failed", exc_info=task.exception())
 
     async def body(self, store: EventStore, batch_id: str) -> bytes | None:
         """The batch's /status body as JSON bytes, None when there is no such batch."""

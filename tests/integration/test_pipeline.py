@@ -14,9 +14,11 @@ from service.domain import batch as b
 from service.local_directory import RunningDirectory
 from service.projections import queries
 from service.projections.rebuild import rebuild
+from service.store.event_store import EventStore
 from service.store.records import EVENT_COLUMNS, from_row
 from service.web import presenters
-from service.web.keys import STORE
+from service.web.keys import PROCESSOR, STORE
+from service.web.status_cache import StatusCache
 from tests.support import (
     SAMPLE_CSV,
     Service,
@@ -238,6 +240,22 @@ async def test_progress_of_a_running_batch_is_its_fold_and_equals_the_read_model
     await service.wait_finished(batch_id)
     await service.get(f"/batch/{batch_id}/progress")
     assert reads  # a finished batch is read from the read model
+
+
+async def test_each_change_of_status_warms_the_status_body(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    warmed: list[tuple[str, str]] = []
+
+    def warm(cache: StatusCache, store: EventStore, batch_id: str) -> None:  # records only
+        state = service.app[PROCESSOR].live_state(batch_id)
+        warmed.append((batch_id, state.status if state else "gone"))
+
+    monkeypatch.setattr(StatusCache, "warm", warm)
+    batch_id = (await service.upload(SAMPLE_CSV))["batch_id"]
+    await service.wait_finished(batch_id)
+
+    assert warmed == [(batch_id, "processing"), (batch_id, "completed")]
 
 
 async def test_a_clean_stop_sends_nothing_new_and_leaves_no_row_to_check(

@@ -112,3 +112,23 @@ async def test_the_body_equals_the_presenters_for_every_kind_of_row(store: Event
     assert json.loads(body) == {**expected, "processing_time_seconds": ANY}
     assert [h["row"] for h in json.loads(body)["hospitals"]] == [1, 2, 3]
     assert json.loads(body)["hospitals"][2]["error_message"] == "HTTP 503"
+
+
+async def test_a_warmed_body_is_ready_for_the_first_poller(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.append("batch-b", -1, new_batch("b", rows=3))
+    cache = StatusCache(max_age=60.0)
+    reads = 0
+    real = queries.row_results_json
+
+    async def counted(*args: object) -> bytes:
+        nonlocal reads
+        reads += 1
+        return await real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(queries, "row_results_json", counted)
+    warmed = await cache.warm(store, "b")
+
+    assert await cache.body(store, "b") == warmed is not None
+    assert reads == 1
