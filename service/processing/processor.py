@@ -408,22 +408,22 @@ class Processor:
             )
         await self._settle(ready)
 
-    async def _settle(self, ready: Ready) -> None:
-        """The row's create is over (or never left): count it out and let the batch go on."""
+    async def _settle(self, ready: Ready, held: bool = False) -> None:
+        """The row's create is over (or never left): count it out and, unless a retry timer
+        holds the row, let the batch go on."""
         ready.gate.in_flight -= 1
         await ready.gate.notify()
-        self._release(ready.run, ready.row)
+        if not held:
+            self._release(ready.run, ready.row)
 
     async def _record(self, ready: Ready, answer: Answer) -> None:
-        run, n, gate = ready.run, ready.row, ready.gate
         keep = False
         try:
-            keep = await self._record_create(run, gate, n, ready.attempt, answer)
+            keep = await self._record_create(
+                ready.run, ready.gate, ready.row, ready.attempt, answer
+            )
         finally:
-            gate.in_flight -= 1
-            await gate.notify()
-            if not keep:
-                self._release(run, n)
+            await self._settle(ready, held=keep)
 
     async def _record_create(
         self, run: BatchRun, gate: Gate, n: int, attempt: int, answer: Answer

@@ -81,6 +81,7 @@ class Feed:
         self.stream_id = stream_id
         self.messages: list[Message] = []  # by stream version
         self.state: b.BatchState | None = None
+        self._snapshot: tuple[int, bytes] | None = None  # the last one built, and its version
         self.followers = 0
         self._moved = asyncio.Event()
         self._reading = asyncio.create_task(self._read(store, stream_id))
@@ -95,9 +96,15 @@ class Feed:
         return self.messages[version].finished if version >= 0 else None
 
     def snapshot(self) -> bytes:
-        """The `snapshot` message as of the last version folded in."""
+        """The `snapshot` message as of the last version folded in.
+
+        Sockets connecting together get the same bytes: a large batch's snapshot holds
+        every row, and is built once per version.
+        """
         assert self.state is not None, "wait_past(-1) first"
-        return _whole("snapshot", self.state)
+        if self._snapshot is None or self._snapshot[0] != self.version:
+            self._snapshot = (self.version, _whole("snapshot", self.state))
+        return self._snapshot[1]
 
     async def wait_past(self, version: int) -> None:
         """Return once a message after `version` is in; raise if reading the log failed."""
