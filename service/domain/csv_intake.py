@@ -88,7 +88,7 @@ def decode(data: bytes) -> str:
 
 
 def _records(text: str) -> Iterator[tuple[int, list[str]]]:
-    """(first line of the record, cells) for each record, blank lines skipped."""
+    """(first line of the record, stripped cells) for each record, blank lines skipped."""
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     line = 1
     while True:
@@ -106,7 +106,8 @@ def _records(text: str) -> Iterator[tuple[int, list[str]]]:
                     )
                 ]
             ) from exc
-        if any(cell.strip() for cell in cells):
+        cells = [cell.strip() for cell in cells]
+        if any(cells):
             yield line, cells
         line = reader.line_num + 1
 
@@ -161,6 +162,8 @@ def parse(text: str, max_rows: int) -> ParsedCsv:
             ]
         )
     headers = _headers(header_cells)
+    name, address = headers.index("name"), headers.index("address")
+    phone = headers.index("phone") if "phone" in headers else None
     rows: list[Row] = []
     problems: list[Problem] = []
     seen: dict[tuple[str, str, str | None], int] = {}
@@ -180,18 +183,15 @@ def parse(text: str, max_rows: int) -> ParsedCsv:
                 )
             )
             continue
-        values = dict(zip(headers, (cell.strip() for cell in cells), strict=True))
-        for column in REQUIRED:
-            if not values[column]:
-                problems.append(
-                    problem(
-                        ["row", count, column],
-                        f"{column} is required and must be at least 1 character "
-                        f"(row {count}, line {line})",
-                        "value_error",
-                    )
-                )
-        row = Row(count, values["name"], values["address"], values.get("phone") or None, line)
+        if not (cells[name] and cells[address]):
+            problems.extend(_missing(cells, headers, count, line))
+        row = Row(
+            count,
+            cells[name],
+            cells[address],
+            cells[phone] or None if phone is not None else None,
+            line,
+        )
         key = (row.name, row.address, row.phone)
         if key in seen:
             warnings.append(
@@ -219,6 +219,18 @@ def parse(text: str, max_rows: int) -> ParsedCsv:
     if problems:
         raise CsvRejected(problems)
     return ParsedCsv(tuple(rows), headers, warnings)
+
+
+def _missing(cells: list[str], headers: tuple[str, ...], count: int, line: int) -> list[Problem]:
+    return [
+        problem(
+            ["row", count, column],
+            f"{column} is required and must be at least 1 character (row {count}, line {line})",
+            "value_error",
+        )
+        for column in REQUIRED
+        if not cells[headers.index(column)]
+    ]
 
 
 def read_upload(filename: str | None, data: bytes, max_rows: int) -> ParsedCsv:

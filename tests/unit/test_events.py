@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from dataclasses import dataclass
@@ -43,6 +44,12 @@ def test_json_round_trip(event: ev.Event) -> None:
     stored = json.loads(json.dumps(event.payload()))
 
     assert ev.decode(event.type_name, event.schema_version, stored) == event
+
+
+def test_a_batch_created_payload_is_every_field_as_json_would_read_it() -> None:
+    (created,) = (e for e in ONE_OF_EACH if isinstance(e, ev.BatchCreated))
+
+    assert created.payload() == json.loads(json.dumps(dataclasses.asdict(created)))
 
 
 def test_type_names_are_stable_names_not_import_paths() -> None:
