@@ -32,9 +32,12 @@ NOT_FAILURES = (RATE_LIMITED, WITHDRAWN)  # retries that do not count towards ma
 ROLLED_BACK_MESSAGE = "not created: the batch was rolled back first"
 
 
+STREAM_PREFIX = "batch-"
+
+
 def stream_id(batch_id: str) -> str:
     """The event stream that holds one batch's history."""
-    return f"batch-{batch_id}"
+    return STREAM_PREFIX + batch_id
 
 
 class Counts(NamedTuple):

@@ -15,7 +15,7 @@ CREATED_STATUSES = (b.ROW_CREATED, b.ROW_ACTIVE)
 
 def project(cur: sqlite3.Cursor, appended: Sequence[StoredEvent]) -> None:
     """Apply one append's events (one stream's) to the read models, then derive status once."""
-    batch = _Batch(cur, appended[0].stream_id.removeprefix("batch-"))
+    batch = _Batch(cur, appended[0].stream_id.removeprefix(b.STREAM_PREFIX))
     for stored in appended:
         event = stored.decode()
         if isinstance(event, ev.BatchCreated):

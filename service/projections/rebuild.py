@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import json
+import multiprocessing
 import operator
+import os
 import sqlite3
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import orjson
@@ -14,10 +19,11 @@ import orjson
 from service.domain import batch as b
 from service.domain.events import decode
 from service.projections import batches
-from service.store.event_store import CHECKPOINT, connect_writer
+from service.store.event_store import CHECKPOINT, connect_writer, record_checkpoint
 from service.store.migrations import migrate
 
-TABLES = ("batches", "batch_rows", "projection_checkpoints")
+CHECKPOINTS = "projection_checkpoints"
+TABLES = ("batches", "batch_rows", CHECKPOINTS)
 
 
 @dataclass(frozen=True)
@@ -48,18 +54,24 @@ class RebuildReport:
         )
 
 
-def replay(conn: sqlite3.Connection, source: str = "main") -> int:
-    """Fold every batch stream of `source`.events and write the read models it implies.
+def replay(
+    conn: sqlite3.Connection, source: str = "main", streams: tuple[str, str] | None = None
+) -> int:
+    """Fold every batch stream of `source`.events, or those in `streams` [first, next), and
+    write the read models they imply; return the events replayed.
 
     Rebuild goes through the domain fold, the definition of a batch's state, rather than
     the incremental SQL projector; comparing the two checks the projector against it.
     """
     cur = conn.cursor()
+    first, after = streams or ("", LAST)
     events = conn.execute(
         "SELECT stream_id, stream_version, event_type, schema_version, data, recorded_at, "
-        f"global_position FROM {source}.events ORDER BY stream_id, stream_version"
+        f"global_position FROM {source}.events WHERE stream_id >= ? AND stream_id < ? "
+        "ORDER BY stream_id, stream_version",
+        (first, after),
     )
-    count = last_position = 0
+    count = 0
     for _, stream in itertools.groupby(events, key=operator.itemgetter(0)):
         rows = list(stream)
         history = [
@@ -68,25 +80,72 @@ def replay(conn: sqlite3.Connection, source: str = "main") -> int:
         ]
         count += len(rows)
         *_, updated_at, position = rows[-1]
-        last_position = max(last_position, position)
         batches.write_fold(cur, b.fold(history), updated_at, position)
-    if count:
-        cur.execute(
-            "INSERT INTO projection_checkpoints (name, position) VALUES (?, ?)",
-            (CHECKPOINT, last_position),
-        )
     return count
 
 
-def rebuild(path: str, busy_timeout_ms: int = 5000, replace: bool = False) -> RebuildReport:
+def rebuild(
+    path: str, busy_timeout_ms: int = 5000, replace: bool = False, workers: int | None = None
+) -> RebuildReport:
     """Replay the log into in-memory read models, compare them with the live ones.
 
-    With `replace`, differing live read models are emptied and replayed in one
-    transaction, so readers see either the old rows or the new ones.
+    A large log is split by stream among `workers` processes (one per CPU by default),
+    each replaying and comparing its share in its own snapshot. With `replace`,
+    differing live read models are emptied and replayed in one transaction, so readers
+    see either the old rows or the new ones.
     """
-    started = time.perf_counter()
-    fresh = sqlite3.connect(":memory:", isolation_level=None)
-    try:
+    started = time.monotonic()
+    shares = _shares(path, busy_timeout_ms, workers)
+    if len(shares) == 1:
+        parts = [_check(path, busy_timeout_ms, shares[0])]
+    else:
+        spawn = multiprocessing.get_context("spawn")  # no fork of a threaded caller
+        with ProcessPoolExecutor(len(shares), mp_context=spawn) as pool:
+            parts = list(pool.map(functools.partial(_check, path, busy_timeout_ms), shares))
+    replayed = max(p.replayed_at for p in parts) - started
+    differences = {
+        table: sum(p.differences[table] for p in parts) for table in ("batches", "batch_rows")
+    }
+    differences[CHECKPOINTS] = _checkpoint_difference(path, busy_timeout_ms)
+    compared = time.monotonic() - started - replayed
+    replaced = replace and any(differences.values())
+    if replaced:
+        _replace(path, busy_timeout_ms)
+    count = sum(p.events for p in parts)
+    return RebuildReport(count, replayed, compared, differences, replaced)
+
+
+PARALLEL_FROM = 200_000  # events per process: below this, starting one costs more than it saves
+LAST = "\U0010ffff"  # sorts after every stream id
+
+
+def _shares(path: str, busy_timeout_ms: int, workers: int | None) -> list[tuple[str, str]]:
+    """Stream-id ranges [first, next) that cover every stream, one per worker; by default
+    one per CPU, each with PARALLEL_FROM events at least."""
+    with contextlib.closing(_open_live(path, busy_timeout_ms)) as conn:
+        if workers is None:
+            workers = max(1, min(os.cpu_count() or 1, _last_position(conn) // PARALLEL_FROM))
+        streams = [
+            s for (s,) in conn.execute("SELECT DISTINCT stream_id FROM events ORDER BY stream_id")
+        ]
+    cuts = {streams[len(streams) * i // workers] for i in range(1, workers) if streams}
+    return list(itertools.pairwise(["", *sorted(cuts), LAST]))
+
+
+def _last_position(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT COALESCE(MAX(global_position), 0) FROM events").fetchone()[0])
+
+
+@dataclass(frozen=True)
+class _Part:
+    events: int
+    replayed_at: float  # time.monotonic(), the same clock in every process
+    differences: dict[str, int]
+
+
+def _check(path: str, busy_timeout_ms: int, streams: tuple[str, str]) -> _Part:
+    """Replay one share of the streams into a scratch database and compare it with live."""
+    with contextlib.closing(sqlite3.connect(":memory:", isolation_level=None)) as fresh:
         migrate(fresh)
         # A scratch copy, only ever compared whole: it needs no rollback journal and no
         # index beyond its tables' keys.
@@ -97,29 +156,45 @@ def rebuild(path: str, busy_timeout_ms: int = 5000, replace: bool = False) -> Re
             fresh.execute(f"DROP INDEX {index}")
         fresh.execute("ATTACH DATABASE ? AS live", (path,))
         fresh.execute(f"PRAGMA live.busy_timeout={int(busy_timeout_ms)}")
-        fresh.execute("BEGIN")
-        count = replay(fresh, source="live")
-        replayed = time.perf_counter() - started
-        differences = {table: _difference(fresh, table) for table in TABLES}
+        fresh.execute("BEGIN")  # one snapshot of the live log and its read models
+        count = replay(fresh, "live", streams)
+        replayed_at = time.monotonic()
+        differences = {
+            table: _difference(fresh, table, streams) for table in ("batches", "batch_rows")
+        }
         fresh.execute("COMMIT")
-    finally:
-        fresh.close()
-    compared = time.perf_counter() - started - replayed
-    replaced = replace and any(differences.values())
-    if replaced:
-        _replace(path, busy_timeout_ms)
-    return RebuildReport(count, replayed, compared, differences, replaced)
+    return _Part(count, replayed_at, differences)
 
 
-def _difference(conn: sqlite3.Connection, table: str) -> int:
-    """Rows present on one side only, counted both ways."""
+def _difference(conn: sqlite3.Connection, table: str, streams: tuple[str, str]) -> int:
+    """Rows of a share present on one side only, counted both ways."""
+    first, after = (s.removeprefix(b.STREAM_PREFIX) for s in streams)
+    live = f"SELECT * FROM live.{table} WHERE batch_id >= ? AND batch_id < ?"
     missing, extra = (
-        conn.execute(
-            f"SELECT COUNT(*) FROM (SELECT * FROM {a}.{table} EXCEPT SELECT * FROM {b}.{table})"
-        ).fetchone()[0]
-        for a, b in (("main", "live"), ("live", "main"))
+        conn.execute(f"SELECT COUNT(*) FROM ({query})", (first, after)).fetchone()[0]
+        for query in (
+            f"SELECT * FROM main.{table} EXCEPT {live}",
+            f"{live} EXCEPT SELECT * FROM main.{table}",
+        )
     )
     return int(missing + extra)
+
+
+def _checkpoint_difference(path: str, busy_timeout_ms: int) -> int:
+    """Checkpoint rows on one side only: replay leaves one, at the log's last position."""
+    with contextlib.closing(_open_live(path, busy_timeout_ms)) as conn:
+        conn.execute("BEGIN")  # the checkpoint and the log in one snapshot
+        live = set(conn.execute(f"SELECT name, position FROM {CHECKPOINTS}").fetchall())
+        last = _last_position(conn)
+        conn.execute("COMMIT")
+    return len(live ^ ({(CHECKPOINT, last)} if last else set()))
+
+
+def _open_live(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    conn.execute("PRAGMA query_only=ON")
+    return conn
 
 
 def _replace(path: str, busy_timeout_ms: int) -> None:
@@ -128,7 +203,8 @@ def _replace(path: str, busy_timeout_ms: int) -> None:
         conn.execute("BEGIN IMMEDIATE")
         for table in reversed(TABLES):
             conn.execute(f"DELETE FROM {table}")
-        replay(conn)
+        if replay(conn):
+            record_checkpoint(conn.cursor())
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:

@@ -240,6 +240,24 @@ async def test_rebuild_with_replace_repairs_a_corrupted_read_model(
     assert rebuild(str(store_path)).equal
 
 
+async def test_a_rebuild_split_among_processes_checks_every_share(
+    store: EventStore, store_path: Path
+) -> None:
+    for name in ("a", "b", "c", "d"):
+        await store.append(f"batch-{name}", -1, new_batch(name, rows=3) + requested(name))
+    healthy = rebuild(str(store_path), workers=3)
+    run_sql(store_path, "UPDATE batches SET created_rows = 999 WHERE batch_id = 'a'")
+    run_sql(store_path, "DELETE FROM batch_rows WHERE batch_id = 'd' AND row = 2")
+    run_sql(store_path, "UPDATE projection_checkpoints SET position = 1")
+
+    split, whole = rebuild(str(store_path), workers=3), rebuild(str(store_path), workers=1)
+
+    assert (healthy.equal, healthy.events) == (True, 8)
+    expected = {"batches": 2, "batch_rows": 1, "projection_checkpoints": 2}
+    assert split.differences == whole.differences == expected
+    assert split.events == whole.events == 8
+
+
 async def test_rebuild_of_a_healthy_log_replaces_nothing(
     store: EventStore, store_path: Path
 ) -> None:
