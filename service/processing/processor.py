@@ -217,6 +217,9 @@ class Processor:
         if run.idle and not state.unsettled():
             run.finished.set()
             self._runs.pop(run.batch_id, None)
+            # Its outbox's intent builder refers back to the run: without this cycle, the
+            # batch's fold goes as soon as nothing holds it, not at a full collection.
+            run.outbox = None
 
     @staticmethod
     def _quiet(run: BatchRun) -> bool:
@@ -278,23 +281,27 @@ class Processor:
         try:
             while (ready := await upcoming) is not None:
                 upcoming = asyncio.create_task(self._next_ready())
-                try:
-                    answer = await self._deliver(ready)
-                except Withdrawn as why:
-                    await self._withdraw(ready, str(why))
-                    continue
-                except Exception:  # it may have been sent: the row's intent gets it checked
-                    log.exception("creating row %s of batch %s failed", ready.row, ready.batch_id)
-                    await self._settle(ready)
-                    continue
-                except BaseException:  # the pool stopping: the next start checks the row
-                    ready.gate.in_flight -= 1
-                    raise
-                # The worker moves on; the row stays held (and its create counted in flight)
-                # until its outcome is in the log.
-                self._spawn(self._record(ready, answer))
+                await self._send(ready)
+                del ready  # an idle worker must not keep its last batch's fold alive
         finally:
             upcoming.cancel()
+
+    async def _send(self, ready: Ready) -> None:
+        try:
+            answer = await self._deliver(ready)
+        except Withdrawn as why:
+            await self._withdraw(ready, str(why))
+            return
+        except Exception:  # it may have been sent: the row's intent gets it checked
+            log.exception("creating row %s of batch %s failed", ready.row, ready.batch_id)
+            await self._settle(ready)
+            return
+        except BaseException:  # the pool stopping: the next start checks the row
+            ready.gate.in_flight -= 1
+            raise
+        # The worker moves on; the row stays held (and its create counted in flight) until
+        # its outcome is in the log.
+        self._spawn(self._record(ready, answer))
 
     async def _next_ready(self) -> Ready | None:
         """The next row with its intent in the log, or None once the pool stops.

@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 Projector = Callable[[sqlite3.Cursor, Sequence[StoredEvent]], None]
 
 MAX_GROUP = 256  # appends committed in one transaction at most
-RECENT_EVENTS = 20_000  # committed events kept in memory for followers
+# Committed events kept in memory for followers that keep up (a commit adds tens); more
+# only lengthened each full garbage collection.
+RECENT_EVENTS = 4_096
 READ_PAGE = 500
 
 

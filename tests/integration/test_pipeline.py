@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import sqlite3
 import time
 import uuid
+import weakref
 from typing import Any
 
 import pytest
@@ -240,6 +242,30 @@ async def test_progress_of_a_running_batch_is_its_fold_and_equals_the_read_model
     await service.wait_finished(batch_id)
     await service.get(f"/batch/{batch_id}/progress")
     assert reads  # a finished batch is read from the read model
+
+
+async def test_a_finished_batch_goes_from_memory_without_a_garbage_collection(
+    service: Service,
+) -> None:
+    gc.disable()  # what is left in a reference cycle stays until the test ends
+    try:
+        batch_id = (await service.upload(csv_of(30)))["batch_id"]
+        state = service.app[PROCESSOR].live_state(batch_id)
+        assert state is not None
+        fold = weakref.ref(state)
+        del state
+        await service.wait_finished(batch_id)
+        await asyncio.sleep(0)  # the last task's done callbacks
+
+        assert fold() is None
+    finally:
+        gc.enable()
+
+
+def test_the_heap_built_at_start_up_is_left_out_of_garbage_collections(
+    service: Service,
+) -> None:
+    assert gc.get_freeze_count() > 0
 
 
 async def test_each_change_of_status_warms_the_status_body(
