@@ -63,3 +63,27 @@ async def test_a_directory_restart_mid_batch_is_never_reported_completed(
     assert final["batch_activated"] is False
     assert "missing from the directory" in final["activation_error"]
     assert not any(h["active"] for h in directory.standin.all_hospitals())
+
+
+async def test_a_lost_first_upstream_batch_stops_activation_before_the_others(
+    service: Service, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    standin = directory.standin
+    receive = standin.receive
+
+    def lose_the_oldest_on_first_activation(endpoint: str) -> str | None:
+        if endpoint == "batch_activate" and standin.request_counts[endpoint] == 0:
+            oldest = min(standin.all_hospitals(), key=lambda h: h["id"])
+            standin.store.delete_batch(oldest["creation_batch_id"])
+        return receive(endpoint)
+
+    monkeypatch.setattr(standin, "receive", lose_the_oldest_on_first_activation)
+    batch = (await service.upload(csv_of(65)))["batch_id"]  # four upstream batches
+    final = await service.wait_finished(batch)
+
+    assert final["processing_status"] == "failed"
+    assert "missing from the directory" in final["activation_error"]
+    assert standin.request_counts["batch_activate"] == 1
+    assert len(standin.all_hospitals()) == 45 and not any(
+        h["active"] for h in standin.all_hospitals()
+    )

@@ -309,6 +309,28 @@ async def test_a_clean_stop_sends_nothing_new_and_leaves_no_row_to_check(
     assert all(r.failures == 0 for r in withdrawn)
 
 
+async def test_a_clean_stop_withdraws_every_row_got_ready_ahead_of_a_quick_directory(
+    service_factory: ServiceFactory, directory: RunningDirectory
+) -> None:
+    directory.standin.set_delay(0.01)  # quick creates: workers get several rows ready ahead
+    async with service_factory() as service:
+        accepted = await service.upload(csv_of(1000))
+        await asyncio.sleep(0.3)
+    conn = sqlite3.connect(service.db_path)
+    history = conn.execute(
+        f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ? ORDER BY stream_version",
+        (b.stream_id(accepted["batch_id"]),),
+    ).fetchall()
+    conn.close()
+    state = b.fold((e.decode(), e.recorded_at) for e in map(from_row, history))
+    withdrawn = [r for r in state.rows.values() if r.reason == b.WITHDRAWN]
+
+    assert state.to_reconcile() == []  # every intent has its outcome: nothing to look up
+    assert len(directory.standin.all_hospitals()) == state.counts().created
+    assert directory.standin.request_counts["create"] == state.counts().created
+    assert len(withdrawn) > 20  # more than one row ahead per worker
+
+
 async def test_a_restart_mid_batch_finishes_it_without_duplicates(
     service_factory: ServiceFactory, directory: RunningDirectory
 ) -> None:

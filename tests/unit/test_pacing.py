@@ -13,7 +13,7 @@ from typing import TypeVar
 import pytest
 
 from service.processing import pacing
-from service.processing.pacing import WindowPacer, backoff
+from service.processing.pacing import Lookahead, WindowPacer, backoff
 
 T = TypeVar("T")
 PER_WINDOW, WINDOW, MARGIN = 30, 60.0, 0.5
@@ -230,3 +230,38 @@ async def test_room_waits_for_the_next_window_without_taking_a_place(
     (opened,) = await clock.run(room_at())
     assert opened == 100.0 + NEXT
     assert await grants_in_turn(pacer, clock, PER_WINDOW) == [100.0 + NEXT] * PER_WINDOW
+
+
+def test_lookahead_is_one_row_until_a_create_has_answered() -> None:
+    assert Lookahead(most=3, budget=0.05).depth() == 1
+
+
+@pytest.mark.parametrize(
+    ("create_seconds", "depth"),
+    [(0.005, 3), (0.02, 2), (0.03, 1), (0.2, 1), (5.0, 1)],
+)
+def test_lookahead_keeps_a_later_batch_waiting_less_than_its_budget(
+    create_seconds: float, depth: int
+) -> None:
+    ahead = Lookahead(most=3, budget=0.05)
+    ahead.created(create_seconds)
+
+    assert ahead.depth() == depth
+
+
+def test_lookahead_comes_down_as_creates_slow_down() -> None:
+    ahead = Lookahead(most=3, budget=0.05, weight=0.5)
+    ahead.created(0.005)
+    depths = [ahead.depth()]
+    for _ in range(2):
+        ahead.created(0.04)
+        depths.append(ahead.depth())
+
+    assert depths == [3, 2, 1]
+
+
+def test_lookahead_never_goes_beyond_its_most() -> None:
+    ahead = Lookahead(most=1, budget=10.0)
+    ahead.created(0.001)
+
+    assert ahead.depth() == 1
