@@ -76,6 +76,7 @@ async def _freeze_heap(app: web.Application) -> None:
     """Leave what start-up built (modules, routes, schemas, recovered batches) out of every
     later garbage collection: with it, each full collection during a 5,000-row batch
     stopped the loop for 23-33 ms; without it, for about 6 ms."""
+    gc.collect()  # what start-up left in cycles goes first, instead of being kept for good
     gc.freeze()
 
 

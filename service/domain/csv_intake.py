@@ -88,7 +88,7 @@ def decode(data: bytes) -> str:
 
 
 def _records(text: str) -> Iterator[tuple[int, list[str]]]:
-    """(first line of the record, stripped cells) for each record, blank lines skipped."""
+    """(first line of the record, cells) for each record, blank lines skipped."""
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     line = 1
     while True:
@@ -106,8 +106,7 @@ def _records(text: str) -> Iterator[tuple[int, list[str]]]:
                     )
                 ]
             ) from exc
-        cells = [cell.strip() for cell in cells]
-        if any(cells):
+        if any(cell.strip() for cell in cells):
             yield line, cells
         line = reader.line_num + 1
 
@@ -169,10 +168,11 @@ def parse(text: str, max_rows: int) -> ParsedCsv:
     seen: dict[tuple[str, str, str | None], int] = {}
     warnings: list[Problem] = []
     count = 0
-    for line, cells in records:
+    for line, raw in records:
         count += 1
         if count > max_rows:
             continue
+        cells = [cell.strip() for cell in raw]
         if len(cells) != len(headers):
             problems.append(
                 problem(

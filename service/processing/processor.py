@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import time
+from asyncio import FIRST_COMPLETED
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -49,6 +50,16 @@ class Ready:
     @property
     def batch_id(self) -> str:
         return self.run.batch_id
+
+
+async def _collect_ready(
+    getting: set[asyncio.Task[Ready | None]], into: deque[Ready]
+) -> set[asyncio.Task[Ready | None]]:
+    """Wait for the first of `getting` to end; put the rows got ready `into` (a task ends
+    with None once the pool stops) and return the tasks still under way."""
+    done, pending = await asyncio.wait(getting, return_when=FIRST_COMPLETED)
+    into.extend(ready for task in done if (ready := task.result()) is not None)
+    return pending
 
 
 class Processor:
@@ -281,20 +292,27 @@ class Processor:
         """Send one row at a time while the next ones get ready (Lookahead says how many).
 
         A row is ready once its intent is committed, so that commit overlaps the creates
-        before it instead of holding up the directory's pipe. Once the pool stops, the
-        rows already got ready are withdrawn rather than sent.
+        before it instead of holding up the directory's pipe. Rows are sent in the order
+        they get ready: one held up (its upstream batch being reconciled, or no work yet)
+        holds up no other. Once the pool stops, the rows already got ready are withdrawn
+        rather than sent.
         """
-        upcoming = deque([asyncio.create_task(self._next_ready())])
+        getting: set[asyncio.Task[Ready | None]] = {asyncio.create_task(self._next_ready())}
+        ready_rows: deque[Ready] = deque()
         try:
-            while upcoming:
-                if (ready := await upcoming.popleft()) is None:
-                    continue  # the pool is stopping
-                while not self._stopping and len(upcoming) < self._lookahead.depth():
-                    upcoming.append(asyncio.create_task(self._next_ready()))
+            while ready_rows or getting:
+                if not ready_rows:
+                    getting = await _collect_ready(getting, ready_rows)
+                    continue
+                ready = ready_rows.popleft()
+                while not self._stopping and (
+                    len(getting) + len(ready_rows) < self._lookahead.depth()
+                ):
+                    getting.add(asyncio.create_task(self._next_ready()))
                 await self._send(ready)
                 del ready  # an idle worker must not keep its last batch's fold alive
         finally:
-            for task in upcoming:
+            for task in getting:
                 task.cancel()
 
     async def _send(self, ready: Ready) -> None:
@@ -614,7 +632,10 @@ class Processor:
                 async with gate:
                     return await self._activate_upstream(run, upstream)
 
-            results += await asyncio.gather(*map(activate, rest))
+            # A task group: if one slice raises, the others end before a new attempt starts.
+            async with asyncio.TaskGroup() as group:
+                slices = [group.create_task(activate(u)) for u in rest]
+            results += [task.result() for task in slices]
         if failures := [detail for ok, detail in results if not ok]:
             more = f" (and {len(failures) - 1} more upstream batches)" if len(failures) > 1 else ""
             failed = ev.BatchActivationFailed(failures[0] + more)

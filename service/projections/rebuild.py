@@ -124,12 +124,19 @@ def _shares(path: str, busy_timeout_ms: int, workers: int | None) -> list[tuple[
     one per CPU, each with PARALLEL_FROM events at least."""
     with contextlib.closing(_open_live(path, busy_timeout_ms)) as conn:
         if workers is None:
-            workers = max(1, min(os.cpu_count() or 1, _last_position(conn) // PARALLEL_FROM))
+            workers = max(1, min(_cpus(), _last_position(conn) // PARALLEL_FROM))
         streams = [
             s for (s,) in conn.execute("SELECT DISTINCT stream_id FROM events ORDER BY stream_id")
         ]
     cuts = {streams[len(streams) * i // workers] for i in range(1, workers) if streams}
     return list(itertools.pairwise(["", *sorted(cuts), LAST]))
+
+
+def _cpus() -> int:
+    """The CPUs this process may run on (its affinity, where the platform tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _last_position(conn: sqlite3.Connection) -> int:

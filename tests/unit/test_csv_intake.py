@@ -178,6 +178,7 @@ def test_headers_are_trimmed_case_insensitive_and_in_any_order(
         pytest.param("name;address;phone", id="semicolon-separated"),
         pytest.param("General Hospital,123 Main Street,555-0100", id="data-instead-of-header"),
         pytest.param("Name,Address,Phone Number", id="phone-number"),
+        pytest.param(" name , address , fax ", id="padded-cells-shown-as-written"),
     ],
 )
 def test_any_other_header_is_refused_showing_what_was_found(header: str) -> None:
