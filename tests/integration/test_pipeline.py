@@ -288,6 +288,17 @@ async def test_each_change_of_status_warms_the_status_body(
     assert warmed == [(batch_id, "processing"), (batch_id, "completed")]
 
 
+def fold_from_file(db_path: str, batch_id: str) -> b.BatchState:
+    """A stopped service's batch, folded from its database file."""
+    conn = sqlite3.connect(db_path)
+    history = conn.execute(
+        f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ? ORDER BY stream_version",
+        (b.stream_id(batch_id),),
+    ).fetchall()
+    conn.close()
+    return b.fold((e.decode(), e.recorded_at) for e in map(from_row, history))
+
+
 async def test_a_clean_stop_sends_nothing_new_and_leaves_no_row_to_check(
     service_factory: ServiceFactory, directory: RunningDirectory
 ) -> None:
@@ -295,13 +306,7 @@ async def test_a_clean_stop_sends_nothing_new_and_leaves_no_row_to_check(
     async with service_factory() as service:
         accepted = await service.upload(csv_of(45))
         await asyncio.sleep(0.8)  # the second 20 in flight, the last 5 ready behind them
-    conn = sqlite3.connect(service.db_path)
-    history = conn.execute(
-        f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ? ORDER BY stream_version",
-        (b.stream_id(accepted["batch_id"]),),
-    ).fetchall()
-    conn.close()
-    state = b.fold((e.decode(), e.recorded_at) for e in map(from_row, history))
+    state = fold_from_file(service.db_path, accepted["batch_id"])
 
     assert directory.standin.request_counts["create"] == 40
     assert len(directory.standin.all_hospitals()) == 40
@@ -321,13 +326,7 @@ async def test_a_clean_stop_withdraws_every_row_got_ready_ahead_of_a_quick_direc
     async with service_factory() as service:
         accepted = await service.upload(csv_of(1000))
         await asyncio.sleep(0.3)
-    conn = sqlite3.connect(service.db_path)
-    history = conn.execute(
-        f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ? ORDER BY stream_version",
-        (b.stream_id(accepted["batch_id"]),),
-    ).fetchall()
-    conn.close()
-    state = b.fold((e.decode(), e.recorded_at) for e in map(from_row, history))
+    state = fold_from_file(service.db_path, accepted["batch_id"])
     withdrawn = [r for r in state.rows.values() if r.reason == b.WITHDRAWN]
 
     assert state.to_reconcile() == []  # every intent has its outcome: nothing to look up
