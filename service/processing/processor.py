@@ -235,9 +235,6 @@ class Processor:
         if run.idle and not state.unsettled():
             run.finished.set()
             self._runs.pop(run.batch_id, None)
-            # Its outbox's intent builder refers back to the run: without this cycle, the
-            # batch's fold goes as soon as nothing holds it, not at a full collection.
-            run.outbox = None
 
     @staticmethod
     def _quiet(run: BatchRun) -> bool:
@@ -365,28 +362,30 @@ class Processor:
         self, run: BatchRun, event: ev.Event, *id_parts: object, cause: str = "processing"
     ) -> None:
         """Append a worker's fact; its id derives from the decision, so a retry stores it once."""
-        run.absorb(await self._outbox(run).emit(self._fact(run, event, *id_parts, cause=cause)))
+        fact = self._fact(run.state, event, *id_parts, cause=cause)
+        run.absorb(await self._outbox(run).emit(fact))
 
     @staticmethod
     def _fact(
-        run: BatchRun, event: ev.Event, *id_parts: object, cause: str = "processing"
+        state: b.BatchState, event: ev.Event, *id_parts: object, cause: str = "processing"
     ) -> NewEvent:
-        if run.state.resumes:
+        if state.resumes:
             # After a resume, the same row and attempt is a new decision: without this, the
             # resumed row's outcome would take the id of the failure it replaces, and be dropped.
-            id_parts = (*id_parts, "resume", run.state.resumes)
+            id_parts = (*id_parts, "resume", state.resumes)
         return NewEvent(
             event,
-            event_id=ev.derived_event_id(run.batch_id, *id_parts),
+            event_id=ev.derived_event_id(state.batch_id, *id_parts),
             metadata={"actor": "processor", "cause": cause},
         )
 
     def _outbox(self, run: BatchRun) -> Outbox:
         if run.outbox is None:
+            state = run.state  # not the run: the run holds its outbox, and would never go
 
             def intent(rows: tuple[int, ...], attempts: tuple[int, ...]) -> NewEvent:
                 pairs = (f"{n}.{a}" for n, a in zip(rows, attempts, strict=True))
-                return self._fact(run, ev.HospitalRequested(rows, attempts), "requested", *pairs)
+                return self._fact(state, ev.HospitalRequested(rows, attempts), "requested", *pairs)
 
             append = functools.partial(self._store.append, b.stream_id(run.batch_id), None)
             run.outbox = Outbox(append, intent, self._spawn)

@@ -23,7 +23,8 @@ from service.store.event_store import CHECKPOINT, connect_writer, record_checkpo
 from service.store.migrations import migrate
 
 CHECKPOINTS = "projection_checkpoints"
-TABLES = ("batches", "batch_rows", CHECKPOINTS)
+BATCH_TABLES = ("batches", "batch_rows")  # compared share by share
+TABLES = (*BATCH_TABLES, CHECKPOINTS)
 
 
 @dataclass(frozen=True)
@@ -103,9 +104,7 @@ def rebuild(
         with ProcessPoolExecutor(len(shares), mp_context=spawn) as pool:
             parts = list(pool.map(functools.partial(_check, path, busy_timeout_ms), shares))
     replayed = max(p.replayed_at for p in parts) - started
-    differences = {
-        table: sum(p.differences[table] for p in parts) for table in ("batches", "batch_rows")
-    }
+    differences = {table: sum(p.differences[table] for p in parts) for table in BATCH_TABLES}
     differences[CHECKPOINTS] = _checkpoint_difference(path, busy_timeout_ms)
     compared = time.monotonic() - started - replayed
     replaced = replace and any(differences.values())
@@ -166,9 +165,7 @@ def _check(path: str, busy_timeout_ms: int, streams: tuple[str, str]) -> _Part:
         fresh.execute("BEGIN")  # one snapshot of the live log and its read models
         count = replay(fresh, "live", streams)
         replayed_at = time.monotonic()
-        differences = {
-            table: _difference(fresh, table, streams) for table in ("batches", "batch_rows")
-        }
+        differences = {table: _difference(fresh, table, streams) for table in BATCH_TABLES}
         fresh.execute("COMMIT")
     return _Part(count, replayed_at, differences)
 

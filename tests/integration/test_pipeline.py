@@ -318,11 +318,17 @@ async def test_a_clean_stop_sends_nothing_new_and_leaves_no_row_to_check(
     assert all(r.failures == 0 for r in withdrawn)
 
 
+@pytest.fixture
+def three_rows_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every worker gets 3 rows ready ahead, whatever the creates' answer time."""
+    monkeypatch.setattr(processor, "AHEAD_WAIT", 10.0)
+
+
+@pytest.mark.usefixtures("three_rows_ahead")
 async def test_a_clean_stop_withdraws_every_row_got_ready_ahead_of_a_quick_directory(
-    service_factory: ServiceFactory, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
+    service_factory: ServiceFactory, directory: RunningDirectory
 ) -> None:
     directory.standin.set_delay(0.01)
-    monkeypatch.setattr(processor, "AHEAD_WAIT", 10.0)  # every worker 3 rows ahead
     async with service_factory() as service:
         accepted = await service.upload(csv_of(1000))
         await asyncio.sleep(0.3)
@@ -335,12 +341,12 @@ async def test_a_clean_stop_withdraws_every_row_got_ready_ahead_of_a_quick_direc
     assert len(withdrawn) > 20  # more than one row ahead per worker
 
 
+@pytest.mark.usefixtures("three_rows_ahead")
 async def test_a_ready_row_is_not_held_up_behind_one_waiting_for_a_reconciliation(
-    service_factory: ServiceFactory, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
+    service_factory: ServiceFactory, directory: RunningDirectory
 ) -> None:
     directory.standin.set_delay(0.005)
     directory.standin.add_fault("create", "502", nth=[1])  # batch C's first row: unclear
-    monkeypatch.setattr(processor, "AHEAD_WAIT", 10.0)  # one worker, 3 rows ahead
     async with service_factory(concurrency=1, settle_seconds=2.0) as service:
         c = (await service.upload(csv_of(5, "C")))["batch_id"]
         a = (await service.upload(csv_of(2, "A")))["batch_id"]
