@@ -103,6 +103,8 @@ class BatchState:
     activated_count: int = 0
     activation_failure: str | None = None
     rollback_requested: bool = False
+    rollback_requests: int = 0
+    rollback_failure: str | None = None
     rolled_back: bool = False
     deleted_count: int = 0
     resumes: int = 0
@@ -161,8 +163,8 @@ class BatchState:
         )
 
     def needs_rollback(self) -> bool:
-        """A rollback was asked for and has not been carried out yet."""
-        return self.rollback_requested and not self.rolled_back
+        """A rollback was asked for, and has neither been carried out nor failed since."""
+        return self.rollback_requested and not self.rolled_back and self.rollback_failure is None
 
     def unsettled(self) -> bool:
         """Work the service still owes this batch (creates, activation or rollback)."""
@@ -228,7 +230,10 @@ def apply(state: BatchState, event: ev.Event, recorded_at: str | None = None) ->
             state.activation_failure = None
             state.resumes += 1
         case ev.BatchRollbackRequested():
-            state.rollback_requested = True
+            state.rollback_requested, state.rollback_failure = True, None
+            state.rollback_requests += 1
+        case ev.BatchRollbackFailed(reason=reason):
+            state.rollback_failure = reason
         case ev.BatchRolledBack(deleted_count=count):
             state.rolled_back, state.deleted_count = True, count
             for row in state.rows.values():

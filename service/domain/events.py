@@ -142,6 +142,14 @@ class BatchRollbackRequested(Event):
 
 
 @dataclass(frozen=True)
+class BatchRollbackFailed(Event):
+    """The directory would not delete an upstream batch; a new request tries again."""
+
+    type_name = "BatchRollbackFailed"
+    reason: str
+
+
+@dataclass(frozen=True)
 class BatchRolledBack(Event):
     type_name = "BatchRolledBack"
     deleted_count: int
@@ -160,6 +168,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         BatchActivationFailed,
         BatchResumed,
         BatchRollbackRequested,
+        BatchRollbackFailed,
         BatchRolledBack,
     )
 }

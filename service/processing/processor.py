@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -112,13 +111,13 @@ class Processor:
         """
         self._stopping = True
         self._work.set()
-        everything = [*self._workers, *self._tasks]
-        _, pending = await asyncio.wait(everything, timeout=grace) if everything else ((), ())
-        for task in pending:
-            task.cancel()
-        for task in pending:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if everything := [*self._workers, *self._tasks]:
+            await asyncio.wait(everything, timeout=grace)
+        # Work spawned during the grace (an outcome's record) is cancelled too, not left behind.
+        while left := [t for t in (*self._workers, *self._tasks) if not t.done()]:
+            for task in left:
+                task.cancel()
+            await asyncio.gather(*left, return_exceptions=True)
 
     @property
     def workers_alive(self) -> int:
@@ -171,9 +170,10 @@ class Processor:
         """Stop new creates, let those in flight end, then delete the batch's hospitals."""
         async with self._deciding:
             run = await self._current(batch_id)
-            if not run.state.rollback_requested:
+            if not run.state.rollback_requested or run.state.rollback_failure is not None:
                 # No state forbids a rollback, so it does not wait for a quiet stream: outcomes
-                # that workers record meanwhile must not turn it into a conflict.
+                # that workers record meanwhile must not turn it into a conflict. After a
+                # failed rollback, asking again is what tries again.
                 await self._decide(run, ev.BatchRollbackRequested(), actor, check_version=False)
                 run.queue.clear()
             if run.idle:
@@ -234,7 +234,8 @@ class Processor:
             run.task = self._spawn(self._activate(run), run)
         if run.idle and not state.unsettled():
             run.finished.set()
-            self._runs.pop(run.batch_id, None)
+            if self._runs.get(run.batch_id) is run:  # not a newer run of the same batch
+                del self._runs[run.batch_id]
 
     @staticmethod
     def _quiet(run: BatchRun) -> bool:
@@ -395,8 +396,10 @@ class Processor:
         """Record the intent to send row `n`; None when the row needs no create now."""
         row = run.state.rows[n]
         gate = run.gate(row.creation_batch_id)
-        await gate.wait_open()
         await self._ensure_awake()
+        # Counted in flight with no await after the gate is found open: a reconciliation
+        # that starts later waits for this create to end before it reads the directory.
+        await gate.wait_open()
         if row.status != b.ROW_PENDING or row.may_exist or run.state.rollback_requested:
             return None
         attempt = row.attempts + 1
@@ -538,18 +541,19 @@ class Processor:
 
     async def _reconcile(self, run: BatchRun, gate: Gate) -> None:
         """Match rows whose create may have been stored against the directory's records."""
-        loop = asyncio.get_running_loop()
+        suspects: list[int] = []
         try:
             # A create whose answer was lost can still be stored seconds later: let it settle,
             # and let every create in flight for this upstream batch end first.
-            while (wait := gate.last_suspect_at + self._settings.settle_seconds - loop.time()) > 0:
+            while (wait := gate.settle_left(self._settings.settle_seconds)) > 0:
                 await asyncio.sleep(wait)
                 await gate.wait_idle()
             await gate.wait_idle()
+            # Only rows whose creates ended before the read are checked against it.
+            suspects = sorted(gate.suspects)
             answer = await self._patiently(
                 lambda: self._client.batch_members(gate.creation_batch_id)
             )
-            suspects = sorted(gate.suspects)
             if not answer.ok:
                 for n in suspects:
                     message = f"could not check the directory for this row: {answer.message}"
@@ -558,9 +562,11 @@ class Processor:
                 return
             await self._match(run, gate, suspects, answer.body)
         finally:
-            gate.suspects.clear()
+            gate.suspects.difference_update(suspects)
             gate.reconciling = None
             await gate.notify()
+            if gate.suspects and not self._stopping:  # suspected during the read: look again
+                self._reconcile_soon(run, gate)
 
     async def _match(
         self, run: BatchRun, gate: Gate, suspects: list[int], records: list[dict[str, Any]]
@@ -685,7 +691,11 @@ class Processor:
         return False, f"activation of upstream batch {batch_id} did not take effect: {message}"
 
     async def _roll_back(self, run: BatchRun) -> None:
-        """Delete every upstream batch; a 404 means its hospitals are already gone."""
+        """Delete every upstream batch; a 404 means its hospitals are already gone.
+
+        A delete still refused after `_patiently`'s tries ends the round with a recorded
+        failure, not a new round at once: the user asks again when the cause is gone.
+        """
         deleted = 0
         for upstream in run.state.upstream:
             batch_id = upstream.creation_batch_id
@@ -693,9 +703,11 @@ class Processor:
             if answer.ok and isinstance(answer.body, dict):
                 deleted += int(answer.body.get("deleted_count", 0))
             elif answer.outcome is not Outcome.NOT_FOUND:
-                log.error(
-                    "rollback of %s stopped at %s: %s", run.batch_id, batch_id, answer.message
-                )
+                reason = f"the directory did not delete upstream batch {batch_id}: {answer.message}"
+                log.error("rollback of %s failed: %s", run.batch_id, reason)
+                failed = ev.BatchRollbackFailed(reason)
+                rounds = run.state.rollback_requests
+                await self._emit(run, failed, "rollback", "failed", rounds, cause="rollback")
                 return
         ids = tuple(u.creation_batch_id for u in run.state.upstream)
         await self._emit(run, ev.BatchRolledBack(deleted, ids), "rollback", cause="rollback")

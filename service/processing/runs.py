@@ -34,6 +34,10 @@ class Gate:
         self.suspects.add(row)
         self.last_suspect_at = time.monotonic()
 
+    def settle_left(self, settle_seconds: float) -> float:
+        """Seconds until the last suspect's create has had `settle_seconds` to be stored."""
+        return self.last_suspect_at + settle_seconds - time.monotonic()
+
     async def notify(self) -> None:
         """Wake whoever waits on this gate."""
         async with self.changed:

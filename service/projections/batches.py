@@ -119,6 +119,9 @@ class _Batch:
                 self.values["finished_at"] = None  # it finishes anew, maybe in this append
             case ev.BatchRollbackRequested():
                 self.values["rollback_requested"] = 1
+                self.values["rollback_error"] = None
+            case ev.BatchRollbackFailed(reason=reason):
+                self.values["rollback_error"] = reason
             case ev.BatchRolledBack():
                 for created in CREATED_STATUSES:
                     self._move_rows(created, b.ROW_DELETED)
@@ -210,8 +213,9 @@ def write_fold(
     cur.execute(
         "INSERT INTO batches (batch_id, file_name, idempotency_key, content_sha256, total_rows, "
         "created_rows, failed_rows, deleted_rows, requested, activated, activation_error, "
-        "rollback_requested, rolled_back, status, stream_version, last_position, created_at, "
-        "updated_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "rollback_requested, rollback_error, rolled_back, status, stream_version, last_position, "
+        "created_at, updated_at, finished_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             state.batch_id,
             state.file_name,
@@ -225,6 +229,7 @@ def write_fold(
             int(state.activated),
             state.activation_failure,
             int(state.rollback_requested),
+            state.rollback_failure,
             int(state.rolled_back),
             state.status,
             state.version,

@@ -9,8 +9,8 @@ from service.store.event_store import EventStore
 
 BATCH_COLUMNS = (
     "batch_id, file_name, idempotency_key, content_sha256, total_rows, created_rows, "
-    "failed_rows, deleted_rows, activated, activation_error, rollback_requested, rolled_back, "
-    "status, stream_version, created_at, updated_at, finished_at"
+    "failed_rows, deleted_rows, activated, activation_error, rollback_requested, "
+    "rollback_error, rolled_back, status, stream_version, created_at, updated_at, finished_at"
 )
 ROW_COLUMNS = (
     "row, line, name, address, phone, creation_batch_id, status, hospital_id, error_reason, "
@@ -59,7 +59,8 @@ async def unfinished_batch_ids(store: EventStore) -> list[str]:
     """Batches the service still owes work to, oldest first."""
     rows = await store.fetch(
         "SELECT batch_id FROM batches WHERE status IN ('pending', 'processing') "
-        "OR (rollback_requested = 1 AND rolled_back = 0) ORDER BY created_at, batch_id"
+        "OR (rollback_requested = 1 AND rolled_back = 0 AND rollback_error IS NULL) "
+        "ORDER BY created_at, batch_id"
     )
     return [r["batch_id"] for r in rows]
 

@@ -20,6 +20,8 @@ def current_message(batch: Record) -> str:
     processed, failed = _processed(batch), batch["failed_rows"]
     if batch["rolled_back"]:
         return f"Rolled back: {batch['deleted_rows']} hospital(s) deleted from the directory"
+    if batch["rollback_error"]:
+        return f"Rollback failed: {batch['rollback_error']}; roll back again to retry"
     if batch["rollback_requested"]:
         return "Rolling back: waiting for creates in flight, then deleting"
     if status == b.PENDING:
@@ -93,6 +95,7 @@ def status_numbers(batch: Record) -> Record:
         "batch_activated": bool(batch["activated"]),
         "processing_status": batch["status"],
         "activation_error": batch["activation_error"],
+        "rollback_error": batch["rollback_error"],
         "rolled_back": bool(batch["rolled_back"]),
         "version": batch["stream_version"],
     }
@@ -123,6 +126,7 @@ def batch_record(state: b.BatchState) -> Record:
         "activated": state.activated,
         "activation_error": state.activation_failure,
         "rollback_requested": state.rollback_requested,
+        "rollback_error": state.rollback_failure,
         "rolled_back": state.rolled_back,
         "status": state.status,
         "stream_version": state.version,

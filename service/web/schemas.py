@@ -67,6 +67,10 @@ class Status(Schema):
     batch_activated = fields.Boolean(required=True)
     processing_status = fields.String(required=True, validate=validate.OneOf(b.BATCH_STATUSES))
     activation_error = fields.String(allow_none=True)
+    rollback_error = fields.String(
+        allow_none=True,
+        metadata={"description": "why the last rollback failed; roll back again to retry"},
+    )
     rolled_back = fields.Boolean()
     version = fields.Integer(metadata={"description": "stream version this answer reflects"})
     hospitals = fields.List(fields.Nested(HospitalResult), required=True)

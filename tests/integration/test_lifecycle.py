@@ -302,3 +302,51 @@ async def test_rollback_treats_a_batch_already_gone_from_the_directory_as_delete
     assert directory.standin.request_counts["batch_delete"] == 1
     _, page = await service.get(f"/batch/{batch_id}/events?limit=100")
     assert page["events"][-1]["data"]["deleted_count"] == 0
+
+
+async def test_a_rollback_the_directory_keeps_refusing_fails_once_and_asking_again_retries(
+    service_factory: ServiceFactory, directory: RunningDirectory
+) -> None:
+    async with service_factory(max_attempts=3) as service:
+        accepted = await service.upload(SAMPLE_CSV)
+        batch_id = accepted["batch_id"]
+        await service.wait_finished(batch_id)
+        directory.standin.add_fault("batch_delete", "503", probability=1.0)
+
+        status, _ = await delete(service, f"/batch/{batch_id}")
+        assert status == 202
+        deadline = time.monotonic() + 10
+        while not (body := (await service.get(f"/batch/{batch_id}/status"))[1])["rollback_error"]:
+            assert time.monotonic() < deadline, f"the rollback did not fail: {body}"
+            await asyncio.sleep(0.05)
+        assert await service.idle(batch_id)
+        await asyncio.sleep(0.5)  # a failed round is not followed by another one
+
+        assert directory.standin.request_counts["batch_delete"] == 3  # max_attempts, then stop
+        assert body["rollback_error"].startswith(
+            f"the directory did not delete upstream batch {batch_id}: "
+        )
+        assert body["processing_status"] == "completed" and body["rolled_back"] is False
+        assert len(directory.standin.all_hospitals()) == 3
+        _, progress = await service.get(f"/batch/{batch_id}/progress")
+        assert progress["current_message"] == (
+            f"Rollback failed: {body['rollback_error']}; roll back again to retry"
+        )
+        await assert_fold_matches_read_model(service, batch_id)
+
+        directory.standin.clear_faults()
+        status, _ = await delete(service, f"/batch/{batch_id}")
+        assert status == 202
+        final = await wait_rolled_back(service, batch_id)
+
+        assert final["rollback_error"] is None
+        assert [h["status"] for h in final["hospitals"]] == ["deleted"] * 3
+        assert directory.standin.all_hospitals() == []
+        types = await event_types(service, batch_id)
+        assert types[-4:] == [
+            "BatchRollbackRequested",
+            "BatchRollbackFailed",
+            "BatchRollbackRequested",
+            "BatchRolledBack",
+        ]
+        await assert_fold_matches_read_model(service, batch_id)

@@ -37,6 +37,7 @@ class Model:
     activated: bool = False
     activation_failed: bool = False
     rollback: bool = False
+    rollback_failed: bool = False
     rolled_back: bool = False
 
     def next_events(self) -> dict[str, list[ev.Event]]:
@@ -47,8 +48,13 @@ class Model:
         rows_in = {state: [n for n, s in self.rows.items() if s == state] for state in STATES}
         if self.rolled_back or (self.activated and not self.may_roll_back):
             return {}
+        if self.rollback_failed:
+            return {"rollback": [ev.BatchRollbackRequested()]}
         if self.rollback:
-            return {"rollback": [ev.BatchRolledBack(len(created), upstream)]}
+            return {
+                "rollback": [ev.BatchRolledBack(len(created), upstream)],
+                "rollback_failed": [ev.BatchRollbackFailed("HTTP 503")],
+            }
         if self.activated:
             return {"rollback": [ev.BatchRollbackRequested()]}
         options: dict[str, list[ev.Event]] = {
@@ -99,7 +105,9 @@ class Model:
                 self.activation_failed = False
                 self.resumes_left -= 1
             case ev.BatchRollbackRequested():
-                self.rollback = True
+                self.rollback, self.rollback_failed = True, False
+            case ev.BatchRollbackFailed():
+                self.rollback_failed = True
             case ev.BatchRolledBack():
                 self.rolled_back = True
 
@@ -112,6 +120,7 @@ KIND_WEIGHTS = (("request",) * 6 + ("create",) * 6 + ("fail",) * 2 + ("activate"
     "activation_failed",
     "activation_failed",
     "rollback",
+    "rollback_failed",
 )
 
 
@@ -152,6 +161,7 @@ def fold_view(state: b.BatchState) -> tuple[dict[str, Any], list[dict[str, Any]]
         "activated": int(state.activated),
         "activation_error": state.activation_failure,
         "rollback_requested": int(state.rollback_requested),
+        "rollback_error": state.rollback_failure,
         "rolled_back": int(state.rolled_back),
         "stream_version": state.version,
         "created_at": state.created_at,

@@ -31,6 +31,7 @@ ONE_OF_EACH: list[ev.Event] = [
     ev.BatchActivationFailed(reason="not confirmed"),
     ev.BatchResumed(rows=(2,)),
     ev.BatchRollbackRequested(),
+    ev.BatchRollbackFailed(reason="HTTP 503"),
     ev.BatchRolledBack(deleted_count=1, upstream_batch_ids=("b1",)),
 ]
 

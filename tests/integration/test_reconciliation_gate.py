@@ -1,0 +1,108 @@
+"""A reconciliation reads the directory only while no create of its upstream batch is out.
+
+The interleavings here (a warm-up that ends during the read, a create whose record lands
+after the read) cannot be timed through HTTP, so the directory is a script at the client's
+seam; the store is a real SQLite file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from typing import Any
+
+from service.domain import batch as b
+from service.domain import events as ev
+from service.processing.directory_client import Answer, Outcome
+from service.processing.processor import Processor
+from service.settings import DirectorySettings
+from service.store.event_store import EventStore
+from service.store.records import NewEvent
+
+BATCH = "00000000-0000-4000-8000-000000000001"
+
+
+class ScriptedDirectory:
+    """Row A's answer is lost; row B needs a warm-up that ends while A is being checked,
+    and its first create, answer lost, is stored only after the check's read."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.creates_during_read: list[str] = []
+        self._ids = itertools.count(1)
+        self._idle = iter([0.0])  # A's prepare: awake; every later look: asleep
+        self._reading = False
+        self._read_over = asyncio.Event()
+        self._warm_up_may_end = asyncio.Event()
+        self._b_sent = asyncio.Event()
+
+    def idle_for(self) -> float:
+        return next(self._idle, float("inf"))
+
+    async def warm_up(self) -> Answer:
+        await self._warm_up_may_end.wait()
+        return Answer(Outcome.OK, 200, {"status": "OK"}, "ok")
+
+    def _store(self, name: str, address: str, phone: str | None, upstream: str) -> dict[str, Any]:
+        record = {"id": next(self._ids), "name": name, "address": address, "phone": phone}
+        self.records.append({**record, "creation_batch_id": upstream, "active": False})
+        return record
+
+    async def create(self, name: str, address: str, phone: str | None, upstream: str) -> Answer:
+        if self._reading:
+            self.creates_during_read.append(name)
+        lost = Answer(Outcome.AMBIGUOUS, None, None, "ServerDisconnectedError")
+        if name == "A":
+            self._store(name, address, phone, upstream)
+            return lost
+        if not self._b_sent.is_set():  # stored once the read is over, answer lost
+            self._b_sent.set()
+            await self._read_over.wait()
+            self._store(name, address, phone, upstream)
+            return lost
+        return Answer(Outcome.OK, 201, self._store(name, address, phone, upstream), "ok")
+
+    async def batch_members(self, upstream: str) -> Answer:
+        self._reading = True
+        self._warm_up_may_end.set()
+        with contextlib.suppress(TimeoutError):  # a create sent meanwhile would come now
+            await asyncio.wait_for(self._b_sent.wait(), 0.3)
+        listing = [dict(r) for r in self.records if r["creation_batch_id"] == upstream]
+        self._reading = False
+        self._read_over.set()
+        return Answer(Outcome.OK, 200, listing, "ok")
+
+    async def activate(self, upstream: str) -> Answer:
+        for record in self.records:
+            record["active"] = True
+        return Answer(Outcome.OK, 200, {"activated_count": len(self.records)}, "ok")
+
+    async def delete_batch(self, upstream: str) -> Answer:
+        return Answer(Outcome.NOT_FOUND, 404, None, "HTTP 404")
+
+
+async def test_a_create_waits_for_the_check_of_its_upstream_batch_after_a_warm_up(
+    store: EventStore,
+) -> None:
+    directory = ScriptedDirectory()
+    settings = DirectorySettings(
+        concurrency=2, creates_per_minute=0, settle_seconds=0.0, backoff_base=0.05
+    )
+    processor = Processor(store, directory, settings)  # type: ignore[arg-type]
+    await processor.start()
+    rows = (ev.Row(1, "A", "1 Main St", None, 2), ev.Row(2, "B", "2 Main St", None, 3))
+    created = b.plan(BATCH, "gap.csv", rows, 20, "sha")
+    stored = await store.append(b.stream_id(BATCH), -1, [NewEvent(created)])
+    processor.submit(stored[0])
+    try:
+        await asyncio.wait_for(processor.wait_finished(BATCH), 10)
+    finally:
+        await processor.stop(grace=1.0)
+    history = await store.read_stream(b.stream_id(BATCH))
+    state = b.fold((e.decode(), e.recorded_at) for e in history)
+
+    assert directory.creates_during_read == []
+    assert sorted(r["name"] for r in directory.records) == ["A", "B"]
+    assert state.status == b.COMPLETED
+    assert {row.hospital_id for row in state.rows.values()} == {r["id"] for r in directory.records}
