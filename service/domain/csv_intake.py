@@ -87,6 +87,16 @@ def decode(data: bytes) -> str:
         ) from exc
 
 
+# A cell starting with one of these is prefixed with ' by the results export, so that a
+# spreadsheet shows it instead of computing it; intake takes the ' off again.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def unescaped(cell: str) -> str:
+    """The value a results export wrote as `cell` (one of its formula-like cells or as is)."""
+    return cell[1:] if cell.startswith("'") and cell[1:2] in FORMULA_STARTS else cell
+
+
 def _records(text: str) -> Iterator[tuple[int, list[str]]]:
     """(first line of the record, cells) for each record, blank lines skipped."""
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
@@ -172,7 +182,7 @@ def parse(text: str, max_rows: int) -> ParsedCsv:
         count += 1
         if count > max_rows:
             continue
-        cells = [cell.strip() for cell in raw]
+        cells = [unescaped(cell.strip()) for cell in raw]
         if len(cells) != len(headers):
             problems.append(
                 problem(

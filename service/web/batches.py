@@ -337,7 +337,6 @@ def _decode_cursor(cursor: str | None) -> tuple[str, str] | None:
 # Results export -------------------------------------------------------------------------------
 
 RESULT_COLUMNS = ("row", "name", "address", "phone", "status", "hospital_id", "error_message")
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def spreadsheet_safe(value: object) -> str:
@@ -346,7 +345,7 @@ def spreadsheet_safe(value: object) -> str:
     Phone numbers too: a spreadsheet computes +1-555-0100 as -654, and saves that back.
     """
     text = "" if value is None else str(value)
-    return "'" + text if text.startswith(FORMULA_STARTS) else text
+    return "'" + text if text.startswith(csv_intake.FORMULA_STARTS) else text
 
 
 @routes.get("/batch/{batch_id}/results.csv")
@@ -356,7 +355,8 @@ def spreadsheet_safe(value: object) -> str:
     description=(
         "Columns row,name,address,phone,status,hospital_id,error_message; with ?only=failed, "
         "name,address,phone. A value starting with = + - @, a tab or a carriage return is "
-        "prefixed with ' so that a spreadsheet shows it instead of computing it."
+        "prefixed with ' so that a spreadsheet shows it instead of computing it; uploads take "
+        "that ' off again, so the failed rows can be fixed and uploaded as they are."
     ),
     produces=["text/csv", "application/json"],
     parameters=[BATCH_ID_PARAMETER],

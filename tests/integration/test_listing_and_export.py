@@ -138,6 +138,8 @@ async def test_results_csv_has_every_row_quoted_and_formulas_kept_inert(
             f"{service.url}/batch/validate-csv", data=form(failed_text)
         ) as r:
             validation = await r.json()
+        again = await service.upload(failed_text)
+        _, again_status = await service.get(f"/batch/{again['batch_id']}/status")
 
     hospital_id = str(status["hospitals"][0]["hospital_id"])
     assert rows == [
@@ -154,6 +156,10 @@ async def test_results_csv_has_every_row_quoted_and_formulas_kept_inert(
         ["Plain Clinic", "2 Side Street", ""],
     ]
     assert validation["valid"] is True and validation["total_rows"] == 2  # ready to upload again
+    assert [(h["name"], h["address"], h["phone"]) for h in again_status["hospitals"]] == [
+        ('=HYPERLINK("http://x")', "@SUM(A1)", "-2+3"),  # the export's ' taken off again
+        ("Plain Clinic", "2 Side Street", None),
+    ]
     assert invalid == 422 and body["detail"][0]["loc"] == ["query", "only"]
 
 

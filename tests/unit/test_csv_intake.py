@@ -233,6 +233,14 @@ def test_values_are_trimmed_and_a_blank_phone_is_none() -> None:
     assert accepted(text).rows == (Row(1, "General", "1 Main St", None, 2),)
 
 
+def test_the_quote_the_results_export_puts_before_formulas_is_taken_off() -> None:
+    text = HEADER + "'=SUM(A1),'@home,'+1-555-0100\n'Sullivan's,'-,'555\n"
+    assert accepted(text).rows == (
+        Row(1, "=SUM(A1)", "@home", "+1-555-0100", 2),
+        Row(2, "'Sullivan's", "-", "'555", 3),  # a ' before anything else is the value's own
+    )
+
+
 def test_phone_may_be_left_out_of_the_header() -> None:
     assert accepted("address,name\n1 Main St,General\n").rows == (
         Row(1, "General", "1 Main St", None, 2),
