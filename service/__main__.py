@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
 import sys
+import uuid
 from pathlib import Path
 
 from service.settings import Settings, SettingsError, load_settings
+from service.store.lock import DatabaseInUse, exclusive
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -38,14 +41,18 @@ def serve(args: argparse.Namespace) -> int:
         settings.directory.base_url,
         settings.database.path,
     )
-    web.run_app(
-        create_app(settings),
-        host=settings.app.host,
-        port=settings.app.port,
-        shutdown_timeout=settings.app.shutdown_timeout,
-        print=None,
-        loop=_event_loop(),
-    )
+    try:
+        web.run_app(
+            create_app(settings),
+            host=settings.app.host,
+            port=settings.app.port,
+            shutdown_timeout=settings.app.shutdown_timeout,
+            print=None,
+            loop=_event_loop(),
+        )
+    except (DatabaseInUse, OSError) as exc:  # the lock, the address, or the database's folder
+        print(f"error: the service could not start: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -65,8 +72,7 @@ def events(args: argparse.Namespace) -> int:
     from service.store.records import EVENT_COLUMNS, from_row
 
     path = _settings(args).database.path
-    if not Path(path).exists():
-        print(f"error: no database at {path}", file=sys.stderr)
+    if not _is_service_database(path):
         return 2
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     if args.batch:
@@ -107,10 +113,40 @@ def rebuild(args: argparse.Namespace) -> int:
     """Replay the log into fresh read models; report, and with --replace, repair."""
     from service.projections.rebuild import rebuild as run
 
-    settings = _settings(args)
-    report = run(settings.database.path, settings.database.busy_timeout_ms, replace=args.replace)
+    path = _settings(args).database.path
+    if not _is_service_database(path):
+        return 2
+    try:
+        # Replacing read models under a running service would race its projector.
+        with exclusive(path) if args.replace else contextlib.nullcontext():
+            report = run(path, _settings(args).database.busy_timeout_ms, replace=args.replace)
+    except DatabaseInUse as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(report.to_json())
     return 0 if report.equal or report.replaced else 1
+
+
+def _batch_id(text: str) -> str:
+    """A batch id as the log spells it (lower case), from any spelling the API accepts."""
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a batch id (a UUID)") from None
+
+
+def _is_service_database(path: str) -> bool:
+    """Whether `path` holds the service's log; if not, say so on stderr."""
+    if not Path(path).is_file():
+        print(f"error: no database at {path}", file=sys.stderr)
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            conn.execute("SELECT 1 FROM events LIMIT 1").fetchall()
+    except sqlite3.DatabaseError as exc:
+        print(f"error: {path} is not a service database ({exc})", file=sys.stderr)
+        return False
+    return True
 
 
 def local_directory(argv: list[str]) -> int:
@@ -166,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("follow", help="show a batch's live progress until it finishes")
     commands.add_parser("results", help="a batch's per-row results as CSV")
     p = commands.add_parser("events", help="print the audit log")
-    p.add_argument("--batch", help="only this batch's events")
+    p.add_argument("--batch", type=_batch_id, help="only this batch's events")
     p.add_argument("--after", type=int, help="after this stream version (or log position)")
     p.add_argument("--json", action="store_true", help="JSON lines instead of a timeline")
     p = commands.add_parser("rebuild", help="replay the log and compare the read models")

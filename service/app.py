@@ -16,6 +16,7 @@ from service.processing.processor import Processor
 from service.projections import batches
 from service.settings import Settings
 from service.store.event_store import EventStore
+from service.store.lock import exclusive
 from service.web import batches as batch_routes
 from service.web import docs, events, health, websocket
 from service.web.errors import error_middleware, webargs_error
@@ -46,10 +47,11 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         projectors=[batches.project],
         busy_timeout_ms=settings.database.busy_timeout_ms,
     )
-    await store.open()
-    app[STORE] = store
-    yield
-    await store.close()
+    with exclusive(settings.database.path):
+        await store.open()
+        app[STORE] = store
+        yield
+        await store.close()
 
 
 async def directory_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -1,0 +1,66 @@
+"""One process writes a database: a second service, or a repair under a running one, is refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from service.local_directory import RunningDirectory
+from tests.support import PROJECT, SAMPLE_CSV, ServiceProcess, form
+
+
+def command(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m service ARGS` on the database `db`."""
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        env={"PATH": "/usr/bin:/bin", "DATABASE_PATH": str(db)},
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+async def test_a_second_service_on_the_same_database_is_refused_until_the_first_dies(
+    directory: RunningDirectory, tmp_path: Path
+) -> None:
+    db = tmp_path / "one.db"
+    first, second = ServiceProcess(db, directory.url), ServiceProcess(db, directory.url)
+    async with aiohttp.ClientSession() as http:
+        await first.start(http)
+        try:
+            second.spawn()
+            assert second.process is not None
+            assert second.process.wait(20) == 2
+            said = second.log.read_text()
+            assert f"the database {db} is in use by another process" in said
+            assert "Traceback" not in said
+
+            replace = command(db, "rebuild", "--replace")
+            assert replace.returncode == 2
+            assert "is in use by another process" in replace.stderr
+            compare = command(db, "rebuild")  # reading is fine while the service runs
+            assert compare.returncode == 0, compare.stderr
+
+            async with http.post(f"{first.url}/batch/upload-csv", data=form(SAMPLE_CSV)) as r:
+                assert r.status == 202  # the first one never noticed
+        finally:
+            first.kill()  # SIGKILL: the kernel lets go of the lock with the process
+        await second.start(http)
+        second.stop()
+
+
+def test_audit_commands_name_a_missing_or_foreign_database(tmp_path: Path) -> None:
+    missing, foreign = tmp_path / "missing.db", tmp_path / "notes.db"
+    foreign.write_text("not a database\n")
+    for args in (("events",), ("rebuild",)):
+        gone = command(missing, *args)
+        assert gone.returncode == 2 and f"no database at {missing}" in gone.stderr
+        other = command(foreign, *args)
+        assert other.returncode == 2 and f"{foreign} is not a service database" in other.stderr
+    assert not missing.exists()  # looking did not create it
+    wrong = command(foreign, "events", "--batch", "nonsense")
+    assert wrong.returncode == 2 and "'nonsense' is not a batch id" in wrong.stderr
