@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,6 +203,8 @@ def _coerce(name: str, kind: Any, raw: Any) -> Any:
             number = kind(value)
             if kind is int and isinstance(value, float) and number != value:
                 raise ValueError
+            if not math.isfinite(number):  # nan or inf: no wait or timeout means that
+                raise ValueError
             return number
         if kind is str:
             if not isinstance(value, str):
@@ -219,19 +223,33 @@ def _kind_name(kind: Any) -> str:
 
 
 def _validate(s: Settings) -> None:
+    d = s.directory
+    url = urllib.parse.urlsplit(d.base_url)
     checks = [
         (1 <= s.app.port <= 65535, "app.port", "must be between 1 and 65535"),
         (s.app.log_level.upper() in LOG_LEVELS, "app.log_level", f"must be one of {LOG_LEVELS}"),
+        (s.app.shutdown_timeout >= 0, "app.shutdown_timeout", "must be >= 0"),
         (bool(s.database.path), "database.path", "must not be empty"),
+        (s.database.busy_timeout_ms >= 0, "database.busy_timeout_ms", "must be >= 0"),
         (
-            s.directory.base_url.startswith(("http://", "https://")),
+            url.scheme in ("http", "https") and bool(url.hostname),
             "directory.base_url",
-            "must start with http:// or https://",
+            "must be an http:// or https:// address with a host",
         ),
         (1 <= s.directory.batch_size <= 20, "directory.batch_size", "must be between 1 and 20"),
         (1 <= s.directory.concurrency <= 40, "directory.concurrency", "must be between 1 and 40"),
         (s.directory.creates_per_minute >= 0, "directory.creates_per_minute", "must be >= 0"),
-        (s.directory.max_attempts >= 1, "directory.max_attempts", "must be at least 1"),
+        (
+            s.directory.max_attempts >= 2,
+            "directory.max_attempts",
+            "must be at least 2: a row whose answer was lost is looked up, then sent again",
+        ),
+        (d.backoff_base >= 0, "directory.backoff_base", "must be >= 0"),
+        (d.backoff_max >= d.backoff_base, "directory.backoff_max", "must be >= backoff_base"),
+        (d.settle_seconds >= 0, "directory.settle_seconds", "must be >= 0"),
+        (d.warmup_timeout > 0, "directory.warmup_timeout", "must be positive"),
+        (d.idle_seconds >= 0, "directory.idle_seconds", "must be >= 0"),
+        (d.rate_window_margin >= 0, "directory.rate_window_margin", "must be >= 0"),
         (s.directory.read_timeout > 0, "directory.read_timeout", "must be positive"),
         (s.directory.connect_timeout > 0, "directory.connect_timeout", "must be positive"),
         (s.directory.rate_window_seconds > 0, "directory.rate_window_seconds", "must be > 0"),
@@ -240,6 +258,7 @@ def _validate(s: Settings) -> None:
         (s.api.bulk_wait_seconds >= 0, "api.bulk_wait_seconds", "must be >= 0"),
         (s.api.status_cache_seconds >= 0, "api.status_cache_seconds", "must be >= 0"),
         (s.websocket.max_backlog >= 1, "websocket.max_backlog", "must be at least 1"),
+        (s.websocket.heartbeat_seconds > 0, "websocket.heartbeat_seconds", "must be positive"),
     ]
     for ok, name, problem in checks:
         if not ok:

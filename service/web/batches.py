@@ -290,7 +290,8 @@ async def status(request: web.Request) -> web.Response:
             ["query", "as_of"],
             f"batch {batch_id} has no version {as_of}; its last is {state.version}",
         )
-    return web.json_response(presenters.status(*presenters.records_of(state)))
+    batch, rows = presenters.records_of(state)
+    return web.json_response(presenters.status(batch, rows, until=history[-1].recorded_at))
 
 
 @routes.get("/batch")

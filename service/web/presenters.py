@@ -57,11 +57,11 @@ def progress(batch: Record) -> Record:
     }
 
 
-def _elapsed(batch: Record) -> float:
+def _elapsed(batch: Record, until: str | None = None) -> float:
+    """From upload to the end, or to `until` (or now) while the batch runs."""
     started = datetime.fromisoformat(batch["created_at"])
-    ended = (
-        datetime.fromisoformat(batch["finished_at"]) if batch["finished_at"] else datetime.now(UTC)
-    )
+    end = batch["finished_at"] or until
+    ended = datetime.fromisoformat(end) if end else datetime.now(UTC)
     return round((ended - started).total_seconds(), 3)
 
 
@@ -78,12 +78,16 @@ def row_result(row: Record) -> Record:
     }
 
 
-def status(batch: Record, rows: list[Record]) -> Record:
-    """The /status body: the batch's numbers and every row's result."""
-    return {**status_numbers(batch), "hospitals": [row_result(r) for r in rows]}
+def status(batch: Record, rows: list[Record], until: str | None = None) -> Record:
+    """The /status body: the batch's numbers and every row's result.
+
+    `until` is when the view was taken (a past version's last event): a batch still running
+    then counts its processing time up to it, not up to now.
+    """
+    return {**status_numbers(batch, until), "hospitals": [row_result(r) for r in rows]}
 
 
-def status_numbers(batch: Record) -> Record:
+def status_numbers(batch: Record, until: str | None = None) -> Record:
     """The /status body without its last field, `hospitals`."""
     return {
         "batch_id": batch["batch_id"],
@@ -91,7 +95,7 @@ def status_numbers(batch: Record) -> Record:
         "processed_hospitals": _processed(batch),
         "failed_hospitals": batch["failed_rows"],
         "deleted_hospitals": batch["deleted_rows"],
-        "processing_time_seconds": _elapsed(batch),
+        "processing_time_seconds": _elapsed(batch, until),
         "batch_activated": bool(batch["activated"]),
         "processing_status": batch["status"],
         "activation_error": batch["activation_error"],

@@ -121,7 +121,15 @@ def test_dotenv_skips_comments_and_strips_export_and_quotes(tmp_path: Path) -> N
         ({"DIRECTORY_BATCH_SIZE": "21"}, "directory.batch_size"),
         ({"LOG_LEVEL": "LOUD"}, "app.log_level"),
         ({"EXTERNAL_API_BASE_URL": "ftp://x"}, "directory.base_url"),
+        ({"EXTERNAL_API_BASE_URL": "http://"}, "directory.base_url"),
         ({"DATABASE_PATH": ""}, "database.path"),
+        ({"DIRECTORY_BACKOFF_BASE": "nan"}, "directory.backoff_base (from"),
+        ({"API_BULK_WAIT_SECONDS": "inf"}, "api.bulk_wait_seconds (from"),
+        ({"DIRECTORY_SETTLE_SECONDS": "-5"}, "directory.settle_seconds"),
+        ({"APP_SHUTDOWN_TIMEOUT": "-1"}, "app.shutdown_timeout"),
+        ({"WEBSOCKET_HEARTBEAT_SECONDS": "-1"}, "websocket.heartbeat_seconds"),
+        ({"DIRECTORY_MAX_ATTEMPTS": "1"}, "directory.max_attempts"),
+        ({"DIRECTORY_BACKOFF_MAX": "0.01"}, "directory.backoff_max"),
     ],
 )
 def test_bad_environment_values_name_the_setting(
