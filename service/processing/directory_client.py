@@ -85,6 +85,7 @@ class DirectoryClient:
     def __init__(self, session: aiohttp.ClientSession, settings: DirectorySettings) -> None:
         self.base_url = settings.base_url.rstrip("/")
         self.reachability = Reachability()
+        self._answered_at: float | None = None  # time.monotonic() of the last answer
         self._session = session
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
@@ -170,10 +171,11 @@ class DirectoryClient:
         r.last_call_at = time.time()
         if answer.status is not None and answer.outcome is not Outcome.AMBIGUOUS:
             r.reachable, r.last_success_at, r.last_error = True, r.last_call_at, None
+            self._answered_at = time.monotonic()
         else:
             r.reachable, r.last_error = False, answer.message
 
     def idle_for(self) -> float:
         """Seconds since the directory last answered, infinite if it never did."""
-        last = self.reachability.last_success_at
-        return float("inf") if last is None else time.time() - last
+        last = self._answered_at
+        return float("inf") if last is None else time.monotonic() - last

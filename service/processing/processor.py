@@ -526,9 +526,10 @@ class Processor:
         """Wake a directory that sleeps when idle with one long GET / before creating."""
         if self._client.idle_for() < self._settings.idle_seconds:
             return
-        async with self._warm_up:
-            if self._client.idle_for() < self._settings.idle_seconds:
+        if self._warm_up.locked():  # one is under way: its outcome stands for this row too
+            async with self._warm_up:
                 return
+        async with self._warm_up:
             answer = await self._client.warm_up()
             if answer.status is None:
                 log.warning("directory warm-up failed: %s", answer.message)

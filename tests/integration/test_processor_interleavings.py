@@ -1,9 +1,6 @@
-"""A reconciliation reads the directory only while no create of its upstream batch is out.
-
-The interleavings here (a warm-up that ends during the read, a create whose record lands
-after the read) cannot be timed through HTTP, so the directory is a script at the client's
-seam; the store is a real SQLite file.
-"""
+"""Interleavings of workers that HTTP cannot time: the directory is a script at the client's
+seam (a warm-up that ends during a read, a create whose record lands after it); the store
+is a real SQLite file."""
 
 from __future__ import annotations
 
@@ -106,3 +103,43 @@ async def test_a_create_waits_for_the_check_of_its_upstream_batch_after_a_warm_u
     assert sorted(r["name"] for r in directory.records) == ["A", "B"]
     assert state.status == b.COMPLETED
     assert {row.hospital_id for row in state.rows.values()} == {r["id"] for r in directory.records}
+
+
+class SleepyDirectory(ScriptedDirectory):
+    """Asleep for good: each warm-up fails after a while; creates are answered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.warm_ups = 0
+
+    def idle_for(self) -> float:
+        return float("inf")
+
+    async def warm_up(self) -> Answer:
+        self.warm_ups += 1
+        await asyncio.sleep(0.2)
+        return Answer(Outcome.AMBIGUOUS, None, None, "TimeoutError")
+
+    async def create(self, name: str, address: str, phone: str | None, upstream: str) -> Answer:
+        return Answer(Outcome.OK, 201, self._store(name, address, phone, upstream), "ok")
+
+
+async def test_workers_waiting_for_a_warm_up_share_its_outcome_instead_of_repeating_it(
+    store: EventStore,
+) -> None:
+    directory = SleepyDirectory()
+    settings = DirectorySettings(concurrency=5, creates_per_minute=0)
+    processor = Processor(store, directory, settings)  # type: ignore[arg-type]
+    await processor.start()
+    rows = tuple(ev.Row(n, f"H{n}", f"{n} Main St", None, n + 1) for n in range(1, 6))
+    stored = await store.append(
+        b.stream_id(BATCH), -1, [NewEvent(b.plan(BATCH, "sleepy.csv", rows, 20, "sha"))]
+    )
+    processor.submit(stored[0])
+    try:
+        await asyncio.wait_for(processor.wait_finished(BATCH), 10)
+    finally:
+        await processor.stop(grace=1.0)
+
+    assert directory.warm_ups == 1  # five workers queued behind it; one 90 s wait, not five
+    assert sorted(r["name"] for r in directory.records) == ["H1", "H2", "H3", "H4", "H5"]
