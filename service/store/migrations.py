@@ -12,7 +12,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "sql"  # shipped inside the package
 FILE_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 MIN_SQLITE = (3, 35, 0)
 
