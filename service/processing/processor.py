@@ -292,8 +292,9 @@ class Processor:
         A row is ready once its intent is committed, so that commit overlaps the creates
         before it instead of holding up the directory's pipe. Rows are sent in the order
         they get ready: one held up (its upstream batch being reconciled, or no work yet)
-        holds up no other. Once the pool stops, the rows already got ready are withdrawn
-        rather than sent.
+        holds up no other the worker got ready. With pacing on a worker gets one row
+        ahead, so such a row holds its worker until the check ends. Once the pool stops,
+        the rows already got ready are withdrawn rather than sent.
         """
         getting: set[asyncio.Task[Ready | None]] = {asyncio.create_task(self._next_ready())}
         ready_rows: deque[Ready] = deque()
@@ -333,9 +334,10 @@ class Processor:
     async def _next_ready(self) -> Ready | None:
         """The next row with its intent in the log, or None once the pool stops.
 
-        A row is only taken while the window has room: an intent that would then wait for
-        the next window holds a check of its upstream batch back, and, after a crash, costs
-        the row one of its attempts.
+        A row is only taken while the window has room, as an intent that waits for the next
+        window holds a check of its upstream batch back and, after a crash, costs the row
+        one of its attempts. The room is seen, not reserved: when more workers look than
+        slots are left, the last rows taken wait in `_deliver` for the next window.
         """
         while True:
             await self._pacer.room()
