@@ -7,9 +7,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint bench chaos demo demo-45 local-directory clean
 
+# A venv that failed half-way is removed, so the next run creates it again.
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
+	$(BIN)/python -m pip install --quiet --upgrade pip || { rm -rf $(VENV); exit 1; }
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'

@@ -77,6 +77,11 @@ class ServiceApi:
         _, body = await self._call("DELETE", f"/batch/{batch_id}")
         return dict(body)
 
+    async def progress(self, batch_id: str) -> dict[str, Any]:
+        """GET /batch/{id}/progress."""
+        _, body = await self._call("GET", f"/batch/{batch_id}/progress")
+        return dict(body)
+
     async def results_csv(self, batch_id: str, only_failed: bool) -> str:
         """GET /batch/{id}/results.csv, optionally only the failed rows."""
         query = "?only=failed" if only_failed else ""

@@ -56,6 +56,7 @@ async def follow(
             reason = f"the service closed the websocket (code {code})"
         except aiohttp.WSServerHandshakeError as exc:
             if 400 <= exc.status < 500:
+                await api.progress(batch_id)  # a handshake has no body: HTTP says why (Refused)
                 raise Refused(f"websocket of batch {batch_id} refused (HTTP {exc.status})") from exc
             reason = f"websocket handshake failed (HTTP {exc.status})"
         except (aiohttp.ClientError, OSError) as exc:

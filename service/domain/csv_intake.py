@@ -123,6 +123,8 @@ def _records(text: str) -> Iterator[tuple[int, list[str]]]:
 
 def _parse_error(exc: csv.Error, first: int, last: int) -> str:
     """Place a parse error at the record's first line: an unclosed quote runs on to the end."""
+    if str(exc).startswith("field larger than field limit"):
+        return f"line {last}: a value is longer than {csv.field_size_limit():,} characters"
     if last <= first:
         return f"line {first}: {exc}"
     return (

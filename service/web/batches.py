@@ -105,12 +105,13 @@ async def accept_upload(request: web.Request) -> tuple[dict[str, Any], bool]:
     key = request.headers.get("Idempotency-Key")
     store = request.app[STORE]
     if key is not None:
+        where: list[str | int] = ["header", "Idempotency-Key"]
         if not 1 <= len(key) <= MAX_KEY_LENGTH:
-            raise ApiError(422, f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters")
+            raise invalid(where, f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters")
         try:
             key.encode()  # aiohttp keeps header bytes that are not UTF-8 as surrogates
         except UnicodeEncodeError:
-            raise ApiError(422, "Idempotency-Key must be UTF-8 text") from None
+            raise invalid(where, "Idempotency-Key must be UTF-8 text") from None
         batch_id = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, key))
         if (known := await queries.get_batch(store, batch_id)) is not None:
             return _same_upload(known, sha), False

@@ -177,7 +177,7 @@ async def test_results_and_rollback(service: Service, sample: Path, tmp_path: Pa
         "deleted"
     ] * 3
     assert "HTTP 404" in unknown.stderr and "not found" in unknown.stderr
-    assert "HTTP 404" in unknown_follow.stderr
+    assert "HTTP 404" in unknown_follow.stderr and "not found" in unknown_follow.stderr
 
 
 async def test_follow_reconnects_after_a_resync_and_loses_nothing(

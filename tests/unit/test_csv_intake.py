@@ -374,8 +374,8 @@ def test_more_rows_than_max_rows_are_refused_first() -> None:
         ),
         pytest.param(
             HEADER + "A," + "x" * 200_000 + ",\n",
-            "line 2: field larger than field limit",
-            "131072",
+            "line 2: a value is longer than 131,072 characters",
+            "131,072",
             id="value-over-the-csv-field-limit",
         ),
     ],
