@@ -100,13 +100,11 @@ class BatchState:
     created_at: str | None = None
     finished_at: str | None = None
     activated: bool = False
-    activated_count: int = 0
     activation_failure: str | None = None
     rollback_requested: bool = False
     rollback_requests: int = 0
     rollback_failure: str | None = None
     rolled_back: bool = False
-    deleted_count: int = 0
     resumes: int = 0
     requested_any: bool = False
     derived_status: str = ""  # kept by apply, so the fold derives it once per event
@@ -217,8 +215,8 @@ def apply(state: BatchState, event: ev.Event, recorded_at: str | None = None) ->
             row = state.rows[n]
             state.set_status(row, ROW_FAILED)
             row.error, row.reason, row.may_exist = message, reason, False
-        case ev.BatchActivated(activated_count=count):
-            state.activated, state.activated_count = True, count
+        case ev.BatchActivated():
+            state.activated = True
         case ev.BatchActivationFailed(reason=reason):
             state.activation_failure = reason
         case ev.BatchResumed(rows=rows):
@@ -234,8 +232,8 @@ def apply(state: BatchState, event: ev.Event, recorded_at: str | None = None) ->
             state.rollback_requests += 1
         case ev.BatchRollbackFailed(reason=reason):
             state.rollback_failure = reason
-        case ev.BatchRolledBack(deleted_count=count):
-            state.rolled_back, state.deleted_count = True, count
+        case ev.BatchRolledBack():
+            state.rolled_back = True
             for row in state.rows.values():
                 if row.status == ROW_CREATED:
                     state.set_status(row, ROW_DELETED)

@@ -14,7 +14,7 @@ Payload = dict[str, Any]
 
 @dataclass(frozen=True)
 class Event:
-    """Base of every event: a stable `type_name`, a payload version, and an id."""
+    """Base of every event: a stable `type_name` and a payload version (ids are the log's)."""
 
     type_name: ClassVar[str]
     schema_version: ClassVar[int] = 1

@@ -133,21 +133,21 @@ class DirectoryClient:
 
     async def warm_up(self) -> Answer:
         """GET / with a long timeout, to wake a directory that sleeps when idle."""
-        return await self._call("GET", "/", limits=self._warmup_timeout)
+        return await self._call("GET", "/", timeouts=self._warmup_timeout)
 
     async def _call(
         self,
         method: str,
         path: str,
         json: dict[str, Any] | None = None,
-        limits: aiohttp.ClientTimeout | None = None,
+        timeouts: aiohttp.ClientTimeout | None = None,
     ) -> Answer:
         try:
             async with self._session.request(
                 method,
                 self.base_url + path,
                 json=json,
-                timeout=limits or self._timeout,
+                timeout=timeouts or self._timeout,
                 allow_redirects=False,
             ) as response:
                 raw = await response.read()

@@ -504,10 +504,9 @@ class Processor:
         message: str,
         id_parts: tuple[Any, ...],
     ) -> bool:
-        if run.state.rows[n].failures + 1 >= self._settings.max_attempts:
-            failed = ev.HospitalFailed(
-                n, reason, f"gave up after {attempt} attempts: {message}", retryable=True
-            )
+        if (failures := run.state.rows[n].failures + 1) >= self._settings.max_attempts:
+            said = f"gave up after {failures} failed attempts: {message}"
+            failed = ev.HospitalFailed(n, reason, said, retryable=True)
             await self._emit(run, failed, *id_parts)
             return False
         await self._emit(run, ev.HospitalRetryScheduled(n, attempt, reason, message), *id_parts)
@@ -557,13 +556,18 @@ class Processor:
             answer = await self._patiently(
                 lambda: self._client.batch_members(gate.creation_batch_id)
             )
+            rows = run.state.rows
+            # Rows whose own outcome got recorded meanwhile are settled: leave them be.
+            unsettled = [
+                n for n in suspects if rows[n].status == b.ROW_PENDING and rows[n].may_exist
+            ]
             if not answer.ok:
-                for n in suspects:
+                for n in unsettled:
                     message = f"could not check the directory for this row: {answer.message}"
                     failed = ev.HospitalFailed(n, "unconfirmed", message, retryable=True)
                     await self._emit(run, failed, n, "outcome", run.state.rows[n].attempts)
                 return
-            await self._match(run, gate, suspects, answer.body)
+            await self._match(run, gate, unsettled, answer.body)
         finally:
             gate.suspects.difference_update(suspects)
             gate.reconciling = None
@@ -582,8 +586,6 @@ class Processor:
                 key = (record.get("name"), record.get("address"), record.get("phone"))
                 unclaimed[key].append(record["id"])
         for n in suspects:
-            if rows[n].status != b.ROW_PENDING or not rows[n].may_exist:
-                continue  # its own answer arrived meanwhile
             row, attempt = rows[n].row, rows[n].attempts
             found = unclaimed.get((row.name, row.address, row.phone))
             if found:
@@ -634,10 +636,10 @@ class Processor:
         first, rest = state.upstream[:1], state.upstream[1:]
         results = [await self._activate_upstream(run, u) for u in first]
         if all(ok for ok, _ in results):
-            gate = asyncio.Semaphore(self._settings.concurrency)
+            slots = asyncio.Semaphore(self._settings.concurrency)
 
             async def activate(upstream: ev.UpstreamBatch) -> tuple[bool, str]:
-                async with gate:
+                async with slots:
                     return await self._activate_upstream(run, upstream)
 
             # A task group: if one slice raises, the others end before a new attempt starts.

@@ -91,9 +91,9 @@ def rebuild(
     """Replay the log into in-memory read models, compare them with the live ones.
 
     A large log is split by stream among `workers` processes (one per CPU by default),
-    each replaying and comparing its share in its own snapshot. With `replace`,
-    differing live read models are emptied and replayed in one transaction, so readers
-    see either the old rows or the new ones.
+    each replaying and comparing its share in its own snapshot. With `replace`, when
+    they differ, every live read model is emptied and replayed in one transaction, so
+    readers see either the old rows or the new ones.
     """
     started = time.monotonic()
     shares = _shares(path, busy_timeout_ms, workers)

@@ -83,7 +83,7 @@ def test_batch_with_every_row_created_waits_for_activation() -> None:
 def test_activation_completes_the_batch_and_its_rows() -> None:
     state = history(2, requested(1), created(1), requested(2), created(2), ACTIVATED)
 
-    assert (state.status, state.finished_at, state.activated_count) == (b.COMPLETED, "t5", 2)
+    assert (state.status, state.finished_at, state.activated) == (b.COMPLETED, "t5", True)
     assert {b.row_status(r.status, state.activated) for r in state.rows.values()} == {b.ROW_ACTIVE}
     assert not state.ready_to_activate()
     assert not state.unsettled()
@@ -141,8 +141,22 @@ def test_rollback_deletes_created_rows_and_fails_the_rest() -> None:
 
     assert [r.status for r in state.rows.values()] == [b.ROW_DELETED, b.ROW_FAILED, b.ROW_FAILED]
     assert state.rows[3].error == b.ROLLED_BACK_MESSAGE
-    assert (state.status, state.deleted_count) == (b.FAILED, 1)
+    assert (state.status, state.counts().deleted) == (b.FAILED, 1)
     assert not state.needs_rollback()
+
+
+def test_a_failed_rollback_stops_until_it_is_asked_for_again() -> None:
+    state = history(1, created(1), ev.BatchRollbackRequested())
+    assert state.needs_rollback() and state.unsettled()
+
+    b.apply(state, ev.BatchRollbackFailed("HTTP 503"), "t4")
+    assert state.rollback_failure == "HTTP 503"
+    assert not state.needs_rollback() and not state.unsettled()
+    assert state.rows[1].status == b.ROW_CREATED  # nothing is taken as deleted
+
+    b.apply(state, ev.BatchRollbackRequested(), "t5")
+    assert state.rollback_failure is None and state.needs_rollback()
+    assert state.rollback_requests == 2
 
 
 def test_rollback_of_an_activated_batch_deletes_its_rows() -> None:
