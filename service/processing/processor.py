@@ -8,7 +8,7 @@ import logging
 import time
 from asyncio import FIRST_COMPLETED
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ from service.processing.directory_client import Answer, DirectoryClient, Outcome
 from service.processing.outbox import Outbox
 from service.processing.pacing import Lookahead, WindowPacer, backoff
 from service.processing.runs import BatchRun, Gate
+from service.processing.upstream import UpstreamBatches
 from service.projections import queries
 from service.settings import DirectorySettings
 from service.store.event_store import EventStore
@@ -73,6 +74,7 @@ class Processor:
     ) -> None:
         """`on_status(batch_id)` is called when a batch being worked on changes status."""
         self._store, self._client, self._settings = store, client, settings
+        self._upstream = UpstreamBatches(client, settings)
         self._on_status = on_status
         self._pacer = WindowPacer(
             settings.creates_per_minute, settings.rate_window_seconds, settings.rate_window_margin
@@ -553,7 +555,7 @@ class Processor:
             await gate.wait_idle()
             # Only rows whose creates ended before the read are checked against it.
             suspects = sorted(gate.suspects)
-            answer = await self._patiently(
+            answer = await self._upstream.patiently(
                 lambda: self._client.batch_members(gate.creation_batch_id)
             )
             rows = run.state.rows
@@ -604,115 +606,15 @@ class Processor:
                 run.batch_id,
             )
 
-    async def _patiently(
-        self, call: Callable[[], Awaitable[Answer]], repeat_ambiguous: bool = True
-    ) -> Answer:
-        """Repeat a call while it provably was not processed, and, for a read or a delete,
-        while its answer was lost: a rate limit waits out the window, the rest back off."""
-        retryable = {Outcome.NOT_SENT, Outcome.RATE_LIMITED}
-        if repeat_ambiguous:
-            retryable.add(Outcome.AMBIGUOUS)
-        answer = await call()
-        for attempt in range(1, self._settings.max_attempts):
-            if answer.outcome not in retryable:
-                break
-            wait = backoff(attempt, self._settings.backoff_base, self._settings.backoff_max)
-            if answer.outcome is Outcome.RATE_LIMITED:
-                wait = self._settings.rate_window_seconds
-            await asyncio.sleep(wait)
-            answer = await call()
-        return answer
-
     # Activating and rolling back --------------------------------------------------------------
 
     async def _activate(self, run: BatchRun) -> None:
-        """Activate every upstream batch once; after an unclear answer, look, never repeat.
-
-        The first upstream batch, the oldest, goes alone: a directory restart since its
-        creates wiped it, so such a batch fails before anything of it is active. The
-        others then go as many at a time as there are workers.
-        """
-        state = run.state
-        first, rest = state.upstream[:1], state.upstream[1:]
-        results = [await self._activate_upstream(run, u) for u in first]
-        if all(ok for ok, _ in results):
-            slots = asyncio.Semaphore(self._settings.concurrency)
-
-            async def activate(upstream: ev.UpstreamBatch) -> tuple[bool, str]:
-                async with slots:
-                    return await self._activate_upstream(run, upstream)
-
-            # A task group: if one slice raises, the others end before a new attempt starts.
-            async with asyncio.TaskGroup() as group:
-                slices = [group.create_task(activate(u)) for u in rest]
-            results += [task.result() for task in slices]
-        if failures := [detail for ok, detail in results if not ok]:
-            more = f" (and {len(failures) - 1} more upstream batches)" if len(failures) > 1 else ""
-            failed = ev.BatchActivationFailed(failures[0] + more)
-            await self._emit(run, failed, "activation", state.resumes, cause="activation")
-            return
-        total = sum(int(detail) for _, detail in results)
-        ids = tuple(u.creation_batch_id for u in state.upstream)
-        await self._emit(
-            run, ev.BatchActivated(total, ids), "activation", state.resumes, cause="activation"
-        )
-
-    async def _activate_upstream(
-        self, run: BatchRun, upstream: ev.UpstreamBatch
-    ) -> tuple[bool, str]:
-        batch_id = upstream.creation_batch_id
-        ours = {run.state.rows[n].hospital_id for n in upstream.rows}
-        answer = None
-        for _ in range(self._settings.max_attempts):
-            # Activation is not idempotent: it is repeated only while provably not done.
-            activate = functools.partial(self._client.activate, batch_id)
-            answer = await self._patiently(activate, repeat_ambiguous=False)
-            count = answer.body.get("activated_count") if isinstance(answer.body, dict) else None
-            if answer.ok and count == len(ours):
-                return True, str(len(ours))
-            # A 400 (some already active), a timeout, a 5xx or an odd count: the batch tells.
-            members = await self._patiently(functools.partial(self._client.batch_members, batch_id))
-            if not members.ok:
-                return False, (
-                    f"could not confirm activation of upstream batch {batch_id}: {members.message}"
-                )
-            present = {m.get("id") for m in members.body}
-            active = {m.get("id") for m in members.body if m.get("active")}
-            if ours <= active:
-                return True, str(len(ours))
-            if ours - present:
-                return False, (
-                    f"{len(ours - present)} of the {len(ours)} hospitals of upstream batch "
-                    f"{batch_id} are missing from the directory (was it restarted?); "
-                    f"activation answered: {answer.message}"
-                )
-            if ours & active:
-                return False, (
-                    f"upstream batch {batch_id} is only partly active ({len(ours & active)} of "
-                    f"{len(ours)}) and cannot be activated again: {answer.message}"
-                )
-            # None of ours is active: the activation did not happen, so asking again is safe.
-        message = answer.message if answer else "no answer"
-        return False, f"activation of upstream batch {batch_id} did not take effect: {message}"
+        fact = await self._upstream.activate(run.state)
+        await self._emit(run, fact, "activation", run.state.resumes, cause="activation")
 
     async def _roll_back(self, run: BatchRun) -> None:
-        """Delete every upstream batch; a 404 means its hospitals are already gone.
-
-        A delete still refused after `_patiently`'s tries ends the round with a recorded
-        failure, not a new round at once: the user asks again when the cause is gone.
-        """
-        deleted = 0
-        for upstream in run.state.upstream:
-            batch_id = upstream.creation_batch_id
-            answer = await self._patiently(functools.partial(self._client.delete_batch, batch_id))
-            if answer.ok and isinstance(answer.body, dict):
-                deleted += int(answer.body.get("deleted_count", 0))
-            elif answer.outcome is not Outcome.NOT_FOUND:
-                reason = f"the directory did not delete upstream batch {batch_id}: {answer.message}"
-                log.error("rollback of %s failed: %s", run.batch_id, reason)
-                failed = ev.BatchRollbackFailed(reason)
-                rounds = run.state.rollback_requests
-                await self._emit(run, failed, "rollback", "failed", rounds, cause="rollback")
-                return
-        ids = tuple(u.creation_batch_id for u in run.state.upstream)
-        await self._emit(run, ev.BatchRolledBack(deleted, ids), "rollback", cause="rollback")
+        fact = await self._upstream.delete(run.state)
+        # Each failed round is its own fact; a rollback that succeeds happens once.
+        failed = isinstance(fact, ev.BatchRollbackFailed)
+        parts = ("rollback", "failed", run.state.rollback_requests) if failed else ("rollback",)
+        await self._emit(run, fact, *parts, cause="rollback")

@@ -1,0 +1,135 @@
+"""Whole upstream batches: activating and deleting them, each call repeated only when safe."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import NamedTuple
+
+from service.domain import batch as b
+from service.domain import events as ev
+from service.processing.directory_client import Answer, DirectoryClient, Outcome
+from service.processing.pacing import backoff
+from service.settings import DirectorySettings
+
+log = logging.getLogger(__name__)
+
+
+class Activation(NamedTuple):
+    """How activating one upstream batch went: its hospitals active, or why not."""
+
+    ok: bool
+    activated: int = 0
+    error: str = ""
+
+
+class UpstreamBatches:
+    """Calls on whole upstream batches; each method answers with the fact to record."""
+
+    def __init__(self, client: DirectoryClient, settings: DirectorySettings) -> None:
+        self._client, self._settings = client, settings
+
+    async def patiently(
+        self, call: Callable[[], Awaitable[Answer]], repeat_ambiguous: bool = True
+    ) -> Answer:
+        """Repeat a call while it provably was not processed, and, for a read or a delete,
+        while its answer was lost: a rate limit waits out the window, the rest back off."""
+        retryable = {Outcome.NOT_SENT, Outcome.RATE_LIMITED}
+        if repeat_ambiguous:
+            retryable.add(Outcome.AMBIGUOUS)
+        answer = await call()
+        for attempt in range(1, self._settings.max_attempts):
+            if answer.outcome not in retryable:
+                break
+            wait = backoff(attempt, self._settings.backoff_base, self._settings.backoff_max)
+            if answer.outcome is Outcome.RATE_LIMITED:
+                wait = self._settings.rate_window_seconds
+            await asyncio.sleep(wait)
+            answer = await call()
+        return answer
+
+    async def activate(self, state: b.BatchState) -> ev.BatchActivated | ev.BatchActivationFailed:
+        """Activate every upstream batch once; after an unclear answer, look, never repeat.
+
+        The first upstream batch, the oldest, goes alone: a directory restart since its
+        creates wiped it, so such a batch fails before anything of it is active. The
+        others then go as many at a time as there are workers.
+        """
+        first, rest = state.upstream[:1], state.upstream[1:]
+        results = [await self._activate_one(state, u) for u in first]
+        if all(result.ok for result in results):
+            slots = asyncio.Semaphore(self._settings.concurrency)
+
+            async def activate(upstream: ev.UpstreamBatch) -> Activation:
+                async with slots:
+                    return await self._activate_one(state, upstream)
+
+            # A task group: if one slice raises, the others end before a new attempt starts.
+            async with asyncio.TaskGroup() as group:
+                slices = [group.create_task(activate(u)) for u in rest]
+            results += [task.result() for task in slices]
+        if failures := [result.error for result in results if not result.ok]:
+            more = f" (and {len(failures) - 1} more upstream batches)" if len(failures) > 1 else ""
+            return ev.BatchActivationFailed(failures[0] + more)
+        ids = tuple(u.creation_batch_id for u in state.upstream)
+        return ev.BatchActivated(sum(result.activated for result in results), ids)
+
+    async def _activate_one(self, state: b.BatchState, upstream: ev.UpstreamBatch) -> Activation:
+        batch_id = upstream.creation_batch_id
+        ours = {state.rows[n].hospital_id for n in upstream.rows}
+        answer = None
+        for _ in range(self._settings.max_attempts):
+            # Activation is not idempotent: it is repeated only while provably not done.
+            activate = functools.partial(self._client.activate, batch_id)
+            answer = await self.patiently(activate, repeat_ambiguous=False)
+            count = answer.body.get("activated_count") if isinstance(answer.body, dict) else None
+            if answer.ok and count == len(ours):
+                return Activation(True, len(ours))
+            # A 400 (some already active), a timeout, a 5xx or an odd count: the batch tells.
+            members = await self.patiently(functools.partial(self._client.batch_members, batch_id))
+            if not members.ok:
+                why = f"could not confirm activation of upstream batch {batch_id}: "
+                return Activation(False, error=why + members.message)
+            present = {m.get("id") for m in members.body}
+            active = {m.get("id") for m in members.body if m.get("active")}
+            if ours <= active:
+                return Activation(True, len(ours))
+            if ours - present:
+                return Activation(
+                    False,
+                    error=f"{len(ours - present)} of the {len(ours)} hospitals of upstream batch "
+                    f"{batch_id} are missing from the directory (was it restarted?); "
+                    f"activation answered: {answer.message}",
+                )
+            if ours & active:
+                return Activation(
+                    False,
+                    error=f"upstream batch {batch_id} is only partly active "
+                    f"({len(ours & active)} of {len(ours)}) and cannot be activated again: "
+                    f"{answer.message}",
+                )
+            # None of ours is active: the activation did not happen, so asking again is safe.
+        message = answer.message if answer else "no answer"
+        return Activation(
+            False, error=f"activation of upstream batch {batch_id} did not take effect: {message}"
+        )
+
+    async def delete(self, state: b.BatchState) -> ev.BatchRolledBack | ev.BatchRollbackFailed:
+        """Delete every upstream batch; a 404 means its hospitals are already gone.
+
+        A delete still refused after `patiently`'s tries ends the round with a failure,
+        not a new round at once: the user asks again when the cause is gone.
+        """
+        deleted = 0
+        for upstream in state.upstream:
+            batch_id = upstream.creation_batch_id
+            answer = await self.patiently(functools.partial(self._client.delete_batch, batch_id))
+            if answer.ok and isinstance(answer.body, dict):
+                deleted += int(answer.body.get("deleted_count", 0))
+            elif answer.outcome is not Outcome.NOT_FOUND:
+                reason = f"the directory did not delete upstream batch {batch_id}: {answer.message}"
+                log.error("rollback of %s failed: %s", state.batch_id, reason)
+                return ev.BatchRollbackFailed(reason)
+        return ev.BatchRolledBack(deleted, tuple(u.creation_batch_id for u in state.upstream))
