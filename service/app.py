@@ -109,4 +109,7 @@ def create_app(settings: Settings) -> web.Application:
         error_callback=webargs_error,
         in_place=True,
     )
+    # aiohttp answers HEAD wherever it answers GET; listing each twice only clutters /docs.
+    for operations in app["swagger_dict"]["paths"].values():
+        operations.pop("head", None)
     return app

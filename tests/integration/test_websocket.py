@@ -309,3 +309,4 @@ async def test_the_handshake_routes_are_documented(service: Service) -> None:
         operation = spec["paths"][path]["get"]
         assert "101" in operation["responses"]
         assert any(p["name"] == "after" for p in operation["parameters"])
+    assert not [path for path, operations in spec["paths"].items() if "head" in operations]
