@@ -114,7 +114,7 @@ async def accept_upload(request: web.Request) -> tuple[dict[str, Any], bool]:
             raise invalid(where, "Idempotency-Key must be UTF-8 text") from None
         batch_id = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, key))
         if (known := await queries.get_batch(store, batch_id)) is not None:
-            return _same_upload(known, sha), False
+            return _same_upload(known, sha, parsed), False
     else:
         batch_id = str(uuid.uuid4())
     created = b.plan(
@@ -127,7 +127,7 @@ async def accept_upload(request: web.Request) -> tuple[dict[str, Any], bool]:
     except ConcurrencyError:  # a concurrent upload with the same key won the race
         known = await queries.get_batch(store, batch_id)
         assert known is not None
-        return _same_upload(known, sha), False
+        return _same_upload(known, sha, parsed), False
     request.app[PROCESSOR].submit(stored[0])
     batch = await queries.get_batch(store, batch_id)
     assert batch is not None
@@ -135,14 +135,15 @@ async def accept_upload(request: web.Request) -> tuple[dict[str, Any], bool]:
     return batch, True
 
 
-def _same_upload(known: dict[str, Any], sha: str) -> dict[str, Any]:
+def _same_upload(known: dict[str, Any], sha: str, parsed: csv_intake.ParsedCsv) -> dict[str, Any]:
+    """The batch a repeated upload names, with the warnings its (same) file gets."""
     if known["content_sha256"] != sha:
         raise ApiError(
             409,
             f"Idempotency-Key was already used for batch {known['batch_id']} with a different "
             "file; use a new key for a new file",
         )
-    return known
+    return {**known, "warnings": parsed.warnings}
 
 
 def accepted_body(batch: dict[str, Any]) -> dict[str, Any]:

@@ -177,20 +177,23 @@ async def test_idempotency_key_replays_the_same_file_and_refuses_another(
     service: Service, directory: RunningDirectory
 ) -> None:
     key = "idem-" + uuid.uuid4().hex
-    status, first, _ = await upload(service, SAMPLE_CSV, key)
+    twice = SAMPLE_CSV + SAMPLE_CSV.splitlines(keepends=True)[1]  # row 4 repeats row 1
+    status, first, _ = await upload(service, twice, key)
     assert status == 202
     batch_id = first["batch_id"]
+    assert [w["type"] for w in first["warnings"]] == ["duplicate_row"]
     await service.wait_finished(batch_id)
 
-    status, again, headers = await upload(service, SAMPLE_CSV, key)
+    status, again, headers = await upload(service, twice, key)
     assert status == 200
     assert again["batch_id"] == batch_id and again["status"] == "completed"
+    assert again["warnings"] == first["warnings"]  # the same file, the same warnings
     assert headers["Location"] == f"/batch/{batch_id}/status"
     status, refused, _ = await upload(service, csv_of(2), key)
     assert status == 409
     assert batch_id in refused["detail"] and "different file" in refused["detail"]
     assert [b["batch_id"] for b in (await listing(service))["batches"]] == [batch_id]
-    assert len(directory.standin.all_hospitals()) == 3
+    assert len(directory.standin.all_hospitals()) == 4
 
     unkeyed = [await upload(service, SAMPLE_CSV) for _ in range(2)]
     assert [status for status, _, _ in unkeyed] == [202, 202]
