@@ -1,4 +1,4 @@
-# Hospital Batch Processor: the service (migrations included) and the local directory stand-in.
+# Hospital Batch Processor: the service, its migrations and the local directory stand-in.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -15,6 +15,7 @@ RUN groupadd --system --gid 10001 app \
     && mkdir /data && chown app:app /data
 
 COPY pyproject.toml README.md config.toml ./
+COPY migrations ./migrations
 COPY service ./service
 RUN pip install --no-compile .
 

@@ -12,7 +12,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent / "sql"  # shipped inside the package
+# The migrations/ folder at the top of the project, through the link service/store/sql:
+# the link puts the files inside the package, so that a wheel carries them.
+MIGRATIONS_DIR = Path(__file__).parent / "sql"
 FILE_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 MIN_SQLITE = (3, 35, 0)
 
