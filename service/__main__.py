@@ -113,13 +113,13 @@ def rebuild(args: argparse.Namespace) -> int:
     """Replay the log into fresh read models; report, and with --replace, repair."""
     from service.projections.rebuild import rebuild as run
 
-    path = _settings(args).database.path
-    if not _is_service_database(path):
+    database = _settings(args).database
+    if not _is_service_database(database.path, current=True):
         return 2
     try:
         # Replacing read models under a running service would race its projector.
-        with exclusive(path) if args.replace else contextlib.nullcontext():
-            report = run(path, _settings(args).database.busy_timeout_ms, replace=args.replace)
+        with exclusive(database.path) if args.replace else contextlib.nullcontext():
+            report = run(database.path, database.busy_timeout_ms, replace=args.replace)
     except DatabaseInUse as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -135,16 +135,28 @@ def _batch_id(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a batch id (a UUID)") from None
 
 
-def _is_service_database(path: str) -> bool:
-    """Whether `path` holds the service's log; if not, say so on stderr."""
+def _is_service_database(path: str, current: bool = False) -> bool:
+    """Whether `path` holds the service's log (`current`: at this code's schema); if not,
+    say so on stderr."""
+    from service.store.migrations import discover
+
     if not Path(path).is_file():
         print(f"error: no database at {path}", file=sys.stderr)
         return False
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
             conn.execute("SELECT 1 FROM events LIMIT 1").fetchall()
+            (version,) = conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
     except sqlite3.DatabaseError as exc:
         print(f"error: {path} is not a service database ({exc})", file=sys.stderr)
+        return False
+    expected = len(discover())
+    if current and version != expected:
+        print(
+            f"error: {path} is at schema version {version}, this code's is {expected}: "
+            + ("start the service on it once to migrate it" if version < expected else "upgrade"),
+            file=sys.stderr,
+        )
         return False
     return True
 

@@ -30,6 +30,7 @@ RATE_LIMITED = "rate_limited"
 WITHDRAWN = "withdrawn"  # a ready create was not sent after all (rollback, or the pool stopping)
 NOT_FAILURES = (RATE_LIMITED, WITHDRAWN)  # retries that do not count towards max_attempts
 ROLLED_BACK_MESSAGE = "not created: the batch was rolled back first"
+ROLLBACK_ASKED_MESSAGE = "not created: a rollback was asked for first"
 
 
 STREAM_PREFIX = "batch-"
@@ -230,8 +231,15 @@ def apply(state: BatchState, event: ev.Event, recorded_at: str | None = None) ->
         case ev.BatchRollbackRequested():
             state.rollback_requested, state.rollback_failure = True, None
             state.rollback_requests += 1
-        case ev.BatchRollbackFailed(reason=reason):
+        case ev.BatchRollbackFailed(reason=reason, deleted_upstream_batch_ids=gone):
             state.rollback_failure = reason
+            # Rows never sent stay unsent (the rollback still stands); deleted ones are gone.
+            for row in state.rows.values():
+                if row.status == ROW_CREATED and row.creation_batch_id in gone:
+                    state.set_status(row, ROW_DELETED)
+                elif row.status == ROW_PENDING:
+                    state.set_status(row, ROW_FAILED)
+                    row.error, row.reason = ROLLBACK_ASKED_MESSAGE, "rollback_asked"
         case ev.BatchRolledBack():
             state.rolled_back = True
             for row in state.rows.values():

@@ -87,14 +87,20 @@ def decode(data: bytes) -> str:
         ) from exc
 
 
-# A cell starting with one of these is prefixed with ' by the results export, so that a
-# spreadsheet shows it instead of computing it; intake takes the ' off again.
+# A value starting with one of these, after any quotes ('), is prefixed with one more ' by
+# the results export, so that a spreadsheet shows it instead of computing it; intake takes
+# that ' off again, so an exported value comes back as it was.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
+def formula_like(value: str) -> bool:
+    """Whether the export quotes `value` (and intake unquotes it once)."""
+    return value.lstrip("'")[:1] in FORMULA_STARTS
+
+
 def unescaped(cell: str) -> str:
-    """The value a results export wrote as `cell` (one of its formula-like cells or as is)."""
-    return cell[1:] if cell.startswith("'") and cell[1:2] in FORMULA_STARTS else cell
+    """The value a results export wrote as `cell`."""
+    return cell[1:] if cell.startswith("'") and formula_like(cell) else cell
 
 
 def _records(text: str) -> Iterator[tuple[int, list[str]]]:

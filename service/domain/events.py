@@ -143,10 +143,14 @@ class BatchRollbackRequested(Event):
 
 @dataclass(frozen=True)
 class BatchRollbackFailed(Event):
-    """The directory would not delete an upstream batch; a new request tries again."""
+    """The directory would not delete an upstream batch; a new request tries again.
+
+    `deleted_upstream_batch_ids` were deleted before the refusal: their hospitals are gone.
+    """
 
     type_name = "BatchRollbackFailed"
     reason: str
+    deleted_upstream_batch_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

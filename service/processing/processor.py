@@ -159,6 +159,11 @@ class Processor:
                 raise Refused(
                     f"batch {batch_id} is still processing; resume it once it has finished"
                 )
+            if state.rollback_failure is not None:
+                raise Refused(
+                    f"batch {batch_id} is being rolled back, and its last try failed: "
+                    "roll it back again (DELETE) once the directory allows it"
+                )
             if state.rolled_back or state.rollback_requested:
                 raise Refused(f"batch {batch_id} was rolled back; upload the file again instead")
             failed = tuple(r.row.row for r in state.rows.values() if r.status == b.ROW_FAILED)
@@ -239,6 +244,10 @@ class Processor:
             if self._runs.get(run.batch_id) is run:  # not a newer run of the same batch
                 del self._runs[run.batch_id]
 
+    def _schedule_unless_stopping(self, run: BatchRun) -> None:
+        if not self._stopping:
+            self._schedule(run)
+
     @staticmethod
     def _quiet(run: BatchRun) -> bool:
         return not run.held and not any(g.busy for g in run.gates.values())
@@ -260,13 +269,18 @@ class Processor:
 
         def done(t: asyncio.Task[None]) -> None:
             self._tasks.discard(t)
-            if not t.cancelled() and t.exception() is not None:
+            failed = not t.cancelled() and t.exception() is not None
+            if failed:
                 log.error("background work failed", exc_info=t.exception())
-            if run is not None:
-                if run.task is t:
-                    run.task = None
-                if not self._stopping:
-                    self._schedule(run)
+            if run is None:
+                return
+            if run.task is t:
+                run.task = None
+            if failed:  # the same fault would strike again at once: look again after a pause
+                pause = self._settings.backoff_max
+                asyncio.get_running_loop().call_later(pause, self._schedule_unless_stopping, run)
+            elif not self._stopping:
+                self._schedule(run)
 
         task.add_done_callback(done)
         return task

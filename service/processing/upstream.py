@@ -122,14 +122,16 @@ class UpstreamBatches:
         A delete still refused after `patiently`'s tries ends the round with a failure,
         not a new round at once: the user asks again when the cause is gone.
         """
-        deleted = 0
+        deleted, gone = 0, []
         for upstream in state.upstream:
             batch_id = upstream.creation_batch_id
             answer = await self.patiently(functools.partial(self._client.delete_batch, batch_id))
-            if answer.ok and isinstance(answer.body, dict):
-                deleted += int(answer.body.get("deleted_count", 0))
-            elif answer.outcome is not Outcome.NOT_FOUND:
+            if answer.ok or answer.outcome is Outcome.NOT_FOUND:
+                count = answer.body.get("deleted_count") if isinstance(answer.body, dict) else 0
+                deleted += count if isinstance(count, int) else 0
+                gone.append(batch_id)
+            else:
                 reason = f"the directory did not delete upstream batch {batch_id}: {answer.message}"
                 log.error("rollback of %s failed: %s", state.batch_id, reason)
-                return ev.BatchRollbackFailed(reason)
-        return ev.BatchRolledBack(deleted, tuple(u.creation_batch_id for u in state.upstream))
+                return ev.BatchRollbackFailed(reason, tuple(gone))
+        return ev.BatchRolledBack(deleted, tuple(gone))

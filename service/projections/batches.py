@@ -120,8 +120,17 @@ class _Batch:
             case ev.BatchRollbackRequested():
                 self.values["rollback_requested"] = 1
                 self.values["rollback_error"] = None
-            case ev.BatchRollbackFailed(reason=reason):
+            case ev.BatchRollbackFailed(reason=reason, deleted_upstream_batch_ids=gone):
                 self.values["rollback_error"] = reason
+                for created in CREATED_STATUSES if gone else ():
+                    self._move_rows(created, b.ROW_DELETED, of=gone)
+                self._move_rows(
+                    b.ROW_PENDING,
+                    b.ROW_FAILED,
+                    "error_reason = ?, error_message = ?",
+                    "rollback_asked",
+                    b.ROLLBACK_ASKED_MESSAGE,
+                )
             case ev.BatchRolledBack():
                 for created in CREATED_STATUSES:
                     self._move_rows(created, b.ROW_DELETED)
@@ -163,12 +172,16 @@ class _Batch:
         self._set_row(row, f"status = ?, {sql}", status, *params)
         self._count(found[0], status, 1)
 
-    def _move_rows(self, old: str, new: str, sql: str = "", *params: object) -> None:
-        """Give every row of one status another, counting the change."""
+    def _move_rows(
+        self, old: str, new: str, sql: str = "", *params: object, of: Sequence[str] = ()
+    ) -> None:
+        """Give every row of one status (of the upstream batches `of`, if given) another,
+        counting the change."""
         sets = f"status = ?{', ' + sql if sql else ''}"
+        only = f" AND creation_batch_id IN ({', '.join('?' * len(of))})" if of else ""
         self.cur.execute(
-            f"UPDATE batch_rows SET {sets} WHERE batch_id = ? AND status = ?",
-            (new, *params, self.batch_id, old),
+            f"UPDATE batch_rows SET {sets} WHERE batch_id = ? AND status = ?{only}",
+            (new, *params, self.batch_id, old, *of),
         )
         self._count(old, new, self.cur.rowcount)
 

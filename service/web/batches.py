@@ -348,7 +348,7 @@ def spreadsheet_safe(value: object) -> str:
     Phone numbers too: a spreadsheet computes +1-555-0100 as -654, and saves that back.
     """
     text = "" if value is None else str(value)
-    return "'" + text if text.startswith(csv_intake.FORMULA_STARTS) else text
+    return "'" + text if csv_intake.formula_like(text) else text
 
 
 @routes.get("/batch/{batch_id}/results.csv")

@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from service.domain.batch import ROLLED_BACK_MESSAGE
+from service.domain.batch import ROLLBACK_ASKED_MESSAGE, ROLLED_BACK_MESSAGE
 from service.local_directory import RunningDirectory
 from service.projections.rebuild import rebuild
 from service.store.records import NewEvent, StoredEvent
@@ -304,49 +304,89 @@ async def test_rollback_treats_a_batch_already_gone_from_the_directory_as_delete
     assert page["events"][-1]["data"]["deleted_count"] == 0
 
 
-async def test_a_rollback_the_directory_keeps_refusing_fails_once_and_asking_again_retries(
+async def wait_rollback_failed(service: Service, batch_id: str, rounds: int) -> dict[str, Any]:
+    """Poll until the batch's `rounds`-th rollback has failed and the processor let it go."""
+    deadline = time.monotonic() + 10
+    while True:
+        _, body = await service.get(f"/batch/{batch_id}/status")
+        failed = (await event_types(service, batch_id)).count("BatchRollbackFailed")
+        if failed == rounds and await service.idle(batch_id):
+            return dict(body)
+        assert failed <= rounds and time.monotonic() < deadline, f"no failed rollback: {body}"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_refused_rollback_fails_each_round_once_and_keeps_what_it_deleted(
     service_factory: ServiceFactory, directory: RunningDirectory
 ) -> None:
     async with service_factory(max_attempts=3) as service:
-        accepted = await service.upload(SAMPLE_CSV)
+        accepted = await service.upload(csv_of(25))  # upstream batches of 20 and 5 rows
         batch_id = accepted["batch_id"]
         await service.wait_finished(batch_id)
-        directory.standin.add_fault("batch_delete", "503", probability=1.0)
+        # Each round: the first upstream batch goes (or is gone: 404), the second is refused
+        # through all 3 tries; the third round is let through.
+        directory.standin.add_fault("batch_delete", "503", nth=[2, 3, 4, 6, 7, 8])
 
         status, _ = await delete(service, f"/batch/{batch_id}")
         assert status == 202
-        deadline = time.monotonic() + 10
-        while not (body := (await service.get(f"/batch/{batch_id}/status"))[1])["rollback_error"]:
-            assert time.monotonic() < deadline, f"the rollback did not fail: {body}"
-            await asyncio.sleep(0.05)
-        assert await service.idle(batch_id)
-        await asyncio.sleep(0.5)  # a failed round is not followed by another one
+        first = await wait_rollback_failed(service, batch_id, rounds=1)
+        await asyncio.sleep(0.3)  # a failed round is not followed by another one
+        assert directory.standin.request_counts["batch_delete"] == 4
 
-        assert directory.standin.request_counts["batch_delete"] == 3  # max_attempts, then stop
-        assert body["rollback_error"].startswith(
-            f"the directory did not delete upstream batch {batch_id}: "
-        )
-        assert body["processing_status"] == "completed" and body["rolled_back"] is False
-        assert len(directory.standin.all_hospitals()) == 3
+        assert first["rollback_error"].startswith("the directory did not delete upstream batch ")
+        assert [h["status"] for h in first["hospitals"]] == ["deleted"] * 20 + [
+            "created_and_activated"
+        ] * 5
+        assert first["rolled_back"] is False and first["deleted_hospitals"] == 20
+        assert len(directory.standin.all_hospitals()) == 5
         _, progress = await service.get(f"/batch/{batch_id}/progress")
         assert progress["current_message"] == (
-            f"Rollback failed: {body['rollback_error']}; roll back again to retry"
+            f"Rollback failed: {first['rollback_error']}; roll back again to retry"
         )
+        status, refused = await post(service, f"/batch/{batch_id}/resume")
+        assert status == 409 and "roll it back again" in refused["detail"]
         await assert_fold_matches_read_model(service, batch_id)
 
-        directory.standin.clear_faults()
+        status, _ = await delete(service, f"/batch/{batch_id}")  # refused again
+        assert status == 202
+        await wait_rollback_failed(service, batch_id, rounds=2)  # its own fact, not dropped
         status, _ = await delete(service, f"/batch/{batch_id}")
         assert status == 202
         final = await wait_rolled_back(service, batch_id)
 
         assert final["rollback_error"] is None
-        assert [h["status"] for h in final["hospitals"]] == ["deleted"] * 3
+        assert [h["status"] for h in final["hospitals"]] == ["deleted"] * 25
         assert directory.standin.all_hospitals() == []
+        assert directory.standin.request_counts["batch_delete"] == 10
         types = await event_types(service, batch_id)
-        assert types[-4:] == [
-            "BatchRollbackRequested",
-            "BatchRollbackFailed",
+        assert types[-6:] == ["BatchRollbackRequested", "BatchRollbackFailed"] * 2 + [
             "BatchRollbackRequested",
             "BatchRolledBack",
         ]
+        await assert_fold_matches_read_model(service, batch_id)
+
+
+async def test_a_refused_rollback_of_a_running_batch_leaves_its_unsent_rows_failed(
+    service_factory: ServiceFactory, directory: RunningDirectory
+) -> None:
+    async with service_factory(max_attempts=2) as service:
+        directory.standin.set_delay(0.5)
+        directory.standin.add_fault("batch_delete", "503", probability=1.0)
+        accepted = await service.upload(csv_of(30))  # 20 workers: 20 in flight, 10 queued
+        batch_id = accepted["batch_id"]
+        await asyncio.sleep(0.2)
+
+        status, _ = await delete(service, f"/batch/{batch_id}")
+        assert status == 202
+        final = await wait_rollback_failed(service, batch_id, rounds=1)
+
+        assert final["processing_status"] == "partially_completed"  # finished: nothing runs
+        rows = final["hospitals"]
+        assert {h["status"] for h in rows[:20]} == {"created"}
+        assert {h["status"] for h in rows[20:]} == {"failed"}
+        assert {h["error_message"] for h in rows[20:]} == {ROLLBACK_ASKED_MESSAGE}
+        assert directory.standin.request_counts["create"] == 20
+        async with service.http.ws_connect(f"{service.url}/batch/{batch_id}/ws") as ws:
+            messages = [await ws.receive_json(timeout=5) for _ in range(2)]
+        assert [m["type"] for m in messages] == ["snapshot", "finished"]
         await assert_fold_matches_read_model(service, batch_id)

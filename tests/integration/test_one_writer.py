@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 import aiohttp
 
 from service.local_directory import RunningDirectory
+from service.store.migrations import discover, migrate
 from tests.support import PROJECT, SAMPLE_CSV, ServiceProcess, form
 
 
@@ -38,6 +41,11 @@ async def test_a_second_service_on_the_same_database_is_refused_until_the_first_
             said = second.log.read_text()
             assert f"the database {db} is in use by another process" in said
             assert "Traceback" not in said
+            link = tmp_path / "link.db"  # the same database under another name
+            link.symlink_to(db)
+            third = ServiceProcess(link, directory.url)
+            third.spawn()
+            assert third.process is not None and third.process.wait(20) == 2
 
             replace = command(db, "rebuild", "--replace")
             assert replace.returncode == 2
@@ -62,5 +70,13 @@ def test_audit_commands_name_a_missing_or_foreign_database(tmp_path: Path) -> No
         other = command(foreign, *args)
         assert other.returncode == 2 and f"{foreign} is not a service database" in other.stderr
     assert not missing.exists()  # looking did not create it
+    older = tmp_path / "older.db"
+    with contextlib.closing(sqlite3.connect(older)) as conn:
+        migrate(conn, discover()[:2])  # as the service left it before migration 003
+    stale = command(older, "rebuild")
+    assert stale.returncode == 2
+    assert f"{older} is at schema version 2, this code's is {len(discover())}" in stale.stderr
+    assert "start the service on it once" in stale.stderr
+    assert command(older, "events").returncode == 0  # the log itself reads the same
     wrong = command(foreign, "events", "--batch", "nonsense")
     assert wrong.returncode == 2 and "'nonsense' is not a batch id" in wrong.stderr

@@ -53,7 +53,10 @@ class Model:
         if self.rollback:
             return {
                 "rollback": [ev.BatchRolledBack(len(created), upstream)],
-                "rollback_failed": [ev.BatchRollbackFailed("HTTP 503")],
+                "rollback_failed": [  # refused at once, or after the first upstream batch went
+                    ev.BatchRollbackFailed("HTTP 503"),
+                    ev.BatchRollbackFailed("HTTP 503", upstream[:1]),
+                ],
             }
         if self.activated:
             return {"rollback": [ev.BatchRollbackRequested()]}

@@ -18,8 +18,10 @@ from service.domain.csv_intake import (
     decode,
     parse,
     read_upload,
+    unescaped,
 )
 from service.domain.events import Row
+from service.web.batches import spreadsheet_safe
 
 HEADER = "name,address,phone\n"
 BOM = b"\xef\xbb\xbf"
@@ -234,11 +236,16 @@ def test_values_are_trimmed_and_a_blank_phone_is_none() -> None:
 
 
 def test_the_quote_the_results_export_puts_before_formulas_is_taken_off() -> None:
-    text = HEADER + "'=SUM(A1),'@home,'+1-555-0100\n'Sullivan's,'-,'555\n"
+    text = HEADER + "'=SUM(A1),'@home,'+1-555-0100\n'Sullivan's,''=quoted,'555\n"
     assert accepted(text).rows == (
         Row(1, "=SUM(A1)", "@home", "+1-555-0100", 2),
-        Row(2, "'Sullivan's", "-", "'555", 3),  # a ' before anything else is the value's own
+        Row(2, "'Sullivan's", "'=quoted", "'555", 3),  # one ' off, and only before a formula
     )
+
+
+@given(st.text())
+def test_an_exported_value_comes_back_from_an_upload_as_it_was(value: str) -> None:
+    assert unescaped(spreadsheet_safe(value)) == value
 
 
 def test_phone_may_be_left_out_of_the_header() -> None:
@@ -455,7 +462,7 @@ def test_any_file_a_csv_writer_makes_is_read_back(
 
     rows = parse(decode(data), max_rows=100).rows
 
+    read = [(unescaped(v.strip()) for v in h) for h in hospitals]  # as an export quotes them
     assert [(r.row, r.name, r.address, r.phone) for r in rows] == [
-        (n, name.strip(), address.strip(), phone.strip() or None)
-        for n, (name, address, phone) in enumerate(hospitals, 1)
+        (n, name, address, phone or None) for n, (name, address, phone) in enumerate(read, 1)
     ]
