@@ -308,9 +308,9 @@ class Processor:
         A row is ready once its intent is committed, so that commit overlaps the creates
         before it instead of holding up the directory's pipe. Rows are sent in the order
         they get ready: one held up (its upstream batch being reconciled, or no work yet)
-        holds up no other the worker got ready. With pacing on a worker gets one row
-        ahead, so such a row holds its worker until the check ends. Once the pool stops,
-        the rows already got ready are withdrawn rather than sent.
+        holds up no other the worker got ready, and a row taken while its upstream batch
+        is being checked is set aside until the check ends. Once the pool stops, the rows
+        already got ready are withdrawn rather than sent.
         """
         getting: set[asyncio.Task[Ready | None]] = {asyncio.create_task(self._next_ready())}
         ready_rows: deque[Ready] = deque()
@@ -360,6 +360,10 @@ class Processor:
             if (job := await self._next_row()) is None:
                 return None
             run, row = job
+            gate = run.gate(run.state.rows[row].creation_batch_id)
+            if gate.reconciling is not None:  # set aside, still held: the check's end queues it
+                gate.parked.append(row)
+                continue
             try:
                 ready = await self._prepare(run, row)
             except Exception:
@@ -587,6 +591,10 @@ class Processor:
         finally:
             gate.suspects.difference_update(suspects)
             gate.reconciling = None
+            parked, gate.parked = gate.parked, []
+            run.held.difference_update(parked)
+            if not self._stopping:
+                self._enqueue(run, parked)
             await gate.notify()
             if gate.suspects and not self._stopping:  # suspected during the read: look again
                 self._reconcile_soon(run, gate)

@@ -27,6 +27,7 @@ class Gate:
     suspects: set[int] = field(default_factory=set)
     last_suspect_at: float = 0.0
     reconciling: asyncio.Task[None] | None = None
+    parked: list[int] = field(default_factory=list)  # rows taken while reconciling: held
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     def suspect(self, row: int) -> None:
@@ -66,7 +67,8 @@ class BatchRun:
 
     state: b.BatchState
     queue: deque[int] = field(default_factory=deque)
-    held: set[int] = field(default_factory=set)  # rows with a worker, or waiting to retry
+    # Rows with a worker, waiting to retry, or set aside while their upstream batch is checked.
+    held: set[int] = field(default_factory=set)
     scheduled: bool = False  # in the processor's round-robin line
     gates: dict[str, Gate] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None  # activation or rollback under way
