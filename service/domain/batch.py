@@ -233,7 +233,7 @@ def apply(state: BatchState, event: ev.Event, recorded_at: str | None = None) ->
             state.rollback_requests += 1
         case ev.BatchRollbackFailed(reason=reason, deleted_upstream_batch_ids=gone):
             state.rollback_failure = reason
-            # Rows never sent stay unsent (the rollback still stands); deleted ones are gone.
+            # The rollback still stands, so rows never sent never will be; deleted ones are gone.
             for row in state.rows.values():
                 if row.status == ROW_CREATED and row.creation_batch_id in gone:
                     state.set_status(row, ROW_DELETED)
