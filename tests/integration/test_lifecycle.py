@@ -15,7 +15,7 @@ from service.domain.batch import ROLLBACK_ASKED_MESSAGE, ROLLED_BACK_MESSAGE
 from service.local_directory import RunningDirectory
 from service.projections.rebuild import rebuild
 from service.store.records import NewEvent, StoredEvent
-from service.web.keys import SETTINGS, STORE
+from service.web.keys import PROCESSOR, SETTINGS, STORE
 from tests.support import (
     SAMPLE_CSV,
     Service,
@@ -110,6 +110,28 @@ async def test_resume_fails_refused_rows_again_then_creates_them_once_there_is_r
     assert directory.standin.request_counts["create"] == 20 + 3 * 3
     assert (await event_types(service, batch_id)).count("BatchResumed") == 2
     await assert_fold_matches_read_model(service, batch_id)
+
+
+async def test_a_late_callback_of_a_finished_run_leaves_the_resumed_run_registered(
+    service: Service, directory: RunningDirectory
+) -> None:
+    processor = service.app[PROCESSOR]
+    directory.standin.set_delay(0.3)
+    key, batch_id = keyed_batch("late")
+    await fill_upstream_batch(directory, batch_id, 20)  # every row refused: the batch fails
+    await service.upload(SAMPLE_CSV, headers={"Idempotency-Key": key})
+    first_run = processor._runs[batch_id]
+    await service.wait_finished(batch_id)
+
+    status, _ = await post(service, f"/batch/{batch_id}/resume")
+    assert status == 202
+    resumed = processor._runs[batch_id]
+    assert resumed is not first_run
+    processor._schedule(first_run)  # what a done callback of its last task would do
+
+    assert processor._runs.get(batch_id) is resumed  # the finished run went, not the new one
+    again = await service.wait_finished(batch_id)
+    assert again["processing_status"] == "failed" and batch_id not in processor._runs
 
 
 async def test_resume_finds_a_row_that_was_stored_but_unconfirmed_instead_of_resending_it(
