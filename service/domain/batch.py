@@ -52,6 +52,7 @@ class Counts(NamedTuple):
     activated: bool = False
     activation_failed: bool = False
     rolled_back: bool = False
+    rollback_failed: bool = False
 
 
 def derive_status(c: Counts) -> str:
@@ -61,7 +62,8 @@ def derive_status(c: Counts) -> str:
     if c.activated:
         return COMPLETED
     finished = c.created + c.failed + c.deleted == c.total
-    if (finished and c.created == 0) or c.activation_failed:
+    # A refused rollback still stands: the batch will not be activated, as after a failure.
+    if (finished and c.created == 0) or c.activation_failed or c.rollback_failed:
         return FAILED
     if finished and c.failed:
         return PARTIALLY_COMPLETED
@@ -122,6 +124,7 @@ class BatchState:
             activated=self.activated,
             activation_failed=self.activation_failure is not None,
             rolled_back=self.rolled_back,
+            rollback_failed=self.rollback_failure is not None,
         )
 
     def set_status(self, row: RowState, status: str) -> None:

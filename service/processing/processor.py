@@ -155,14 +155,14 @@ class Processor:
         async with self._deciding:
             run = await self._current(batch_id)
             state = run.state
-            if not run.idle or state.status in (b.PENDING, b.PROCESSING):
-                raise Refused(
-                    f"batch {batch_id} is still processing; resume it once it has finished"
-                )
             if state.rollback_failure is not None:
                 raise Refused(
                     f"batch {batch_id} is being rolled back, and its last try failed: "
                     "roll it back again (DELETE) once the directory allows it"
+                )
+            if not run.idle or state.status in (b.PENDING, b.PROCESSING):
+                raise Refused(
+                    f"batch {batch_id} is still processing; resume it once it has finished"
                 )
             if state.rolled_back or state.rollback_requested:
                 raise Refused(f"batch {batch_id} was rolled back; upload the file again instead")
@@ -360,12 +360,13 @@ class Processor:
             if (job := await self._next_row()) is None:
                 return None
             run, row = job
+            await self._ensure_awake()
             gate = run.gate(run.state.rows[row].creation_batch_id)
             if gate.reconciling is not None:  # set aside, still held: the check's end queues it
                 gate.parked.append(row)
                 continue
             try:
-                ready = await self._prepare(run, row)
+                ready = await self._prepare(run, row, gate)
             except Exception:
                 log.exception("preparing row %s of batch %s failed", row, run.batch_id)
                 ready = None
@@ -414,14 +415,14 @@ class Processor:
             run.outbox = Outbox(append, intent, self._spawn)
         return run.outbox
 
-    async def _prepare(self, run: BatchRun, n: int) -> Ready | None:
-        """Record the intent to send row `n`; None when the row needs no create now."""
+    async def _prepare(self, run: BatchRun, n: int, gate: Gate) -> Ready | None:
+        """Record the intent to send row `n`, whose `gate` was just found open; None when the
+        row needs no create now.
+
+        The row counts in flight before the first await: a reconciliation that starts
+        later waits for this create to end before it reads the directory.
+        """
         row = run.state.rows[n]
-        gate = run.gate(row.creation_batch_id)
-        await self._ensure_awake()
-        # Counted in flight with no await after the gate is found open: a reconciliation
-        # that starts later waits for this create to end before it reads the directory.
-        await gate.wait_open()
         if row.status != b.ROW_PENDING or row.may_exist or run.state.rollback_requested:
             return None
         attempt = row.attempts + 1

@@ -44,13 +44,6 @@ class Gate:
         async with self.changed:
             self.changed.notify_all()
 
-    async def wait_open(self) -> None:
-        """Until no reconciliation of this upstream batch is under way."""
-        if self.reconciling is None:  # the usual case, without taking the lock
-            return
-        async with self.changed:
-            await self.changed.wait_for(lambda: self.reconciling is None)
-
     async def wait_idle(self) -> None:
         """Until no create of this upstream batch is in flight."""
         async with self.changed:

@@ -201,7 +201,7 @@ class _Batch:
         found = self.cur.execute(
             f"UPDATE batches SET {', '.join(sets)} WHERE batch_id = ? RETURNING total_rows, "
             "created_rows, failed_rows, deleted_rows, requested, activated, "
-            "activation_error IS NOT NULL, rolled_back, finished_at",
+            "activation_error IS NOT NULL, rolled_back, rollback_error IS NOT NULL, finished_at",
             params,
         ).fetchone()
         if found is None:

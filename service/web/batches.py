@@ -431,8 +431,8 @@ async def resume(request: web.Request) -> web.Response:
         "Answers 202 while that runs and 200 once the batch is rolled back; repeating is harmless. "
         "Afterwards the batch reads processing_status failed with rolled_back true; created rows "
         "read deleted, rows never created read failed. If the directory keeps refusing a delete, "
-        "the rollback stops with rollback_error set (the batch keeps its status); asking again "
-        "tries again."
+        "the rollback stops with rollback_error set: rows never sent read failed, and a batch "
+        "not yet activated reads failed; asking again tries again."
     ),
     parameters=[BATCH_ID_PARAMETER],
     responses={

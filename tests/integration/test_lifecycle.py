@@ -402,7 +402,7 @@ async def test_a_refused_rollback_of_a_running_batch_leaves_its_unsent_rows_fail
         assert status == 202
         final = await wait_rollback_failed(service, batch_id, rounds=1)
 
-        assert final["processing_status"] == "partially_completed"  # finished: nothing runs
+        assert final["processing_status"] == "failed"  # finished: it will not be activated
         rows = final["hospitals"]
         assert {h["status"] for h in rows[:20]} == {"created"}
         assert {h["status"] for h in rows[20:]} == {"failed"}

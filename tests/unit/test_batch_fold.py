@@ -153,6 +153,7 @@ def test_a_failed_rollback_stops_until_it_is_asked_for_again() -> None:
     assert state.rollback_failure == "HTTP 503"
     assert not state.needs_rollback() and not state.unsettled()
     assert state.rows[1].status == b.ROW_CREATED  # nothing is taken as deleted
+    assert (state.status, state.finished_at) == (b.FAILED, "t4")  # it will not be activated
 
     b.apply(state, ev.BatchRollbackRequested(), "t5")
     assert state.rollback_failure is None and state.needs_rollback()
@@ -185,6 +186,8 @@ def test_rollback_of_an_activated_batch_deletes_its_rows() -> None:
         (b.Counts(total=3, created=0, failed=3), b.FAILED),
         (b.Counts(total=3, created=3, failed=0, activation_failed=True), b.FAILED),
         (b.Counts(total=3, created=0, failed=1, deleted=2, rolled_back=True), b.FAILED),
+        (b.Counts(total=3, created=3, failed=0, rollback_failed=True), b.FAILED),
+        (b.Counts(total=3, created=3, failed=0, activated=True, rollback_failed=True), b.COMPLETED),
     ],
 )
 def test_derive_status(counts: b.Counts, status: str) -> None:
