@@ -237,7 +237,11 @@ def _validate(s: Settings) -> None:
             "must be an http:// or https:// address with a host",
         ),
         (1 <= s.directory.batch_size <= 20, "directory.batch_size", "must be between 1 and 20"),
-        (1 <= s.directory.concurrency <= 40, "directory.concurrency", "must be between 1 and 40"),
+        (
+            1 <= s.directory.concurrency <= 20,
+            "directory.concurrency",
+            "must be between 1 and 20: the directory asks for 20 requests in flight at most",
+        ),
         (s.directory.creates_per_minute >= 0, "directory.creates_per_minute", "must be >= 0"),
         (
             s.directory.max_attempts >= 2,

@@ -7,10 +7,13 @@ from typing import Any
 from .options import ENDPOINTS
 
 STATUS_FAULTS = ("429", "500", "502", "503", "504")
-FAULT_KINDS = (*STATUS_FAULTS, "reset", "hang", "commit_drop")
-"""`reset` closes the connection unanswered and unprocessed; `hang` answers nothing until the
-client gives up (nothing is processed); `commit_drop` processes the request (a create stores
-its hospital) and then closes the connection unanswered."""
+COMMIT_STATUS_FAULTS = ("commit_502", "commit_504")
+FAULT_KINDS = (*STATUS_FAULTS, "reset", "hang", "commit_drop", *COMMIT_STATUS_FAULTS)
+"""A status fault answers before anything is processed; `reset` closes the connection
+unanswered and unprocessed; `hang` answers nothing until the client gives up (nothing is
+processed); `commit_drop` processes the request (a create stores its hospital) and then
+closes the connection unanswered; `commit_502` and `commit_504` process it and then answer
+as the host's proxy does when the app's answer is lost on the way back."""
 
 
 @dataclass

@@ -7,7 +7,7 @@ from http import HTTPStatus
 
 from aiohttp import web
 
-from .faults import STATUS_FAULTS
+from .faults import COMMIT_STATUS_FAULTS, STATUS_FAULTS
 from .options import CONTROL_PREFIX, ENDPOINTS, rate_limit_of
 from .responses import DirectoryError, json_answer
 from .standin import STANDIN_KEY, StandIn
@@ -33,6 +33,9 @@ async def directory_conditions(request: web.Request, handler: Handler) -> web.St
         return await handler(request)
     if fault in STATUS_FAULTS:
         return _fault_answer(int(fault), endpoint)
+    if fault in COMMIT_STATUS_FAULTS:
+        await handler(request)
+        return _fault_answer(int(fault.removeprefix("commit_")), endpoint)
     if fault == "hang":
         await _hang(request, standin)
     elif fault == "commit_drop":

@@ -44,6 +44,18 @@ class Reachability:
     last_error: str | None = None
 
 
+# How the directory says a batch has no hospitals (GET, activate and delete of a batch).
+NO_SUCH_BATCH = "No hospitals found with the specified batch ID"
+
+
+def _in_its_words(answer: Answer) -> Answer:
+    """A batch's 404 proves it empty only in the directory's own words: any other 404 (a
+    wrong path, a proxy's page) proves nothing, so it is read as unclear."""
+    if answer.outcome is Outcome.NOT_FOUND and answer.message != NO_SUCH_BATCH:
+        return Answer(Outcome.AMBIGUOUS, answer.status, answer.body, f"404: {answer.message}")
+    return answer
+
+
 def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
 
@@ -96,8 +108,9 @@ class DirectoryClient:
 
     @staticmethod
     def new_session(settings: DirectorySettings) -> aiohttp.ClientSession:
-        """A session whose pool holds every worker's connection, plus a few for reads."""
-        connector = aiohttp.TCPConnector(limit=settings.concurrency + 10)
+        """A session of `concurrency` connections: no more requests than that are ever in
+        flight (the directory asks for 20 at most), creates, reads and activations together."""
+        connector = aiohttp.TCPConnector(limit=settings.concurrency)
         return aiohttp.ClientSession(
             connector=connector, raise_for_status=False, json_serialize=_json
         )
@@ -116,7 +129,7 @@ class DirectoryClient:
 
     async def batch_members(self, creation_batch_id: str) -> Answer:
         """GET /hospitals/batch/{id}; the directory's 404 for an empty batch reads as []."""
-        answer = await self._call("GET", f"/hospitals/batch/{creation_batch_id}")
+        answer = _in_its_words(await self._call("GET", f"/hospitals/batch/{creation_batch_id}"))
         if answer.outcome is Outcome.NOT_FOUND:
             return Answer(Outcome.OK, answer.status, [], answer.message)
         if answer.ok and not isinstance(answer.body, list):
@@ -125,11 +138,13 @@ class DirectoryClient:
 
     async def activate(self, creation_batch_id: str) -> Answer:
         """PATCH /hospitals/batch/{id}/activate: not idempotent, never repeat it blindly."""
-        return await self._call("PATCH", f"/hospitals/batch/{creation_batch_id}/activate")
+        return _in_its_words(
+            await self._call("PATCH", f"/hospitals/batch/{creation_batch_id}/activate")
+        )
 
     async def delete_batch(self, creation_batch_id: str) -> Answer:
         """DELETE /hospitals/batch/{id}; a 404 means nothing (left) to delete."""
-        return await self._call("DELETE", f"/hospitals/batch/{creation_batch_id}")
+        return _in_its_words(await self._call("DELETE", f"/hospitals/batch/{creation_batch_id}"))
 
     async def warm_up(self) -> Answer:
         """GET / with a long timeout, to wake a directory that sleeps when idle."""

@@ -262,7 +262,7 @@ async def rate_bound(workdir: Path, report: Report) -> None:
 async def bare_loop(url: str, bodies: list[dict[str, Any]], in_flight: int) -> float:
     """Seconds for a plain aiohttp loop to post every body with `in_flight` at once."""
     gate = asyncio.Semaphore(in_flight)
-    connector = aiohttp.TCPConnector(limit=in_flight + 10)  # the service's pool size
+    connector = aiohttp.TCPConnector(limit=in_flight)  # the service's pool size
     async with aiohttp.ClientSession(connector=connector) as http:
 
         async def create(body: dict[str, Any]) -> None:

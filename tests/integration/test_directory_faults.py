@@ -10,7 +10,18 @@ from service.local_directory import RunningDirectory
 from tests.integration.chaos import TALLY, assert_exactly_once, trials
 from tests.support import Service, ServiceFactory, csv_of
 
-FAULTS = ("429", "500", "502", "503", "504", "reset", "hang", "commit_drop")
+FAULTS = (
+    "429",
+    "500",
+    "502",
+    "503",
+    "504",
+    "reset",
+    "hang",
+    "commit_drop",
+    "commit_502",
+    "commit_504",
+)
 ENDPOINTS = ("create", "batch_get", "batch_activate")
 
 

@@ -131,6 +131,18 @@ async def test_commit_drop_stores_the_hospital_then_drops_the_connection(
         assert [h["name"] for h in await response.json()] == ["Committed"]
 
 
+@pytest.mark.parametrize("kind", ["commit_502", "commit_504"])
+async def test_a_commit_then_5xx_stores_the_hospital_and_answers_as_the_proxy(
+    http: aiohttp.ClientSession, standin: StandIn, batch: str, kind: str
+) -> None:
+    standin.add_fault("create", kind, nth=1)
+
+    status, _ = await create(http, hospital(batch, "Committed"))
+
+    assert status == int(kind.removeprefix("commit_"))
+    assert [h["name"] for h in standin.hospitals_in_batch(batch)] == ["Committed"]
+
+
 async def test_commit_drop_on_activation_leaves_the_batch_active(
     http: aiohttp.ClientSession, standin: StandIn, batch: str
 ) -> None:

@@ -131,17 +131,18 @@ async def test_429s_lose_no_row_and_send_no_extra_create(
     assert directory.standin.request_counts["create"] == 13  # 10 rows + 3 refused
 
 
-async def test_commit_then_drop_is_reconciled_without_a_duplicate(
-    service: Service, directory: RunningDirectory
+@pytest.mark.parametrize("kind", ["commit_drop", "commit_502", "commit_504"])
+async def test_a_create_stored_but_not_confirmed_is_reconciled_without_a_duplicate(
+    service: Service, directory: RunningDirectory, kind: str
 ) -> None:
-    directory.standin.add_fault("create", "commit_drop", nth=[2])
+    directory.standin.add_fault("create", kind, nth=[2])
     accepted = await service.upload(SAMPLE_CSV)
     final = await service.wait_finished(accepted["batch_id"])
 
     assert final["processing_status"] == "completed"
     assert len(directory.standin.all_hospitals()) == 3
     assert directory.standin.duplicates() == []
-    assert directory.standin.request_counts["create"] == 3  # the dropped one was never re-sent
+    assert directory.standin.request_counts["create"] == 3  # the unclear one was never re-sent
     _, page = await service.get(f"/batch/{accepted['batch_id']}/events?limit=100")
     reconciled = [
         e

@@ -14,7 +14,7 @@ from aiohttp.client_reqrep import ConnectionKey
 from aioresponses import aioresponses
 from yarl import URL
 
-from service.processing.directory_client import Answer, DirectoryClient, Outcome
+from service.processing.directory_client import NO_SUCH_BATCH, Answer, DirectoryClient, Outcome
 from service.settings import DirectorySettings
 
 BASE = "https://directory.test"
@@ -204,11 +204,37 @@ async def test_a_status_counts_even_when_its_body_is_not_json(
 
 
 async def test_a_404_is_not_found(mocked: aioresponses, client: DirectoryClient) -> None:
-    mocked.patch(f"{BATCH}/activate", status=404, payload={"detail": "No hospitals found"})
+    mocked.patch(f"{BATCH}/activate", status=404, payload={"detail": NO_SUCH_BATCH})
 
     answer = await client.activate(BATCH_ID)
 
-    assert (answer.outcome, answer.message) == (Outcome.NOT_FOUND, "No hospitals found")
+    assert (answer.outcome, answer.message) == (Outcome.NOT_FOUND, NO_SUCH_BATCH)
+
+
+@pytest.mark.parametrize(
+    ("payload", "body"),
+    [({"detail": "Not Found"}, None), (None, "<html>Not Found</html>")],
+    ids=["wrong-path", "proxy-page"],
+)
+@pytest.mark.parametrize("call", ["batch_members", "activate", "delete_batch"])
+async def test_a_batch_404_in_other_words_proves_nothing(
+    mocked: aioresponses,
+    client: DirectoryClient,
+    call: str,
+    payload: dict[str, str] | None,
+    body: str | None,
+) -> None:
+    # Read as empty, such a 404 would mark rows not stored, and they would be created twice.
+    method = {"batch_members": mocked.get, "activate": mocked.patch, "delete_batch": mocked.delete}
+    url = f"{BATCH}/activate" if call == "activate" else BATCH
+    if payload is not None:
+        method[call](url, status=404, payload=payload)
+    else:
+        method[call](url, status=404, body=body, content_type="text/html")
+
+    answer = await getattr(client, call)(BATCH_ID)
+
+    assert (answer.outcome, answer.status, answer.body) == (Outcome.AMBIGUOUS, 404, payload)
 
 
 async def test_a_redirect_is_not_followed(mocked: aioresponses, client: DirectoryClient) -> None:
@@ -322,8 +348,7 @@ async def test_batch_members_lists_the_batch(mocked: aioresponses, client: Direc
 async def test_batch_members_reads_a_404_as_no_hospitals_yet(
     mocked: aioresponses, client: DirectoryClient
 ) -> None:
-    detail = "No hospitals found with the specified batch ID"
-    mocked.get(BATCH, status=404, payload={"detail": detail})
+    mocked.get(BATCH, status=404, payload={"detail": NO_SUCH_BATCH})
 
     answer = await client.batch_members(BATCH_ID)
 

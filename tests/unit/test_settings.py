@@ -119,6 +119,7 @@ def test_dotenv_skips_comments_and_strips_export_and_quotes(tmp_path: Path) -> N
             "directory.backoff_base (from DIRECTORY_BACKOFF_BASE)",
         ),
         ({"DIRECTORY_BATCH_SIZE": "21"}, "directory.batch_size"),
+        ({"DIRECTORY_CONCURRENCY": "21"}, "directory.concurrency"),
         ({"LOG_LEVEL": "LOUD"}, "app.log_level"),
         ({"EXTERNAL_API_BASE_URL": "ftp://x"}, "directory.base_url"),
         ({"EXTERNAL_API_BASE_URL": "http://"}, "directory.base_url"),
