@@ -82,6 +82,33 @@ async def test_each_endpoint_has_its_own_limit() -> None:
         assert (await call(http, "GET", "/hospitals/"))[0] == 200
         assert await call(http, "GET", "/hospitals/1") == (404, {"detail": "Hospital not found"})
 
+        # Two endpoints of 50 a minute each: spending one leaves the other whole.
+        lists = await asyncio.gather(*(call(http, "GET", "/hospitals/") for _ in range(49)))
+        assert {status for status, _ in lists} == {200}
+        assert (await call(http, "GET", "/hospitals/"))[0] == 429
+        gets = await asyncio.gather(*(call(http, "GET", "/hospitals/1") for _ in range(49)))
+        assert {status for status, _ in gets} == {404}
+
+
+async def test_each_caller_has_its_own_limit() -> None:
+    async with serving(DirectoryOptions(create_delay=0.0)) as (directory, http):
+        assert await asyncio.gather(*(create(http) for _ in range(30))) == [200] * 30
+        assert await create(http) == 429
+        # Another address on the loopback network is another caller, with a window of its own.
+        other = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+        async with aiohttp.ClientSession(directory.url, connector=other) as elsewhere:
+            assert await create(elsewhere) == 200
+
+
+async def test_a_full_batch_is_refused_before_the_create_delay() -> None:
+    async with serving(DirectoryOptions(create_delay=2.0, rate_limit=False)) as (_, http):
+        body = {"name": "H", "address": "x", "creation_batch_id": str(uuid4())}
+        assert await asyncio.gather(*(create(http, body) for _ in range(20))) == [200] * 20
+
+        started = time.monotonic()
+        assert await create(http, body) == 400
+        assert time.monotonic() - started < 1.0  # checked first, before the 2 s sleep
+
 
 async def test_full_batch_refusals_count_towards_the_create_limit() -> None:
     async with serving(DirectoryOptions(create_delay=0.0)) as (_, http):
