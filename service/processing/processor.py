@@ -307,10 +307,8 @@ class Processor:
 
         A row is ready once its intent is committed, so that commit overlaps the creates
         before it instead of holding up the directory's pipe. Rows are sent in the order
-        they get ready: one held up (its upstream batch being reconciled, or no work yet)
-        holds up no other the worker got ready, and a row taken while its upstream batch
-        is being checked is set aside until the check ends. Once the pool stops, the rows
-        already got ready are withdrawn rather than sent.
+        they get ready (a row of an upstream batch being checked is set aside, not waited
+        for). Once the pool stops, the rows already got ready are withdrawn rather than sent.
         """
         getting: set[asyncio.Task[Ready | None]] = {asyncio.create_task(self._next_ready())}
         ready_rows: deque[Ready] = deque()
@@ -574,9 +572,7 @@ class Processor:
             await gate.wait_idle()
             # Only rows whose creates ended before the read are checked against it.
             suspects = sorted(gate.suspects)
-            answer = await self._upstream.patiently(
-                lambda: self._client.batch_members(gate.creation_batch_id)
-            )
+            answer = await self._upstream.members(gate.creation_batch_id)
             rows = run.state.rows
             # Rows whose own outcome got recorded meanwhile are settled: leave them be.
             unsettled = [

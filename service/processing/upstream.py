@@ -50,6 +50,12 @@ class UpstreamBatches:
             answer = await call()
         return answer
 
+    async def members(self, creation_batch_id: str) -> Answer:
+        """An upstream batch's records, read again while the answer is unclear or refused."""
+        return await self.patiently(
+            functools.partial(self._client.batch_members, creation_batch_id)
+        )
+
     async def activate(self, state: b.BatchState) -> ev.BatchActivated | ev.BatchActivationFailed:
         """Activate every upstream batch once; after an unclear answer, look, never repeat.
 
@@ -88,7 +94,7 @@ class UpstreamBatches:
             if answer.ok and count == len(ours):
                 return Activation(True, len(ours))
             # A 400 (some already active), a timeout, a 5xx or an odd count: the batch tells.
-            members = await self.patiently(functools.partial(self._client.batch_members, batch_id))
+            members = await self.members(batch_id)
             if not members.ok:
                 why = f"could not confirm activation of upstream batch {batch_id}: "
                 return Activation(False, error=why + members.message)

@@ -122,8 +122,9 @@ class _Batch:
                 self.values["rollback_error"] = None
             case ev.BatchRollbackFailed(reason=reason, deleted_upstream_batch_ids=gone):
                 self.values["rollback_error"] = reason
-                for created in CREATED_STATUSES if gone else ():
-                    self._move_rows(created, b.ROW_DELETED, of=gone)
+                if gone:
+                    for created in CREATED_STATUSES:
+                        self._move_rows(created, b.ROW_DELETED, of=gone)
                 self._move_rows(
                     b.ROW_PENDING,
                     b.ROW_FAILED,
