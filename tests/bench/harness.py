@@ -45,6 +45,23 @@ class Memory:
     peak_mb: float  # highest resident since start (VmHWM)
 
 
+@dataclass(frozen=True)
+class Cpu:
+    """CPU seconds used so far (user + system), by the whole process and by its main thread."""
+
+    process: float
+    main_thread: float
+
+    def __sub__(self, earlier: Cpu) -> Cpu:
+        return Cpu(self.process - earlier.process, self.main_thread - earlier.main_thread)
+
+
+def _cpu_seconds(stat: Path) -> float:
+    """utime + stime of a /proc stat file (the fields after the command's closing paren)."""
+    fields = stat.read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Process:
     """A child process run in the directory of its log file, its output in that file."""
 
@@ -68,6 +85,11 @@ class Process:
             if key in ("VmRSS", "VmHWM"):
                 fields[key] = int(value.split()[0]) / 1024
         return Memory(fields["VmRSS"], fields["VmHWM"])
+
+    def cpu(self) -> Cpu:
+        """CPU used so far; the main thread is the one that runs the event loop."""
+        proc = Path(f"/proc/{self.pid}")
+        return Cpu(_cpu_seconds(proc / "stat"), _cpu_seconds(proc / f"task/{self.pid}/stat"))
 
     def check_alive(self) -> None:
         """Raise with the end of its log when the process has exited."""

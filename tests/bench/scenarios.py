@@ -361,6 +361,23 @@ async def process_file(
     )
 
 
+# Where scenario 3's time goes, median of its runs. Each loop runs on one thread, so when
+# both are busy all the time the ratio is about bare / service_loop.
+CPU_FIGURES = {
+    "bare": ("CPU per row: bare loop (one thread)", "µs"),
+    "service_loop": ("CPU per row: the service's event-loop thread", "µs"),
+    "service": ("CPU per row: the service, all threads (the log's writer too)", "µs"),
+    "loop_busy": ("the service's event-loop thread: share of a core it used", ""),
+    "directory_bare": ("CPU per row: the directory, during the bare loop", "µs"),
+    "directory_service": ("CPU per row: the directory, during the service", "µs"),
+}
+
+
+def per_row(cpu_seconds: float) -> float:
+    """Microseconds of CPU per row of a scenario 3 file."""
+    return cpu_seconds / OVERHEAD_ROWS * 1e6
+
+
 def overhead_settings() -> dict[str, str]:
     """Pacing off, 20 workers, files of OVERHEAD_ROWS rows allowed."""
     return {
@@ -381,13 +398,23 @@ async def overhead_bound(workdir: Path, report: Report) -> None:
     ):
         await bare_loop(d.url, create_bodies(500, "Warm-up"), OVERHEAD_WORKERS)
         bares, runs = [], []
+        cpu: dict[str, list[float]] = {name: [] for name in CPU_FIGURES}  # µs per row
         # The machine's speed drifts by tens of percent within minutes: the reference and
         # the service take turns, and each side's median is compared.
         for _ in range(BARE_RUNS):
             await d.control(http, "restart")
+            mine, directory_before = time.process_time(), d.process.cpu()
             seconds = await bare_loop(d.url, create_bodies(OVERHEAD_ROWS, "Bare"), OVERHEAD_WORKERS)
+            cpu["bare"].append(per_row(time.process_time() - mine))
+            cpu["directory_bare"].append(per_row((d.process.cpu() - directory_before).process))
             bares.append(OVERHEAD_ROWS / seconds)
+            service_before, directory_before = s.process.cpu(), d.process.cpu()
             runs.append(await process_file(http, s, d, "Overhead", readers=False))
+            used = s.process.cpu() - service_before
+            cpu["service_loop"].append(per_row(used.main_thread))
+            cpu["service"].append(per_row(used.process))
+            cpu["loop_busy"].append(used.main_thread / runs[-1].seconds)
+            cpu["directory_service"].append(per_row((d.process.cpu() - directory_before).process))
         bare = statistics.median(bares)
         clean = sorted(runs, key=lambda run: run.rows_per_second)[len(runs) // 2]
         peak = s.process.memory().peak_mb
@@ -429,6 +456,8 @@ async def overhead_bound(workdir: Path, report: Report) -> None:
         "",
         at_least(0.75),
     )
+    for name, (label, unit) in CPU_FIGURES.items():
+        add(OVERHEAD, f"overhead_bound.cpu.{name}", label, statistics.median(cpu[name]), unit)
     add(
         OVERHEAD,
         "overhead_bound.bare_uvloop_rows_per_second",
