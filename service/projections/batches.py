@@ -11,6 +11,9 @@ from service.domain import events as ev
 from service.store.records import StoredEvent
 
 CREATED_STATUSES = (b.ROW_CREATED, b.ROW_ACTIVE)
+# The events that can take a finished batch back to work (failed rows, a failed activation
+# or a failed rollback tried again).
+REOPENING = (ev.BatchResumed, ev.BatchRollbackRequested)
 
 
 def project(cur: sqlite3.Cursor, appended: Sequence[StoredEvent]) -> None:
@@ -22,6 +25,10 @@ def project(cur: sqlite3.Cursor, appended: Sequence[StoredEvent]) -> None:
             _insert_batch(cur, stored, event)
         else:
             batch.apply(event)
+            if isinstance(event, REOPENING):
+                # The fold dates `finished_at` event by event: a batch these reopen and a later
+                # event of this append finishes again finished now, not when it first did.
+                batch.finish(stored)
     batch.finish(appended[-1])
 
 
@@ -116,7 +123,6 @@ class _Batch:
                 for row in rows:
                     self._move_row(row, b.ROW_PENDING, "error_reason = NULL, error_message = NULL")
                 self.values["activation_error"] = None
-                self.values["finished_at"] = None  # it finishes anew, maybe in this append
             case ev.BatchRollbackRequested():
                 self.values["rollback_requested"] = 1
                 self.values["rollback_error"] = None
@@ -193,7 +199,7 @@ class _Batch:
             self.counts[COUNTER[new]] += rows
 
     def finish(self, last: StoredEvent) -> None:
-        """Write the counters and values, then derive the status with the fold's rule."""
+        """Write the counters and values so far, then derive the status with the fold's rule."""
         sets = [f"{column} = {column} + ?" for column in self.counts]
         sets += [f"{column} = ?" for column in self.values]
         sets += ["stream_version = ?", "last_position = ?", "updated_at = ?"]
@@ -217,6 +223,8 @@ class _Batch:
             "UPDATE batches SET status = ?, finished_at = ? WHERE batch_id = ?",
             (status, finished_at, self.batch_id),
         )
+        self.counts.clear()
+        self.values.clear()
 
 
 def write_fold(

@@ -198,10 +198,13 @@ def story(rows: int, *appends: list[ev.Event]) -> list[tuple[str, list[ev.Event]
 
 REQUEST_1, CREATE_1 = ev.HospitalRequested((1,), (1,)), ev.HospitalCreated(1, 1001)
 ROLLBACK = [ev.BatchRollbackRequested(), ev.BatchRolledBack(1, ("s",))]
+REFUSED: list[ev.Event] = [ev.BatchRollbackFailed("HTTP 503", ())]
 
 
 @example(story(1, [REQUEST_1, CREATE_1], [ev.BatchActivationFailed("ko"), ev.BatchResumed(())]))
 @example(story(1, [REQUEST_1, CREATE_1, ev.BatchActivated(1, ("s",))], ROLLBACK))
+# A refused rollback fails the batch; asked again, it reopens and finishes anew.
+@example(story(1, [REQUEST_1, CREATE_1, ev.BatchRollbackRequested()], REFUSED, ROLLBACK))
 @example(
     story(
         2,
