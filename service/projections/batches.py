@@ -11,24 +11,22 @@ from service.domain import events as ev
 from service.store.records import StoredEvent
 
 CREATED_STATUSES = (b.ROW_CREATED, b.ROW_ACTIVE)
-# The events that can take a finished batch back to work (failed rows, a failed activation
-# or a failed rollback tried again).
-REOPENING = (ev.BatchResumed, ev.BatchRollbackRequested)
 
 
 def project(cur: sqlite3.Cursor, appended: Sequence[StoredEvent]) -> None:
-    """Apply one append's events (one stream's) to the read models, then derive status once."""
+    """Apply one append's events (one stream's) to the read models, then derive the status:
+    at the end, and after each event that may have reopened a finished batch."""
     batch = _Batch(cur, appended[0].stream_id.removeprefix(b.STREAM_PREFIX))
     for stored in appended:
         event = stored.decode()
         if isinstance(event, ev.BatchCreated):
             _insert_batch(cur, stored, event)
-        else:
-            batch.apply(event)
-            if isinstance(event, REOPENING):
-                # The fold dates `finished_at` event by event: a batch these reopen and a later
-                # event of this append finishes again finished now, not when it first did.
-                batch.finish(stored)
+            continue
+        batch.apply(event)
+        if batch.may_reopen and stored is not appended[-1]:
+            # The fold dates `finished_at` event by event: a batch reopened here and finished
+            # again by a later event of this append finished now, not when it first did.
+            batch.finish(stored)
     batch.finish(appended[-1])
 
 
@@ -80,12 +78,15 @@ COUNTER = {
 
 
 class _Batch:
-    """One append's changes to one batch: rows at once, counters and status at the end."""
+    """One append's changes to one batch: rows at once, counters and status when finished."""
 
     def __init__(self, cur: sqlite3.Cursor, batch_id: str) -> None:
         self.cur, self.batch_id = cur, batch_id
         self.counts: Counter[str] = Counter()  # change of each counter column
         self.values: dict[str, object] = {}  # columns given a new value
+        # Set by what can take a finished batch back to work: a row leaving a status other
+        # than pending (a failed row resumed or created after all), or a cleared failure.
+        self.may_reopen = False
 
     def apply(self, event: ev.Event) -> None:
         match event:
@@ -123,9 +124,11 @@ class _Batch:
                 for row in rows:
                     self._move_row(row, b.ROW_PENDING, "error_reason = NULL, error_message = NULL")
                 self.values["activation_error"] = None
+                self.may_reopen = True
             case ev.BatchRollbackRequested():
                 self.values["rollback_requested"] = 1
                 self.values["rollback_error"] = None
+                self.may_reopen = True
             case ev.BatchRollbackFailed(reason=reason, deleted_upstream_batch_ids=gone):
                 self.values["rollback_error"] = reason
                 if gone:
@@ -178,6 +181,7 @@ class _Batch:
             raise ValueError(f"batch {self.batch_id} has no row {row}")
         self._set_row(row, f"status = ?, {sql}", status, *params)
         self._count(found[0], status, 1)
+        self.may_reopen = True
 
     def _move_rows(
         self, old: str, new: str, sql: str = "", *params: object, of: Sequence[str] = ()
@@ -225,6 +229,7 @@ class _Batch:
         )
         self.counts.clear()
         self.values.clear()
+        self.may_reopen = False
 
 
 def write_fold(

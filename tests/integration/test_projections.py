@@ -198,6 +198,7 @@ def story(rows: int, *appends: list[ev.Event]) -> list[tuple[str, list[ev.Event]
 
 REQUEST_1, CREATE_1 = ev.HospitalRequested((1,), (1,)), ev.HospitalCreated(1, 1001)
 ROLLBACK = [ev.BatchRollbackRequested(), ev.BatchRolledBack(1, ("s",))]
+FAIL_1 = ev.HospitalFailed(1, "rejected", "no", False)
 REFUSED: list[ev.Event] = [ev.BatchRollbackFailed("HTTP 503", ())]
 
 
@@ -205,6 +206,8 @@ REFUSED: list[ev.Event] = [ev.BatchRollbackFailed("HTTP 503", ())]
 @example(story(1, [REQUEST_1, CREATE_1, ev.BatchActivated(1, ("s",))], ROLLBACK))
 # A refused rollback fails the batch; asked again, it reopens and finishes anew.
 @example(story(1, [REQUEST_1, CREATE_1, ev.BatchRollbackRequested()], REFUSED, ROLLBACK))
+# A failed row created after all reopens its batch within the append that fails it again.
+@example(story(1, [REQUEST_1, FAIL_1], [CREATE_1, ev.BatchActivationFailed("ko")]))
 @example(
     story(
         2,
