@@ -299,6 +299,8 @@ class Processed:
     status: str
     duplicates: int
     latencies: dict[str, list[float]]
+    service_cpu: harness.Cpu  # from upload to finished, the finish checks every 50 ms included
+    directory_cpu: float
 
     @property
     def rows_per_second(self) -> float:
@@ -330,6 +332,7 @@ async def process_file(
     """Upload OVERHEAD_ROWS rows and time them to the end, with or without the readers."""
     await d.control(http, "restart")
     content = csv_of(OVERHEAD_ROWS, prefix)
+    service_from, directory_from = s.process.cpu(), d.process.cpu()
     started = time.perf_counter()
     batch_id = await upload(http, s.url, content)
     stop = asyncio.Event()
@@ -346,6 +349,8 @@ async def process_file(
                 break
             await asyncio.sleep(0.05)
         seconds = time.perf_counter() - started
+        service_cpu = s.process.cpu() - service_from
+        directory_cpu = (d.process.cpu() - directory_from).process
     finally:
         stop.set()
         await asyncio.gather(*pollers)
@@ -358,6 +363,8 @@ async def process_file(
         status["processing_status"],
         len(state["duplicates"]),
         latencies,
+        service_cpu,
+        directory_cpu,
     )
 
 
@@ -403,18 +410,18 @@ async def overhead_bound(workdir: Path, report: Report) -> None:
         # the service take turns, and each side's median is compared.
         for _ in range(BARE_RUNS):
             await d.control(http, "restart")
-            mine, directory_before = time.process_time(), d.process.cpu()
-            seconds = await bare_loop(d.url, create_bodies(OVERHEAD_ROWS, "Bare"), OVERHEAD_WORKERS)
-            cpu["bare"].append(per_row(time.process_time() - mine))
+            bodies = create_bodies(OVERHEAD_ROWS, "Bare")
+            mine, directory_before = time.thread_time(), d.process.cpu()
+            seconds = await bare_loop(d.url, bodies, OVERHEAD_WORKERS)
+            cpu["bare"].append(per_row(time.thread_time() - mine))
             cpu["directory_bare"].append(per_row((d.process.cpu() - directory_before).process))
             bares.append(OVERHEAD_ROWS / seconds)
-            service_before, directory_before = s.process.cpu(), d.process.cpu()
-            runs.append(await process_file(http, s, d, "Overhead", readers=False))
-            used = s.process.cpu() - service_before
-            cpu["service_loop"].append(per_row(used.main_thread))
-            cpu["service"].append(per_row(used.process))
-            cpu["loop_busy"].append(used.main_thread / runs[-1].seconds)
-            cpu["directory_service"].append(per_row((d.process.cpu() - directory_before).process))
+            run = await process_file(http, s, d, "Overhead", readers=False)
+            runs.append(run)
+            cpu["service_loop"].append(per_row(run.service_cpu.main_thread))
+            cpu["service"].append(per_row(run.service_cpu.process))
+            cpu["loop_busy"].append(run.service_cpu.main_thread / run.seconds)
+            cpu["directory_service"].append(per_row(run.directory_cpu))
         bare = statistics.median(bares)
         clean = sorted(runs, key=lambda run: run.rows_per_second)[len(runs) // 2]
         peak = s.process.memory().peak_mb
