@@ -78,7 +78,7 @@ COUNTER = {
 
 
 class _Batch:
-    """One append's changes to one batch: rows at once, counters and status when finished."""
+    """One append's changes to one batch: rows at once; counters and status by `finish`."""
 
     def __init__(self, cur: sqlite3.Cursor, batch_id: str) -> None:
         self.cur, self.batch_id = cur, batch_id
