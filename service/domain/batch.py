@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -236,21 +236,11 @@ def apply(state: BatchState, event: ev.Event, recorded_at: str | None = None) ->
             state.rollback_requests += 1
         case ev.BatchRollbackFailed(reason=reason, deleted_upstream_batch_ids=gone):
             state.rollback_failure = reason
-            # The rollback still stands, so rows never sent never will be; deleted ones are gone.
-            for row in state.rows.values():
-                if row.status == ROW_CREATED and row.creation_batch_id in gone:
-                    state.set_status(row, ROW_DELETED)
-                elif row.status == ROW_PENDING:
-                    state.set_status(row, ROW_FAILED)
-                    row.error, row.reason = ROLLBACK_ASKED_MESSAGE, "rollback_asked"
+            # The rollback still stands, so rows never sent never will be.
+            _end_rollback(state, gone, "rollback_asked", ROLLBACK_ASKED_MESSAGE)
         case ev.BatchRolledBack():
             state.rolled_back = True
-            for row in state.rows.values():
-                if row.status == ROW_CREATED:
-                    state.set_status(row, ROW_DELETED)
-                elif row.status == ROW_PENDING:
-                    state.set_status(row, ROW_FAILED)
-                    row.error, row.reason = ROLLED_BACK_MESSAGE, "rolled_back"
+            _end_rollback(state, None, "rolled_back", ROLLED_BACK_MESSAGE)
         case _:
             raise ValueError(f"{event.type_name} does not apply to an existing batch")
     state.version += 1
@@ -260,6 +250,19 @@ def apply(state: BatchState, event: ev.Event, recorded_at: str | None = None) ->
     elif not state.finished:
         state.finished_at = None
     return state
+
+
+def _end_rollback(
+    state: BatchState, deleted: Collection[str] | None, reason: str, message: str
+) -> None:
+    """Rows when a rollback round ends: created ones of the `deleted` upstream batches (all
+    when None) read deleted, and rows never sent read failed."""
+    for row in state.rows.values():
+        if row.status == ROW_CREATED and (deleted is None or row.creation_batch_id in deleted):
+            state.set_status(row, ROW_DELETED)
+        elif row.status == ROW_PENDING:
+            state.set_status(row, ROW_FAILED)
+            row.error, row.reason = message, reason
 
 
 def fold(history: Iterable[tuple[ev.Event, str | None]]) -> BatchState:

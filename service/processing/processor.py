@@ -261,6 +261,12 @@ class Processor:
             self._line.append(run)
         self._work.set()
 
+    def _requeue(self, run: BatchRun, rows: list[int]) -> None:
+        """Queue held rows again; once the pool stops, the next start picks them up."""
+        run.held.difference_update(rows)
+        if not self._stopping:
+            self._enqueue(run, rows)
+
     def _spawn(
         self, work: Coroutine[Any, Any, None], run: BatchRun | None = None
     ) -> asyncio.Task[None]:
@@ -279,8 +285,8 @@ class Processor:
             if failed:  # the same fault would strike again at once: look again after a pause
                 pause = self._settings.backoff_max
                 asyncio.get_running_loop().call_later(pause, self._schedule_unless_stopping, run)
-            elif not self._stopping:
-                self._schedule(run)
+            else:
+                self._schedule_unless_stopping(run)
 
         task.add_done_callback(done)
         return task
@@ -533,13 +539,7 @@ class Processor:
             run.state.rows[n].failures, self._settings.backoff_base, self._settings.backoff_max
         )
         run.held.add(n)
-
-        def requeue() -> None:
-            run.held.discard(n)
-            if not self._stopping:
-                self._enqueue(run, [n])
-
-        asyncio.get_running_loop().call_later(delay, requeue)
+        asyncio.get_running_loop().call_later(delay, self._requeue, run, [n])
         return True
 
     async def _ensure_awake(self) -> None:
@@ -589,9 +589,7 @@ class Processor:
             gate.suspects.difference_update(suspects)
             gate.reconciling = None
             parked, gate.parked = gate.parked, []
-            run.held.difference_update(parked)
-            if not self._stopping:
-                self._enqueue(run, parked)
+            self._requeue(run, parked)
             await gate.notify()
             if gate.suspects and not self._stopping:  # suspected during the read: look again
                 self._reconcile_soon(run, gate)

@@ -131,26 +131,9 @@ class _Batch:
                 self.may_reopen = True
             case ev.BatchRollbackFailed(reason=reason, deleted_upstream_batch_ids=gone):
                 self.values["rollback_error"] = reason
-                if gone:
-                    for created in CREATED_STATUSES:
-                        self._move_rows(created, b.ROW_DELETED, of=gone)
-                self._move_rows(
-                    b.ROW_PENDING,
-                    b.ROW_FAILED,
-                    "error_reason = ?, error_message = ?",
-                    "rollback_asked",
-                    b.ROLLBACK_ASKED_MESSAGE,
-                )
+                self._end_rollback(gone, "rollback_asked", b.ROLLBACK_ASKED_MESSAGE)
             case ev.BatchRolledBack():
-                for created in CREATED_STATUSES:
-                    self._move_rows(created, b.ROW_DELETED)
-                self._move_rows(
-                    b.ROW_PENDING,
-                    b.ROW_FAILED,
-                    "error_reason = ?, error_message = ?",
-                    "rolled_back",
-                    b.ROLLED_BACK_MESSAGE,
-                )
+                self._end_rollback(None, "rolled_back", b.ROLLED_BACK_MESSAGE)
                 self.values["rolled_back"] = 1
             case _:
                 raise ValueError(f"{event.type_name} does not apply to an existing batch")
@@ -184,17 +167,25 @@ class _Batch:
         self.may_reopen = True
 
     def _move_rows(
-        self, old: str, new: str, sql: str = "", *params: object, of: Sequence[str] = ()
+        self, old: str, new: str, sql: str = "", *params: object, of: Sequence[str] | None = None
     ) -> None:
         """Give every row of one status (of the upstream batches `of`, if given) another,
         counting the change."""
         sets = f"status = ?{', ' + sql if sql else ''}"
-        only = f" AND creation_batch_id IN ({', '.join('?' * len(of))})" if of else ""
+        only = "" if of is None else f" AND creation_batch_id IN ({', '.join('?' * len(of))})"
         self.cur.execute(
             f"UPDATE batch_rows SET {sets} WHERE batch_id = ? AND status = ?{only}",
-            (new, *params, self.batch_id, old, *of),
+            (new, *params, self.batch_id, old, *(of or ())),
         )
         self._count(old, new, self.cur.rowcount)
+
+    def _end_rollback(self, deleted: Sequence[str] | None, reason: str, message: str) -> None:
+        """Rows when a rollback round ends: created ones of the `deleted` upstream batches (all
+        when None) read deleted, and rows never sent read failed."""
+        for created in CREATED_STATUSES:
+            self._move_rows(created, b.ROW_DELETED, of=deleted)
+        sql = "error_reason = ?, error_message = ?"
+        self._move_rows(b.ROW_PENDING, b.ROW_FAILED, sql, reason, message)
 
     def _count(self, old: str, new: str, rows: int) -> None:
         if old in COUNTER:
