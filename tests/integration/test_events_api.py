@@ -31,7 +31,8 @@ FIELDS = {
 
 async def pages(service: Service, path: str, limit: int) -> list[list[dict[str, Any]]]:
     """Every page of an events listing, following next_after to the empty page."""
-    found, after = [], None
+    found: list[list[dict[str, Any]]] = []
+    after = None
     while True:
         query = f"?limit={limit}" + ("" if after is None else f"&after={after}")
         status, body = await service.get(path + query)

@@ -60,13 +60,16 @@ class Model:
             }
         if self.activated:
             return {"rollback": [ev.BatchRollbackRequested()]}
+        new = rows_in["new"]
+        requests: list[ev.Event] = [
+            ev.HospitalRequested((n,), (self.attempts[n] + 1,)) for n in new
+        ]
+        if len(new) > 1:  # every new row at once, as workers that take rows together record them
+            requests.append(
+                ev.HospitalRequested(tuple(new), tuple(self.attempts[n] + 1 for n in new))
+            )
         options: dict[str, list[ev.Event]] = {
-            "request": [ev.HospitalRequested((n,), (self.attempts[n] + 1,)) for n in rows_in["new"]]
-            + (  # every new row at once, as workers that take rows together record them
-                [ev.HospitalRequested(tuple(new), tuple(self.attempts[n] + 1 for n in new))]
-                if len(new := rows_in["new"]) > 1
-                else []
-            ),
+            "request": requests,
             "create": [
                 ev.HospitalCreated(n, 1000 + n, reconciled=n % 2 == 0) for n in rows_in["sent"]
             ],

@@ -18,8 +18,7 @@ async def take(
 ) -> list[StoredEvent]:
     """The first `count` events store.follow(stream_id, **after) yields."""
     got: list[StoredEvent] = []
-    # follow() is an async generator (annotated AsyncIterator): close it when done.
-    async with aclosing(store.follow(stream_id, **after)) as events:  # type: ignore[type-var]
+    async with aclosing(store.follow(stream_id, **after)) as events:
         async for event in events:
             got.append(event)
             if len(got) == count:

@@ -22,7 +22,7 @@ from tests.support import SAMPLE_CSV, Service, csv_of, fast_settings, running_se
 
 async def received(ws: aiohttp.ClientWebSocketResponse, count: int | None = None) -> list[Any]:
     """The next `count` messages, or every message until the server closes."""
-    messages = []
+    messages: list[Any] = []
     async with asyncio.timeout(20):
         while count is None or len(messages) < count:
             msg = await ws.receive()
@@ -256,7 +256,7 @@ async def test_a_client_that_falls_behind_is_told_to_resync_and_loses_nothing(
         async with asyncio.timeout(5):
             close = await close_of(ws)
     assert close.type is aiohttp.WSMsgType.CLOSE
-    assert close.data == 4000 and "?after=1" in close.extra
+    assert close.data == 4000 and "?after=1" in str(close.extra)
     last = before_close[-1]["version"]
     async with service.http.ws_connect(f"{url}?after={last}") as ws:
         rest = await received(ws, 6 - last)  # a replay longer than the backlog is not lag

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from typing import Literal
 
 import pytest
 from hypothesis import given
@@ -452,7 +453,7 @@ hospital = st.tuples(required, required, value)
     st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL]),
 )
 def test_any_file_a_csv_writer_makes_is_read_back(
-    hospitals: list[tuple[str, str, str]], newline: str, bom: bool, quoting: int
+    hospitals: list[tuple[str, str, str]], newline: str, bom: bool, quoting: Literal[0, 1]
 ) -> None:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator=newline, quoting=quoting)
