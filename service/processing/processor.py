@@ -113,13 +113,18 @@ class Processor:
         """
         self._stopping = True
         self._work.set()
-        if everything := [*self._workers, *self._tasks]:
-            await asyncio.wait(everything, timeout=grace)
-        # Work spawned during the grace (an outcome's record) is cancelled too, not left behind.
-        while left := [t for t in (*self._workers, *self._tasks) if not t.done()]:
+        # Work spawned during the grace (the record of an answer that came in it) gets the
+        # rest of the grace, then is cancelled like the rest, not left behind.
+        deadline = time.monotonic() + grace
+        while (left := self._unfinished()) and (rest := deadline - time.monotonic()) > 0:
+            await asyncio.wait(left, timeout=rest)
+        while left := self._unfinished():
             for task in left:
                 task.cancel()
             await asyncio.gather(*left, return_exceptions=True)
+
+    def _unfinished(self) -> list[asyncio.Task[Any]]:
+        return [t for t in (*self._workers, *self._tasks) if not t.done()]
 
     @property
     def workers_alive(self) -> int:

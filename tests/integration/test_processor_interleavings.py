@@ -143,3 +143,98 @@ async def test_workers_waiting_for_a_warm_up_share_its_outcome_instead_of_repeat
 
     assert directory.warm_ups == 1  # five workers queued behind it; one 90 s wait, not five
     assert sorted(r["name"] for r in directory.records) == ["H1", "H2", "H3", "H4", "H5"]
+
+
+class HeldDirectory(ScriptedDirectory):
+    """Awake; a create waits for `answer` to be set. One cut off by its caller is stored all
+    the same, as a directory that commits after the client gave up does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = asyncio.Event()
+        self.sent: list[str] = []
+        self.cut_off: list[str] = []
+
+    def idle_for(self) -> float:
+        return 0.0
+
+    async def create(self, name: str, address: str, phone: str | None, upstream: str) -> Answer:
+        self.sent.append(name)
+        try:
+            await self.answer.wait()
+        except asyncio.CancelledError:
+            self.cut_off.append(name)
+            self._store(name, address, phone, upstream)
+            raise
+        return Answer(Outcome.OK, 201, self._store(name, address, phone, upstream), "ok")
+
+    async def batch_members(self, upstream: str) -> Answer:
+        listing = [dict(r) for r in self.records if r["creation_batch_id"] == upstream]
+        return Answer(Outcome.OK, 200, listing, "ok")
+
+
+async def started(store: EventStore, directory: HeldDirectory) -> Processor:
+    settings = DirectorySettings(concurrency=1, creates_per_minute=0, settle_seconds=0.0)
+    processor = Processor(store, directory, settings)  # type: ignore[arg-type]
+    await processor.start()
+    return processor
+
+
+async def sent_one_row(store: EventStore, directory: HeldDirectory) -> Processor:
+    """A processor whose one row's create is with the directory, unanswered."""
+    processor = await started(store, directory)
+    rows = (ev.Row(1, "H1", "1 Main St", None, 2),)
+    stored = await store.append(
+        b.stream_id(BATCH), -1, [NewEvent(b.plan(BATCH, "held.csv", rows, 20, "sha"))]
+    )
+    processor.submit(stored[0])
+    async with asyncio.timeout(5):
+        while not directory.sent:
+            await asyncio.sleep(0.01)
+    return processor
+
+
+async def fold_of(store: EventStore) -> b.BatchState:
+    history = await store.read_stream(b.stream_id(BATCH))
+    return b.fold((e.decode(), e.recorded_at) for e in history)
+
+
+async def test_stop_records_a_create_answered_within_its_grace(store: EventStore) -> None:
+    directory = HeldDirectory()
+    processor = await sent_one_row(store, directory)
+
+    stopping = asyncio.create_task(processor.stop(grace=5.0))
+    await asyncio.sleep(0.05)  # stop() is waiting for the create
+    assert not stopping.done()
+    directory.answer.set()
+    await asyncio.wait_for(stopping, 5)
+
+    row = (await fold_of(store)).rows[1]
+    assert (row.status, row.hospital_id, row.reconciled) == (b.ROW_CREATED, 1, False)
+    assert directory.cut_off == [] and processor.workers_alive == 0
+
+
+async def test_a_create_cut_off_by_stop_is_found_by_the_next_start_not_sent_again(
+    store: EventStore,
+) -> None:
+    directory = HeldDirectory()
+    processor = await sent_one_row(store, directory)
+
+    await asyncio.wait_for(processor.stop(grace=0.2), 5)
+
+    assert directory.cut_off == ["H1"] and processor.workers_alive == 0
+    row = (await fold_of(store)).rows[1]
+    assert (row.status, row.attempts, row.hospital_id) == (b.ROW_PENDING, 1, None)
+
+    directory.answer.set()
+    processor = await started(store, directory)  # a restart: the intent gets the row checked
+    try:
+        await asyncio.wait_for(processor.wait_finished(BATCH), 10)
+    finally:
+        await processor.stop(grace=1.0)
+
+    state = await fold_of(store)
+    assert directory.sent == ["H1"]  # found in the directory, never sent again
+    assert len(directory.records) == 1
+    assert state.status == b.COMPLETED
+    assert (state.rows[1].hospital_id, state.rows[1].reconciled) == (1, True)
