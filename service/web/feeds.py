@@ -8,6 +8,7 @@ and each socket only sends the bytes from its own position on.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import struct
 from collections.abc import AsyncIterator
@@ -20,6 +21,9 @@ from service.domain import batch as b
 from service.store.event_store import EventStore
 from service.store.records import StoredEvent
 from service.web import presenters
+
+BURST_BYTES = 1 << 16  # event frames a socket writes together, at most (and at least one)
+BURSTS_KEPT = 16  # bursts a feed keeps for the sockets at their version, the last built ones
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,7 @@ class Feed:
         self.messages: list[Message] = []  # by stream version
         self.state: b.BatchState | None = None
         self._snapshot: tuple[int, bytes] | None = None  # the last one built, and its version
+        self._bursts: dict[int, tuple[bytes, int]] = {}  # by the version they follow
         self.followers = 0
         self._moved = asyncio.Event()
         self._reading = asyncio.create_task(self._read(store, stream_id))
@@ -105,6 +110,33 @@ class Feed:
         if self._snapshot is None or self._snapshot[0] != self.version:
             self._snapshot = (self.version, _whole("snapshot", self.state))
         return self._snapshot[1]
+
+    def burst(self, after: int) -> tuple[bytes, int]:
+        """The frames of the messages after version `after` that a socket writes at once, and
+        the last version among them.
+
+        A burst holds one message at least and BURST_BYTES at most, and ends with a message
+        that finishes the batch. Sockets at the same version share it: it is built once for
+        each version until the next message comes in, for the versions last asked about.
+        """
+        if (built := self._bursts.get(after)) is not None:
+            return built
+        frames, version = bytearray(), after
+        while version < self.version:
+            version += 1
+            message = self.messages[version]
+            frames += message.frame
+            if message.finished or len(frames) >= BURST_BYTES:
+                break
+        if len(self._bursts) >= BURSTS_KEPT:  # sockets replaying from many versions
+            del self._bursts[next(iter(self._bursts))]
+        built = self._bursts[after] = (bytes(frames), version)
+        return built
+
+    def first_past(self, position: int) -> int | None:
+        """The version of the first message whose event is after log `position`, if any yet."""
+        version = bisect.bisect_right(self.messages, position, key=lambda m: m.position)
+        return version if version <= self.version else None
 
     async def wait_past(self, version: int) -> None:
         """Return once a message after `version` is in; raise if reading the log failed."""
@@ -133,6 +165,7 @@ class Feed:
         finished = _whole("finished", state) if settled else None
         frame = text_frame(_event_message(event, state))
         self.messages.append(Message(frame, event.global_position, state.status, finished))
+        self._bursts.clear()
         # follow() hands over a commit's events together: followers wake once for all of them.
         moved, self._moved = self._moved, asyncio.Event()
         moved.set()

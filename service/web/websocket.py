@@ -40,7 +40,6 @@ FINISHED = WSCloseCode.OK  # the batch reached a finished state
 SHUTDOWN = WSCloseCode.GOING_AWAY  # the service is stopping
 RESYNC = 4000  # the client fell behind: reconnect with ?after=<last version received>
 DASHBOARD_BATCHES = 50  # batches in the /ws snapshot
-BURST_BYTES = 1 << 16  # event frames written together, at most (and at least one)
 
 HANDSHAKE_RESPONSES = {
     101: {"description": "switching to websocket; docs/websocket.md lists the messages"},
@@ -234,23 +233,26 @@ async def batch_socket(request: web.Request) -> web.WebSocketResponse:
             else:
                 version = after
                 await feed.wait_past(version - 1)
+            live_at: int | None = None  # the version of the first event after live_from
             while (finished := feed.finished(version) if version >= last else None) is None:
                 await feed.wait_past(version)
-                # Everything this socket is behind on goes in one write; lag is still per event.
-                frames, resync = bytearray(), None
-                for message in feed.messages[version + 1 :]:
-                    frames += message.frame
-                    version += 1
-                    lag = store.head.position - message.position
-                    if message.position > live_from and lag > settings.max_backlog:
-                        reason = f"{lag} events behind; reconnect with ?after={version}"
-                        resync = Closing(RESYNC, reason)
-                    if resync or message.finished or len(frames) >= BURST_BYTES:
-                        break
+                # Everything this socket is behind on goes in one write, shared with the
+                # sockets at the same version.
+                frames, upto = feed.burst(version)
+                if live_at is None:
+                    live_at = feed.first_past(live_from)
+                # The burst's first live event lags the most: too far behind, resync there.
+                if live_at is not None and (lagging := max(version + 1, live_at)) <= upto:
+                    lag = store.head.position - feed.messages[lagging].position
+                    if lag > settings.max_backlog:
+                        frames = b"".join(m.frame for m in feed.messages[version + 1 : lagging + 1])
+                        if not await _write(request, ws, frames, seconds):
+                            return _not_reading(seconds)
+                        reason = f"{lag} events behind; reconnect with ?after={lagging}"
+                        return Closing(RESYNC, reason)
                 if not await _write(request, ws, frames, seconds):
                     return _not_reading(seconds)
-                if resync:
-                    return resync
+                version = upto
         if not await _send(ws, finished, seconds):
             return _not_reading(seconds)
         return Closing(FINISHED, f"batch {feed.messages[version].status}")

@@ -12,6 +12,7 @@ import pytest
 from service.domain import events as ev
 from service.store.event_store import EventStore
 from service.store.records import NewEvent, StoredEvent
+from service.web import feeds as feeds_module
 from service.web.feeds import Feeds, Message
 from tests.integration.conftest import new_batch, requested
 
@@ -72,6 +73,49 @@ async def test_the_finished_message_comes_with_the_event_that_settles_the_batch(
     assert orjson.loads(last)["type"] == "finished"
     assert orjson.loads(last)["progress"]["processing_status"] == "completed"
     assert feed.finished(-1) is None
+
+
+async def test_sockets_at_one_version_share_a_burst_until_the_next_message(
+    store: EventStore,
+) -> None:
+    stored = await store.append("batch-b", -1, new_batch("b") + requested("b", 2))
+    async with Feeds().follow(store, "batch-b") as feed:
+        await feed.wait_past(1)
+        frames, upto = feed.burst(0)
+        shared = feed.burst(0)
+        first_past = [feed.first_past(e.global_position) for e in stored]
+        stored += await store.append("batch-b", 2, requested("b", 1))
+        await feed.wait_past(2)
+        longer = feed.burst(0)
+
+    assert shared[0] is frames  # built once
+    assert (frames, upto) == (feed.messages[1].frame + feed.messages[2].frame, 2)
+    assert longer == (frames + feed.messages[3].frame, 3)
+    assert first_past == [1, 2, None]  # nothing after the last event, until it comes
+
+
+async def test_a_burst_holds_one_message_at_least_and_burst_bytes_at_most(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.append("batch-b", -1, new_batch("b") + requested("b", 3))
+    frame_size = len((await _messages(store))[1].frame)
+    monkeypatch.setattr(feeds_module, "BURST_BYTES", frame_size + 1)
+    async with Feeds().follow(store, "batch-b") as feed:
+        await feed.wait_past(2)
+        bursts = [feed.burst(0)[1], feed.burst(2)[1]]
+    monkeypatch.setattr(feeds_module, "BURST_BYTES", 1)
+    async with Feeds().follow(store, "batch-b") as feed:
+        await feed.wait_past(2)
+        one = feed.burst(0)
+
+    assert bursts == [2, 3]  # past BURST_BYTES with the second message; the last one alone
+    assert one == (feed.messages[1].frame, 1)
+
+
+async def _messages(store: EventStore) -> list[Message]:
+    async with Feeds().follow(store, "batch-b") as feed:
+        await feed.wait_past(0)
+        return list(feed.messages)
 
 
 @pytest.fixture
