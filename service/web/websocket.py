@@ -242,16 +242,18 @@ async def batch_socket(request: web.Request) -> web.WebSocketResponse:
                 if live_at is None:
                     live_at = feed.first_past(live_from)
                 # The burst's first live event lags the most: too far behind, resync there.
+                resync = None
                 if live_at is not None and (lagging := max(version + 1, live_at)) <= upto:
                     lag = store.head.position - feed.messages[lagging].position
                     if lag > settings.max_backlog:
                         frames = b"".join(m.frame for m in feed.messages[version + 1 : lagging + 1])
-                        if not await _write(request, ws, frames, seconds):
-                            return _not_reading(seconds)
+                        upto = lagging
                         reason = f"{lag} events behind; reconnect with ?after={lagging}"
-                        return Closing(RESYNC, reason)
+                        resync = Closing(RESYNC, reason)
                 if not await _write(request, ws, frames, seconds):
                     return _not_reading(seconds)
+                if resync:
+                    return resync
                 version = upto
         if not await _send(ws, finished, seconds):
             return _not_reading(seconds)
