@@ -98,24 +98,15 @@ async def test_a_burst_holds_one_message_at_least_and_burst_bytes_at_most(
     store: EventStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await store.append("batch-b", -1, new_batch("b") + requested("b", 3))
-    frame_size = len((await _messages(store))[1].frame)
-    monkeypatch.setattr(feeds_module, "BURST_BYTES", frame_size + 1)
     async with Feeds().follow(store, "batch-b") as feed:
         await feed.wait_past(2)
+        monkeypatch.setattr(feeds_module, "BURST_BYTES", len(feed.messages[1].frame) + 1)
         bursts = [feed.burst(0)[1], feed.burst(2)[1]]
-    monkeypatch.setattr(feeds_module, "BURST_BYTES", 1)
-    async with Feeds().follow(store, "batch-b") as feed:
-        await feed.wait_past(2)
-        one = feed.burst(0)
+        monkeypatch.setattr(feeds_module, "BURST_BYTES", 1)
+        one = feed.burst(1)
 
     assert bursts == [2, 3]  # past BURST_BYTES with the second message; the last one alone
-    assert one == (feed.messages[1].frame, 1)
-
-
-async def _messages(store: EventStore) -> list[Message]:
-    async with Feeds().follow(store, "batch-b") as feed:
-        await feed.wait_past(0)
-        return list(feed.messages)
+    assert one == (feed.messages[2].frame, 2)
 
 
 @pytest.fixture
