@@ -18,7 +18,7 @@ from service.settings import Settings
 from service.store.event_store import EventStore
 from service.store.lock import exclusive
 from service.web import batches as batch_routes
-from service.web import docs, events, health, websocket
+from service.web import docs, events, health, presenters, websocket
 from service.web.errors import error_middleware, webargs_error
 from service.web.feeds import Feeds
 from service.web.keys import (
@@ -65,7 +65,10 @@ async def processor_ctx(app: web.Application) -> AsyncIterator[None]:
     store, cache = app[STORE], app[STATUS_CACHE]
     # A new status needs a new /status body: build it now rather than on a poller's time.
     processor = Processor(
-        store, app[CLIENT], app[SETTINGS].directory, lambda batch: cache.warm(store, batch)
+        store,
+        app[CLIENT],
+        app[SETTINGS].directory,
+        lambda state: cache.warm(store, state.batch_id, presenters.batch_record(state)),
     )
     app[PROCESSOR] = processor
     await processor.start()

@@ -70,9 +70,9 @@ class Processor:
         store: EventStore,
         client: DirectoryClient,
         settings: DirectorySettings,
-        on_status: Callable[[str], object] | None = None,
+        on_status: Callable[[b.BatchState], object] | None = None,
     ) -> None:
-        """`on_status(batch_id)` is called when a batch being worked on changes status."""
+        """`on_status(state)` is called when a batch being worked on changes status."""
         self._store, self._client, self._settings = store, client, settings
         self._upstream = UpstreamBatches(client, settings)
         self._on_status = on_status

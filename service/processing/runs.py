@@ -66,7 +66,7 @@ class BatchRun:
     gates: dict[str, Gate] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None  # activation or rollback under way
     outbox: Outbox | None = None  # the facts its workers emit, appended together
-    on_status: Callable[[str], object] | None = None  # told the batch id when status changes
+    on_status: Callable[[b.BatchState], object] | None = None  # told each change of status
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     _early: dict[int, StoredEvent] = field(default_factory=dict)
 
@@ -90,7 +90,7 @@ class BatchRun:
             event = self._early.pop(self.state.version + 1)
             b.apply(self.state, event.decode(), event.recorded_at)
         if self.on_status is not None and self.state.status != status:
-            self.on_status(self.batch_id)
+            self.on_status(self.state)
 
     @property
     def idle(self) -> bool:

@@ -44,9 +44,11 @@ class StatusCache:
         self._building: dict[tuple[str, str], asyncio.Future[bytes]] = {}
         self._warming: set[asyncio.Task[bytes | None]] = set()
 
-    def warm(self, store: EventStore, batch_id: str) -> asyncio.Task[bytes | None]:
+    def warm(
+        self, store: EventStore, batch_id: str, batch: dict[str, Any] | None = None
+    ) -> asyncio.Task[bytes | None]:
         """Bring the batch's body up to date in the background (its status just changed)."""
-        task = asyncio.ensure_future(self.body(store, batch_id))
+        task = asyncio.ensure_future(self.body(store, batch_id, batch))
         self._warming.add(task)
         task.add_done_callback(self._warmed)
         return task
@@ -63,9 +65,16 @@ class StatusCache:
         if not task.cancelled() and task.exception() is not None:
             log.warning("warming a /status body failed", exc_info=task.exception())
 
-    async def body(self, store: EventStore, batch_id: str) -> bytes | None:
-        """The batch's /status body as JSON bytes, None when there is no such batch."""
-        batch = await queries.get_batch(store, batch_id)
+    async def body(
+        self, store: EventStore, batch_id: str, batch: dict[str, Any] | None = None
+    ) -> bytes | None:
+        """The batch's /status body as JSON bytes, None when there is no such batch.
+
+        `batch` is its read-model row when the caller has it already (a batch being worked
+        on is folded in memory), so the body's freshness is checked without a read.
+        """
+        if batch is None:
+            batch = await queries.get_batch(store, batch_id)
         if batch is None:
             return None
         now = time.monotonic()

@@ -69,6 +69,30 @@ async def test_readme_sample_is_created_and_activated(
     }
 
 
+async def test_status_of_a_batch_being_worked_on_is_checked_against_its_fold_not_read(
+    service: Service, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory.standin.set_delay(0.5)
+    reads: list[str] = []
+    read = queries.get_batch
+
+    async def counted(store: EventStore, batch_id: str) -> dict[str, Any] | None:
+        reads.append(batch_id)
+        return await read(store, batch_id)
+
+    monkeypatch.setattr(queries, "get_batch", counted)
+    batch_id = (await service.upload(SAMPLE_CSV))["batch_id"]
+    reads.clear()
+    status, running = await service.get(f"/batch/{batch_id}/status")
+    reads_while_running = list(reads)
+    final = await service.wait_finished(batch_id)
+
+    assert status == 200 and running["processing_status"] in ("pending", "processing")
+    assert reads_while_running == []
+    assert batch_id in reads  # once the batch is finished, its row is read again
+    assert final["processing_status"] == "completed"
+
+
 async def test_45_rows_use_three_upstream_batches(
     service: Service, directory: RunningDirectory
 ) -> None:
@@ -278,9 +302,10 @@ async def test_each_change_of_status_warms_the_status_body(
 ) -> None:
     warmed: list[tuple[str, str]] = []
 
-    def warm(cache: StatusCache, store: EventStore, batch_id: str) -> None:  # records only
-        state = service.app[PROCESSOR].live_state(batch_id)
-        warmed.append((batch_id, state.status if state else "gone"))
+    def warm(
+        cache: StatusCache, store: EventStore, batch_id: str, batch: dict[str, Any] | None = None
+    ) -> None:  # records only
+        warmed.append((batch_id, batch["status"] if batch else "unknown"))
 
     monkeypatch.setattr(StatusCache, "warm", warm)
     batch_id = (await service.upload(SAMPLE_CSV))["batch_id"]

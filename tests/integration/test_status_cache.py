@@ -128,3 +128,20 @@ async def test_a_warmed_body_is_ready_for_the_first_poller(
 
     assert await cache.body(store, "b") == warmed is not None
     assert builds == ["b"]
+
+
+async def test_a_caller_that_has_the_batch_row_saves_the_read(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.append("batch-b", -1, new_batch("b", rows=3) + requested("b"))
+    batch = await queries.get_batch(store, "b")
+    assert batch is not None
+
+    async def no_read(store: EventStore, batch_id: str) -> None:
+        raise AssertionError("the batches table was read")
+
+    monkeypatch.setattr(queries, "get_batch", no_read)
+    body = await StatusCache(max_age=60.0).body(store, "b", batch)
+
+    assert body is not None
+    assert json.loads(body)["version"] == batch["stream_version"] == 1
