@@ -79,25 +79,45 @@ class ScriptedDirectory:
         return Answer(Outcome.NOT_FOUND, 404, None, "HTTP 404")
 
 
-async def test_a_create_waits_for_the_check_of_its_upstream_batch_after_a_warm_up(
-    store: EventStore,
-) -> None:
-    directory = ScriptedDirectory()
-    settings = DirectorySettings(
-        concurrency=2, creates_per_minute=0, settle_seconds=0.0, backoff_base=0.05
-    )
-    processor = Processor(store, directory, settings)  # type: ignore[arg-type]
+async def started(store: EventStore, directory: ScriptedDirectory, **settings: Any) -> Processor:
+    """A processor on `directory`, pacing off, started."""
+    config = DirectorySettings(creates_per_minute=0, **settings)
+    processor = Processor(store, directory, config)  # type: ignore[arg-type]
     await processor.start()
-    rows = (ev.Row(1, "A", "1 Main St", None, 2), ev.Row(2, "B", "2 Main St", None, 3))
-    created = b.plan(BATCH, "gap.csv", rows, 20, "sha")
+    return processor
+
+
+async def submit(store: EventStore, processor: Processor, rows: tuple[ev.Row, ...]) -> None:
+    """Append BATCH with `rows` and hand it to the processor, as an upload does."""
+    created = b.plan(BATCH, "batch.csv", rows, 20, "sha")
     stored = await store.append(b.stream_id(BATCH), -1, [NewEvent(created)])
     processor.submit(stored[0])
+
+
+async def run_to_end(processor: Processor) -> None:
+    """Wait for BATCH to finish, then stop the processor."""
     try:
         await asyncio.wait_for(processor.wait_finished(BATCH), 10)
     finally:
         await processor.stop(grace=1.0)
+
+
+async def fold_of(store: EventStore) -> b.BatchState:
     history = await store.read_stream(b.stream_id(BATCH))
-    state = b.fold((e.decode(), e.recorded_at) for e in history)
+    return b.fold((e.decode(), e.recorded_at) for e in history)
+
+
+async def test_a_create_waits_for_the_check_of_its_upstream_batch_after_a_warm_up(
+    store: EventStore,
+) -> None:
+    directory = ScriptedDirectory()
+    processor = await started(
+        store, directory, concurrency=2, settle_seconds=0.0, backoff_base=0.05
+    )
+    rows = (ev.Row(1, "A", "1 Main St", None, 2), ev.Row(2, "B", "2 Main St", None, 3))
+    await submit(store, processor, rows)
+    await run_to_end(processor)
+    state = await fold_of(store)
 
     assert directory.creates_during_read == []
     assert sorted(r["name"] for r in directory.records) == ["A", "B"]
@@ -128,18 +148,10 @@ async def test_workers_waiting_for_a_warm_up_share_its_outcome_instead_of_repeat
     store: EventStore,
 ) -> None:
     directory = SleepyDirectory()
-    settings = DirectorySettings(concurrency=5, creates_per_minute=0)
-    processor = Processor(store, directory, settings)  # type: ignore[arg-type]
-    await processor.start()
+    processor = await started(store, directory, concurrency=5)
     rows = tuple(ev.Row(n, f"H{n}", f"{n} Main St", None, n + 1) for n in range(1, 6))
-    stored = await store.append(
-        b.stream_id(BATCH), -1, [NewEvent(b.plan(BATCH, "sleepy.csv", rows, 20, "sha"))]
-    )
-    processor.submit(stored[0])
-    try:
-        await asyncio.wait_for(processor.wait_finished(BATCH), 10)
-    finally:
-        await processor.stop(grace=1.0)
+    await submit(store, processor, rows)
+    await run_to_end(processor)
 
     assert directory.warm_ups == 1  # five workers queued behind it; one 90 s wait, not five
     assert sorted(r["name"] for r in directory.records) == ["H1", "H2", "H3", "H4", "H5"]
@@ -173,30 +185,14 @@ class HeldDirectory(ScriptedDirectory):
         return Answer(Outcome.OK, 200, listing, "ok")
 
 
-async def started(store: EventStore, directory: HeldDirectory) -> Processor:
-    settings = DirectorySettings(concurrency=1, creates_per_minute=0, settle_seconds=0.0)
-    processor = Processor(store, directory, settings)  # type: ignore[arg-type]
-    await processor.start()
-    return processor
-
-
 async def sent_one_row(store: EventStore, directory: HeldDirectory) -> Processor:
     """A processor whose one row's create is with the directory, unanswered."""
-    processor = await started(store, directory)
-    rows = (ev.Row(1, "H1", "1 Main St", None, 2),)
-    stored = await store.append(
-        b.stream_id(BATCH), -1, [NewEvent(b.plan(BATCH, "held.csv", rows, 20, "sha"))]
-    )
-    processor.submit(stored[0])
+    processor = await started(store, directory, concurrency=1, settle_seconds=0.0)
+    await submit(store, processor, (ev.Row(1, "H1", "1 Main St", None, 2),))
     async with asyncio.timeout(5):
         while not directory.sent:
             await asyncio.sleep(0.01)
     return processor
-
-
-async def fold_of(store: EventStore) -> b.BatchState:
-    history = await store.read_stream(b.stream_id(BATCH))
-    return b.fold((e.decode(), e.recorded_at) for e in history)
 
 
 async def test_stop_records_a_create_answered_within_its_grace(store: EventStore) -> None:
@@ -227,11 +223,9 @@ async def test_a_create_cut_off_by_stop_is_found_by_the_next_start_not_sent_agai
     assert (row.status, row.attempts, row.hospital_id) == (b.ROW_PENDING, 1, None)
 
     directory.answer.set()
-    processor = await started(store, directory)  # a restart: the intent gets the row checked
-    try:
-        await asyncio.wait_for(processor.wait_finished(BATCH), 10)
-    finally:
-        await processor.stop(grace=1.0)
+    # A restart: the row's intent gets it checked.
+    processor = await started(store, directory, concurrency=1, settle_seconds=0.0)
+    await run_to_end(processor)
 
     state = await fold_of(store)
     assert directory.sent == ["H1"]  # found in the directory, never sent again
