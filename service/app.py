@@ -33,6 +33,8 @@ from service.web.keys import (
 )
 from service.web.status_cache import StatusCache
 
+YOUNG_COLLECTION_THRESHOLD = 20_000  # allocations between young collections (700 by default)
+
 DESCRIPTION = (
     "Bulk-load hospitals from a CSV into the Hospital Directory API. Every fact is an event "
     "in an append-only log; progress, status and the audit trail are read from it. "
@@ -77,12 +79,19 @@ async def processor_ctx(app: web.Application) -> AsyncIterator[None]:
     await cache.close()
 
 
-async def _freeze_heap(app: web.Application) -> None:
+async def _tune_collector(app: web.Application) -> None:
     """Leave what start-up built (modules, routes, schemas, recovered batches) out of every
     later garbage collection: with it, each full collection during a 5,000-row batch
-    stopped the loop for 23-33 ms; without it, for about 6 ms."""
+    stopped the loop for 23-33 ms; without it, for about 6 ms.
+
+    Then collect the young generation less often. A row's tasks, futures and answers die
+    by reference count within milliseconds; collecting every 700 allocations kept
+    scanning them while alive and cost the loop a tenth of its time.
+    """
     gc.collect()  # what start-up left in cycles goes first, instead of being kept for good
     gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, older, oldest)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -94,7 +103,7 @@ def create_app(settings: Settings) -> web.Application:
     app[STATUS_CACHE] = StatusCache(settings.api.status_cache_seconds)
     app[FEEDS] = Feeds()
     app.cleanup_ctx.extend([store_ctx, directory_ctx, processor_ctx])
-    app.on_startup.append(_freeze_heap)
+    app.on_startup.append(_tune_collector)
     app.on_shutdown.append(websocket.close_all)
     app.add_routes(batch_routes.routes)
     app.add_routes(events.routes)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from service.app import YOUNG_COLLECTION_THRESHOLD
 from service.domain import batch as b
 from service.local_directory import RunningDirectory
 from service.processing import processor
@@ -288,13 +289,15 @@ async def test_a_finished_batch_goes_from_memory_without_a_garbage_collection(
         gc.enable()
 
 
-async def test_the_heap_built_at_start_up_is_left_out_of_garbage_collections(
+async def test_start_up_leaves_its_heap_out_of_collections_and_collects_young_ones_less(
     service_factory: ServiceFactory,
 ) -> None:
-    gc.unfreeze()  # an earlier test's service froze the heap too
+    gc.unfreeze()  # an earlier test's service froze the heap and raised the threshold too
+    gc.set_threshold(700, 10, 10)
     before = gc.get_freeze_count()
     async with service_factory():
         assert before == 0 and gc.get_freeze_count() > 1000
+        assert gc.get_threshold() == (YOUNG_COLLECTION_THRESHOLD, 10, 10)
 
 
 async def test_each_change_of_status_warms_the_status_body(
