@@ -348,12 +348,12 @@ async def test_a_clean_stop_sends_nothing_new_and_leaves_no_row_to_check(
 
 
 @pytest.fixture
-def three_rows_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every worker gets 3 rows ready ahead, whatever the creates' answer time."""
+def most_rows_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every worker gets MOST_AHEAD rows ready ahead, whatever the creates' answer time."""
     monkeypatch.setattr(processor, "AHEAD_WAIT", 10.0)
 
 
-@pytest.mark.usefixtures("three_rows_ahead")
+@pytest.mark.usefixtures("most_rows_ahead")
 async def test_a_clean_stop_withdraws_every_row_got_ready_ahead_of_a_quick_directory(
     service_factory: ServiceFactory, directory: RunningDirectory
 ) -> None:
@@ -370,7 +370,7 @@ async def test_a_clean_stop_withdraws_every_row_got_ready_ahead_of_a_quick_direc
     assert len(withdrawn) > 20  # more than one row ahead per worker
 
 
-@pytest.mark.usefixtures("three_rows_ahead")
+@pytest.mark.usefixtures("most_rows_ahead")
 # Pacing off, a worker gets rows ready ahead; pacing on (with room enough not to wait for a
 # window), one row ahead: either way a row of an upstream batch being checked waits aside.
 @pytest.mark.parametrize("pacing", [{}, {"creates_per_minute": 6000}], ids=["ahead", "paced"])
