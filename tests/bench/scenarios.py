@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import statistics
 import time
@@ -465,6 +466,16 @@ async def overhead_bound(workdir: Path, report: Report) -> None:
     )
     for name, (label, unit) in CPU_FIGURES.items():
         add(OVERHEAD, f"overhead_bound.cpu.{name}", label, statistics.median(cpu[name]), unit)
+    # The directory runs on the same CPUs: a row costs the CPU of both processes.
+    cpus = len(os.sched_getaffinity(0))
+    row_cpu = statistics.median(cpu["service"]) + statistics.median(cpu["directory_service"])
+    add(
+        OVERHEAD,
+        "overhead_bound.cpu_ceiling",
+        f"the ratio that CPU a row allows, service and directory keeping {cpus} CPUs busy",
+        cpus / (row_cpu * 1e-6) / bare,
+        "",
+    )
     add(
         OVERHEAD,
         "overhead_bound.bare_uvloop_rows_per_second",
