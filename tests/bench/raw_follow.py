@@ -2,8 +2,10 @@
 
 aiohttp's client parses and JSON-decodes each message as it arrives: 500 followers in one
 process then spend seconds of CPU on half a million messages, and the lag measured is the
-client's own. These only walk frame headers as bytes arrive (to answer pings and see the
-close) and note when each frame's last byte reached the client; the JSON waits for the end.
+client's own. These only note when each chunk of bytes arrives. Frame headers are walked
+once a connection has been quiet for a moment (or has waited long enough), to answer pings
+and see the close; a frame was received when the chunk holding its last byte arrived. The
+JSON waits for the end.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ TEXT, CLOSE, PING, PONG = 0x1, 0x8, 0x9, 0xA
 FINISHED = 1000  # the service's close code after the `finished` message
 RESYNC = 4000  # the service's close code for "reconnect with ?after="
 NO_STATUS = 1005  # RFC 6455, 7.4.1: a close frame without a code
+QUIET = 0.1  # seconds without bytes after which a connection walks what it got
+MOST_UNWALKED = 2.0  # seconds a connection's bytes wait for their walk at most
 
 
 def accept_for(key: bytes) -> str:
@@ -54,27 +58,55 @@ class Connection(asyncio.Protocol):
         self.accept = accept_for(key)
         self.connected = connected  # set on the first 101 answer
         self.upgraded = False
-        self.data = bytearray()  # everything received after the 101 answer
+        self.data = bytearray()  # what was received after the 101 answer, up to the last walk
+        self.unwalked: list[bytes] = []  # chunks received since, joined to `data` by a walk
+        self.size = 0  # bytes received after the 101 answer
         self.next = 0  # where the next frame starts in `data`
+        self.arrivals: list[tuple[int, float]] = []  # (size after it, time) of chunks
         self.texts: list[tuple[float, int, int]] = []  # (receipt, start, end) of each payload
         self.close_code: int | None = None
         self.ended = asyncio.Event()
+        self._last_at = 0.0  # when the last chunk arrived
+        self._walking: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
-        self.feed(data, time.time())
+        self._last_at = at = time.time()
+        self.feed(data, at)
+        if self._walking is None and self.upgraded:
+            loop = asyncio.get_running_loop()
+            self._walking = loop.call_later(QUIET, self._walk_when_quiet, at)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._walking is not None:
+            self._walking.cancel()
+        if self.upgraded:
+            self.walk()
         self.ended.set()
 
     def feed(self, data: bytes, at: float) -> None:
         """Take bytes that reached the client at `at`: the frames they complete arrived then."""
+        if self.upgraded:
+            self.unwalked.append(data)
+            self.size += len(data)
+            self.arrivals.append((self.size, at))
+            return
         self.data += data
-        if self.upgraded or self._upgrade():
-            self._walk(at)
+        if self._upgrade():
+            self.size = len(self.data)
+            self.arrivals.append((self.size, at))
+
+    def _walk_when_quiet(self, first_at: float) -> None:
+        now = time.time()
+        if now - self._last_at < QUIET and now - first_at < MOST_UNWALKED:
+            loop = asyncio.get_running_loop()
+            self._walking = loop.call_later(QUIET, self._walk_when_quiet, first_at)
+            return
+        self._walking = None
+        self.walk()
 
     def message(self, index: int) -> tuple[float, Any]:
         """A text message, decoded, with the time its last byte arrived."""
@@ -96,9 +128,12 @@ class Connection(asyncio.Protocol):
         self.connected.set()
         return True
 
-    def _walk(self, at: float) -> None:
-        """Note each frame completed since the last call; answer pings, and the close."""
-        data, start = self.data, self.next
+    def walk(self) -> None:
+        """Note each frame completed since the last walk, with the arrival of the chunk
+        holding its last byte; answer pings, and the close."""
+        self.data += b"".join(self.unwalked)
+        self.unwalked.clear()
+        data, start, arrivals, chunk = self.data, self.next, self.arrivals, 0
         while self.close_code is None and len(data) - start >= 2:
             first, size = data[start], data[start + 1]
             if first & 0xF0 != FIN or size & MASKED:
@@ -113,9 +148,11 @@ class Connection(asyncio.Protocol):
             end = start + header + size
             if len(data) < end:
                 break
+            while arrivals[chunk][0] < end:
+                chunk += 1
             opcode = first & 0x0F
             if opcode == TEXT:
-                self.texts.append((at, start + header, end))
+                self.texts.append((arrivals[chunk][1], start + header, end))
             elif opcode == PING:
                 self.transport.write(client_frame(PONG, data[start + header : end]))
             elif opcode == CLOSE:
@@ -125,6 +162,9 @@ class Connection(asyncio.Protocol):
                 self.transport.close()
             start = end
         self.next = start
+        while chunk < len(arrivals) and arrivals[chunk][0] <= start:  # wholly walked
+            chunk += 1
+        del arrivals[:chunk]
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from tests.bench import raw_follow
 from tests.bench.raw_follow import Connection, Follower, accept_for
 
 
@@ -118,6 +119,7 @@ def test_frames_in_the_answer_and_split_anywhere_are_noted_when_their_last_byte_
     connection.feed(stream[1:10], at=2.0)
     connection.feed(stream[10 : len(first) + 3], at=3.0)  # completes the first
     connection.feed(stream[len(first) + 3 :], at=4.0)
+    connection.walk()  # once, after every chunk: each frame still gets its own chunk's time
 
     assert [connection.message(i) for i in range(2)] == [
         (3.0, {"type": "event", "version": 0}),
@@ -135,6 +137,7 @@ def test_lengths_of_7_16_and_64_bits(size: int) -> None:
 
     for offset in range(0, len(frame), 3):  # the extended length arrives in pieces too
         connection.feed(frame[offset : offset + 3], at=float(offset))
+        connection.walk()
 
     assert connection.message(0)[1]["pad"] == padding
     assert connection.message(1)[1] == {"type": "finished", "version": 5}
@@ -146,6 +149,7 @@ def test_a_ping_is_answered_with_a_masked_pong_of_its_payload() -> None:
     connection = upgraded(transport)
 
     connection.feed(server_frame(0x9, b"are you there") + text({"type": "event"}), at=1.0)
+    connection.walk()
 
     assert unmask(bytes(transport.written)) == (0xA, b"are you there")
     assert len(connection.texts) == 1
@@ -156,7 +160,9 @@ def test_a_close_frame_gives_its_code_and_is_answered() -> None:
     connection = upgraded(transport)
 
     connection.feed(server_frame(0x8, (4000).to_bytes(2, "big") + b"fell behind"), at=1.0)
+    connection.walk()
     connection.feed(text({"type": "event"}), at=2.0)  # nothing counts after the close
+    connection.walk()
 
     assert connection.close_code == 4000
     assert unmask(bytes(transport.written)) == (0x8, (4000).to_bytes(2, "big"))
@@ -168,6 +174,7 @@ def test_a_close_frame_without_a_code() -> None:
     connection = upgraded(Transport())
 
     connection.feed(server_frame(0x8, b""), at=1.0)
+    connection.walk()
 
     assert connection.close_code == 1005
 
@@ -180,8 +187,9 @@ def test_a_close_frame_without_a_code() -> None:
 def test_frames_the_service_never_sends_are_refused(header: bytes) -> None:
     connection = upgraded(Transport())
 
+    connection.feed(header + b"{}", at=1.0)
     with pytest.raises(ValueError, match="unexpected frame"):
-        connection.feed(header + b"{}", at=1.0)
+        connection.walk()
 
 
 def test_delivered_runs_through_every_connection_in_order() -> None:
@@ -191,6 +199,8 @@ def test_delivered_runs_through_every_connection_in_order() -> None:
     resynced.feed(server_frame(0x8, (4000).to_bytes(2, "big")), at=2.0)
     last.feed(text({"type": "event", "version": 2}), at=3.0)
     last.feed(text({"type": "finished", "version": 2}), at=4.0)
+    resynced.walk()
+    last.walk()
     follower.connections += [resynced, last]
 
     delivered = follower.delivered()
@@ -205,9 +215,54 @@ def test_not_in_order_without_finished_or_with_a_repeat() -> None:
     follower = Follower()
     connection = upgraded(Transport())
     connection.feed(text({"type": "event", "version": 0}) * 2, at=1.0)
+    connection.walk()
     follower.connections.append(connection)
 
     assert not follower.delivered().in_order(0)  # no `finished`
     connection.feed(text({"type": "finished", "version": 0}), at=2.0)
+    connection.walk()
     assert follower.delivered().finished
     assert not follower.delivered().in_order(0)  # version 0 twice
+
+
+@pytest.fixture
+def quick_walks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(raw_follow, "QUIET", 0.05)
+    monkeypatch.setattr(raw_follow, "MOST_UNWALKED", 0.3)
+
+
+@pytest.mark.usefixtures("quick_walks")
+async def test_bytes_are_walked_once_the_connection_is_quiet_with_their_arrival_time() -> None:
+    transport = Transport()
+    connection = upgraded(transport)
+
+    connection.data_received(server_frame(0x9, b"ping") + text({"type": "event", "version": 0}))
+    arrived = connection.arrivals[-1][1]
+    walked_at_once = list(connection.texts)
+    await asyncio.sleep(0.1)
+
+    assert walked_at_once == []
+    assert connection.message(0) == (arrived, {"type": "event", "version": 0})
+    assert unmask(bytes(transport.written)) == (0xA, b"ping")
+
+
+@pytest.mark.usefixtures("quick_walks")
+async def test_bytes_that_keep_coming_are_walked_after_most_unwalked() -> None:
+    connection = upgraded(Transport())
+    started = asyncio.get_running_loop().time()
+
+    while not connection.texts:  # a chunk every 10 ms: never quiet for 50 ms
+        connection.data_received(text({"type": "event"}))
+        await asyncio.sleep(0.01)
+
+    assert 0.25 <= asyncio.get_running_loop().time() - started < 1.0
+
+
+async def test_what_is_left_is_walked_when_the_connection_is_lost() -> None:
+    connection = upgraded(Transport())
+
+    connection.data_received(text({"type": "finished", "version": 3}))
+    connection.connection_lost(None)
+
+    assert connection.message(0)[1] == {"type": "finished", "version": 3}
+    assert connection.ended.is_set()
