@@ -26,7 +26,7 @@ from service.store.records import ConcurrencyError, NewEvent, StoredEvent
 
 log = logging.getLogger(__name__)
 
-MOST_AHEAD = 3  # rows a worker gets ready ahead at most (AHEAD_WAIT may cap it lower)
+MOST_AHEAD = 3  # rows a worker gets ready ahead at most: 12 was faster, and slowed the reads
 AHEAD_WAIT = 0.05  # seconds a later batch may wait behind the rows got ready ahead
 
 
