@@ -235,6 +235,11 @@ class Command(Process):
         return self.log.read_text()
 
 
+def cpus() -> int:
+    """The CPUs the bench and the processes it starts may run on."""
+    return len(os.sched_getaffinity(0))
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The nearest-rank q-th percentile (q in 0..100)."""
     if not values:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
 import statistics
 import time
@@ -467,7 +466,7 @@ async def overhead_bound(workdir: Path, report: Report) -> None:
     for name, (label, unit) in CPU_FIGURES.items():
         add(OVERHEAD, f"overhead_bound.cpu.{name}", label, statistics.median(cpu[name]), unit)
     # The directory runs on the same CPUs: a row costs the CPU of both processes.
-    cpus = len(os.sched_getaffinity(0))
+    cpus = harness.cpus()
     row_cpu = statistics.median(cpu["service"]) + statistics.median(cpu["directory_service"])
     add(
         OVERHEAD,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.bench import results, scenarios
-from tests.bench.harness import Command
+from tests.bench.harness import Command, cpus
 from tests.bench.results import Report
 
 STRICT = os.environ.get("BENCH_STRICT") == "1"
@@ -96,10 +96,7 @@ def _print_report(bench: Bench) -> None:
     loads = " ".join(f"{x:.2f}" for x in bench.load_at_start)
     end = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"\n\n{results.table(bench.report.figures)}\n")
-    print(
-        f"total {minutes:.1f} min on {os.cpu_count()} CPUs; "
-        f"load average at start {loads}, at end {end}"
-    )
+    print(f"total {minutes:.1f} min on {cpus()} CPUs; load average at start {loads}, at end {end}")
     target = os.environ.get("BENCH_JSON")
     if target:
         results.write_json(bench.report.figures, Path(target))
