@@ -110,6 +110,7 @@ class BatchState:
     rolled_back: bool = False
     resumes: int = 0
     requested_any: bool = False
+    first_created: int | None = None  # the row created first: activation looks there first
     derived_status: str = ""  # kept by apply, so the fold derives it once per event
     tally: Counter[str] = field(default_factory=Counter)  # rows by status
 
@@ -215,6 +216,8 @@ def apply(state: BatchState, event: ev.Event, recorded_at: str | None = None) ->
             state.set_status(row, ROW_CREATED)
             row.hospital_id, row.reconciled = hid, reconciled
             row.may_exist, row.error, row.reason = False, None, None
+            if state.first_created is None:
+                state.first_created = n
         case ev.HospitalFailed(row=n, reason=reason, message=message):
             row = state.rows[n]
             state.set_status(row, ROW_FAILED)

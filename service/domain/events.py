@@ -34,6 +34,11 @@ class Row:
     phone: str | None
     line: int
 
+    @property
+    def values(self) -> tuple[str, str, str | None]:
+        """What the directory stores of the row, as its records give it back."""
+        return self.name, self.address, self.phone
+
 
 @dataclass(frozen=True)
 class UpstreamBatch:

@@ -56,6 +56,11 @@ def _in_its_words(answer: Answer) -> Answer:
     return answer
 
 
+def record_values(record: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """A hospital record's name, address and phone, to compare with a row's `values`."""
+    return record.get("name"), record.get("address"), record.get("phone")
+
+
 def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
 

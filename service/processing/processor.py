@@ -14,7 +14,7 @@ from typing import Any
 
 from service.domain import batch as b
 from service.domain import events as ev
-from service.processing.directory_client import Answer, DirectoryClient, Outcome
+from service.processing.directory_client import Answer, DirectoryClient, Outcome, record_values
 from service.processing.outbox import Outbox
 from service.processing.pacing import Lookahead, WindowPacer, backoff
 from service.processing.runs import BatchRun, Gate
@@ -603,15 +603,19 @@ class Processor:
         self, run: BatchRun, gate: Gate, suspects: list[int], records: list[dict[str, Any]]
     ) -> None:
         rows = run.state.rows
-        claimed = {r.hospital_id for r in run.state.rows_of(gate.creation_batch_id)}
+        # A record is a row's only with the row's id and values: after a directory restart,
+        # ids are given again to other hospitals.
+        claimed = {
+            (r.hospital_id, *r.row.values) for r in run.state.rows_of(gate.creation_batch_id)
+        }
         unclaimed: defaultdict[tuple[Any, ...], list[int]] = defaultdict(list)
         for record in sorted(records, key=lambda r: r.get("id", 0)):
-            if record.get("id") not in claimed:
-                key = (record.get("name"), record.get("address"), record.get("phone"))
-                unclaimed[key].append(record["id"])
+            values = record_values(record)
+            if (record.get("id"), *values) not in claimed:
+                unclaimed[values].append(record["id"])
         for n in suspects:
             row, attempt = rows[n].row, rows[n].attempts
-            found = unclaimed.get((row.name, row.address, row.phone))
+            found = unclaimed.get(row.values)
             if found:
                 created = ev.HospitalCreated(n, found.pop(0), reconciled=True)
                 await self._emit(run, created, n, "outcome", attempt, cause="reconciliation")

@@ -6,11 +6,11 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from service.domain import batch as b
 from service.domain import events as ev
-from service.processing.directory_client import Answer, DirectoryClient, Outcome
+from service.processing.directory_client import Answer, DirectoryClient, Outcome, record_values
 from service.processing.pacing import backoff
 from service.settings import DirectorySettings
 
@@ -59,13 +59,20 @@ class UpstreamBatches:
     async def activate(self, state: b.BatchState) -> ev.BatchActivated | ev.BatchActivationFailed:
         """Activate every upstream batch once; after an unclear answer, look, never repeat.
 
-        The first upstream batch, the oldest, goes alone: a directory restart since its
-        creates wiped it, so such a batch fails before anything of it is active. The
-        others then go as many at a time as there are workers.
+        The upstream batch of the row created first is looked at, then activated alone: a
+        directory restart since that create wiped the row, so the batch fails before
+        anything of it is active. The others then go as many at a time as there are workers.
         """
-        first, rest = state.upstream[:1], state.upstream[1:]
-        results = [await self._activate_one(state, u) for u in first]
-        if all(result.ok for result in results):
+        lead = next(u for u in state.upstream if state.first_created in u.rows)
+        rest = [u for u in state.upstream if u is not lead]
+        members = await self.members(lead.creation_batch_id)
+        if not members.ok:
+            why = f"could not look at upstream batch {lead.creation_batch_id} before activating"
+            return ev.BatchActivationFailed(f"{why} it: {members.message}")
+        if (present := _found(state, lead, members.body)[0]) < len(lead.rows):
+            return ev.BatchActivationFailed(_missing(lead, present, "nothing was activated"))
+        results = [await self._activate_one(state, lead)]
+        if results[0].ok:
             slots = asyncio.Semaphore(self._settings.concurrency)
 
             async def activate(upstream: ev.UpstreamBatch) -> Activation:
@@ -83,38 +90,33 @@ class UpstreamBatches:
         return ev.BatchActivated(sum(result.activated for result in results), ids)
 
     async def _activate_one(self, state: b.BatchState, upstream: ev.UpstreamBatch) -> Activation:
-        batch_id = upstream.creation_batch_id
-        ours = {state.rows[n].hospital_id for n in upstream.rows}
+        batch_id, total = upstream.creation_batch_id, len(upstream.rows)
         answer = None
         for _ in range(self._settings.max_attempts):
             # Activation is not idempotent: it is repeated only while provably not done.
             activate = functools.partial(self._client.activate, batch_id)
             answer = await self.patiently(activate, repeat_ambiguous=False)
             count = answer.body.get("activated_count") if isinstance(answer.body, dict) else None
-            if answer.ok and count == len(ours):
-                return Activation(True, len(ours))
+            if answer.ok and count == total:
+                return Activation(True, total)
             # A 400 (some already active), a timeout, a 5xx or an odd count: the batch tells.
             members = await self.members(batch_id)
             if not members.ok:
                 why = f"could not confirm activation of upstream batch {batch_id}: "
                 return Activation(False, error=why + members.message)
-            present = {m.get("id") for m in members.body}
-            active = {m.get("id") for m in members.body if m.get("active")}
-            if ours <= active:
-                return Activation(True, len(ours))
-            if ours - present:
+            present, active = _found(state, upstream, members.body)
+            if active == total:
+                return Activation(True, total)
+            if present < total:
                 return Activation(
                     False,
-                    error=f"{len(ours - present)} of the {len(ours)} hospitals of upstream batch "
-                    f"{batch_id} are missing from the directory (was it restarted?); "
-                    f"activation answered: {answer.message}",
+                    error=_missing(upstream, present, f"activation answered: {answer.message}"),
                 )
-            if ours & active:
+            if active:
                 return Activation(
                     False,
                     error=f"upstream batch {batch_id} is only partly active "
-                    f"({len(ours & active)} of {len(ours)}) and cannot be activated again: "
-                    f"{answer.message}",
+                    f"({active} of {total}) and cannot be activated again: {answer.message}",
                 )
             # None of ours is active: the activation did not happen, so asking again is safe.
         message = answer.message if answer else "no answer"
@@ -141,3 +143,25 @@ class UpstreamBatches:
                 log.error("rollback of %s failed: %s", state.batch_id, reason)
                 return ev.BatchRollbackFailed(reason, tuple(gone))
         return ev.BatchRolledBack(deleted, tuple(gone))
+
+
+def _found(
+    state: b.BatchState, upstream: ev.UpstreamBatch, records: list[dict[str, Any]]
+) -> tuple[int, int]:
+    """How many rows of `upstream` the directory's records hold, and how many are active.
+
+    A record is a row's only with the row's id and values: after a restart the directory
+    gives the same ids again, to other hospitals.
+    """
+    active = {(r.get("id"), *record_values(r)): bool(r.get("active")) for r in records}
+    rows = [state.rows[n] for n in upstream.rows]
+    held = [active[key] for r in rows if (key := (r.hospital_id, *r.row.values)) in active]
+    return len(held), sum(held)
+
+
+def _missing(upstream: ev.UpstreamBatch, present: int, then: str) -> str:
+    total = len(upstream.rows)
+    return (
+        f"{total - present} of the {total} hospitals of upstream batch "
+        f"{upstream.creation_batch_id} are missing from the directory (was it restarted?); {then}"
+    )

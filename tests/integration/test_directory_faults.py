@@ -98,3 +98,77 @@ async def test_a_lost_first_upstream_batch_stops_activation_before_the_others(
     assert len(standin.all_hospitals()) == 45 and not any(
         h["active"] for h in standin.all_hospitals()
     )
+
+
+async def test_a_restart_inside_an_upstream_batch_activates_none_of_it(
+    service_factory: ServiceFactory, directory: RunningDirectory
+) -> None:
+    standin = directory.standin
+    standin.set_delay(0.3)
+    async with service_factory(concurrency=2) as service:
+        batch = (await service.upload(csv_of(8)))["batch_id"]  # one upstream batch
+        while len(standin.all_hospitals()) < 4:
+            await asyncio.sleep(0.01)
+        standin.restart()  # rows 1-4 are gone, and rows 5-8 get their ids 1-4 again
+        final = await service.wait_finished(batch, within=30)
+
+    ids = [h["hospital_id"] for h in final["hospitals"]]
+    assert sorted(ids[:4]) == sorted(ids[4:])  # what used to pass for a whole batch
+    assert final["processing_status"] == "failed"
+    assert final["batch_activated"] is False
+    assert "4 of the 8 hospitals" in final["activation_error"]
+    assert "nothing was activated" in final["activation_error"]
+    assert standin.request_counts["batch_activate"] == 0
+    assert len(standin.all_hospitals()) == 4
+    assert not any(h["active"] for h in standin.all_hospitals())
+
+
+async def test_a_lost_answer_after_a_restart_is_found_though_an_earlier_row_holds_its_id(
+    service_factory: ServiceFactory, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    standin = directory.standin
+    receive = standin.receive
+
+    def restart_at_the_fourth_create(endpoint: str) -> str | None:
+        fault = receive(endpoint)
+        if endpoint != "create" or not 4 <= standin.request_counts[endpoint] <= 5:
+            return fault
+        if standin.request_counts[endpoint] == 4:
+            standin.restart()  # rows 1-3 are gone; ids start again at 1
+        return "commit_drop"  # rows 4 and 5 are stored, as ids 1 and 2, and not answered
+
+    monkeypatch.setattr(standin, "receive", restart_at_the_fourth_create)
+    async with service_factory(concurrency=1) as service:
+        final = await service.wait_finished((await service.upload(csv_of(8)))["batch_id"])
+
+    ids = [h["hospital_id"] for h in final["hospitals"]]
+    assert ids == [1, 2, 3, 1, 2, 3, 4, 5]
+    assert standin.duplicates() == [] and len(standin.all_hospitals()) == 5
+    assert final["processing_status"] == "failed"
+    assert "3 of the 8 hospitals" in final["activation_error"]
+    assert not any(h["active"] for h in standin.all_hospitals())
+
+
+async def test_activation_looks_first_at_the_upstream_batch_created_first(
+    service_factory: ServiceFactory, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    standin = directory.standin
+    standin.set_delay(0.1)
+    standin.add_fault("create", "500", nth=range(1, 21))  # rows 1-20 wait to be checked
+    receive = standin.receive
+
+    def restart_before_the_first_retry(endpoint: str) -> str | None:
+        if endpoint == "create" and standin.request_counts[endpoint] == 25:
+            standin.restart()  # rows 21-25, created first, are gone
+        return receive(endpoint)
+
+    monkeypatch.setattr(standin, "receive", restart_before_the_first_retry)
+    async with service_factory() as service:
+        final = await service.wait_finished((await service.upload(csv_of(25)))["batch_id"])
+
+    assert sorted(h["id"] for h in standin.all_hospitals()) == list(range(1, 21))  # rows 1-20
+    assert final["processing_status"] == "failed"
+    assert "5 of the 5 hospitals" in final["activation_error"]
+    assert "nothing was activated" in final["activation_error"]
+    assert standin.request_counts["batch_activate"] == 0
+    assert not any(h["active"] for h in standin.all_hospitals())

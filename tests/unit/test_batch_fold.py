@@ -89,6 +89,13 @@ def test_activation_completes_the_batch_and_its_rows() -> None:
     assert not state.unsettled()
 
 
+def test_the_row_created_first_stays_first_through_a_resume() -> None:
+    state = history(3, created(2), failed(1), created(3), ev.BatchResumed((1,)), created(1))
+
+    assert state.first_created == 2
+    assert history(3, failed(1)).first_created is None
+
+
 @pytest.mark.parametrize(
     ("events", "status"),
     [
