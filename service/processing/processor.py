@@ -376,9 +376,12 @@ class Processor:
                 continue
             try:
                 ready = await self._prepare(run, row, gate)
-            except Exception:
+            except Exception:  # its intent is not in the log: held, the row comes back later
                 log.exception("preparing row %s of batch %s failed", row, run.batch_id)
-                ready = None
+                # The same fault (a log that cannot commit) would strike again at once.
+                pause = self._settings.backoff_max
+                asyncio.get_running_loop().call_later(pause, self._requeue, run, [row])
+                continue
             if ready is not None:
                 return ready
             self._release(run, row)

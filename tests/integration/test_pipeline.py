@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import sqlite3
 import time
 import uuid
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
 from service.app import YOUNG_COLLECTION_THRESHOLD
 from service.domain import batch as b
+from service.domain import events as ev
 from service.local_directory import RunningDirectory
 from service.processing import processor
 from service.projections import queries
 from service.projections.rebuild import rebuild
 from service.store.event_store import EventStore
-from service.store.records import EVENT_COLUMNS, from_row
+from service.store.records import EVENT_COLUMNS, NewEvent, StoredEvent, from_row
 from service.web import presenters
 from service.web.keys import PROCESSOR, STORE
 from service.web.status_cache import StatusCache
@@ -435,3 +438,29 @@ async def test_status_as_of_a_version_is_the_fold_of_that_prefix(service: Servic
     assert at_last["hospitals"] == now["hospitals"]
     status, body = await service.get(f"/batch/{batch_id}/status?as_of={last + 5}")
     assert status == 422 and body["detail"][0]["loc"] == ["query", "as_of"]
+
+
+async def test_a_row_whose_intent_cannot_be_stored_comes_back_after_a_pause(
+    service_factory: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refused: list[float] = []
+
+    async with service_factory() as service:  # backoff_max is 0.2 s here
+        store = service.app[STORE]
+        append = store.append
+
+        async def refuse_three_intents(
+            stream_id: str, expected: int | None, events: Sequence[NewEvent]
+        ) -> list[StoredEvent]:
+            if len(refused) < 3 and isinstance(events[0].event, ev.HospitalRequested):
+                refused.append(time.monotonic())
+                raise sqlite3.OperationalError("disk I/O error")
+            return await append(stream_id, expected, events)
+
+        monkeypatch.setattr(store, "append", refuse_three_intents)
+        final = await service.wait_finished((await service.upload(csv_of(1)))["batch_id"])
+
+    assert final["processing_status"] == "completed"
+    assert len(refused) == 3
+    # Not again at once, the same fault striking each time: once each pause.
+    assert all(later - earlier >= 0.15 for earlier, later in itertools.pairwise(refused))
