@@ -132,12 +132,8 @@ class EventStore:
             await conn.execute("PRAGMA query_only=ON")
             self._all_readers.append(conn)
             self._readers.put_nowait(conn)
-        async with (
-            self._reader() as conn,
-            conn.execute("SELECT COALESCE(MAX(global_position), 0) FROM events") as cur,
-        ):
-            row = await cur.fetchone()
-        self.head.advance(row[0] if row else 0)
+        (last,) = await self.select("SELECT COALESCE(MAX(global_position), 0) FROM events", ())
+        self.head.advance(last[0])
         self._writer_task = asyncio.create_task(self._write_loop(), name="event-writer")
 
     def _open_writer(self) -> sqlite3.Connection:
@@ -323,6 +319,9 @@ class EventStore:
 
     @contextlib.asynccontextmanager
     async def _reader(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A reader from the pool. Each query is one call in its thread (execute_fetchall):
+        a caller cancelled mid-query must not leave a half-read cursor behind, whose open
+        read transaction would show the next caller an old snapshot."""
         conn = await self._readers.get()
         try:
             yield conn
@@ -333,8 +332,7 @@ class EventStore:
         """Run a read-only query on a reader connection and return every row."""
         async with self._reader() as conn:
             conn.row_factory = sqlite3.Row
-            async with conn.execute(sql, params) as cur:
-                return list(await cur.fetchall())
+            return list(await conn.execute_fetchall(sql, params))
 
     async def read_stream(
         self, stream_id: str, after_version: int = -1, limit: int | None = None
@@ -368,8 +366,7 @@ class EventStore:
         """Run a read-only query on a reader connection; rows as tuples."""
         async with self._reader() as conn:
             conn.row_factory = None
-            async with conn.execute(sql, params) as cur:
-                return [tuple(r) for r in await cur.fetchall()]
+            return [tuple(r) for r in await conn.execute_fetchall(sql, params)]
 
     async def follow(
         self, stream_id: str | None = None, after_version: int = -1, after_position: int = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +217,45 @@ async def test_close_commits_the_queued_appends_first(store_path: Path) -> None:
     assert sorted(t.result()[0].global_position for t in pending) == [1, 2, 3, 4, 5]
     with pytest.raises(RuntimeError, match="not open"):
         await store.append("batch-x", -1, new_batch("x"))
+
+
+async def one_reader_after_a_cancelled_read(store_path: Path) -> EventStore:
+    """A store with one reader, whose last query's caller was cancelled mid-query (a
+    websocket client gone), with three batches in the log."""
+    store = EventStore(store_path, readers=1)
+    await store.open()
+    for i in range(3):
+        await store.append(f"batch-{i}", -1, new_batch(str(i)))
+    reading = asyncio.create_task(store.read_all())
+    await asyncio.sleep(0)  # its query is in the reader's thread
+    reading.cancel()
+    await asyncio.gather(reading, return_exceptions=True)
+    return store
+
+
+async def test_a_read_after_a_cancelled_read_sees_the_latest_commit(store_path: Path) -> None:
+    store = await one_reader_after_a_cancelled_read(store_path)
+    try:
+        await store.append("batch-new", -1, new_batch("new"))
+
+        assert [e.stream_id for e in await store.read_all(3)] == ["batch-new"]
+    finally:
+        await store.close()
+
+
+async def test_following_a_new_stream_after_a_cancelled_read_starts_at_its_first_event(
+    store_path: Path,
+) -> None:
+    store = await one_reader_after_a_cancelled_read(store_path)
+    try:
+        await store.append("batch-a", -1, new_batch("a"))
+        await store.append("batch-a", 0, requested("a"))
+        async with contextlib.aclosing(store.follow("batch-a")) as events:
+            first = await asyncio.wait_for(anext(events), 2)
+
+        assert (first.stream_id, first.stream_version) == ("batch-a", 0)
+    finally:
+        await store.close()
 
 
 @dataclass(frozen=True)
