@@ -10,6 +10,7 @@ import io
 import uuid
 from typing import Any
 
+import orjson
 from aiohttp import web
 from aiohttp_apispec import docs, querystring_schema, response_schema
 
@@ -17,7 +18,7 @@ from service.domain import batch as b
 from service.domain import csv_intake
 from service.processing.processor import Refused
 from service.projections import queries
-from service.store.records import ConcurrencyError, NewEvent
+from service.store.records import ConcurrencyError, NewEvent, StoredEvent
 from service.web import presenters, schemas
 from service.web.errors import REQUEST_ID, ApiError, invalid
 from service.web.keys import PROCESSOR, SETTINGS, STATUS_CACHE, STORE
@@ -292,14 +293,19 @@ async def status(request: web.Request) -> web.Response:
     history = await request.app[STORE].read_stream(b.stream_id(batch_id), limit=as_of + 1)
     if not history:
         raise batch_not_found(batch_id)
-    state = b.fold((e.decode(), e.recorded_at) for e in history)
-    if state.version < as_of:
+    if (last := history[-1].stream_version) < as_of:
         raise invalid(
-            ["query", "as_of"],
-            f"batch {batch_id} has no version {as_of}; its last is {state.version}",
+            ["query", "as_of"], f"batch {batch_id} has no version {as_of}; its last is {last}"
         )
-    batch, rows = presenters.records_of(state)
-    return web.json_response(presenters.status(batch, rows, until=history[-1].recorded_at))
+    # Folding a whole batch takes tens of milliseconds: off the loop, which keeps answering.
+    body = await asyncio.to_thread(_status_as_of, history)
+    return web.Response(body=body, content_type="application/json")
+
+
+def _status_as_of(history: list[StoredEvent]) -> bytes:
+    """The /status body of the batch as the events of `history` left it."""
+    batch, rows = presenters.records_of(b.fold((e.decode(), e.recorded_at) for e in history))
+    return orjson.dumps(presenters.status(batch, rows, until=history[-1].recorded_at))
 
 
 @routes.get("/batch")

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import itertools
 import sqlite3
+import threading
 import time
 import uuid
 import weakref
@@ -438,6 +439,25 @@ async def test_status_as_of_a_version_is_the_fold_of_that_prefix(service: Servic
     assert at_last["hospitals"] == now["hospitals"]
     status, body = await service.get(f"/batch/{batch_id}/status?as_of={last + 5}")
     assert status == 422 and body["detail"][0]["loc"] == ["query", "as_of"]
+
+
+async def test_status_as_of_folds_the_batch_off_the_event_loop(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    accepted = await service.upload(SAMPLE_CSV)
+    await service.wait_finished(accepted["batch_id"])
+    folded_on: list[int] = []
+    fold = b.fold
+
+    def noting_the_thread(events: Any) -> b.BatchState:
+        folded_on.append(threading.get_ident())
+        return fold(events)
+
+    monkeypatch.setattr(b, "fold", noting_the_thread)
+    status, body = await service.get(f"/batch/{accepted['batch_id']}/status?as_of=0")
+
+    assert status == 200 and body["processing_status"] == "pending"
+    assert folded_on and threading.get_ident() not in folded_on
 
 
 async def test_a_row_whose_intent_cannot_be_stored_comes_back_after_a_pause(
