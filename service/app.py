@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 import weakref
@@ -24,6 +25,7 @@ from service.web.feeds import Feeds
 from service.web.keys import (
     CLIENT,
     FEEDS,
+    INTAKE,
     PROCESSOR,
     SETTINGS,
     SOCKETS,
@@ -102,6 +104,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SOCKETS] = weakref.WeakSet()
     app[STATUS_CACHE] = StatusCache(settings.api.status_cache_seconds)
     app[FEEDS] = Feeds()
+    app[INTAKE] = asyncio.Lock()
     app.cleanup_ctx.extend([store_ctx, directory_ctx, processor_ctx])
     app.on_startup.append(_tune_collector)
     app.on_shutdown.append(websocket.close_all)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import weakref
 
 from aiohttp import web
@@ -20,4 +21,5 @@ PROCESSOR = web.AppKey("processor", Processor)
 STARTED_AT = web.AppKey("started_at", float)
 STATUS_CACHE = web.AppKey("status_cache", StatusCache)
 FEEDS = web.AppKey("feeds", Feeds)
+INTAKE = web.AppKey("intake", asyncio.Lock)  # one uploaded file parsed at a time
 SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("websockets")

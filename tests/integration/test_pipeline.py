@@ -17,6 +17,7 @@ import pytest
 
 from service.app import YOUNG_COLLECTION_THRESHOLD
 from service.domain import batch as b
+from service.domain import csv_intake
 from service.domain import events as ev
 from service.local_directory import RunningDirectory
 from service.processing import processor
@@ -484,3 +485,33 @@ async def test_a_row_whose_intent_cannot_be_stored_comes_back_after_a_pause(
     assert len(refused) == 3
     # Not again at once, the same fault striking each time: once each pause.
     assert all(later - earlier >= 0.15 for earlier, later in itertools.pairwise(refused))
+
+
+@pytest.mark.parametrize("path", ["/batch/upload-csv", "/batch/validate-csv"])
+async def test_uploaded_files_are_parsed_off_the_event_loop_one_at_a_time(
+    service: Service, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    parsed_on: list[int] = []
+    parsing: set[int] = set()
+    most_at_once = 0
+    read_upload = csv_intake.read_upload
+
+    def noting(*args: Any) -> csv_intake.ParsedCsv:
+        nonlocal most_at_once
+        parsed_on.append(threading.get_ident())
+        parsing.add(threading.get_ident())
+        most_at_once = max(most_at_once, len(parsing))
+        time.sleep(0.1)  # a large file
+        parsing.discard(threading.get_ident())
+        return read_upload(*args)
+
+    async def post() -> int:
+        async with service.http.post(service.url + path, data=form(SAMPLE_CSV)) as r:
+            return r.status
+
+    monkeypatch.setattr(csv_intake, "read_upload", noting)
+    statuses = await asyncio.gather(*(post() for _ in range(3)))
+
+    assert set(statuses) <= {200, 202} and len(parsed_on) == 3
+    assert threading.get_ident() not in parsed_on
+    assert most_at_once == 1
