@@ -92,7 +92,8 @@ class UpstreamBatches:
     async def _activate_one(self, state: b.BatchState, upstream: ev.UpstreamBatch) -> Activation:
         batch_id, total = upstream.creation_batch_id, len(upstream.rows)
         answer = None
-        for _ in range(self._settings.max_attempts):
+        settings = self._settings
+        for attempt in range(1, settings.max_attempts + 1):
             # Activation is not idempotent: it is repeated only while provably not done.
             activate = functools.partial(self._client.activate, batch_id)
             answer = await self.patiently(activate, repeat_ambiguous=False)
@@ -118,7 +119,10 @@ class UpstreamBatches:
                     error=f"upstream batch {batch_id} is only partly active "
                     f"({active} of {total}) and cannot be activated again: {answer.message}",
                 )
-            # None of ours is active: the activation did not happen, so asking again is safe.
+            # None of ours is active: the activation did not happen, so asking again is safe,
+            # after a pause, as what failed at once (a proxy's 503) may fail again at once.
+            if attempt < settings.max_attempts:
+                await asyncio.sleep(backoff(attempt, settings.backoff_base, settings.backoff_max))
         message = answer.message if answer else "no answer"
         return Activation(
             False, error=f"activation of upstream batch {batch_id} did not take effect: {message}"

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 
 import pytest
 
 from service.local_directory import RunningDirectory
+from service.processing import upstream
 from tests.integration.chaos import TALLY, assert_exactly_once, trials
 from tests.support import Service, ServiceFactory, csv_of
 
@@ -172,3 +175,27 @@ async def test_activation_looks_first_at_the_upstream_batch_created_first(
     assert "nothing was activated" in final["activation_error"]
     assert standin.request_counts["batch_activate"] == 0
     assert not any(h["active"] for h in standin.all_hospitals())
+
+
+async def test_an_activation_refused_at_once_is_asked_again_after_a_pause(
+    service: Service, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    standin = directory.standin
+    standin.add_fault("batch_activate", "503")  # every time, as a proxy in trouble
+    patched_at: list[float] = []
+    receive = standin.receive
+
+    def noting_activations(endpoint: str) -> str | None:
+        if endpoint == "batch_activate":
+            patched_at.append(time.monotonic())
+        return receive(endpoint)
+
+    monkeypatch.setattr(standin, "receive", noting_activations)
+    monkeypatch.setattr(upstream, "backoff", lambda attempt, base, cap: 0.05 * attempt)
+    final = await service.wait_finished((await service.upload(csv_of(3)))["batch_id"])
+
+    assert final["processing_status"] == "failed"
+    assert "did not take effect: HTTP 503" in final["activation_error"]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(patched_at)]
+    assert len(patched_at) == 5  # max_attempts
+    assert all(gap >= 0.05 * n for n, gap in enumerate(gaps, 1))
