@@ -195,7 +195,7 @@ def parse(text: str, max_rows: int) -> ParsedCsv:
             problems.append(
                 problem(
                     ["row", count],
-                    f"row {count} (line {line}) has {len(cells)} values, "
+                    f"row {count} (line {line}) has {_values(len(cells))}, "
                     f"expected {len(headers)} ({','.join(headers)})",
                     "wrong_column_count",
                 )
@@ -237,6 +237,10 @@ def parse(text: str, max_rows: int) -> ParsedCsv:
     if problems:
         raise CsvRejected(problems)
     return ParsedCsv(tuple(rows), headers, warnings)
+
+
+def _values(count: int) -> str:
+    return f"{count} value" if count == 1 else f"{count} values"
 
 
 def _missing(cells: list[str], headers: tuple[str, ...], count: int, line: int) -> list[Problem]:

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp_apispec import docs, querystring_schema, response_schema
+from marshmallow import Schema
 
 from service.domain import batch as b
 from service.domain import csv_intake
@@ -58,6 +59,17 @@ BAD_QUERY = {422: {"schema": schemas.Error, "description": "bad query parameter"
 BAD_ID_OR_QUERY = {
     422: {"schema": schemas.Error, "description": "malformed batch id or bad query parameter"}
 }
+
+
+def intake_errors(schema: type[Schema]) -> dict[int, dict[str, Any]]:
+    """What an upload can be refused with before its rows are looked at, and after."""
+    return {
+        400: {"schema": schema, "description": "the request body cannot be read"},
+        413: {"schema": schema, "description": "file larger than csv.max_bytes"},
+        422: {"schema": schema, "description": "every problem of the file, with places"},
+    }
+
+
 # /batch/upload-csv and /batch/validate-csv are fixed paths: without the lookahead aiohttp routes
 # DELETE to them too (a rollback of batch "upload-csv") and lists DELETE in their 405's Allow.
 BATCH = "/batch/{batch_id:(?!upload-csv$|validate-csv$)[^/]+}"
@@ -177,8 +189,7 @@ def accepted_body(batch: dict[str, Any]) -> dict[str, Any]:
     responses={
         200: {"schema": schemas.UploadAccepted, "description": "same Idempotency-Key and file"},
         409: {"schema": schemas.Error, "description": "Idempotency-Key reused for another file"},
-        413: {"schema": schemas.Error, "description": "file larger than csv.max_bytes"},
-        422: {"schema": schemas.Error, "description": "every problem of the file, with places"},
+        **intake_errors(schemas.Error),
     },
 )
 @response_schema(schemas.UploadAccepted, 202, description="accepted; follow it with batch_id")
@@ -196,7 +207,7 @@ async def upload_csv(request: web.Request) -> web.Response:
     summary="Check a CSV without creating anything",
     consumes=["multipart/form-data"],
     parameters=[FILE_PARAMETER],
-    responses={422: {"schema": schemas.ValidationResult, "description": "the file's problems"}},
+    responses=intake_errors(schemas.ValidationResult),
 )
 @response_schema(schemas.ValidationResult, 200)
 async def validate_csv(request: web.Request) -> web.Response:
@@ -235,8 +246,7 @@ async def validate_csv(request: web.Request) -> web.Response:
     responses={
         202: {"schema": schemas.UploadAccepted, "description": "still running: follow batch_id"},
         409: {"schema": schemas.Error, "description": "Idempotency-Key reused for another file"},
-        413: {"schema": schemas.Error, "description": "file larger than csv.max_bytes"},
-        422: {"schema": schemas.Error, "description": "every problem of the file, with places"},
+        **intake_errors(schemas.Error),
     },
 )
 @response_schema(schemas.Status, 200, description="the batch finished: its /status body")

@@ -482,6 +482,25 @@ async def test_a_body_over_max_bytes_is_refused_with_413(limited: Service, how: 
     await assert_nothing_stored(limited)
 
 
+@pytest.mark.parametrize(
+    ("path", "schema"),
+    [
+        ("/batch/upload-csv", "Error"),
+        ("/batch/validate-csv", "ValidationResult"),
+        ("/hospitals/bulk", "Error"),
+    ],
+)
+async def test_every_intake_documents_the_413_it_answers(
+    limited: Service, path: str, schema: str
+) -> None:
+    async with limited.http.post(limited.url + path, **oversized("file-one-byte-over")) as r:
+        assert r.status == 413
+    _, spec = await limited.get("/openapi.json")
+
+    documented = spec["paths"][path]["post"]["responses"]["413"]
+    assert documented["schema"]["$ref"].endswith(f"/{schema}")
+
+
 async def test_a_gzip_body_is_limited_once_decompressed(limited: Service) -> None:
     headers = {"Content-Type": MULTIPART, "Content-Encoding": "gzip"}
     small = gzip.compress(multipart(file_part(exactly(2048))))

@@ -284,17 +284,19 @@ def test_a_blank_required_value_is_refused_at_its_row_and_column(line: str, colu
 @pytest.mark.parametrize(
     ("line", "found"),
     [
-        pytest.param("General,1 Main St,555,extra", 4, id="one-too-many"),
-        pytest.param("General,1 Main St", 2, id="one-too-few"),
-        pytest.param("General", 1, id="single-value"),
-        pytest.param("General," + ",".join(["x"] * 9_999), 10_000, id="ten-thousand-values"),
+        pytest.param("General,1 Main St,555,extra", "4 values", id="one-too-many"),
+        pytest.param("General,1 Main St", "2 values", id="one-too-few"),
+        pytest.param("General", "1 value", id="single-value"),
+        pytest.param(
+            "General," + ",".join(["x"] * 9_999), "10000 values", id="ten-thousand-values"
+        ),
     ],
 )
-def test_a_row_with_the_wrong_number_of_values_is_refused(line: str, found: int) -> None:
+def test_a_row_with_the_wrong_number_of_values_is_refused(line: str, found: str) -> None:
     problem = only(refused(HEADER + line + "\n"))
     assert problem["loc"] == ["row", 1]
     assert problem["type"] == "wrong_column_count"
-    assert problem["msg"] == (f"row 1 (line 2) has {found} values, expected 3 (name,address,phone)")
+    assert problem["msg"] == f"row 1 (line 2) has {found}, expected 3 (name,address,phone)"
 
 
 def test_every_problem_of_the_file_is_reported_at_once() -> None:
