@@ -147,11 +147,13 @@ class EventStore:
 
     async def close(self) -> None:
         """Finish the queued appends, then close every connection."""
-        if self._writer_task is not None:
+        if (writer_task := self._writer_task) is not None:
+            # Appends from now on are refused: one queued after the join would never settle.
+            self._writer_task = None
             await self._queue.join()
-            self._writer_task.cancel()
+            writer_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._writer_task
+                await writer_task
         for conn in self._all_readers:
             await conn.close()
         self._all_readers.clear()
@@ -162,7 +164,8 @@ class EventStore:
 
     @property
     def writer_alive(self) -> bool:
-        """False once the writer task has stopped: no append can commit."""
+        """False once the writer task has stopped, or the store is closing: no append can
+        commit."""
         return self._writer_task is not None and not self._writer_task.done()
 
     # Writing ---------------------------------------------------------------------------

@@ -219,6 +219,20 @@ async def test_close_commits_the_queued_appends_first(store_path: Path) -> None:
         await store.append("batch-x", -1, new_batch("x"))
 
 
+async def test_an_append_while_closing_is_refused_not_left_waiting(store_path: Path) -> None:
+    store = EventStore(store_path)
+    await store.open()
+    queued = asyncio.create_task(store.append("batch-a", -1, new_batch("a")))
+    await asyncio.sleep(0)
+    closing = asyncio.create_task(store.close())
+    await asyncio.sleep(0)  # close waits for the queued append
+
+    with pytest.raises(RuntimeError, match="not open"):
+        await asyncio.wait_for(store.append("batch-b", -1, new_batch("b")), 2)
+    await closing
+    assert queued.result()[0].global_position == 1
+
+
 async def one_reader_after_a_cancelled_read(store_path: Path) -> EventStore:
     """A store with one reader, whose last query's caller was cancelled mid-query (a
     websocket client gone), with three batches in the log."""
