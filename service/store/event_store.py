@@ -132,8 +132,7 @@ class EventStore:
             await conn.execute("PRAGMA query_only=ON")
             self._all_readers.append(conn)
             self._readers.put_nowait(conn)
-        (last,) = await self.select("SELECT COALESCE(MAX(global_position), 0) FROM events", ())
-        self.head.advance(last[0])
+        self.head.advance(await self.last_position())
         self._writer_task = asyncio.create_task(self._write_loop(), name="event-writer")
 
     def _open_writer(self) -> sqlite3.Connection:
@@ -363,6 +362,12 @@ class EventStore:
             "SELECT COALESCE(MAX(stream_version), -1) FROM events WHERE stream_id = ?",
             (stream_id,),
         )
+        return int(rows[0][0])
+
+    async def last_position(self) -> int:
+        """The log's last committed position, from the database: between a commit and the
+        head's advance on the loop, it is ahead of `head`."""
+        rows = await self.select("SELECT COALESCE(MAX(global_position), 0) FROM events", ())
         return int(rows[0][0])
 
     async def select(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:

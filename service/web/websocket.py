@@ -288,7 +288,8 @@ async def batch_socket(request: web.Request) -> web.WebSocketResponse:
 async def dashboard_socket(request: web.Request) -> web.WebSocketResponse:
     check_origin(request)
     store, settings = request.app[STORE], request.app[SETTINGS].websocket
-    after = _after(request, floor=0, ceiling=store.head.position)
+    # Not the head: a position just sent may be read from the log before the head moves.
+    after = _after(request, floor=0, ceiling=await store.last_position())
     seconds = settings.heartbeat_seconds or None
 
     async def sender(ws: web.WebSocketResponse) -> Closing:

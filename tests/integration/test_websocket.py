@@ -16,7 +16,7 @@ from service.local_directory import RunningDirectory
 from service.store.records import StoredEvent
 from service.web import presenters
 from service.web.keys import STORE
-from tests.integration.conftest import new_batch, requested
+from tests.integration.conftest import new_batch, requested, run_sql
 from tests.support import SAMPLE_CSV, Service, csv_of, fast_settings, running_service
 
 
@@ -190,6 +190,28 @@ async def test_handshakes_that_are_refused_before_the_upgrade(service: Service) 
     status, body = await service.get(f"/batch/{batch_id}/ws")
     assert status == 400
     assert "websocket" in body["detail"]
+
+
+async def test_the_dashboard_resumes_after_a_position_committed_before_the_head_moves(
+    service: Service,
+) -> None:
+    store = service.app[STORE]
+    await service.wait_finished((await service.upload(SAMPLE_CSV))["batch_id"])
+    # A commit the loop has not taken in yet: the log holds it, the head does not.
+    run_sql(
+        Path(service.db_path),
+        "INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, "
+        "data, metadata, recorded_at) SELECT 'e-late', stream_id, stream_version + 1000, "
+        "event_type, schema_version, data, metadata, recorded_at FROM events LIMIT 1",
+    )
+    ((committed,),) = run_sql(Path(service.db_path), "SELECT MAX(global_position) FROM events")
+    assert committed == store.head.position + 1
+
+    async with service.http.ws_connect(f"{service.url}/ws?after={committed}") as ws:
+        assert not ws.closed
+    with pytest.raises(aiohttp.WSServerHandshakeError) as raised:
+        await service.http.ws_connect(f"{service.url}/ws?after={committed + 1}")
+    assert raised.value.status == 422
 
 
 async def test_cross_origin_handshakes_are_refused_unless_configured(
