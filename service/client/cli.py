@@ -43,16 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("SERVICE_URL", DEFAULT_URL),
         help="the service's base URL (SERVICE_URL; default %(default)s)",
     )
-    following = argparse.ArgumentParser(add_help=False)
-    following.add_argument(
-        "--follow", action="store_true", help="show live progress until the batch finishes"
-    )
-    following.add_argument(
+    patience = argparse.ArgumentParser(add_help=False)
+    patience.add_argument(
         "--reconnect-timeout",
         type=float,
         default=os.environ.get("SERVICE_RECONNECT_TIMEOUT", str(DEFAULT_PATIENCE)),
         metavar="SECONDS",
         help="give up following after this long without contact (default %(default)s)",
+    )
+    # Parents share their actions: a default set on one command's --follow would be
+    # every command's, so `follow`, which always follows, has no --follow at all.
+    following = argparse.ArgumentParser(add_help=False, parents=[patience])
+    following.add_argument(
+        "--follow", action="store_true", help="show live progress until the batch finishes"
     )
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("upload", parents=[common, following], help="upload a CSV of hospitals")
@@ -67,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("batch_id")
     p = commands.add_parser(
-        "follow", parents=[common, following], help="show a batch's live progress to its end"
+        "follow", parents=[common, patience], help="show a batch's live progress to its end"
     )
     p.set_defaults(follow=True)
     p.add_argument("batch_id")

@@ -87,6 +87,19 @@ async def test_upload_follow_prints_progress_lines_and_the_results(
     assert final["processing_status"] == "completed"
 
 
+async def test_without_follow_an_upload_says_how_to_follow_and_returns(
+    service: Service, sample: Path
+) -> None:
+    captured = Captured()
+    status = await client(captured, "upload", str(sample), "--url", service.url)
+
+    assert status == 0, captured.stderr
+    batch_id = re.search(r"Batch (\S+) accepted", captured.stdout)
+    assert batch_id is not None
+    assert f"Follow it: python -m service follow {batch_id.group(1)}" in captured.stdout
+    assert " done, " not in captured.stdout and "completed:" not in captured.stdout
+
+
 async def test_on_a_terminal_the_progress_is_a_rich_bar(service: Service, sample: Path) -> None:
     captured = Captured(terminal=True)
     status = await client(captured, "upload", str(sample), "--url", service.url, "--follow")
