@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -97,8 +98,28 @@ async def wait_ready(
             await asyncio.sleep(0.1)
 
 
+def taken(port: int) -> bool:
+    """Whether another program listens on the loopback `port`: the demo would talk to it."""
+    with socket.socket() as probe:
+        # As servers bind: a port left in TIME_WAIT by the last demo is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 async def demo(args: argparse.Namespace) -> int:
-    """Start both, upload and follow, then wait for SIGINT or SIGTERM and stop both."""
+    """Start both, upload and follow, then wait for SIGINT or SIGTERM and stop both.
+
+    The exit status is the upload's (0 once the batch completed), 1 if either could not
+    start or stopped on its own.
+    """
+    for option, port in (("--port", args.port), ("--directory-port", args.directory_port)):
+        if taken(port):
+            print(f"port {port} is in use by another program: choose another with {option}")
+            return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -155,9 +176,26 @@ async def demo(args: argparse.Namespace) -> int:
                 "Both keep running; press Ctrl-C to stop them.",
                 flush=True,
             )
-            await stop.wait()
+            children = {"local directory": directory, "service": service}
+            ended = await _first_to_end(stop, children)
+            if ended is not None:
+                print(f"the {ended} stopped on its own; see its log", file=sys.stderr)
+                return 1
             print("stopping...", flush=True)
-    return 0
+    return status
+
+
+async def _first_to_end(
+    stop: asyncio.Event, children: dict[str, asyncio.subprocess.Process]
+) -> str | None:
+    """Wait for `stop`, or for a child to exit first: its name then."""
+    waits = {asyncio.create_task(process.wait()): name for name, process in children.items()}
+    stopping = asyncio.create_task(stop.wait())
+    done, pending = await asyncio.wait((stopping, *waits), return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    return next((waits[task] for task in done if task in waits), None)
 
 
 async def _unless_stopped(task: asyncio.Task[Any], stop: asyncio.Event) -> bool:

@@ -286,9 +286,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-async def test_the_demo_runs_both_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
-    port, directory_port = _free_port(), _free_port()
-    process = await asyncio.create_subprocess_exec(
+async def start_demo(tmp_path: Path, port: int, *options: str) -> asyncio.subprocess.Process:
+    """`python -m service demo` on `port` and a free directory port, output piped."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "service",
@@ -296,28 +296,42 @@ async def test_the_demo_runs_both_and_ctrl_c_stops_everything(tmp_path: Path) ->
         "--port",
         str(port),
         "--directory-port",
-        str(directory_port),
+        str(_free_port()),
         "--create-delay",
         "0.05",
         "--database",
         str(tmp_path / "demo.db"),
+        *options,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         cwd=PROJECT,
         env=os.environ | {"PYTHONUNBUFFERED": "1"},
     )
+
+
+async def lines_until_ctrl_c(process: asyncio.subprocess.Process) -> list[str]:
+    """The demo's output up to its "press Ctrl-C" line."""
     assert process.stdout is not None
     lines: list[str] = []
+    async with asyncio.timeout(40):
+        while not lines or "Ctrl-C" not in lines[-1]:
+            line = await process.stdout.readline()
+            assert line, "\n".join(lines)
+            lines.append(line.decode().rstrip())
+    return lines
+
+
+async def test_the_demo_runs_both_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    port = _free_port()
+    process = await start_demo(tmp_path, port)
     try:
-        async with asyncio.timeout(40):
-            while not lines or "Ctrl-C" not in lines[-1]:
-                line = await process.stdout.readline()
-                assert line, "\n".join(lines)
-                lines.append(line.decode().rstrip())
+        lines = await lines_until_ctrl_c(process)
+        directory_port = re.search(r"local directory: http://127.0.0.1:(\d+)", "\n".join(lines))
+        assert directory_port is not None
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{port}/docs") as r:
                 assert r.status == 200
-            async with http.get(f"http://127.0.0.1:{directory_port}/") as r:
+            async with http.get(f"http://127.0.0.1:{directory_port.group(1)}/") as r:
                 assert r.status == 200
         process.send_signal(signal.SIGINT)
         async with asyncio.timeout(30):
@@ -335,3 +349,35 @@ async def test_the_demo_runs_both_and_ctrl_c_stops_everything(tmp_path: Path) ->
     assert len(pids) == 2
     assert not any(_alive(pid) for pid in pids)
     assert output.count("(exit status 0)") == 2
+
+
+async def test_the_demo_will_not_start_on_a_port_another_program_listens_on(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        process = await start_demo(tmp_path, port)
+        async with asyncio.timeout(30):
+            output, _ = await process.communicate()
+
+    assert process.returncode == 1
+    assert f"port {port} is in use by another program" in output.decode()
+    assert "started the" not in output.decode()
+
+
+async def test_a_demo_whose_upload_failed_exits_with_the_uploads_status(tmp_path: Path) -> None:
+    process = await start_demo(tmp_path, _free_port(), "--file", str(tmp_path / "missing.csv"))
+    try:
+        lines = await lines_until_ctrl_c(process)
+        process.send_signal(signal.SIGINT)
+        async with asyncio.timeout(30):
+            await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    assert "the upload ended with exit status 2" in "\n".join(lines)
+    assert process.returncode == 2
