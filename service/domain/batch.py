@@ -90,6 +90,12 @@ class RowState:
     may_exist: bool = False  # a create may have reached the directory; no outcome yet
     reconciled: bool = False
 
+    @property
+    def record(self) -> tuple[int | None, str, str, str | None]:
+        """The directory's record of the row, as `record_of` gives one: the id alone would
+        not do, as a directory that restarted gives the same ids again, to other hospitals."""
+        return (self.hospital_id, *self.row.values)
+
 
 @dataclass
 class BatchState:

@@ -56,9 +56,9 @@ def _in_its_words(answer: Answer) -> Answer:
     return answer
 
 
-def record_values(record: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """A hospital record's name, address and phone, to compare with a row's `values`."""
-    return record.get("name"), record.get("address"), record.get("phone")
+def record_of(hospital: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    """A hospital's id, name, address and phone, to compare with a row's `record`."""
+    return hospital.get("id"), hospital.get("name"), hospital.get("address"), hospital.get("phone")
 
 
 def _json(value: Any) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 from service.domain import batch as b
 from service.domain import events as ev
-from service.processing.directory_client import Answer, DirectoryClient, Outcome, record_values
+from service.processing.directory_client import Answer, DirectoryClient, Outcome, record_of
 from service.processing.outbox import Outbox
 from service.processing.pacing import Lookahead, WindowPacer, backoff
 from service.processing.runs import BatchRun, Gate
@@ -606,16 +606,11 @@ class Processor:
         self, run: BatchRun, gate: Gate, suspects: list[int], records: list[dict[str, Any]]
     ) -> None:
         rows = run.state.rows
-        # A record is a row's only with the row's id and values: after a directory restart,
-        # ids are given again to other hospitals.
-        claimed = {
-            (r.hospital_id, *r.row.values) for r in run.state.rows_of(gate.creation_batch_id)
-        }
+        claimed = {r.record for r in run.state.rows_of(gate.creation_batch_id)}
         unclaimed: defaultdict[tuple[Any, ...], list[int]] = defaultdict(list)
         for record in sorted(records, key=lambda r: r.get("id", 0)):
-            values = record_values(record)
-            if (record.get("id"), *values) not in claimed:
-                unclaimed[values].append(record["id"])
+            if (held := record_of(record)) not in claimed:
+                unclaimed[held[1:]].append(record["id"])  # by name, address and phone
         for n in suspects:
             row, attempt = rows[n].row, rows[n].attempts
             found = unclaimed.get(row.values)

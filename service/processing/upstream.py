@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 from service.domain import batch as b
 from service.domain import events as ev
-from service.processing.directory_client import Answer, DirectoryClient, Outcome, record_values
+from service.processing.directory_client import Answer, DirectoryClient, Outcome, record_of
 from service.processing.pacing import backoff
 from service.settings import DirectorySettings
 
@@ -152,14 +152,10 @@ class UpstreamBatches:
 def _found(
     state: b.BatchState, upstream: ev.UpstreamBatch, records: list[dict[str, Any]]
 ) -> tuple[int, int]:
-    """How many rows of `upstream` the directory's records hold, and how many are active.
-
-    A record is a row's only with the row's id and values: after a restart the directory
-    gives the same ids again, to other hospitals.
-    """
-    active = {(r.get("id"), *record_values(r)): bool(r.get("active")) for r in records}
-    rows = [state.rows[n] for n in upstream.rows]
-    held = [active[key] for r in rows if (key := (r.hospital_id, *r.row.values)) in active]
+    """How many rows of `upstream` the directory's records hold, and how many are active."""
+    active = {record_of(r): bool(r.get("active")) for r in records}
+    rows = [state.rows[n].record for n in upstream.rows]
+    held = [active[record] for record in rows if record in active]
     return len(held), sum(held)
 
 
