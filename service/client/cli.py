@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 from pathlib import Path
@@ -29,6 +30,17 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_PATIENCE = 60.0
 
 
+def seconds(text: str) -> float:
+    """A positive number of seconds, as an option gives it."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The client's commands; every option can also come from the environment."""
     parser = argparse.ArgumentParser(
@@ -46,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     patience = argparse.ArgumentParser(add_help=False)
     patience.add_argument(
         "--reconnect-timeout",
-        type=float,
+        type=seconds,
         default=os.environ.get("SERVICE_RECONNECT_TIMEOUT", str(DEFAULT_PATIENCE)),
         metavar="SECONDS",
         help="give up following after this long without contact (default %(default)s)",

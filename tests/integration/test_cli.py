@@ -100,6 +100,17 @@ async def test_without_follow_an_upload_says_how_to_follow_and_returns(
     assert " done, " not in captured.stdout and "completed:" not in captured.stdout
 
 
+@pytest.mark.parametrize("given", ["-5", "0", "nan", "soon"])
+async def test_a_reconnect_timeout_must_be_a_positive_number_of_seconds(
+    given: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        await client(Captured(), "follow", str(uuid.uuid4()), "--reconnect-timeout", given)
+
+    assert exited.value.code == 2
+    assert f"expected a positive number of seconds, got {given!r}" in capsys.readouterr().err
+
+
 async def test_on_a_terminal_the_progress_is_a_rich_bar(service: Service, sample: Path) -> None:
     captured = Captured(terminal=True)
     status = await client(captured, "upload", str(sample), "--url", service.url, "--follow")
