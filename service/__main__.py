@@ -35,7 +35,7 @@ def serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _logging(settings.app.log_level)
     logging.getLogger(__name__).info(
-        "Hospital Batch Processor on http://%s:%d, directory %s, database %s",
+        "Hospital Batch Processor starting on http://%s:%d, directory %s, database %s",
         settings.app.host,
         settings.app.port,
         settings.directory.base_url,
