@@ -24,8 +24,8 @@ from service.web.errors import error_middleware, webargs_error
 from service.web.feeds import Feeds
 from service.web.keys import (
     CLIENT,
+    CPU_WORK,
     FEEDS,
-    INTAKE,
     PROCESSOR,
     SETTINGS,
     SOCKETS,
@@ -104,7 +104,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SOCKETS] = weakref.WeakSet()
     app[STATUS_CACHE] = StatusCache(settings.api.status_cache_seconds)
     app[FEEDS] = Feeds()
-    app[INTAKE] = asyncio.Lock()
+    app[CPU_WORK] = asyncio.Lock()
     app.cleanup_ctx.extend([store_ctx, directory_ctx, processor_ctx])
     app.on_startup.append(_tune_collector)
     app.on_shutdown.append(websocket.close_all)

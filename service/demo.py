@@ -21,6 +21,7 @@ from typing import IO, Any
 import aiohttp
 
 from service.client import run as run_client
+from service.client.cli import INTERRUPTED
 
 SAMPLE = Path("samples") / "hospitals.csv"
 PROJECT = Path(__file__).resolve().parent.parent
@@ -114,7 +115,7 @@ async def demo(args: argparse.Namespace) -> int:
     """Start both, upload and follow, then wait for SIGINT or SIGTERM and stop both.
 
     The exit status is the upload's (0 once the batch completed), 1 if either could not
-    start or stopped on its own.
+    start or stopped on its own, 130 if stopped before the upload ended.
     """
     for option, port in (("--port", args.port), ("--directory-port", args.directory_port)):
         if taken(port):
@@ -153,8 +154,8 @@ async def demo(args: argparse.Namespace) -> int:
                 ("service", service_url + "/health", service),
             ):
                 ready = asyncio.create_task(wait_ready(http, url, process))
-                if not await _unless_stopped(ready, stop):
-                    return 0
+                if await _first_done(stop, {ready: name}) is None:
+                    return INTERRUPTED
                 if (error := ready.exception()) is not None:
                     problem = str(error) or f"no answer within {STARTUP_SECONDS:g} s"
                     print(f"the {name} did not start ({problem}); see its log", file=sys.stderr)
@@ -164,8 +165,8 @@ async def demo(args: argparse.Namespace) -> int:
             upload = asyncio.create_task(
                 run_client(["upload", sample, "--url", service_url, "--follow"])
             )
-            if not await _unless_stopped(upload, stop):
-                return 0
+            if await _first_done(stop, {upload: "upload"}) is None:
+                return INTERRUPTED
             if (status := upload.result()) != 0:
                 print(f"the upload ended with exit status {status}", flush=True)
             print(
@@ -177,7 +178,9 @@ async def demo(args: argparse.Namespace) -> int:
                 flush=True,
             )
             children = {"local directory": directory, "service": service}
-            ended = await _first_to_end(stop, children)
+            ended = await _first_done(
+                stop, {asyncio.create_task(p.wait()): name for name, p in children.items()}
+            )
             if ended is not None:
                 print(f"the {ended} stopped on its own; see its log", file=sys.stderr)
                 return 1
@@ -185,29 +188,15 @@ async def demo(args: argparse.Namespace) -> int:
     return status
 
 
-async def _first_to_end(
-    stop: asyncio.Event, children: dict[str, asyncio.subprocess.Process]
-) -> str | None:
-    """Wait for `stop`, or for a child to exit first: its name then."""
-    waits = {asyncio.create_task(process.wait()): name for name, process in children.items()}
+async def _first_done(stop: asyncio.Event, tasks: dict[asyncio.Task[Any], str]) -> str | None:
+    """Wait for the first of `tasks` to end and say its name, or None if `stop` is set
+    first; whatever is left is cancelled."""
     stopping = asyncio.create_task(stop.wait())
-    done, pending = await asyncio.wait((stopping, *waits), return_when=asyncio.FIRST_COMPLETED)
+    done, pending = await asyncio.wait((stopping, *tasks), return_when=asyncio.FIRST_COMPLETED)
     for task in pending:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
-    return next((waits[task] for task in done if task in waits), None)
-
-
-async def _unless_stopped(task: asyncio.Task[Any], stop: asyncio.Event) -> bool:
-    """Wait for `task`; cancel it and say False if `stop` is set first."""
-    stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait((task, stopping), return_when=asyncio.FIRST_COMPLETED)
-    finished = task.done()
-    unfinished = [stopping] if finished else [stopping, task]
-    for waiting in unfinished:
-        waiting.cancel()
-    await asyncio.gather(*unfinished, return_exceptions=True)
-    return finished
+    return next((tasks[task] for task in done if task in tasks), None)
 
 
 def main(argv: list[str]) -> int:

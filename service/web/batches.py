@@ -8,7 +8,8 @@ import csv
 import hashlib
 import io
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -22,10 +23,11 @@ from service.projections import queries
 from service.store.records import ConcurrencyError, NewEvent, StoredEvent
 from service.web import presenters, schemas
 from service.web.errors import REQUEST_ID, ApiError, invalid
-from service.web.keys import INTAKE, PROCESSOR, SETTINGS, STATUS_CACHE, STORE
+from service.web.keys import CPU_WORK, PROCESSOR, SETTINGS, STATUS_CACHE, STORE
 from service.web.upload import Upload, read_upload
 
 routes = web.RouteTableDef()
+T = TypeVar("T")
 
 UPLOAD_MESSAGE = "CSV upload initiated. Use batch_id to track progress."
 FILE_PARAMETER = {
@@ -148,14 +150,18 @@ async def accept_upload(request: web.Request) -> tuple[dict[str, Any], bool]:
     return batch, True
 
 
+async def off_loop(request: web.Request, work: Callable[..., T], *args: Any) -> T:
+    """`work(*args)` in a thread, one such job at a time: parsing 10 MiB or folding a large
+    batch takes from tens of milliseconds to seconds, and the loop waits its turn for the
+    interpreter behind each thread doing so."""
+    async with request.app[CPU_WORK]:
+        return await asyncio.to_thread(work, *args)
+
+
 async def _checked(request: web.Request, upload: Upload) -> csv_intake.ParsedCsv:
-    """The file's rows, checked in a thread, one file at a time: a file of 10 MiB takes
-    seconds, and the loop waits its turn for the interpreter behind each thread doing so."""
-    async with request.app[INTAKE]:
-        max_rows = request.app[SETTINGS].csv.max_rows
-        return await asyncio.to_thread(
-            csv_intake.read_upload, upload.filename, upload.data, max_rows
-        )
+    """The file's rows, checked off the loop."""
+    max_rows = request.app[SETTINGS].csv.max_rows
+    return await off_loop(request, csv_intake.read_upload, upload.filename, upload.data, max_rows)
 
 
 def _same_upload(known: dict[str, Any], sha: str, parsed: csv_intake.ParsedCsv) -> dict[str, Any]:
@@ -317,8 +323,7 @@ async def status(request: web.Request) -> web.Response:
         raise invalid(
             ["query", "as_of"], f"batch {batch_id} has no version {as_of}; its last is {last}"
         )
-    # Folding a whole batch takes tens of milliseconds: off the loop, which keeps answering.
-    body = await asyncio.to_thread(_status_as_of, history)
+    body = await off_loop(request, _status_as_of, history)
     return web.Response(body=body, content_type="application/json")
 
 

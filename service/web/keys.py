@@ -21,5 +21,5 @@ PROCESSOR = web.AppKey("processor", Processor)
 STARTED_AT = web.AppKey("started_at", float)
 STATUS_CACHE = web.AppKey("status_cache", StatusCache)
 FEEDS = web.AppKey("feeds", Feeds)
-INTAKE = web.AppKey("intake", asyncio.Lock)  # one uploaded file parsed at a time
+CPU_WORK = web.AppKey("cpu_work", asyncio.Lock)  # one CPU-bound job off the loop at a time
 SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("websockets")

@@ -289,7 +289,8 @@ async def dashboard_socket(request: web.Request) -> web.WebSocketResponse:
     check_origin(request)
     store, settings = request.app[STORE], request.app[SETTINGS].websocket
     # Not the head: a position just sent may be read from the log before the head moves.
-    after = _after(request, floor=0, ceiling=await store.last_position())
+    last = await store.last_position() if "after" in request.query else 0
+    after = _after(request, floor=0, ceiling=last)
     seconds = settings.heartbeat_seconds or None
 
     async def sender(ws: web.WebSocketResponse) -> Closing:

@@ -392,3 +392,22 @@ async def test_a_demo_whose_upload_failed_exits_with_the_uploads_status(tmp_path
 
     assert "the upload ended with exit status 2" in "\n".join(lines)
     assert process.returncode == 2
+
+
+async def test_a_demo_stopped_before_its_upload_ended_exits_130(tmp_path: Path) -> None:
+    process = await start_demo(tmp_path, _free_port(), "--create-delay", "60")
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(40):
+            while b"local directory: http" not in await process.stdout.readline():
+                pass
+        process.send_signal(signal.SIGINT)
+        async with asyncio.timeout(30):
+            rest, _ = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    assert process.returncode == 130, rest.decode()
+    assert rest.decode().count("(exit status 0)") == 2  # both children stopped cleanly

@@ -104,19 +104,21 @@ async def test_a_lost_first_upstream_batch_stops_activation_before_the_others(
 
 
 async def test_a_restart_inside_an_upstream_batch_activates_none_of_it(
-    service_factory: ServiceFactory, directory: RunningDirectory
+    service_factory: ServiceFactory, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     standin = directory.standin
-    standin.set_delay(0.3)
-    async with service_factory(concurrency=2) as service:
-        batch = (await service.upload(csv_of(8)))["batch_id"]  # one upstream batch
-        while len(standin.all_hospitals()) < 4:
-            await asyncio.sleep(0.01)
-        standin.restart()  # rows 1-4 are gone, and rows 5-8 get their ids 1-4 again
-        final = await service.wait_finished(batch, within=30)
+    receive = standin.receive
 
-    ids = [h["hospital_id"] for h in final["hospitals"]]
-    assert sorted(ids[:4]) == sorted(ids[4:])  # what used to pass for a whole batch
+    def restart_at_the_fifth_create(endpoint: str) -> str | None:
+        if endpoint == "create" and standin.request_counts[endpoint] == 4:
+            standin.restart()  # rows 1-4 are gone, and rows 5-8 get their ids 1-4 again
+        return receive(endpoint)
+
+    monkeypatch.setattr(standin, "receive", restart_at_the_fifth_create)
+    async with service_factory(concurrency=1) as service:  # one upstream batch, row by row
+        final = await service.wait_finished((await service.upload(csv_of(8)))["batch_id"])
+
+    assert [h["hospital_id"] for h in final["hospitals"]] == [1, 2, 3, 4, 1, 2, 3, 4]
     assert final["processing_status"] == "failed"
     assert final["batch_activated"] is False
     assert "4 of the 8 hospitals" in final["activation_error"]
