@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import re
@@ -10,6 +11,7 @@ import signal
 import socket
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -297,9 +299,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-async def start_demo(tmp_path: Path, port: int, *options: str) -> asyncio.subprocess.Process:
-    """`python -m service demo` on `port` and a free directory port, output piped."""
-    return await asyncio.create_subprocess_exec(
+@contextlib.asynccontextmanager
+async def running_demo(
+    tmp_path: Path, port: int, *options: str
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`python -m service demo` on `port` and a free directory port, output piped; killed
+    on the way out if it is still running."""
+    process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "service",
@@ -318,6 +324,20 @@ async def start_demo(tmp_path: Path, port: int, *options: str) -> asyncio.subpro
         cwd=PROJECT,
         env=os.environ | {"PYTHONUNBUFFERED": "1"},
     )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def interrupt(process: asyncio.subprocess.Process) -> str:
+    """Ctrl-C the demo; the rest of its output once it has exited."""
+    process.send_signal(signal.SIGINT)
+    async with asyncio.timeout(30):
+        rest, _ = await process.communicate()
+    return rest.decode()
 
 
 async def lines_until_ctrl_c(process: asyncio.subprocess.Process) -> list[str]:
@@ -334,8 +354,7 @@ async def lines_until_ctrl_c(process: asyncio.subprocess.Process) -> list[str]:
 
 async def test_the_demo_runs_both_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     port = _free_port()
-    process = await start_demo(tmp_path, port)
-    try:
+    async with running_demo(tmp_path, port) as process:
         lines = await lines_until_ctrl_c(process)
         directory_port = re.search(r"local directory: http://127.0.0.1:(\d+)", "\n".join(lines))
         assert directory_port is not None
@@ -344,15 +363,9 @@ async def test_the_demo_runs_both_and_ctrl_c_stops_everything(tmp_path: Path) ->
                 assert r.status == 200
             async with http.get(f"http://127.0.0.1:{directory_port.group(1)}/") as r:
                 assert r.status == 200
-        process.send_signal(signal.SIGINT)
-        async with asyncio.timeout(30):
-            rest, _ = await process.communicate()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        rest = await interrupt(process)
 
-    output = "\n".join(lines) + rest.decode()
+    output = "\n".join(lines) + rest
     assert process.returncode == 0, output
     assert "completed: 3 created, 0 failed" in output
     assert f"http://127.0.0.1:{port}/docs" in output and f"ws://127.0.0.1:{port}/ws" in output
@@ -369,8 +382,7 @@ async def test_the_demo_will_not_start_on_a_port_another_program_listens_on(
         other.bind(("127.0.0.1", 0))
         other.listen()
         port = other.getsockname()[1]
-        process = await start_demo(tmp_path, port)
-        async with asyncio.timeout(30):
+        async with running_demo(tmp_path, port) as process, asyncio.timeout(30):
             output, _ = await process.communicate()
 
     assert process.returncode == 1
@@ -379,35 +391,22 @@ async def test_the_demo_will_not_start_on_a_port_another_program_listens_on(
 
 
 async def test_a_demo_whose_upload_failed_exits_with_the_uploads_status(tmp_path: Path) -> None:
-    process = await start_demo(tmp_path, _free_port(), "--file", str(tmp_path / "missing.csv"))
-    try:
+    missing = str(tmp_path / "missing.csv")
+    async with running_demo(tmp_path, _free_port(), "--file", missing) as process:
         lines = await lines_until_ctrl_c(process)
-        process.send_signal(signal.SIGINT)
-        async with asyncio.timeout(30):
-            await process.communicate()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await interrupt(process)
 
     assert "the upload ended with exit status 2" in "\n".join(lines)
     assert process.returncode == 2
 
 
 async def test_a_demo_stopped_before_its_upload_ended_exits_130(tmp_path: Path) -> None:
-    process = await start_demo(tmp_path, _free_port(), "--create-delay", "60")
-    assert process.stdout is not None
-    try:
+    async with running_demo(tmp_path, _free_port(), "--create-delay", "60") as process:
+        assert process.stdout is not None
         async with asyncio.timeout(40):
             while b"local directory: http" not in await process.stdout.readline():
                 pass
-        process.send_signal(signal.SIGINT)
-        async with asyncio.timeout(30):
-            rest, _ = await process.communicate()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        rest = await interrupt(process)
 
-    assert process.returncode == 130, rest.decode()
-    assert rest.decode().count("(exit status 0)") == 2  # both children stopped cleanly
+    assert process.returncode == 130, rest
+    assert rest.count("(exit status 0)") == 2  # both children stopped cleanly
