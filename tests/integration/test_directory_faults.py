@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Callable
 
 import pytest
 
-from service.local_directory import RunningDirectory
+from service.local_directory import RunningDirectory, StandIn
 from service.processing import upstream
 from tests.integration.chaos import TALLY, assert_exactly_once, trials
 from tests.support import Service, ServiceFactory, csv_of
@@ -26,6 +27,20 @@ FAULTS = (
     "commit_504",
 )
 ENDPOINTS = ("create", "batch_get", "batch_activate")
+
+
+def on_request(
+    monkeypatch: pytest.MonkeyPatch, standin: StandIn, act: Callable[[str, int], str | None]
+) -> None:
+    """Call `act(endpoint, n)` as the stand-in takes its nth request to `endpoint`; a fault
+    kind it returns is struck instead of whatever the stand-in's rules chose."""
+    receive = standin.receive
+
+    def acting(endpoint: str) -> str | None:
+        fault = receive(endpoint)
+        return act(endpoint, standin.request_counts[endpoint]) or fault
+
+    monkeypatch.setattr(standin, "receive", acting)
 
 
 @pytest.mark.parametrize("seed", trials(quick=2, long=20))
@@ -83,15 +98,13 @@ async def test_a_lost_first_upstream_batch_stops_activation_before_the_others(
     service: Service, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     standin = directory.standin
-    receive = standin.receive
 
-    def lose_the_oldest_on_first_activation(endpoint: str) -> str | None:
-        if endpoint == "batch_activate" and standin.request_counts[endpoint] == 0:
+    def lose_the_oldest_on_first_activation(endpoint: str, n: int) -> None:
+        if endpoint == "batch_activate" and n == 1:
             oldest = min(standin.all_hospitals(), key=lambda h: h["id"])
             standin.store.delete_batch(oldest["creation_batch_id"])
-        return receive(endpoint)
 
-    monkeypatch.setattr(standin, "receive", lose_the_oldest_on_first_activation)
+    on_request(monkeypatch, standin, lose_the_oldest_on_first_activation)
     batch = (await service.upload(csv_of(65)))["batch_id"]  # four upstream batches
     final = await service.wait_finished(batch)
 
@@ -107,14 +120,12 @@ async def test_a_restart_inside_an_upstream_batch_activates_none_of_it(
     service_factory: ServiceFactory, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     standin = directory.standin
-    receive = standin.receive
 
-    def restart_at_the_fifth_create(endpoint: str) -> str | None:
-        if endpoint == "create" and standin.request_counts[endpoint] == 4:
+    def restart_at_the_fifth_create(endpoint: str, n: int) -> None:
+        if endpoint == "create" and n == 5:
             standin.restart()  # rows 1-4 are gone, and rows 5-8 get their ids 1-4 again
-        return receive(endpoint)
 
-    monkeypatch.setattr(standin, "receive", restart_at_the_fifth_create)
+    on_request(monkeypatch, standin, restart_at_the_fifth_create)
     async with service_factory(concurrency=1) as service:  # one upstream batch, row by row
         final = await service.wait_finished((await service.upload(csv_of(8)))["batch_id"])
 
@@ -132,17 +143,15 @@ async def test_a_lost_answer_after_a_restart_is_found_though_an_earlier_row_hold
     service_factory: ServiceFactory, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     standin = directory.standin
-    receive = standin.receive
 
-    def restart_at_the_fourth_create(endpoint: str) -> str | None:
-        fault = receive(endpoint)
-        if endpoint != "create" or not 4 <= standin.request_counts[endpoint] <= 5:
-            return fault
-        if standin.request_counts[endpoint] == 4:
+    def restart_at_the_fourth_create(endpoint: str, n: int) -> str | None:
+        if endpoint != "create" or not 4 <= n <= 5:
+            return None
+        if n == 4:
             standin.restart()  # rows 1-3 are gone; ids start again at 1
         return "commit_drop"  # rows 4 and 5 are stored, as ids 1 and 2, and not answered
 
-    monkeypatch.setattr(standin, "receive", restart_at_the_fourth_create)
+    on_request(monkeypatch, standin, restart_at_the_fourth_create)
     async with service_factory(concurrency=1) as service:
         final = await service.wait_finished((await service.upload(csv_of(8)))["batch_id"])
 
@@ -160,14 +169,12 @@ async def test_activation_looks_first_at_the_upstream_batch_created_first(
     standin = directory.standin
     standin.set_delay(0.1)
     standin.add_fault("create", "500", nth=range(1, 21))  # rows 1-20 wait to be checked
-    receive = standin.receive
 
-    def restart_before_the_first_retry(endpoint: str) -> str | None:
-        if endpoint == "create" and standin.request_counts[endpoint] == 25:
+    def restart_before_the_first_retry(endpoint: str, n: int) -> None:
+        if endpoint == "create" and n == 26:
             standin.restart()  # rows 21-25, created first, are gone
-        return receive(endpoint)
 
-    monkeypatch.setattr(standin, "receive", restart_before_the_first_retry)
+    on_request(monkeypatch, standin, restart_before_the_first_retry)
     async with service_factory() as service:
         final = await service.wait_finished((await service.upload(csv_of(25)))["batch_id"])
 
@@ -185,14 +192,12 @@ async def test_an_activation_refused_at_once_is_asked_again_after_a_pause(
     standin = directory.standin
     standin.add_fault("batch_activate", "503")  # every time, as a proxy in trouble
     patched_at: list[float] = []
-    receive = standin.receive
 
-    def noting_activations(endpoint: str) -> str | None:
+    def noting_activations(endpoint: str, n: int) -> None:
         if endpoint == "batch_activate":
             patched_at.append(time.monotonic())
-        return receive(endpoint)
 
-    monkeypatch.setattr(standin, "receive", noting_activations)
+    on_request(monkeypatch, standin, noting_activations)
     monkeypatch.setattr(upstream, "backoff", lambda attempt, base, cap: 0.05 * attempt)
     final = await service.wait_finished((await service.upload(csv_of(3)))["batch_id"])
 
