@@ -126,13 +126,17 @@ class EventStore:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
         self._writer = await loop.run_in_executor(self._executor, self._open_writer)
-        for _ in range(self._reader_count):
-            conn = await aiosqlite.connect(self.path)
-            await conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
-            await conn.execute("PRAGMA query_only=ON")
-            self._all_readers.append(conn)
-            self._readers.put_nowait(conn)
-        self.head.advance(await self.last_position())
+        try:
+            for _ in range(self._reader_count):
+                conn = await aiosqlite.connect(self.path)
+                self._all_readers.append(conn)
+                await conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
+                await conn.execute("PRAGMA query_only=ON")
+                self._readers.put_nowait(conn)
+            self.head.advance(await self.last_position())
+        except BaseException:  # leave no connection or thread behind
+            await self.close()
+            raise
         self._writer_task = asyncio.create_task(self._write_loop(), name="event-writer")
 
     def _open_writer(self) -> sqlite3.Connection:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiosqlite
 import pytest
 
 from service.domain import events as ev
@@ -185,6 +187,31 @@ async def test_read_all_pages_through_the_log_in_order(store: EventStore) -> Non
     assert [e.global_position for e in page] == [3, 4, 5]
     assert [e.global_position for e in rest] == [6, 7]
     assert [e.stream_id for e in page + rest] == ["batch-a"] + ["batch-b"] * 4
+
+
+async def test_a_reader_that_cannot_open_leaves_no_connection_or_thread_behind(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_connect = aiosqlite.connect
+    opened: list[str] = []
+
+    def connect(path: str) -> aiosqlite.Connection:
+        if len(opened) == 2:
+            raise sqlite3.OperationalError("unable to open database file")
+        opened.append(path)
+        return real_connect(path)
+
+    monkeypatch.setattr(aiosqlite, "connect", connect)
+    threads = threading.active_count()
+    store = EventStore(store_path, readers=3)
+
+    with pytest.raises(sqlite3.OperationalError, match="unable to open"):
+        await store.open()
+
+    assert len(opened) == 2
+    assert threading.active_count() == threads  # the writer's and both readers' threads ended
+    with pytest.raises(RuntimeError, match="not open"):
+        await store.append("batch-a", -1, new_batch("a"))
 
 
 async def test_reopened_store_continues_the_log(store_path: Path) -> None:
