@@ -195,7 +195,13 @@ def own_options_first(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _run(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # Ctrl-C before the command took it over: its imports, say
+        return 130
+
+
+def _run(argv: list[str]) -> int:
     if argv[:1] == ["local-directory"]:
         return local_directory(argv[1:])
     if argv[:1] == ["demo"]:

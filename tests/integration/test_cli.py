@@ -10,6 +10,7 @@ import re
 import signal
 import socket
 import sys
+import types
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import aiohttp
 import pytest
 from rich.console import Console
 
+from service.__main__ import main
 from service.client import run
 from service.domain import batch as b
 from service.domain import events as ev
@@ -283,6 +285,18 @@ async def test_ctrl_c_stops_following_and_leaves_the_batch_running(
     assert b" 0/3 done" in first
     assert process.returncode == 130
     assert b"keeps running on the service" in rest and b"python -m service follow" in rest
+
+
+def test_ctrl_c_while_a_command_loads_exits_130_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Loading(types.ModuleType):
+        def __getattr__(self, name: str) -> object:
+            raise KeyboardInterrupt  # as when Ctrl-C lands while the client's libraries load
+
+    monkeypatch.setitem(sys.modules, "service.client", Loading("service.client"))
+
+    assert main(["upload", "hospitals.csv"]) == 130
 
 
 def _free_port() -> int:
