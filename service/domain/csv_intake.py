@@ -55,7 +55,7 @@ def check_filename(filename: str | None) -> None:
 def decode(data: bytes) -> str:
     """UTF-8 with or without BOM; anything else is refused, saying where it breaks."""
     if b"\x00" in data:
-        line = data[: data.index(b"\x00")].count(b"\n") + 1
+        line, _ = _place(data, data.index(b"\x00"))
         hint = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
         raise CsvRejected(
             [
@@ -72,8 +72,7 @@ def decode(data: bytes) -> str:
     try:
         return body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = body[: exc.start].count(b"\n") + 1
-        line_start = body.rfind(b"\n", 0, exc.start) + 1
+        line, line_start = _place(body, exc.start)
         column = len(body[line_start : exc.start].decode("utf-8")) + 1
         raise CsvRejected(
             [
@@ -85,6 +84,14 @@ def decode(data: bytes) -> str:
                 )
             ]
         ) from exc
+
+
+def _place(data: bytes, at: int) -> tuple[int, int]:
+    """The line of byte `at` and the offset where that line starts; lines end as the CSV
+    reader ends them, at CR LF, LF or CR alone."""
+    before = data[:at]
+    line = before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n") + 1
+    return line, max(before.rfind(b"\n"), before.rfind(b"\r")) + 1
 
 
 # A value starting with one of these, after any quotes ('), is prefixed with one more ' by
@@ -159,7 +166,8 @@ def _headers(cells: list[str]) -> tuple[str, ...]:
 
 
 def parse(text: str, max_rows: int) -> ParsedCsv:
-    """Validate the whole file; raise CsvRejected with every problem found."""
+    """Validate the file; raise CsvRejected with every problem found (up to the first row
+    past `max_rows`, as the file is refused then whatever else it holds)."""
     records = _records(text)
     first = next(records, None)
     if first is None:
@@ -186,41 +194,44 @@ def parse(text: str, max_rows: int) -> ParsedCsv:
     seen: dict[tuple[str, str, str | None], int] = {}
     warnings: list[Problem] = []
     count = 0
-    for line, raw in records:
-        count += 1
-        if count > max_rows:
-            continue
-        cells = [unescaped(cell.strip()) for cell in raw]
-        if len(cells) != len(headers):
-            problems.append(
-                problem(
-                    ["row", count],
-                    f"row {count} (line {line}) has {_values(len(cells))}, "
-                    f"expected {len(headers)} ({','.join(headers)})",
-                    "wrong_column_count",
+    try:
+        for line, raw in records:
+            count += 1
+            if count > max_rows:  # refused whatever the rest holds: read no further
+                break
+            cells = [unescaped(cell.strip()) for cell in raw]
+            if len(cells) != len(headers):
+                problems.append(
+                    problem(
+                        ["row", count],
+                        f"row {count} (line {line}) has {_values(len(cells))}, "
+                        f"expected {len(headers)} ({','.join(headers)})",
+                        "wrong_column_count",
+                    )
                 )
+                continue
+            if not (cells[name] and cells[address]):
+                problems.extend(_missing(cells, headers, count, line))
+            row = Row(
+                count,
+                cells[name],
+                cells[address],
+                cells[phone] or None if phone is not None else None,
+                line,
             )
-            continue
-        if not (cells[name] and cells[address]):
-            problems.extend(_missing(cells, headers, count, line))
-        row = Row(
-            count,
-            cells[name],
-            cells[address],
-            cells[phone] or None if phone is not None else None,
-            line,
-        )
-        key = (row.name, row.address, row.phone)
-        if key in seen:
-            warnings.append(
-                problem(
-                    ["row", count],
-                    f"row {count} (line {line}) repeats row {seen[key]}: both will be created",
-                    "duplicate_row",
+            key = (row.name, row.address, row.phone)
+            if key in seen:
+                warnings.append(
+                    problem(
+                        ["row", count],
+                        f"row {count} (line {line}) repeats row {seen[key]}: both will be created",
+                        "duplicate_row",
+                    )
                 )
-            )
-        seen.setdefault(key, count)
-        rows.append(row)
+            seen.setdefault(key, count)
+            rows.append(row)
+    except CsvRejected as exc:  # a record that cannot be read: after the problems before it
+        raise CsvRejected(problems + exc.problems) from exc
     if count == 0:
         problems.append(
             problem(["file", "content"], "the file has a header but no data rows", "empty_file")
@@ -230,7 +241,8 @@ def parse(text: str, max_rows: int) -> ParsedCsv:
             0,
             problem(
                 ["file", "content"],
-                f"the file has {count} data rows; at most {max_rows} are allowed per upload",
+                f"the file has more than {max_rows} data rows; at most {max_rows} are allowed "
+                "per upload",
                 "too_many_rows",
             ),
         )

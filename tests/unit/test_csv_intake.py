@@ -110,6 +110,14 @@ def test_a_bom_is_not_part_of_the_first_header() -> None:
             id="cp1252-quotes-after-utf8",
         ),
         pytest.param(b"\xff\xd8\xff\xe0 JFIF", "byte 0xff at line 1, column 1", id="jpeg-bytes"),
+        pytest.param(
+            b"name,address\rA,B\rCaf\x8e,x\r", "byte 0x8e at line 3, column 4", id="cr-macroman"
+        ),
+        pytest.param(
+            b'name,address\r\nA,B\rC,"x\ny"\r\nCaf\xe9,x\n',
+            "byte 0xe9 at line 5, column 4",
+            id="every-line-ending",
+        ),
     ],
 )
 def test_bytes_that_are_not_utf8_are_refused_with_their_place(data: bytes, place: str) -> None:
@@ -124,6 +132,7 @@ def test_bytes_that_are_not_utf8_are_refused_with_their_place(data: bytes, place
     ("data", "says"),
     [
         pytest.param(b"name,address\nA\x00,B\n", "NUL bytes from line 2", id="nul-in-utf8"),
+        pytest.param(b"name,address\rA,B\rC\x00,D\r", "NUL bytes from line 3", id="nul-cr-lines"),
         pytest.param(
             "\ufeffname,address\nA,B\n".encode("utf-16-le"), "looks like UTF-16", id="utf-16-le"
         ),
@@ -309,6 +318,15 @@ def test_every_problem_of_the_file_is_reported_at_once() -> None:
     ]
 
 
+def test_the_problems_before_a_record_that_cannot_be_read_are_kept() -> None:
+    text = HEADER + ',1 Main St,\nA,,\nB,2 Oak Ave,\nC,"3 Elm" St,\n'
+    assert [(p["loc"], p["type"]) for p in refused(text)] == [
+        (["row", 1, "name"], "value_error"),
+        (["row", 2, "address"], "value_error"),
+        (["file", "content"], "csv_parse_error"),
+    ]
+
+
 def test_line_numbers_follow_newlines_inside_quotes() -> None:
     text = HEADER + '"A","1 Main St\nFloor 2\nRoom 3",\n,2 Oak Ave,\n'
     problem = only(refused(text))
@@ -355,10 +373,21 @@ def test_more_rows_than_max_rows_are_refused_first() -> None:
     problems = refused(HEADER + ",1 Main St,\n" + "A,1 Main St,\n" * 6, max_rows=5)
     assert problems[0] == {
         "loc": ["file", "content"],
-        "msg": "the file has 7 data rows; at most 5 are allowed per upload",
+        "msg": "the file has more than 5 data rows; at most 5 are allowed per upload",
         "type": "too_many_rows",
     }
     assert [p["loc"] for p in problems[1:]] == [["row", 1, "name"]]
+
+
+def test_a_file_over_max_rows_is_read_no_further_than_the_row_past_it() -> None:
+    unreadable_later = HEADER + "A,1 Main St,\n" * 6 + 'B,"2 Oak Ave\n'
+    assert refused(unreadable_later, max_rows=5) == [
+        {
+            "loc": ["file", "content"],
+            "msg": "the file has more than 5 data rows; at most 5 are allowed per upload",
+            "type": "too_many_rows",
+        }
+    ]
 
 
 @pytest.mark.parametrize(
