@@ -12,6 +12,7 @@ from service.web.errors import ApiError
 
 CHUNK = 64 * 1024
 FORM_OVERHEAD = 64 * 1024  # boundaries and part headers around the file itself
+MAX_EXTRA = 10  # fields other than the file listed at most: the answer stops there
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,17 @@ async def read_upload(request: web.Request, max_bytes: int) -> Upload:
         )
     upload: Upload | None = None
     extra: list[Problem] = []
+    left = max_bytes + FORM_OVERHEAD  # what every part together may still take
     try:
         reader = await request.multipart()
-        while (part := await reader.next()) is not None:
+        while len(extra) < MAX_EXTRA and (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):
                 raise ValueError("nested multipart bodies are not accepted")
+            # Every part counts against the one allowance, read or not.
+            data = await _read_limited(part, min(left, max_bytes), max_bytes)
+            left -= len(data)
             if part.name == "file" and upload is None:
-                upload = Upload(_storable(part.filename), await _read_limited(part, max_bytes))
+                upload = Upload(_storable(part.filename), data)
             else:
                 name = part.name or "(unnamed)"
                 what = "a second 'file'" if part.name == "file" else f"unexpected field {name!r}"
@@ -66,7 +71,6 @@ async def read_upload(request: web.Request, max_bytes: int) -> Upload:
                         ["body", name], f"{what}: send exactly one field, 'file'", "extra_forbidden"
                     )
                 )
-                await part.release()
     except ApiError:
         raise
     except (ValueError, AssertionError, RuntimeError, UnicodeDecodeError) as exc:
@@ -82,7 +86,7 @@ async def read_upload(request: web.Request, max_bytes: int) -> Upload:
         raise ApiError(
             400, [problem(["body"], f"the request body cannot be read: {cause}", "body_error")]
         ) from exc
-    if upload is None:
+    if upload is None and len(extra) < MAX_EXTRA:  # else it may be in the part not read
         extra.insert(0, problem(["body", "file"], "Field required: the CSV file", "missing"))
     if extra:
         raise ApiError(422, extra)
@@ -95,11 +99,12 @@ def _storable(filename: str | None) -> str | None:
     return None if filename is None else filename.encode("utf-8", "replace").decode("utf-8")
 
 
-async def _read_limited(part: BodyPartReader, max_bytes: int) -> bytes:
+async def _read_limited(part: BodyPartReader, limit: int, max_bytes: int) -> bytes:
+    """The part's bytes; 413 (naming `max_bytes`) once they pass `limit`."""
     chunks, size = [], 0
     while chunk := await part.read_chunk(CHUNK):
         size += len(chunk)
-        if size > max_bytes:
+        if size > limit:
             raise _too_large(max_bytes)
         chunks.append(chunk)
     return b"".join(chunks)

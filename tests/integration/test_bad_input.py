@@ -460,13 +460,22 @@ def oversized(how: str) -> dict[str, Any]:
         return {"data": form(exactly(2049))}
     if how == "body-over-limit-and-form-overhead":
         return {"data": form(exactly(70_000))}
-    body = multipart(file_part(exactly(4096)))
+    if how == "chunked-without-content-length":
+        body = multipart(file_part(exactly(4096)))
+    else:  # the file fits; the whole body does not
+        big_note = part('Content-Disposition: form-data; name="note"', b"x" * 70_000)
+        body = multipart(file_part(exactly(100)), big_note)
     return {"data": chunks(body), "headers": {"Content-Type": MULTIPART}}
 
 
 @pytest.mark.parametrize(
     "how",
-    ["file-one-byte-over", "body-over-limit-and-form-overhead", "chunked-without-content-length"],
+    [
+        "file-one-byte-over",
+        "body-over-limit-and-form-overhead",
+        "chunked-without-content-length",
+        "another-field-over-the-rest-of-the-allowance",
+    ],
 )
 async def test_a_body_over_max_bytes_is_refused_with_413(limited: Service, how: str) -> None:
     async with limited.http.post(f"{limited.url}/batch/upload-csv", **oversized(how)) as r:
@@ -479,6 +488,18 @@ async def test_a_body_over_max_bytes_is_refused_with_413(limited: Service, how: 
             "type": "file_too_large",
         }
     ]
+    await assert_nothing_stored(limited)
+
+
+async def test_a_form_of_many_fields_is_answered_after_the_first_ten(limited: Service) -> None:
+    notes = [part(f'Content-Disposition: form-data; name="note{n}"', b"") for n in range(30)]
+    form_data = multipart(*notes, file_part(exactly(100)))
+    async with limited.http.post(
+        f"{limited.url}/batch/upload-csv", data=form_data, headers={"Content-Type": MULTIPART}
+    ) as r:
+        body = await r.json()
+    assert r.status == 422
+    assert [p["loc"] for p in body["detail"]] == [["body", f"note{n}"] for n in range(10)]
     await assert_nothing_stored(limited)
 
 
@@ -522,7 +543,7 @@ async def test_more_rows_than_max_rows_are_refused(limited: Service, path: str) 
         body = await r.json()
     assert r.status == 422
     assert message_at(body, (["file", "content"], "too_many_rows")) == (
-        "the file has 6 data rows; at most 5 are allowed per upload"
+        "the file has more than 5 data rows; at most 5 are allowed per upload"
     )
     await assert_nothing_stored(limited)
 
