@@ -71,6 +71,38 @@ class Head:
             await self._moved.wait()
 
 
+class _Readers:
+    """The reader connections, lent in turn: a caller that gives one back and asks again at
+    once queues behind those already waiting (an asyncio.Queue would hand it straight back,
+    and a busy follower would starve every other read)."""
+
+    def __init__(self) -> None:
+        self._idle: list[aiosqlite.Connection] = []
+        self._waiting: deque[asyncio.Future[aiosqlite.Connection]] = deque()
+
+    async def take(self) -> aiosqlite.Connection:
+        if self._idle and not self._waiting:
+            return self._idle.pop()
+        handed: asyncio.Future[aiosqlite.Connection] = asyncio.get_running_loop().create_future()
+        self._waiting.append(handed)
+        try:
+            return await handed
+        except asyncio.CancelledError:
+            if handed.done() and not handed.cancelled():  # handed over as it was cancelled
+                self.give(handed.result())
+            else:
+                self._waiting.remove(handed)
+            raise
+
+    def give(self, conn: aiosqlite.Connection) -> None:
+        while self._waiting:
+            handed = self._waiting.popleft()
+            if not handed.done():
+                handed.set_result(conn)
+                return
+        self._idle.append(conn)
+
+
 def connect_writer(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
     """The one connection that writes: WAL, synchronous=FULL, explicit transactions."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -114,7 +146,7 @@ class EventStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="event-writer")
         self._writer: sqlite3.Connection | None = None
         self._writer_task: asyncio.Task[None] | None = None
-        self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+        self._readers = _Readers()
         self._all_readers: list[aiosqlite.Connection] = []
         self._recent: deque[StoredEvent] = deque(maxlen=RECENT_EVENTS)
         self._versions: dict[str, int] = {}  # last version of each stream written (writer thread)
@@ -132,7 +164,7 @@ class EventStore:
                 self._all_readers.append(conn)
                 await conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
                 await conn.execute("PRAGMA query_only=ON")
-                self._readers.put_nowait(conn)
+                self._readers.give(conn)
             self.head.advance(await self.last_position())
         except BaseException:  # leave no connection or thread behind
             await self.close()
@@ -328,11 +360,11 @@ class EventStore:
         """A reader from the pool. Each query is one call in its thread (execute_fetchall):
         a caller cancelled mid-query must not leave a half-read cursor behind, whose open
         read transaction would show the next caller an old snapshot."""
-        conn = await self._readers.get()
+        conn = await self._readers.take()
         try:
             yield conn
         finally:
-            self._readers.put_nowait(conn)
+            self._readers.give(conn)
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         """Run a read-only query on a reader connection and return every row."""

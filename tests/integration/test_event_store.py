@@ -8,13 +8,14 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import aiosqlite
 import pytest
 
 from service.domain import events as ev
 from service.projections import queries
-from service.store.event_store import EventStore
+from service.store.event_store import EventStore, _Readers
 from service.store.records import ConcurrencyError, DuplicateEventError, NewEvent
 from tests.integration.conftest import new_batch, requested, run_sql
 
@@ -212,6 +213,45 @@ async def test_a_reader_that_cannot_open_leaves_no_connection_or_thread_behind(
     assert threading.active_count() == threads  # the writer's and both readers' threads ended
     with pytest.raises(RuntimeError, match="not open"):
         await store.append("batch-a", -1, new_batch("a"))
+
+
+async def test_a_reader_given_back_goes_to_whoever_waited_first(store_path: Path) -> None:
+    store = EventStore(store_path, readers=1)
+    await store.open()
+    reads = 0
+
+    async def hog() -> None:  # a follower that reads again as soon as it has read
+        nonlocal reads
+        while reads < 200:
+            await store.select("SELECT 1", ())
+            reads += 1
+
+    try:
+        hogging = asyncio.create_task(hog())
+        await asyncio.sleep(0)  # the hog has the one reader
+        await store.select("SELECT 2", ())
+        reads_before_mine = reads
+        await hogging
+    finally:
+        await store.close()
+
+    assert reads_before_mine <= 2
+
+
+async def test_a_reader_handed_to_a_caller_cancelled_meanwhile_goes_to_the_next() -> None:
+    readers, conn = _Readers(), cast(aiosqlite.Connection, object())
+    readers.give(conn)
+    lent = await readers.take()
+    cancelled = asyncio.create_task(readers.take())
+    next_one = asyncio.create_task(readers.take())
+    await asyncio.sleep(0)  # both wait, in that order
+
+    readers.give(lent)  # handed to the first waiter...
+    cancelled.cancel()  # ...which is cancelled before it runs
+
+    async with asyncio.timeout(1):
+        assert await next_one is conn
+    assert cancelled.cancelled()
 
 
 async def test_reopened_store_continues_the_log(store_path: Path) -> None:
