@@ -28,6 +28,16 @@ async def get_batch(store: EventStore, batch_id: str) -> dict[str, Any] | None:
     return _dict(rows[0]) if rows else None
 
 
+async def get_batches(store: EventStore, batch_ids: list[str]) -> list[dict[str, Any]]:
+    """The summary rows of the batches that exist among `batch_ids`, in that order."""
+    marks = ", ".join("?" * len(batch_ids))
+    rows = await store.fetch(
+        f"SELECT {BATCH_COLUMNS} FROM batches WHERE batch_id IN ({marks})", batch_ids
+    )
+    found = {row["batch_id"]: _dict(row) for row in rows}
+    return [found[batch_id] for batch_id in batch_ids if batch_id in found]
+
+
 ROW_NAMES = tuple(name.strip() for name in ROW_COLUMNS.split(","))
 
 

@@ -40,6 +40,10 @@ FINISHED = WSCloseCode.OK  # the batch reached a finished state
 SHUTDOWN = WSCloseCode.GOING_AWAY  # the service is stopping
 RESYNC = 4000  # the client fell behind: reconnect with ?after=<last version received>
 DASHBOARD_BATCHES = 50  # batches in the /ws snapshot
+# A dashboard that has caught up gathers the log's moves this long before its next message:
+# a message per commit made every dashboard read the log and its batches hundreds of times
+# a second, and held the other reads back.
+DASHBOARD_PAUSE = 0.25
 
 HANDSHAKE_RESPONSES = {
     101: {"description": "switching to websocket; docs/websocket.md lists the messages"},
@@ -268,10 +272,10 @@ async def batch_socket(request: web.Request) -> web.WebSocketResponse:
     summary="Websocket: progress of every batch as the log moves (for dashboards)",
     description=(
         f"Upgrade to a websocket (docs/websocket.md). First a `snapshot` of the "
-        f"{DASHBOARD_BATCHES} newest batches and the log position it reflects, then, each time "
-        "the log moves, a `progress` message with the current summary of every batch that "
-        "changed. ?after=P starts from log position P instead of a snapshot. Never ends on "
-        "its own; 1001 at shutdown, 4000 when the client stops reading."
+        f"{DASHBOARD_BATCHES} newest batches and the log position it reflects, then, as the "
+        "log moves (at most 4 times a second), a `progress` message with the current summary "
+        "of every batch that changed. ?after=P starts from log position P instead of a "
+        "snapshot. Never ends on its own; 1001 at shutdown, 4000 when the client stops reading."
     ),
     parameters=[
         {
@@ -314,16 +318,18 @@ async def dashboard_socket(request: web.Request) -> web.WebSocketResponse:
             if not page:
                 await store.head.wait_past(position)
                 continue
-            changed = dict.fromkeys(e.stream_id.removeprefix("batch-") for e in page)
-            batches = [await queries.get_batch(store, batch_id) for batch_id in changed]
+            changed = list(dict.fromkeys(e.stream_id.removeprefix("batch-") for e in page))
+            batches = await queries.get_batches(store, changed)
             message = {
                 "type": "progress",
                 "position": page[-1].global_position,
-                "batches": [presenters.summary(x) for x in batches if x is not None],
+                "batches": [presenters.summary(x) for x in batches],
             }
             if not await _send(ws, message, seconds):
                 return _not_reading(seconds)
             position = page[-1].global_position
+            if len(page) < settings.max_backlog:  # caught up: let the next changes gather
+                await asyncio.sleep(DASHBOARD_PAUSE)
 
     return await _serve(request, sender)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from service.local_directory import RunningDirectory
 from service.store.records import StoredEvent
 from service.web import presenters
 from service.web.keys import STORE
+from service.web.websocket import DASHBOARD_PAUSE
 from tests.integration.conftest import new_batch, requested, run_sql
 from tests.support import SAMPLE_CSV, Service, csv_of, fast_settings, running_service
 
@@ -310,6 +312,29 @@ async def test_the_dashboard_follows_every_batch(service: Service) -> None:
     assert seen[-1]["processed_hospitals"] == 3 and seen[-1]["file_name"] == "hospitals.csv"
     assert replayed["type"] == "progress"
     assert [x["batch_id"] for x in replayed["batches"]] == [accepted["batch_id"]]
+
+
+async def test_a_dashboard_gathers_the_moves_of_a_quarter_second_into_one_message(
+    service: Service, directory: RunningDirectory
+) -> None:
+    directory.standin.set_delay(0.05)
+    async with service.http.ws_connect(f"{service.url}/ws") as ws:
+        await received(ws, 1)
+        started = time.monotonic()
+        accepted = await service.upload(csv_of(60))
+        messages = 0
+        while True:
+            (message,) = await received(ws, 1)
+            messages += 1
+            mine = [x for x in message["batches"] if x["batch_id"] == accepted["batch_id"]]
+            if mine and mine[-1]["processing_status"] == "completed":
+                break
+        elapsed = time.monotonic() - started
+    commits = len({e["recorded_at"] for e in await history(service, accepted["batch_id"])})
+
+    assert messages <= elapsed / DASHBOARD_PAUSE + 1
+    assert messages < commits / 2
+    assert mine[-1]["processed_hospitals"] == 60
 
 
 async def test_heartbeat_pings_reach_the_client(directory: RunningDirectory, db_path: Path) -> None:
