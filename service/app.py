@@ -31,6 +31,7 @@ from service.web.keys import (
     SOCKETS,
     STARTED_AT,
     STATUS_CACHE,
+    STOPPING,
     STORE,
 )
 from service.web.status_cache import StatusCache
@@ -102,6 +103,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[STARTED_AT] = time.monotonic()
     app[SOCKETS] = weakref.WeakSet()
+    app[STOPPING] = asyncio.Event()
     app[STATUS_CACHE] = StatusCache(settings.api.status_cache_seconds)
     app[FEEDS] = Feeds()
     app[CPU_WORK] = asyncio.Lock()

@@ -22,4 +22,5 @@ STARTED_AT = web.AppKey("started_at", float)
 STATUS_CACHE = web.AppKey("status_cache", StatusCache)
 FEEDS = web.AppKey("feeds", Feeds)
 CPU_WORK = web.AppKey("cpu_work", asyncio.Lock)  # one CPU-bound job off the loop at a time
+STOPPING = web.AppKey("stopping", asyncio.Event)  # set as shutdown starts
 SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("websockets")

@@ -31,7 +31,7 @@ from service.web.batches import (
     existing_batch,
 )
 from service.web.errors import ApiError, invalid
-from service.web.keys import FEEDS, SETTINGS, SOCKETS, STORE
+from service.web.keys import FEEDS, SETTINGS, SOCKETS, STOPPING, STORE
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -59,6 +59,9 @@ class Closing:
 
     code: int
     reason: str
+
+
+GOING_AWAY = Closing(SHUTDOWN, "server shutdown")
 
 
 Sender = Callable[[web.WebSocketResponse], Coroutine[Any, Any, Closing]]
@@ -157,6 +160,9 @@ async def _serve(request: web.Request, sender: Sender) -> web.WebSocketResponse:
     if not ws.can_prepare(request).ok:
         raise ApiError(400, "this route is a websocket: connect with a websocket client")
     await ws.prepare(request)
+    if request.app[STOPPING].is_set():  # upgraded after close_all took its list
+        await _close(ws, GOING_AWAY, seconds)
+        return ws
     sockets = request.app[SOCKETS]
     sockets.add(ws)
     reading = asyncio.create_task(_read_until_closed(ws))
@@ -336,6 +342,7 @@ async def dashboard_socket(request: web.Request) -> web.WebSocketResponse:
 
 async def close_all(app: web.Application) -> None:
     """At shutdown, close every socket with 1001 Going Away, within the shutdown timeout."""
+    app[STOPPING].set()  # sockets upgraded from now on close at once
     tracked = app[SOCKETS]
     sockets = list(tracked)
     if not sockets:
@@ -343,6 +350,6 @@ async def close_all(app: web.Application) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(app[SETTINGS].app.shutdown_timeout):
             await asyncio.gather(
-                *(ws.close(code=SHUTDOWN, message=b"server shutdown") for ws in sockets),
+                *(_close(ws, GOING_AWAY, None) for ws in sockets),
                 return_exceptions=True,
             )

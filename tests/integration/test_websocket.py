@@ -11,13 +11,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from service.domain import batch as b
 from service.local_directory import RunningDirectory
 from service.store.records import StoredEvent
-from service.web import presenters
-from service.web.keys import STORE
-from service.web.websocket import DASHBOARD_PAUSE
+from service.web import presenters, websocket
+from service.web.batches import existing_batch
+from service.web.keys import STOPPING, STORE
 from tests.integration.conftest import new_batch, requested, run_sql
 from tests.support import SAMPLE_CSV, Service, csv_of, fast_settings, running_service
 
@@ -255,6 +256,37 @@ async def test_shutdown_closes_every_socket_with_going_away(
     assert batch_ws.closed and dashboard_ws.closed
 
 
+async def test_a_socket_upgraded_as_the_service_stops_is_closed_with_going_away(
+    directory: RunningDirectory, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory.standin.set_delay(5.0)
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def held(request: web.Request) -> dict[str, Any]:  # a handshake still reading
+        entered.set()
+        await release.wait()
+        return await existing_batch(request)
+
+    monkeypatch.setattr(websocket, "existing_batch", held)
+    settings = fast_settings(db_path, directory.url).replace(app={"shutdown_timeout": 5.0})
+    async with aiohttp.ClientSession() as http:
+        running = running_service(settings)
+        service = await running.__aenter__()
+        url = f"{service.url}/batch/{(await service.upload(SAMPLE_CSV))['batch_id']}/ws"
+        connecting = asyncio.create_task(http.ws_connect(url))
+        await entered.wait()
+        stopping = asyncio.create_task(running.__aexit__(None, None, None))
+        async with asyncio.timeout(5):
+            await service.app[STOPPING].wait()  # every socket open then was closed
+        release.set()
+        ws = await connecting
+        async with asyncio.timeout(3):  # not the shutdown timeout (5 s), twice over
+            close = await close_of(ws)
+        await stopping
+
+    assert (close.type, close.data) == (aiohttp.WSMsgType.CLOSE, 1001)
+
+
 @pytest.fixture
 async def lagging_service(
     directory: RunningDirectory, db_path: Path
@@ -332,7 +364,7 @@ async def test_a_dashboard_gathers_the_moves_of_a_quarter_second_into_one_messag
         elapsed = time.monotonic() - started
     commits = len({e["recorded_at"] for e in await history(service, accepted["batch_id"])})
 
-    assert messages <= elapsed / DASHBOARD_PAUSE + 1
+    assert messages <= elapsed / websocket.DASHBOARD_PAUSE + 1
     assert messages < commits / 2
     assert mine[-1]["processed_hospitals"] == 60
 
