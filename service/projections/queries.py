@@ -59,10 +59,19 @@ ROW_RESULTS_JSON = (
 )
 
 
-async def row_results_json(store: EventStore, batch_id: str) -> bytes:
-    """A batch's /status `hospitals` array, encoded."""
-    ((encoded,),) = await store.select(ROW_RESULTS_JSON, (batch_id,))
-    return str(encoded).encode()
+STATUS_SNAPSHOT = (
+    f"SELECT {BATCH_COLUMNS}, ({ROW_RESULTS_JSON}) AS hospitals FROM batches WHERE batch_id = ?"
+)
+
+
+async def status_snapshot(store: EventStore, batch_id: str) -> tuple[dict[str, Any], bytes] | None:
+    """A batch's summary row and its /status `hospitals` array, encoded, or None. One
+    statement reads both, so the counts and the rows are of the same commit."""
+    found = await store.fetch(STATUS_SNAPSHOT, (batch_id, batch_id))
+    if not found:
+        return None
+    batch = _dict(found[0])
+    return batch, str(batch.pop("hospitals")).encode()
 
 
 async def unfinished_batch_ids(store: EventStore) -> list[str]:

@@ -3,8 +3,8 @@
 A 5,000-row batch's /status is a large body; twenty pollers must not each read and
 encode it while the batch runs. A finished batch's body is reused until its version
 moves. A running batch's is reused for `max_age` seconds while its status stays the same,
-then answered once more while its successor is built (the body carries `version`, so
-the delay is visible); a change of status always waits for a fresh body.
+and answered while its successor is built if younger than twice that (the body carries
+`version`, so the delay is visible); a change of status always waits for a fresh body.
 """
 
 from __future__ import annotations
@@ -88,8 +88,15 @@ class StatusCache:
             self._entries.move_to_end(batch_id)
             return entry.body
         building = self._start_build(store, batch, now)
-        if entry is not None and running and same_status:
-            # Too old, but of the same status: answer with it while the new one is built.
+        if (
+            entry is not None
+            and running
+            and same_status
+            and now - entry.built_at < 2 * self.max_age
+        ):
+            # Old, but of the same status and not by much: answer with it while the new
+            # one is built (a sparse poller waits instead, or it would always get the
+            # body its previous poll started).
             return entry.body
         return await asyncio.shield(building)
 
@@ -114,10 +121,13 @@ class StatusCache:
 
     async def _build(self, store: EventStore, batch: dict[str, Any], now: float) -> bytes:
         batch_id = batch["batch_id"]
-        # SQLite encodes the rows (thousands of them) off the event loop; they go last.
-        rows = await queries.row_results_json(store, batch_id)
-        body = orjson.dumps(presenters.status_numbers(batch))[:-1] + b',"hospitals":' + rows + b"}"
-        self._entries[batch_id] = _Entry(batch["stream_version"], batch["status"], now, body)
+        # SQLite encodes the rows (thousands of them) off the event loop; they go last. The
+        # numbers come from the same read, not from `batch`: the log may have moved since.
+        snapshot = await queries.status_snapshot(store, batch_id)
+        assert snapshot is not None, "a batch's read model is never deleted"
+        read, rows = snapshot
+        body = orjson.dumps(presenters.status_numbers(read))[:-1] + b',"hospitals":' + rows + b"}"
+        self._entries[batch_id] = _Entry(read["stream_version"], read["status"], now, body)
         self._entries.move_to_end(batch_id)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 from unittest.mock import ANY
 
 import pytest
@@ -56,14 +57,14 @@ async def test_an_unknown_batch_has_no_body(store: EventStore) -> None:
 def builds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The batch id of every body built from here on; each build takes 50 ms more."""
     built: list[str] = []
-    real = queries.row_results_json
+    real = queries.status_snapshot
 
-    async def counted(store: EventStore, batch_id: str) -> bytes:
+    async def counted(store: EventStore, batch_id: str) -> tuple[dict[str, Any], bytes] | None:
         built.append(batch_id)
         await asyncio.sleep(0.05)
         return await real(store, batch_id)
 
-    monkeypatch.setattr(queries, "row_results_json", counted)
+    monkeypatch.setattr(queries, "status_snapshot", counted)
     return built
 
 
@@ -83,13 +84,43 @@ async def test_an_expired_body_is_answered_once_more_while_its_successor_is_buil
 ) -> None:
     await store.append("batch-b", -1, new_batch("b", rows=2))
     await store.append("batch-b", None, requested("b"))
-    cache = StatusCache(max_age=0.0)
+    cache = StatusCache(max_age=0.5)
     assert await version_of(cache, store, "b") == 1
     await store.append("batch-b", None, requested("b"))
+    await asyncio.sleep(0.6)  # older than max_age, younger than twice that
 
     assert await version_of(cache, store, "b") == 1  # stale, the rebuild is under way
     await asyncio.sleep(0.05)
     assert await version_of(cache, store, "b") == 2
+
+
+@pytest.mark.parametrize("max_age", [0.0, 0.3])
+async def test_a_body_older_than_twice_max_age_waits_for_its_successor(
+    store: EventStore, max_age: float
+) -> None:
+    await store.append("batch-b", -1, new_batch("b", rows=2))
+    await store.append("batch-b", None, requested("b"))
+    cache = StatusCache(max_age=max_age)
+    assert await version_of(cache, store, "b") == 1
+    await store.append("batch-b", None, requested("b"))
+    await asyncio.sleep(2 * max_age + 0.05)  # a poller that comes back later than that
+
+    assert await version_of(cache, store, "b") == 2
+
+
+async def test_the_numbers_and_the_rows_of_a_body_are_of_one_commit(store: EventStore) -> None:
+    await store.append("batch-b", -1, new_batch("b", rows=3) + requested("b"))
+    folded_earlier = await queries.get_batch(store, "b")  # what a poller got from the fold
+    created = [NewEvent(ev.HospitalCreated(n, 100 + n)) for n in (1, 2)]
+    await store.append("batch-b", None, created)  # the log moved on meanwhile
+
+    body = await StatusCache(max_age=0.0).body(store, "b", folded_earlier)
+
+    assert body is not None
+    status = json.loads(body)
+    assert status["version"] == 3
+    assert status["processed_hospitals"] == 2
+    assert [h["status"] for h in status["hospitals"]] == ["created", "created", "pending"]
 
 
 async def test_the_body_equals_the_presenters_for_every_kind_of_row(store: EventStore) -> None:
