@@ -14,6 +14,9 @@ from pathlib import Path
 
 from service.settings import Settings, SettingsError, load_settings
 from service.store.lock import DatabaseInUse, exclusive
+from service.store.migrations import MigrationError, discover
+
+log = logging.getLogger(__name__)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -34,7 +37,7 @@ def serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _logging(settings.app.log_level)
-    logging.getLogger(__name__).info(
+    log.info(
         "Hospital Batch Processor starting on http://%s:%d, directory %s, database %s",
         settings.app.host,
         settings.app.port,
@@ -52,6 +55,10 @@ def serve(args: argparse.Namespace) -> int:
         )
     except (DatabaseInUse, OSError) as exc:  # the lock, the address, or the database's folder
         print(f"error: the service could not start: {exc}", file=sys.stderr)
+        return 2
+    except (MigrationError, sqlite3.DatabaseError) as exc:  # corrupt, newer, read-only
+        path = settings.database.path
+        print(f"error: the service could not start: database {path}: {exc}", file=sys.stderr)
         return 2
     return 0
 
@@ -138,8 +145,6 @@ def _batch_id(text: str) -> str:
 def _is_service_database(path: str, current: bool = False) -> bool:
     """Whether `path` holds the service's log (`current`: at this code's schema); if not,
     say so on stderr."""
-    from service.store.migrations import discover
-
     if not Path(path).is_file():
         print(f"error: no database at {path}", file=sys.stderr)
         return False

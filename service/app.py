@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import time
 import weakref
@@ -45,7 +46,20 @@ DESCRIPTION = (
 )
 
 
-async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+async def resources(app: web.Application) -> AsyncIterator[None]:
+    """The store, the directory's session and the processor: started in that order, stopped
+    in reverse. One that fails to start stops those already started: aiohttp unwinds its
+    cleanup contexts only once all of them have started, and a store left open kept its
+    reader threads, so a service that failed to start never exited."""
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(_store(app))
+        await stack.enter_async_context(_directory(app))
+        await stack.enter_async_context(_processor(app))
+        yield
+
+
+@contextlib.asynccontextmanager
+async def _store(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     store = EventStore(
         settings.database.path,
@@ -55,18 +69,22 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     with exclusive(settings.database.path):
         await store.open()
         app[STORE] = store
-        yield
-        await store.close()
+        try:
+            yield
+        finally:
+            await store.close()
 
 
-async def directory_ctx(app: web.Application) -> AsyncIterator[None]:
+@contextlib.asynccontextmanager
+async def _directory(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS].directory
     async with DirectoryClient.new_session(settings) as session:
         app[CLIENT] = DirectoryClient(session, settings)
         yield
 
 
-async def processor_ctx(app: web.Application) -> AsyncIterator[None]:
+@contextlib.asynccontextmanager
+async def _processor(app: web.Application) -> AsyncIterator[None]:
     store, cache = app[STORE], app[STATUS_CACHE]
     # A new status needs a new /status body: build it now rather than on a poller's time.
     processor = Processor(
@@ -76,10 +94,12 @@ async def processor_ctx(app: web.Application) -> AsyncIterator[None]:
         lambda state: cache.warm(store, state.batch_id, presenters.batch_record(state)),
     )
     app[PROCESSOR] = processor
-    await processor.start()
-    yield
-    await processor.stop(grace=app[SETTINGS].app.shutdown_timeout)
-    await cache.close()
+    try:
+        await processor.start()
+        yield
+    finally:
+        await processor.stop(grace=app[SETTINGS].app.shutdown_timeout)
+        await cache.close()
 
 
 async def _tune_collector(app: web.Application) -> None:
@@ -107,7 +127,7 @@ def create_app(settings: Settings) -> web.Application:
     app[STATUS_CACHE] = StatusCache(settings.api.status_cache_seconds)
     app[FEEDS] = Feeds()
     app[CPU_WORK] = asyncio.Lock()
-    app.cleanup_ctx.extend([store_ctx, directory_ctx, processor_ctx])
+    app.cleanup_ctx.append(resources)
     app.on_startup.append(_tune_collector)
     app.on_shutdown.append(websocket.close_all)
     app.add_routes(batch_routes.routes)

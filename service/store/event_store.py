@@ -114,6 +114,17 @@ def connect_writer(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
     return conn
 
 
+def check_writable(conn: sqlite3.Connection) -> None:
+    """Raise sqlite3.OperationalError if the database can be read but not written (a
+    read-only file or mount): a service on it would start, then fail every append."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        conn.execute(f"PRAGMA user_version = {int(version)}")
+    finally:
+        conn.execute("ROLLBACK")
+
+
 CHECKPOINT = "read_models"
 
 
@@ -175,6 +186,7 @@ class EventStore:
         conn = connect_writer(self.path, self._busy_timeout_ms)
         try:
             migrate(conn)
+            check_writable(conn)
         except BaseException:
             conn.close()
             raise

@@ -1,0 +1,83 @@
+"""A service that cannot start on its database says why, exits 2, and leaves nothing running."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from service.store.event_store import check_writable
+from service.store.migrations import migrate
+from tests.support import PROJECT, free_port
+
+PAGE = 4096
+
+
+def migrated(db: Path) -> None:
+    with sqlite3.connect(db) as conn:
+        migrate(conn)
+    sqlite3.connect(db).close()
+
+
+def garbled_past_the_log(db: Path) -> None:
+    """The log reads; the read models (the pages after the event tables) do not."""
+    migrated(db)
+    with db.open("r+b") as f:
+        f.seek(6 * PAGE)
+        f.write(b"\xab" * 8 * PAGE)
+
+
+def newer(db: Path) -> None:
+    migrated(db)
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO schema_migrations VALUES (99, '099_future', 'later')")
+
+
+def not_a_database(db: Path) -> None:
+    db.write_bytes(b"\x13" * 3 * PAGE)
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        pytest.param(garbled_past_the_log, "database disk image is malformed", id="corrupt"),
+        pytest.param(newer, "newer than this code", id="newer-schema"),
+        pytest.param(not_a_database, "file is not a database", id="not-a-database"),
+    ],
+)
+def test_a_database_the_service_cannot_use_is_named_and_it_exits_2(
+    tmp_path: Path, make: Callable[[Path], None], says: str
+) -> None:
+    db = tmp_path / "service.db"
+    make(db)
+
+    # A store left open kept its reader threads: the process never ended, even on SIGTERM.
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "serve"],
+        env={"PATH": "/usr/bin:/bin", "DATABASE_PATH": str(db), "APP_PORT": str(free_port())},
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert done.returncode == 2, done.stderr
+    assert f"error: the service could not start: database {db}: " in done.stderr
+    assert says in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_database_that_can_be_read_but_not_written_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "service.db"
+    migrated(db)
+    writable = sqlite3.connect(db, isolation_level=None)
+    read_only = sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None)
+
+    check_writable(writable)
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        check_writable(read_only)
+    assert not read_only.in_transaction
