@@ -108,11 +108,11 @@ def load_settings(
     path = named or DEFAULT_CONFIG
     layers: dict[str, dict[str, Any]] = {}
     if path.exists():
-        with path.open("rb") as f:
-            try:
+        try:
+            with path.open("rb") as f:
                 data = tomllib.load(f)
-            except tomllib.TOMLDecodeError as exc:
-                raise SettingsError(f"{path}: {exc}") from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
+            raise SettingsError(f"{path}: {exc}") from exc
         _merge_toml(layers, data, path)
     elif named is not None:
         raise SettingsError(f"config file {path} does not exist")
@@ -126,7 +126,11 @@ def read_dotenv(path: Path) -> dict[str, str]:
     """Parse KEY=VALUE lines: blank lines and # comments skipped, quotes or a trailing comment
     stripped."""
     values = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as exc:
+        raise SettingsError(f"{path}: {exc}") from exc
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -230,6 +234,11 @@ def _validate(s: Settings) -> None:
         (s.app.log_level.upper() in LOG_LEVELS, "app.log_level", f"must be one of {LOG_LEVELS}"),
         (s.app.shutdown_timeout >= 0, "app.shutdown_timeout", "must be >= 0"),
         (bool(s.database.path), "database.path", "must not be empty"),
+        (
+            s.database.path != ":memory:",
+            "database.path",
+            "must be a file: the log outlives the process, and its readers share it",
+        ),
         (s.database.busy_timeout_ms >= 0, "database.busy_timeout_ms", "must be >= 0"),
         (
             url.scheme in ("http", "https") and bool(url.hostname),

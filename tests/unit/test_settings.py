@@ -124,6 +124,7 @@ def test_dotenv_skips_comments_and_strips_export_and_quotes(tmp_path: Path) -> N
         ({"EXTERNAL_API_BASE_URL": "ftp://x"}, "directory.base_url"),
         ({"EXTERNAL_API_BASE_URL": "http://"}, "directory.base_url"),
         ({"DATABASE_PATH": ""}, "database.path"),
+        ({"DATABASE_PATH": ":memory:"}, "database.path"),
         ({"DIRECTORY_BACKOFF_BASE": "nan"}, "directory.backoff_base (from"),
         ({"API_BULK_WAIT_SECONDS": "inf"}, "api.bulk_wait_seconds (from"),
         ({"DIRECTORY_SETTLE_SECONDS": "-5"}, "directory.settle_seconds"),
@@ -178,6 +179,25 @@ def test_missing_config_file_named_by_config_path_is_refused(tmp_path: Path) -> 
 def test_malformed_config_file_is_a_settings_error(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match=r"config\.toml"):
         load(tmp_path, toml="[app\nport = 8000\n")
+
+
+@pytest.mark.parametrize("which", ["config.toml", ".env"])
+@pytest.mark.parametrize("unreadable", ["latin-1", "a folder"])
+def test_a_settings_file_that_cannot_be_read_is_a_settings_error(
+    tmp_path: Path, which: str, unreadable: str
+) -> None:
+    config, dotenv = tmp_path / "config.toml", tmp_path / ".env"
+    config.write_text("[app]\nport = 8001\n", encoding="utf-8")
+    dotenv.write_text("APP_PORT=8002\n", encoding="utf-8")
+    bad = tmp_path / which
+    bad.unlink()
+    if unreadable == "a folder":
+        bad.mkdir()
+    else:
+        bad.write_bytes(b"# caf\xe9\n")
+
+    with pytest.raises(SettingsError, match=re.escape(str(bad))):
+        load_settings(config_path=config, environ={}, dotenv_path=dotenv)
 
 
 def test_replace_changes_only_the_named_keys() -> None:
