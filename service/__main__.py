@@ -50,7 +50,9 @@ def serve(args: argparse.Namespace) -> int:
             host=settings.app.host,
             port=settings.app.port,
             shutdown_timeout=settings.app.shutdown_timeout,
-            print=None,
+            print=lambda _: log.info(
+                "listening on http://%s:%d", settings.app.host, settings.app.port
+            ),
             loop=_event_loop(),
         )
     except (DatabaseInUse, OSError) as exc:  # the lock, the address, or the database's folder
@@ -60,6 +62,7 @@ def serve(args: argparse.Namespace) -> int:
         path = settings.database.path
         print(f"error: the service could not start: database {path}: {exc}", file=sys.stderr)
         return 2
+    log.info("stopped")
     return 0
 
 

@@ -118,6 +118,13 @@ class Processor:
         deadline = time.monotonic() + grace
         while (left := self._unfinished()) and (rest := deadline - time.monotonic()) > 0:
             await asyncio.wait(left, timeout=rest)
+        if left := self._unfinished():
+            log.warning(
+                "stopping: %d task(s) still under way after %.1f s are cut off; "
+                "the next start checks their rows with the directory",
+                len(left),
+                grace,
+            )
         while left := self._unfinished():
             for task in left:
                 task.cancel()

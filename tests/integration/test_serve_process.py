@@ -1,20 +1,46 @@
-"""A service that cannot start on its database says why, exits 2, and leaves nothing running."""
+"""The service as a process: it says when it listens and when it stopped; one that cannot
+start on its database says why, exits 2, and leaves nothing running."""
 
 from __future__ import annotations
 
+import asyncio
+import re
 import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 
+from service.local_directory import RunningDirectory
 from service.store.event_store import check_writable
 from service.store.migrations import migrate
-from tests.support import PROJECT, free_port
+from tests.support import PROJECT, SAMPLE_CSV, ServiceProcess, form, free_port
 
 PAGE = 4096
+
+
+async def test_the_log_says_when_the_service_listens_and_when_it_stopped(
+    directory: RunningDirectory, tmp_path: Path
+) -> None:
+    directory.standin.set_delay(10.0)
+    db = tmp_path / "service.db"
+    service = ServiceProcess(db, directory.url, LOG_LEVEL="INFO", APP_SHUTDOWN_TIMEOUT="0.5")
+    async with aiohttp.ClientSession() as http:
+        await service.start(http)
+        async with http.post(f"{service.url}/batch/upload-csv", data=form(SAMPLE_CSV)) as r:
+            assert r.status == 202
+        while directory.standin.request_counts["create"] < 3:  # all three in flight
+            await asyncio.sleep(0.05)
+        service.stop()
+    said = service.log.read_text()
+
+    assert service.process is not None and service.process.returncode == 0
+    assert f"listening on http://127.0.0.1:{service.port}" in said
+    assert re.search(r"stopping: \d+ task\(s\) still under way after 0\.5 s are cut off", said)
+    assert said.rstrip().endswith("stopped")
 
 
 def migrated(db: Path) -> None:
