@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import signal
 import sqlite3
 import sys
 import uuid
@@ -207,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(sys.argv[1:] if argv is None else argv)
     except KeyboardInterrupt:  # Ctrl-C before the command took it over: its imports, say
         return 130
+    except BrokenPipeError:  # our reader left (`events | head`): stop, as SIGPIPE would
+        # Python flushes stdout again at exit: point it where a write cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 def _run(argv: list[str]) -> int:

@@ -41,6 +41,17 @@ def seconds(text: str) -> float:
     return value
 
 
+def service_url(text: str) -> str:
+    """An http:// or https:// address with a host, as --url gives it."""
+    try:
+        url = URL(text)
+    except ValueError:
+        url = URL()
+    if url.scheme not in ("http", "https") or not url.host:
+        raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The client's commands; every option can also come from the environment."""
     parser = argparse.ArgumentParser(
@@ -52,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--url",
+        type=service_url,
         default=os.environ.get("SERVICE_URL", DEFAULT_URL),
         help="the service's base URL (SERVICE_URL; default %(default)s)",
     )

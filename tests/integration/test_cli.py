@@ -115,6 +115,17 @@ async def test_a_reconnect_timeout_must_be_a_positive_number_of_seconds(
     assert f"expected a positive number of seconds, got {given!r}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("given", ["http://[bad", "localhost:8000", "http://", "ftp://x"])
+async def test_the_url_must_be_an_http_address_with_a_host(
+    given: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        await client(Captured(), "results", str(uuid.uuid4()), "--url", given)
+
+    assert exited.value.code == 2
+    assert f"expected an http:// or https:// URL, got {given!r}" in capsys.readouterr().err
+
+
 async def test_on_a_terminal_the_progress_is_a_rich_bar(service: Service, sample: Path) -> None:
     captured = Captured(terminal=True)
     status = await client(captured, "upload", str(sample), "--url", service.url, "--follow")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
+import subprocess
+import sys
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -12,9 +16,11 @@ import pytest
 
 from service.__main__ import main
 from service.domain import batch as b
+from service.store.event_store import EventStore
 from service.store.records import StoredEvent
 from service.web import presenters
-from tests.support import SAMPLE_CSV, Service, ServiceFactory, csv_of
+from tests.integration.conftest import new_batch, requested
+from tests.support import PROJECT, SAMPLE_CSV, Service, ServiceFactory, csv_of
 
 FIELDS = {
     "global_position",
@@ -158,3 +164,30 @@ async def test_the_events_command_prints_a_timeline_or_json_lines(
     requested = [line.split("rows=")[1] for line in timeline if "HospitalRequested" in line]
     rows = sorted(int(n) for line in requested for n in line.split(" ")[0].split(","))
     assert rows == [1, 2, 3] and all("attempts=1" in line for line in requested)
+
+
+async def a_long_log(db: Path) -> None:
+    store = EventStore(db)
+    await store.open()
+    await store.append("batch-x", -1, new_batch("x") + requested("x", 3000))  # 300 KB of lines
+    await store.close()
+
+
+def test_the_events_command_piped_into_a_reader_that_leaves_ends_quietly(tmp_path: Path) -> None:
+    db = tmp_path / "service.db"
+    asyncio.run(a_long_log(db))
+    with subprocess.Popen(
+        [sys.executable, "-m", "service", "events"],
+        env={"PATH": "/usr/bin:/bin", "DATABASE_PATH": str(db)},
+        cwd=PROJECT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as events:
+        assert events.stdout is not None and events.stderr is not None
+        assert b"BatchCreated" in events.stdout.readline()
+        events.stdout.close()  # as `head -1` does
+        said = events.stderr.read().decode()
+        events.wait(30)
+
+    assert events.returncode == 128 + signal.SIGPIPE
+    assert said == ""
