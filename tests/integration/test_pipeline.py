@@ -236,15 +236,14 @@ async def test_a_small_batch_is_not_starved_by_a_large_one(
         large = await service.upload(csv_of(200, "Large"))
         await asyncio.sleep(0.1)
         small = await service.upload(csv_of(5, "Small"))
-        started = time.monotonic()
         await service.wait_finished(small["batch_id"])
-        small_took = time.monotonic() - started
         _, large_progress = await service.get(f"/batch/{large['batch_id']}/progress")
-        await service.wait_finished(large["batch_id"], within=30)
-        large_took = time.monotonic() - started
+        final = await service.wait_finished(large["batch_id"], within=30)
+    # Served in turn, not after the large one: it finished with most of the large one to go
+    # (a ratio of the two times failed on a loaded machine).
     assert large_progress["processing_status"] == "processing"
     assert large_progress["processed_hospitals"] < 100
-    assert small_took < large_took / 3
+    assert final["processing_status"] == "completed"
 
 
 async def test_progress_of_a_running_batch_is_its_fold_and_equals_the_read_model(
