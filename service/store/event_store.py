@@ -90,7 +90,7 @@ class _Readers:
         except asyncio.CancelledError:
             if handed.done() and not handed.cancelled():  # handed over as it was cancelled
                 self.give(handed.result())
-            else:
+            elif handed in self._waiting:  # give() may have passed it over already
                 self._waiting.remove(handed)
             raise
 
@@ -122,7 +122,8 @@ def check_writable(conn: sqlite3.Connection) -> None:
         (version,) = conn.execute("PRAGMA user_version").fetchone()
         conn.execute(f"PRAGMA user_version = {int(version)}")
     finally:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # a full disk or an I/O error rolls back by itself
+            conn.execute("ROLLBACK")
 
 
 CHECKPOINT = "read_models"
@@ -165,11 +166,10 @@ class EventStore:
     async def open(self) -> None:
         """Migrate the database, then start the writer and open the readers."""
         check_sqlite_version()
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
-        self._writer = await loop.run_in_executor(self._executor, self._open_writer)
         try:
+            self._writer = await loop.run_in_executor(self._executor, self._open_writer)
             for _ in range(self._reader_count):
                 conn = await aiosqlite.connect(self.path)
                 self._all_readers.append(conn)

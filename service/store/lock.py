@@ -16,9 +16,6 @@ class DatabaseInUse(RuntimeError):
 @contextlib.contextmanager
 def exclusive(path: str) -> Iterator[None]:
     """Hold `<path>.lock` while the block runs; the kernel lets go if the process dies."""
-    if path == ":memory:":
-        yield
-        return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     # Beside the file itself: two spellings of one database (a link, ../) share one lock.
     fd = os.open(f"{os.path.realpath(path)}.lock", os.O_RDWR | os.O_CREAT, 0o644)

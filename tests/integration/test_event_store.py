@@ -254,6 +254,22 @@ async def test_a_reader_handed_to_a_caller_cancelled_meanwhile_goes_to_the_next(
     assert cancelled.cancelled()
 
 
+async def test_a_caller_cancelled_while_waiting_for_a_reader_is_cancelled_and_loses_none() -> None:
+    readers, conn = _Readers(), cast(aiosqlite.Connection, object())
+    readers.give(conn)
+    lent = await readers.take()
+    waiting = asyncio.create_task(readers.take())
+    await asyncio.sleep(0)
+
+    waiting.cancel()  # its wait ends at once...
+    readers.give(lent)  # ...and the reader comes back before the task runs again
+
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    async with asyncio.timeout(1):
+        assert await readers.take() is conn
+
+
 async def test_reopened_store_continues_the_log(store_path: Path) -> None:
     first = EventStore(store_path)
     await first.open()
