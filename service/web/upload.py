@@ -58,10 +58,11 @@ async def read_upload(request: web.Request, max_bytes: int) -> Upload:
         while len(extra) < MAX_EXTRA and (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):
                 raise ValueError("nested multipart bodies are not accepted")
-            # Every part counts against the one allowance, read or not.
-            data = await _read_limited(part, min(left, max_bytes), max_bytes)
+            # Every part counts against the one allowance; the file also against its own.
+            is_file = part.name == "file" and upload is None
+            data = await _read_limited(part, min(left, max_bytes) if is_file else left, max_bytes)
             left -= len(data)
-            if part.name == "file" and upload is None:
+            if is_file:
                 upload = Upload(_storable(part.filename), data)
             else:
                 name = part.name or "(unnamed)"

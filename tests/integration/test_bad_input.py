@@ -491,6 +491,22 @@ async def test_a_body_over_max_bytes_is_refused_with_413(limited: Service, how: 
     await assert_nothing_stored(limited)
 
 
+async def test_another_field_within_the_forms_allowance_is_refused_as_extra(
+    limited: Service,
+) -> None:
+    note = part('Content-Disposition: form-data; name="note"', b"x" * 3000)  # > max_bytes
+    form_data = multipart(file_part(exactly(100)), note)
+    async with limited.http.post(
+        f"{limited.url}/batch/upload-csv", data=form_data, headers={"Content-Type": MULTIPART}
+    ) as r:
+        body = await r.json()
+    assert r.status == 422
+    assert [(p["loc"], p["type"]) for p in body["detail"]] == [
+        (["body", "note"], "extra_forbidden")
+    ]
+    await assert_nothing_stored(limited)
+
+
 async def test_a_form_of_many_fields_is_answered_after_the_first_ten(limited: Service) -> None:
     notes = [part(f'Content-Disposition: form-data; name="note{n}"', b"") for n in range(30)]
     form_data = multipart(*notes, file_part(exactly(100)))
