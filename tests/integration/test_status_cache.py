@@ -84,10 +84,10 @@ async def test_an_expired_body_is_answered_once_more_while_its_successor_is_buil
 ) -> None:
     await store.append("batch-b", -1, new_batch("b", rows=2))
     await store.append("batch-b", None, requested("b"))
-    cache = StatusCache(max_age=0.5)
+    cache = StatusCache(max_age=1.0)
     assert await version_of(cache, store, "b") == 1
     await store.append("batch-b", None, requested("b"))
-    await asyncio.sleep(0.6)  # older than max_age, younger than twice that
+    await asyncio.sleep(1.1)  # older than max_age, younger than twice that
 
     assert await version_of(cache, store, "b") == 1  # stale, the rebuild is under way
     await asyncio.sleep(0.05)
