@@ -104,26 +104,28 @@ async def test_without_follow_an_upload_says_how_to_follow_and_returns(
     assert " done, " not in captured.stdout and "completed:" not in captured.stdout
 
 
-@pytest.mark.parametrize("given", ["-5", "0", "nan", "soon"])
-async def test_a_reconnect_timeout_must_be_a_positive_number_of_seconds(
-    given: str, capsys: pytest.CaptureFixture[str]
+BAD_SECONDS = "expected a positive number of seconds, got {!r}"
+BAD_URL = "expected an http:// or https:// URL, got {!r}"
+
+
+@pytest.mark.parametrize(
+    ("option", "given", "says"),
+    [
+        *(("--reconnect-timeout", given, BAD_SECONDS) for given in ["-5", "0", "nan", "soon"]),
+        *(
+            ("--url", given, BAD_URL)
+            for given in ["http://[bad", "localhost:8000", "http://", "ftp://x"]
+        ),
+    ],
+)
+async def test_a_malformed_option_is_a_usage_error_that_names_it(
+    option: str, given: str, says: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exited:
-        await client(Captured(), "follow", str(uuid.uuid4()), "--reconnect-timeout", given)
+        await client(Captured(), "follow", str(uuid.uuid4()), option, given)
 
     assert exited.value.code == 2
-    assert f"expected a positive number of seconds, got {given!r}" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("given", ["http://[bad", "localhost:8000", "http://", "ftp://x"])
-async def test_the_url_must_be_an_http_address_with_a_host(
-    given: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    with pytest.raises(SystemExit) as exited:
-        await client(Captured(), "results", str(uuid.uuid4()), "--url", given)
-
-    assert exited.value.code == 2
-    assert f"expected an http:// or https:// URL, got {given!r}" in capsys.readouterr().err
+    assert says.format(given) in capsys.readouterr().err
 
 
 async def test_on_a_terminal_the_progress_is_a_rich_bar(service: Service, sample: Path) -> None:
