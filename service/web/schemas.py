@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 from marshmallow import EXCLUDE, Schema, fields, validate
 
 from service.domain import batch as b
@@ -9,6 +12,17 @@ from service.domain import batch as b
 # Log positions and stream versions are SQLite integers (at most 2**63 - 1); /status?as_of=N
 # reads N + 1 events, so a larger number in a query is refused instead of overflowing.
 MAX_LOG_NUMBER = 2**63 - 2
+# A whole number as a query writes it: int() also takes "1_0", " 3 " and other scripts' digits.
+WHOLE_NUMBER = re.compile(r"-?[0-9]+")
+
+
+class WholeNumber(fields.Integer):
+    """An integer query parameter, in ASCII digits only."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        if isinstance(value, str) and not WHOLE_NUMBER.fullmatch(value):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
 
 
 class Query(Schema):
@@ -77,7 +91,7 @@ class Status(Schema):
 
 
 class StatusQuery(Query):
-    as_of = fields.Integer(
+    as_of = WholeNumber(
         validate=validate.Range(min=0, max=MAX_LOG_NUMBER),
         metadata={"description": "the batch as it was after this stream version"},
     )
@@ -117,7 +131,7 @@ class BatchList(Schema):
 
 class ListQuery(Query):
     status = fields.String(validate=validate.OneOf(b.BATCH_STATUSES))
-    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
+    limit = WholeNumber(load_default=50, validate=validate.Range(min=1, max=500))
     cursor = fields.String(metadata={"description": "next_cursor of the previous page"})
 
 
@@ -147,5 +161,5 @@ class EventPage(Schema):
 
 
 class EventsQuery(Query):
-    after = fields.Integer(load_default=None, validate=validate.Range(min=-1, max=MAX_LOG_NUMBER))
-    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
+    after = WholeNumber(load_default=None, validate=validate.Range(min=-1, max=MAX_LOG_NUMBER))
+    limit = WholeNumber(load_default=100, validate=validate.Range(min=1, max=1000))

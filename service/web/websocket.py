@@ -89,6 +89,8 @@ def _after(request: web.Request, floor: int, ceiling: int) -> int | None:
     if raw is None:
         return None
     try:
+        if not schemas.WHOLE_NUMBER.fullmatch(raw):
+            raise ValueError
         value = int(raw)
         if not floor <= value <= ceiling:
             raise ValueError
