@@ -12,6 +12,7 @@ from typing import Any
 from service.domain.events import Row
 
 REQUIRED = ("name", "address")
+MAX_BLANK_LINES = 10_000  # skipped lines a file may hold (spreadsheets export empty rows)
 COLUMNS = ("name", "address", "phone")
 HEADERS_MESSAGE = "CSV headers must be exactly: name,address,phone"
 
@@ -111,9 +112,10 @@ def unescaped(cell: str) -> str:
 
 
 def _records(text: str) -> Iterator[tuple[int, list[str]]]:
-    """(first line of the record, cells) for each record, blank lines skipped."""
+    """(first line of the record, cells) for each record, blank lines skipped (up to
+    MAX_BLANK_LINES of them: a file of nothing else would otherwise be read to its end)."""
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    line = 1
+    line, blank = 1, 0
     while True:
         try:
             cells = next(reader)
@@ -131,6 +133,17 @@ def _records(text: str) -> Iterator[tuple[int, list[str]]]:
             ) from exc
         if any(cell.strip() for cell in cells):
             yield line, cells
+        elif (blank := blank + 1) > MAX_BLANK_LINES:
+            raise CsvRejected(
+                [
+                    problem(
+                        ["file", "content"],
+                        f"the file has more than {MAX_BLANK_LINES:,} lines without values "
+                        f"(line {line} is one): remove the empty rows",
+                        "too_many_blank_lines",
+                    )
+                ]
+            )
         line = reader.line_num + 1
 
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from service.domain.csv_intake import (
     HEADERS_MESSAGE,
+    MAX_BLANK_LINES,
     CsvRejected,
     ParsedCsv,
     Problem,
@@ -377,6 +378,15 @@ def test_more_rows_than_max_rows_are_refused_first() -> None:
         "type": "too_many_rows",
     }
     assert [p["loc"] for p in problems[1:]] == [["row", 1, "name"]]
+
+
+def test_a_file_of_blank_lines_is_read_no_further_than_the_allowance() -> None:
+    text = HEADER + "A,1 Main St,\n" + ",,\n" * MAX_BLANK_LINES
+    assert len(accepted(text).rows) == 1
+
+    [too_many] = refused(text + "\n" + 'B,"unclosed\n')  # one more: refused before reading on
+    assert too_many["type"] == "too_many_blank_lines"
+    assert f"line {MAX_BLANK_LINES + 3} is one" in too_many["msg"]
 
 
 def test_a_file_over_max_rows_is_read_no_further_than_the_row_past_it() -> None:
