@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from service.client.display import Watch, print_table, result_table, summary
 from service.client.follow import LostContact, follow
 
 OK, BATCH_FAILED, REFUSED, LOST, INTERRUPTED = 0, 1, 2, 3, 130
+READER_LEFT = 128 + signal.SIGPIPE  # what reads our output stopped (`| head`), as Unix tools
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_PATIENCE = 60.0
 
@@ -39,6 +41,16 @@ def seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
+
+
+class Output(Console):
+    """rich's console; when what reads it leaves, the exit status says so, not a failed batch."""
+
+    def on_broken_pipe(self) -> None:
+        try:
+            super().on_broken_pipe()  # further output goes nowhere, then SystemExit(1)
+        except SystemExit:
+            raise SystemExit(READER_LEFT) from None
 
 
 def service_url(text: str) -> str:
@@ -108,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 async def run(argv: list[str], out: Console | None = None, err: Console | None = None) -> int:
     """Run one client command; the exit status."""
     args = build_parser().parse_args(argv)
-    out = out or Console()
-    err = err or Console(stderr=True)
+    out = out or Output()
+    err = err or Output(stderr=True)
     for console in (out, err):
         console.soft_wrap = not console.is_terminal  # a log line is never cut in two
     try:

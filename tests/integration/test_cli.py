@@ -275,6 +275,25 @@ async def test_the_command_line_runs_as_a_process(service: Service, sample: Path
     assert "accepted: 3 hospital(s) from hospitals.csv" in text
 
 
+async def test_following_into_a_reader_that_leaves_ends_quietly(
+    service: Service, directory: RunningDirectory, sample: Path
+) -> None:
+    directory.standin.set_delay(0.5)
+    head = '"$0" -m service upload "$1" --url "$2" --follow | head -1; exit "${PIPESTATUS[0]}"'
+    process = await asyncio.create_subprocess_exec(
+        *("bash", "-c", head, sys.executable, str(sample), service.url),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=PROJECT,
+    )
+    async with asyncio.timeout(20):
+        stdout, stderr = await process.communicate()
+
+    assert b"accepted: 3 hospital(s)" in stdout
+    assert process.returncode == 141, stderr.decode()  # not 1, which says the batch failed
+    assert stderr == b""
+
+
 async def test_ctrl_c_stops_following_and_leaves_the_batch_running(
     service: Service, directory: RunningDirectory
 ) -> None:
