@@ -549,11 +549,19 @@ class Processor:
             failed = ev.HospitalFailed(n, reason, said, retryable=True)
             await self._emit(run, failed, *id_parts)
             return False
-        await self._emit(run, ev.HospitalRetryScheduled(n, attempt, reason, message), *id_parts)
+        # Held before the fact commits: from then on the fold says the row is to be sent, and
+        # anything that schedules the batch meanwhile would queue it beside the retry timer.
+        held_before = n in run.held
+        run.held.add(n)
+        try:
+            await self._emit(run, ev.HospitalRetryScheduled(n, attempt, reason, message), *id_parts)
+        except BaseException:
+            if not held_before:
+                run.held.discard(n)
+            raise
         delay = backoff(
             run.state.rows[n].failures, self._settings.backoff_base, self._settings.backoff_max
         )
-        run.held.add(n)
         asyncio.get_running_loop().call_later(delay, self._requeue, run, [n])
         return True
 

@@ -5,6 +5,7 @@ is a real SQLite file."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 from typing import Any
@@ -232,3 +233,55 @@ async def test_a_create_cut_off_by_stop_is_found_by_the_next_start_not_sent_agai
     assert len(directory.records) == 1
     assert state.status == b.COMPLETED
     assert (state.rows[1].hospital_id, state.rows[1].reconciled) == (1, True)
+
+
+class RetriedAfterACheckDirectory(ScriptedDirectory):
+    """Rows H1 and H2 (upstream batch one) lose their first answer and are not stored. The
+    check's read of batch one is answered just after the last creates of batch two (H21,
+    H22): their outcomes share the append that records H1 and H2 as to be sent again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: collections.Counter[str] = collections.Counter()
+        self._late = asyncio.Event()
+
+    def idle_for(self) -> float:
+        return 0.0
+
+    async def create(self, name: str, address: str, phone: str | None, upstream: str) -> Answer:
+        self.sent[name] += 1
+        if name in ("H1", "H2") and self.sent[name] == 1:
+            return Answer(Outcome.AMBIGUOUS, None, None, "ServerDisconnectedError")
+        if name in ("H21", "H22"):
+            await self._late.wait()
+            await asyncio.sleep(0.005 if name == "H21" else 0.0)
+        return Answer(Outcome.OK, 201, self._store(name, address, phone, upstream), "ok")
+
+    async def batch_members(self, upstream: str) -> Answer:
+        if not self._late.is_set():
+            asyncio.get_running_loop().call_later(0.3, self._late.set)
+            await self._late.wait()
+            await asyncio.sleep(0.01)
+        listing = [dict(r) for r in self.records if r["creation_batch_id"] == upstream]
+        return Answer(Outcome.OK, 200, listing, "ok")
+
+
+async def test_a_row_found_missing_by_a_check_is_sent_again_once(store: EventStore) -> None:
+    append = store.append
+
+    async def on_a_busy_disk(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.05)
+        return await append(*args, **kwargs)
+
+    store.append = on_a_busy_disk  # type: ignore[method-assign]
+    directory = RetriedAfterACheckDirectory()
+    processor = await started(store, directory, settle_seconds=0.05, backoff_base=0.04)
+    rows = tuple(ev.Row(n, f"H{n}", f"{n} Main St", None, n + 1) for n in range(1, 23))
+    await submit(store, processor, rows)  # upstream batches: rows 1-20 and 21-22
+    await run_to_end(processor)
+    state = await fold_of(store)
+
+    assert directory.sent["H1"] == 2  # the lost one, then once more
+    assert collections.Counter(r["name"] for r in directory.records)["H1"] == 1
+    assert len(directory.records) == 22
+    assert state.status == b.COMPLETED
