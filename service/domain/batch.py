@@ -83,6 +83,7 @@ class RowState:
     creation_batch_id: str
     status: str = ROW_PENDING
     hospital_id: int | None = None
+    created_at: str | None = None  # the directory's, for its record of the row
     error: str | None = None
     reason: str | None = None
     attempts: int = 0
@@ -91,10 +92,11 @@ class RowState:
     reconciled: bool = False
 
     @property
-    def record(self) -> tuple[int | None, str, str, str | None]:
+    def record(self) -> tuple[int | None, str | None, str, str, str | None]:
         """The directory's record of the row, as `record_of` gives one: the id alone would
-        not do, as a directory that restarted gives the same ids again, to other hospitals."""
-        return (self.hospital_id, *self.row.values)
+        not do, as a directory that restarted gives the same ids again, to other hospitals
+        (identical rows among them). created_at is None for a row recorded before it was kept."""
+        return (self.hospital_id, self.created_at, *self.row.values)
 
 
 @dataclass
@@ -217,10 +219,12 @@ def apply(state: BatchState, event: ev.Event, recorded_at: str | None = None) ->
             row.may_exist, row.error, row.reason = False, message, reason
             if reason not in NOT_FAILURES:
                 row.failures += 1
-        case ev.HospitalCreated(row=n, hospital_id=hid, reconciled=reconciled):
+        case ev.HospitalCreated(
+            row=n, hospital_id=hid, reconciled=reconciled, created_at=created_at
+        ):
             row = state.rows[n]
             state.set_status(row, ROW_CREATED)
-            row.hospital_id, row.reconciled = hid, reconciled
+            row.hospital_id, row.created_at, row.reconciled = hid, created_at, reconciled
             row.may_exist, row.error, row.reason = False, None, None
             if state.first_created is None:
                 state.first_created = n

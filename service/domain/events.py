@@ -100,6 +100,9 @@ class HospitalCreated(Event):
     row: int
     hospital_id: int
     reconciled: bool = False
+    # The directory's created_at: after a restart it gives the same ids again, and identical
+    # rows share name, address and phone, so only this tells their records apart.
+    created_at: str | None = None
 
 
 @dataclass(frozen=True)

@@ -56,9 +56,30 @@ def _in_its_words(answer: Answer) -> Answer:
     return answer
 
 
-def record_of(hospital: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
-    """A hospital's id, name, address and phone, to compare with a row's `record`."""
-    return hospital.get("id"), hospital.get("name"), hospital.get("address"), hospital.get("phone")
+Record = tuple[Any, ...]
+
+
+def record_of(hospital: dict[str, Any]) -> Record:
+    """A hospital's id, created_at, name, address and phone, to compare with a row's `record`."""
+    return (
+        hospital.get("id"),
+        hospital.get("created_at"),
+        hospital.get("name"),
+        hospital.get("address"),
+        hospital.get("phone"),
+    )
+
+
+def without_time(record: Record) -> Record:
+    """A record less its created_at: how a row recorded before it was kept is matched."""
+    return (record[0], *record[2:])
+
+
+def row_holds(row_record: Record, hospital: Record) -> bool:
+    """Whether the directory's `hospital` is the row's record."""
+    if row_record[1] is None:
+        return without_time(row_record) == without_time(hospital)
+    return row_record == hospital
 
 
 def _json(value: Any) -> str:

@@ -14,7 +14,13 @@ from typing import Any
 
 from service.domain import batch as b
 from service.domain import events as ev
-from service.processing.directory_client import Answer, DirectoryClient, Outcome, record_of
+from service.processing.directory_client import (
+    Answer,
+    DirectoryClient,
+    Outcome,
+    record_of,
+    row_holds,
+)
 from service.processing.outbox import Outbox
 from service.processing.pacing import Lookahead, WindowPacer, backoff
 from service.processing.runs import BatchRun, Gate
@@ -515,7 +521,11 @@ class Processor:
         outcome_id = (n, "outcome", attempt)
         hospital_id = answer.body.get("id") if isinstance(answer.body, dict) else None
         if answer.ok and isinstance(hospital_id, int):
-            await self._emit(run, ev.HospitalCreated(n, hospital_id), *outcome_id)
+            created_at = answer.body.get("created_at")
+            created_at = created_at if isinstance(created_at, str) else None
+            await self._emit(
+                run, ev.HospitalCreated(n, hospital_id, created_at=created_at), *outcome_id
+            )
         elif answer.outcome in (Outcome.REJECTED, Outcome.NOT_FOUND):
             message = f"the directory refused the row (HTTP {answer.status}): {answer.message}"
             await self._emit(
@@ -621,16 +631,22 @@ class Processor:
         self, run: BatchRun, gate: Gate, suspects: list[int], records: list[dict[str, Any]]
     ) -> None:
         rows = run.state.rows
-        claimed = {r.record for r in run.state.rows_of(gate.creation_batch_id)}
-        unclaimed: defaultdict[tuple[Any, ...], list[int]] = defaultdict(list)
+        upstream = run.state.rows_of(gate.creation_batch_id)
+        claimed = [r.record for r in upstream if r.hospital_id is not None]
+        # By name, address and phone: the id and created_at of each record no row holds.
+        unclaimed: defaultdict[tuple[Any, ...], list[tuple[Any, Any]]] = defaultdict(list)
         for record in sorted(records, key=lambda r: r.get("id", 0)):
-            if (held := record_of(record)) not in claimed:
-                unclaimed[held[1:]].append(record["id"])  # by name, address and phone
+            held = record_of(record)
+            if (at := next((i for i, c in enumerate(claimed) if row_holds(c, held)), None)) is None:
+                unclaimed[held[2:]].append(held[:2])
+            else:
+                claimed.pop(at)  # each record stands for one row at most
         for n in suspects:
             row, attempt = rows[n].row, rows[n].attempts
             found = unclaimed.get(row.values)
             if found:
-                created = ev.HospitalCreated(n, found.pop(0), reconciled=True)
+                hospital_id, created_at = found.pop(0)
+                created = ev.HospitalCreated(n, hospital_id, reconciled=True, created_at=created_at)
                 await self._emit(run, created, n, "outcome", attempt, cause="reconciliation")
             else:
                 message = "not in the directory after an unclear answer"

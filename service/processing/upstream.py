@@ -10,7 +10,13 @@ from typing import Any, NamedTuple
 
 from service.domain import batch as b
 from service.domain import events as ev
-from service.processing.directory_client import Answer, DirectoryClient, Outcome, record_of
+from service.processing.directory_client import (
+    Answer,
+    DirectoryClient,
+    Outcome,
+    record_of,
+    row_holds,
+)
 from service.processing.pacing import backoff
 from service.settings import DirectorySettings
 
@@ -152,11 +158,17 @@ class UpstreamBatches:
 def _found(
     state: b.BatchState, upstream: ev.UpstreamBatch, records: list[dict[str, Any]]
 ) -> tuple[int, int]:
-    """How many rows of `upstream` the directory's records hold, and how many are active."""
-    active = {record_of(r): bool(r.get("active")) for r in records}
-    rows = [state.rows[n].record for n in upstream.rows]
-    held = [active[record] for record in rows if record in active]
-    return len(held), sum(held)
+    """How many rows of `upstream` the directory's records hold, and how many are active;
+    each record stands for one row at most."""
+    left = [(record_of(r), bool(r.get("active"))) for r in records]
+    active = []
+    for n in upstream.rows:
+        mine = state.rows[n].record
+        if (
+            at := next((i for i, (held, _) in enumerate(left) if row_holds(mine, held)), None)
+        ) is not None:
+            active.append(left.pop(at)[1])
+    return len(active), sum(active)
 
 
 def _missing(upstream: ev.UpstreamBatch, present: int, then: str) -> str:
