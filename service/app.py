@@ -15,7 +15,7 @@ from aiohttp_apispec import setup_aiohttp_apispec, validation_middleware
 from service import __version__
 from service.processing.directory_client import DirectoryClient
 from service.processing.processor import Processor
-from service.projections import batches
+from service.projections import batches, queries
 from service.settings import Settings
 from service.store.event_store import EventStore
 from service.store.lock import exclusive
@@ -27,6 +27,7 @@ from service.web.keys import (
     CLIENT,
     CPU_WORK,
     FEEDS,
+    KEY_NAMESPACE,
     PROCESSOR,
     SETTINGS,
     SOCKETS,
@@ -69,6 +70,7 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
     with exclusive(settings.database.path):
         await store.open()
         app[STORE] = store
+        app[KEY_NAMESPACE] = await queries.idempotency_namespace(store)
         try:
             yield
         finally:

@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from aiohttp import web
 from service.app import create_app
 from service.local_directory import RunningDirectory
 from service.settings import Settings
+from service.store.migrations import migrate
 from service.web.keys import PROCESSOR, SETTINGS
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -208,12 +210,14 @@ class ServiceProcess:
             self.process.wait()
 
 
-def keyed_batch(prefix: str = "test") -> tuple[str, str]:
-    """A fresh Idempotency-Key and the batch id the service derives from it."""
-    from service.web.batches import IDEMPOTENCY_NAMESPACE
-
+def keyed_batch(db: Path | str, prefix: str = "test") -> tuple[str, str]:
+    """A fresh Idempotency-Key and the batch id the service on `db` derives from it, in the
+    database's own namespace (a new database is migrated here, which gives it one)."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        migrate(conn)
+        (namespace,) = conn.execute("SELECT idempotency_namespace FROM instance").fetchone()
     key = f"{prefix}-{uuid.uuid4().hex}"
-    return key, str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, key))
+    return key, str(uuid.uuid5(uuid.UUID(hex=namespace), key))
 
 
 async def fill_upstream_batch(directory: RunningDirectory, batch_id: str, count: int) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import uuid
 from typing import Any
 
 from service.store.event_store import EventStore
@@ -36,6 +37,20 @@ async def get_batches(store: EventStore, batch_ids: list[str]) -> list[dict[str,
     )
     found = {row["batch_id"]: _dict(row) for row in rows}
     return [found[batch_id] for batch_id in batch_ids if batch_id in found]
+
+
+async def get_batch_by_key(store: EventStore, key: str) -> dict[str, Any] | None:
+    """The batch an upload with this Idempotency-Key created, or None."""
+    rows = await store.fetch(
+        f"SELECT {BATCH_COLUMNS} FROM batches WHERE idempotency_key = ?", (key,)
+    )
+    return _dict(rows[0]) if rows else None
+
+
+async def idempotency_namespace(store: EventStore) -> uuid.UUID:
+    """This database's namespace for the batch ids derived from Idempotency-Keys."""
+    ((namespace,),) = await store.select("SELECT idempotency_namespace FROM instance", ())
+    return uuid.UUID(hex=namespace)
 
 
 ROW_NAMES = tuple(name.strip() for name in ROW_COLUMNS.split(","))

@@ -23,7 +23,7 @@ from service.projections import queries
 from service.store.records import ConcurrencyError, NewEvent, StoredEvent
 from service.web import presenters, schemas
 from service.web.errors import REQUEST_ID, ApiError, invalid
-from service.web.keys import CPU_WORK, PROCESSOR, SETTINGS, STATUS_CACHE, STORE
+from service.web.keys import CPU_WORK, KEY_NAMESPACE, PROCESSOR, SETTINGS, STATUS_CACHE, STORE
 from service.web.upload import Upload, read_upload
 
 routes = web.RouteTableDef()
@@ -75,7 +75,6 @@ def intake_errors(schema: type[Schema]) -> dict[int, dict[str, Any]]:
 # /batch/upload-csv and /batch/validate-csv are fixed paths: without the lookahead aiohttp routes
 # DELETE to them too (a rollback of batch "upload-csv") and lists DELETE in their 405's Allow.
 BATCH = "/batch/{batch_id:(?!upload-csv$|validate-csv$)[^/]+}"
-IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1c7f0e-2b9a-4c43-9f57-6d1f1a0c9b11")
 
 
 def actor(request: web.Request) -> dict[str, Any]:
@@ -127,8 +126,10 @@ async def accept_upload(request: web.Request) -> tuple[dict[str, Any], bool]:
             key.encode()  # aiohttp keeps header bytes that are not UTF-8 as surrogates
         except UnicodeEncodeError:
             raise invalid(where, "Idempotency-Key must be UTF-8 text") from None
-        batch_id = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, key))
-        if (known := await queries.get_batch(store, batch_id)) is not None:
+        # By the key, not the id: a batch from before the namespace was this database's has
+        # an id derived in the one all deployments shared.
+        batch_id = str(uuid.uuid5(request.app[KEY_NAMESPACE], key))
+        if (known := await queries.get_batch_by_key(store, key)) is not None:
             return _same_upload(known, sha, parsed), False
     else:
         batch_id = str(uuid.uuid4())

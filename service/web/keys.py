@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 import weakref
 
 from aiohttp import web
@@ -23,4 +24,5 @@ STATUS_CACHE = web.AppKey("status_cache", StatusCache)
 FEEDS = web.AppKey("feeds", Feeds)
 CPU_WORK = web.AppKey("cpu_work", asyncio.Lock)  # one CPU-bound job off the loop at a time
 STOPPING = web.AppKey("stopping", asyncio.Event)  # set as shutdown starts
+KEY_NAMESPACE = web.AppKey("key_namespace", uuid.UUID)  # for batch ids from Idempotency-Keys
 SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("websockets")

@@ -18,6 +18,7 @@ import contextlib
 import csv
 import io
 import os
+import sqlite3
 import threading
 import uuid
 from collections.abc import Iterator
@@ -35,7 +36,8 @@ from schemathesis import Case, HookContext
 from service.app import create_app
 from service.local_directory import DirectoryOptions, run_directory
 from service.settings import Settings
-from service.web.batches import IDEMPOTENCY_NAMESPACE, MAX_KEY_LENGTH
+from service.store.migrations import migrate
+from service.web.batches import MAX_KEY_LENGTH
 from tests.support import SAMPLE_CSV, Service, fast_settings, running_service
 
 LONG = os.environ.get("CHAOS") == "long"
@@ -47,7 +49,9 @@ SEED = None if LONG else 20240611
 # Batches that exist before fuzzing starts, so that generated ids find something: one
 # completed, one rolled back. Their ids follow from their Idempotency-Keys.
 COMPLETED_KEY, ROLLED_BACK_KEY = "fuzz-completed", "fuzz-rolled-back"
-KNOWN = [str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, k)) for k in (COMPLETED_KEY, ROLLED_BACK_KEY)]
+# The fuzzed service's database gets this namespace for them, so their ids are known here.
+NAMESPACE = uuid.UUID("6f1c7f0e-2b9a-4c43-9f57-6d1f1a0c9b11")
+KNOWN = [str(uuid.uuid5(NAMESPACE, k)) for k in (COMPLETED_KEY, ROLLED_BACK_KEY)]
 UPLOADS = ["/batch/upload-csv", "/batch/validate-csv", "/hospitals/bulk"]
 # Schema-valid requests the service still refuses, for rules Swagger 2.0 cannot state: the file
 # must be a CSV, a cursor must come from this API, as_of a version the batch has reached.
@@ -178,7 +182,11 @@ async def seed_known_batches(service: Service) -> None:
 
 @pytest.fixture(scope="module")
 def live_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with ServiceThread(tmp_path_factory.mktemp("fuzz") / "service.db") as url:
+    db = tmp_path_factory.mktemp("fuzz") / "service.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        migrate(conn)
+        conn.execute("UPDATE instance SET idempotency_namespace = ?", (NAMESPACE.hex,))
+    with ServiceThread(db) as url:
         yield url
 
 

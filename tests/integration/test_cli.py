@@ -139,9 +139,9 @@ async def test_on_a_terminal_the_progress_is_a_rich_bar(service: Service, sample
 
 
 async def test_a_partial_batch_exits_1_and_a_resume_that_completes_it_exits_0(
-    service_factory: ServiceFactory, directory: RunningDirectory, sample: Path
+    service_factory: ServiceFactory, directory: RunningDirectory, sample: Path, db_path: Path
 ) -> None:
-    key, batch_id = keyed_batch("cli")
+    key, batch_id = keyed_batch(db_path, "cli")
     others = await fill_upstream_batch(directory, batch_id, 19)
     first, second, refused = Captured(), Captured(), Captured()
     async with service_factory(concurrency=1) as service:  # one create at a time: exact cap

@@ -71,7 +71,7 @@ async def assert_fold_matches_read_model(service: Service, batch_id: str) -> Non
 
 async def failed_batch(service: Service, directory: RunningDirectory) -> tuple[str, list[int]]:
     """A 3-row batch whose every row the directory refused (its batch was full); fillers' ids."""
-    key, batch_id = keyed_batch("lifecycle")
+    key, batch_id = keyed_batch(service.db_path, "lifecycle")
     fillers = await fill_upstream_batch(directory, batch_id, 20)
     await service.upload(SAMPLE_CSV, headers={"Idempotency-Key": key})
     final = await service.wait_finished(batch_id)
@@ -117,7 +117,7 @@ async def test_a_late_callback_of_a_finished_run_leaves_the_resumed_run_register
 ) -> None:
     processor = service.app[PROCESSOR]
     directory.standin.set_delay(0.3)
-    key, batch_id = keyed_batch("late")
+    key, batch_id = keyed_batch(service.db_path, "late")
     await fill_upstream_batch(directory, batch_id, 20)  # every row refused: the batch fails
     await service.upload(SAMPLE_CSV, headers={"Idempotency-Key": key})
     first_run = processor._runs[batch_id]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import sqlite3
 import time
 import uuid
 from collections.abc import Mapping
@@ -12,7 +14,6 @@ from typing import Any
 from urllib.parse import urlencode
 
 from service.local_directory import RunningDirectory
-from service.web.batches import IDEMPOTENCY_NAMESPACE
 from tests.support import (
     SAMPLE_CSV,
     Service,
@@ -21,6 +22,7 @@ from tests.support import (
     fast_settings,
     fill_upstream_batch,
     form,
+    keyed_batch,
     running_service,
 )
 
@@ -31,8 +33,7 @@ async def upload_into_full_batch(
     service: Service, directory: RunningDirectory, content: str, room: int
 ) -> str:
     """Upload `content` into a directory batch with room for `room` rows; its batch id."""
-    key = "export-" + uuid.uuid4().hex
-    batch_id = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, key))
+    key, batch_id = keyed_batch(service.db_path, "export")
     await fill_upstream_batch(directory, batch_id, 20 - room)
     await service.upload(content, headers={"Idempotency-Key": key})
     await service.wait_finished(batch_id)
@@ -171,6 +172,39 @@ async def test_results_of_an_unknown_batch_are_404(service: Service) -> None:
 
 
 # Idempotent upload --------------------------------------------------------------------------
+
+
+async def test_the_same_key_on_another_database_is_another_batch_upstream_too(
+    directory: RunningDirectory, tmp_path: Path
+) -> None:
+    key = "import-2025-09-20"  # the README's example: keys get reused
+    ids = []
+    for name in ("one.db", "two.db"):
+        async with running_service(fast_settings(tmp_path / name, directory.url)) as service:
+            status, accepted, _ = await upload(service, SAMPLE_CSV, key)
+            assert status == 202
+            ids.append(accepted["batch_id"])
+            assert (await service.wait_finished(ids[-1]))["processing_status"] == "completed"
+
+    assert ids[0] != ids[1]
+    assert [len(directory.standin.hospitals_in_batch(i)) for i in ids] == [3, 3]
+
+
+async def test_a_key_used_before_the_database_had_its_namespace_still_finds_its_batch(
+    service_factory: ServiceFactory, db_path: Path
+) -> None:
+    key = "idem-" + uuid.uuid4().hex
+    async with service_factory() as service:
+        status, first, _ = await upload(service, SAMPLE_CSV, key)
+        await service.wait_finished(first["batch_id"])
+    with contextlib.closing(sqlite3.connect(db_path)) as conn, conn:  # as an upgrade gives it
+        conn.execute("UPDATE instance SET idempotency_namespace = ?", (uuid.uuid4().hex,))
+
+    async with service_factory() as service:
+        status, again, _ = await upload(service, SAMPLE_CSV, key)
+
+    assert status == 200
+    assert again["batch_id"] == first["batch_id"]
 
 
 async def test_idempotency_key_replays_the_same_file_and_refuses_another(

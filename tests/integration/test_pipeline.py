@@ -11,6 +11,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -118,9 +119,9 @@ async def test_45_rows_use_three_upstream_batches(
 
 
 async def test_rows_refused_by_the_directory_leave_the_batch_partially_completed(
-    service_factory: ServiceFactory, directory: RunningDirectory
+    service_factory: ServiceFactory, directory: RunningDirectory, db_path: Path
 ) -> None:
-    key, batch_id = keyed_batch("partial")
+    key, batch_id = keyed_batch(db_path, "partial")
     await fill_upstream_batch(directory, batch_id, 19)
     async with service_factory(concurrency=1) as service:
         accepted = await service.upload(SAMPLE_CSV, headers={"Idempotency-Key": key})
@@ -136,9 +137,9 @@ async def test_rows_refused_by_the_directory_leave_the_batch_partially_completed
 
 
 async def test_a_batch_whose_every_row_fails_is_failed(
-    service_factory: ServiceFactory, directory: RunningDirectory
+    service_factory: ServiceFactory, directory: RunningDirectory, db_path: Path
 ) -> None:
-    key, batch_id = keyed_batch("full")
+    key, batch_id = keyed_batch(db_path, "full")
     await fill_upstream_batch(directory, batch_id, 20)
     async with service_factory() as service:
         await service.upload(SAMPLE_CSV, headers={"Idempotency-Key": key})
