@@ -100,6 +100,8 @@ class UpstreamBatches:
         answer = None
         settings = self._settings
         for attempt in range(1, settings.max_attempts + 1):
+            if state.rollback_requested:  # the fold is live: asked for while this one ran
+                return Activation(False, error="a rollback was asked for; not activated")
             # Activation is not idempotent: it is repeated only while provably not done.
             activate = functools.partial(self._client.activate, batch_id)
             answer = await self.patiently(activate, repeat_ambiguous=False)

@@ -43,6 +43,33 @@ def on_request(
     monkeypatch.setattr(standin, "receive", acting)
 
 
+async def test_a_rollback_asked_for_while_activating_stops_the_next_patch(
+    service_factory: ServiceFactory, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    standin = directory.standin
+    patched = asyncio.Event()
+
+    def hang_the_first_patch(endpoint: str, n: int) -> str | None:
+        if endpoint == "batch_activate" and n == 1:
+            patched.set()
+            return "hang"  # unanswered, not done: activation would ask again
+        return None
+
+    on_request(monkeypatch, standin, hang_the_first_patch)
+    async with service_factory(read_timeout=1.0) as service:
+        batch_id = (await service.upload(csv_of(25)))["batch_id"]  # two upstream batches
+        async with asyncio.timeout(20):
+            await patched.wait()
+        async with service.http.delete(f"{service.url}/batch/{batch_id}") as r:
+            assert r.status == 202
+        final = await service.wait_finished(batch_id)
+
+    assert standin.request_counts["batch_activate"] == 1
+    assert final["rolled_back"] is True
+    assert final["batch_activated"] is False
+    assert standin.all_hospitals() == []
+
+
 @pytest.mark.parametrize("seed", trials(quick=2, long=20))
 async def test_a_third_of_calls_failing_still_creates_each_row_exactly_once(
     seed: int, service_factory: ServiceFactory, directory: RunningDirectory
