@@ -7,8 +7,10 @@ lines. BENCH_HISTORY_DB=path keeps the 1,000,000-event database there and reuses
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sqlite3
 import tempfile
 import time
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from service.store.migrations import migrate
 from tests.bench import results, scenarios
 from tests.bench.harness import Command, cpus
 from tests.bench.results import Report
@@ -57,9 +60,12 @@ class Bench:
         await self.quiet()
         if not self._kept:
             return self.history_db
-        # The scenario adds a batch to it: a kept database must stay as it was built.
+        # The scenario adds a batch to it: a kept database must stay as it was built. It may
+        # have been built before the last migration: the copy is brought up to date.
         copy = self.workdir / "history.db"
         shutil.copyfile(self.history_db, copy)
+        with contextlib.closing(sqlite3.connect(copy)) as conn:
+            migrate(conn)
         return copy
 
     def close(self) -> None:
