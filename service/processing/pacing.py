@@ -47,6 +47,10 @@ class WindowPacer:
                 return
             await asyncio.sleep(wait)
 
+    def has_room(self) -> bool:
+        """Whether one more create could be sent now."""
+        return self._until_room() <= 0
+
     def _until_room(self) -> float:
         if self.per_window <= 0:
             return 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 MOST_AHEAD = 3  # rows a worker gets ready ahead at most: 12 was faster, and slowed the reads
 AHEAD_WAIT = 0.05  # seconds a later batch may wait behind the rows got ready ahead
+WANTED_CHECK = 0.5  # seconds between looks at a row waiting for the window: still wanted?
 
 
 class Refused(Exception):
@@ -466,8 +468,7 @@ class Processor:
         The row is held, so nothing else changed it since its intent; only a rollback or
         the pool stopping can have come in between, or while the window was full.
         """
-        self._check_wanted(ready)
-        await self._pacer.acquire()
+        await self._paced(ready)
         self._check_wanted(ready)
         row = ready.run.state.rows[ready.row].row
         started = time.monotonic()
@@ -476,6 +477,19 @@ class Processor:
         )
         self._lookahead.created(time.monotonic() - started)
         return answer
+
+    async def _paced(self, ready: Ready) -> None:
+        """Take a place in the window, looking every WANTED_CHECK seconds whether the row is
+        still wanted: a rollback or a stop must not wait out the window (up to a minute)."""
+        while True:
+            self._check_wanted(ready)
+            if self._pacer.has_room():  # pacing off, or room now: no timer on the hot path
+                await self._pacer.acquire()
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(WANTED_CHECK):  # cancelled while waiting: not counted
+                    await self._pacer.acquire()
+                    return
 
     def _check_wanted(self, ready: Ready) -> None:
         if ready.run.state.rollback_requested:

@@ -308,6 +308,27 @@ async def test_rollback_of_a_running_batch_stops_creates_and_deletes_those_in_fl
     await assert_fold_matches_read_model(service, batch_id)
 
 
+async def test_rollback_withdraws_rows_waiting_for_the_rate_window_without_waiting_it_out(
+    service_factory: ServiceFactory, directory: RunningDirectory
+) -> None:
+    # 2 creates a window of 30 s: the third row is ready, waiting for the next window.
+    async with service_factory(creates_per_minute=2, rate_window_seconds=30.0) as service:
+        batch_id = (await service.upload(csv_of(3)))["batch_id"]
+        async with asyncio.timeout(10):
+            while directory.standin.request_counts["create"] < 2:
+                await asyncio.sleep(0.05)
+        started = time.monotonic()
+        status, _ = await delete(service, f"/batch/{batch_id}")
+        final = await wait_rolled_back(service, batch_id)
+        took = time.monotonic() - started
+
+    assert status == 202
+    assert took < 15  # not the rest of the 30 s window
+    assert directory.standin.request_counts["create"] == 2
+    assert final["deleted_hospitals"] == 2 and final["failed_hospitals"] == 1
+    assert directory.standin.all_hospitals() == []
+
+
 async def test_rollback_treats_a_batch_already_gone_from_the_directory_as_deleted(
     service: Service, directory: RunningDirectory
 ) -> None:

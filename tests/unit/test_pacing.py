@@ -103,6 +103,18 @@ async def test_a_full_window_goes_out_at_once(pacer: WindowPacer, clock: Virtual
     assert clock.sleeps == []
 
 
+async def test_room_is_seen_until_the_window_is_full_and_again_once_it_ends(
+    pacer: WindowPacer, clock: VirtualTime
+) -> None:
+    seen = [pacer.has_room()]
+    await grants_in_turn(pacer, clock, PER_WINDOW)
+    seen.append(pacer.has_room())
+    clock.now += NEXT
+    seen.append(pacer.has_room())
+
+    assert seen == [True, False, True]
+
+
 async def test_one_more_waits_for_the_window_and_margin(
     pacer: WindowPacer, clock: VirtualTime
 ) -> None:
