@@ -82,6 +82,19 @@ def row_holds(row_record: Record, hospital: Record) -> bool:
     return row_record == hospital
 
 
+def pair(
+    row_records: list[Record], hospitals: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any] | None], list[dict[str, Any]]]:
+    """Each row's record among the directory's `hospitals` (None when it holds none), each
+    hospital standing for one row at most; and the hospitals no row holds, in their order."""
+    left = [(record_of(h), h) for h in hospitals]
+    found: list[dict[str, Any] | None] = []
+    for mine in row_records:
+        at = next((i for i, (held, _) in enumerate(left) if row_holds(mine, held)), None)
+        found.append(None if at is None else left.pop(at)[1])
+    return found, [h for _, h in left]
+
+
 def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
 

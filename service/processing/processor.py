@@ -19,8 +19,8 @@ from service.processing.directory_client import (
     Answer,
     DirectoryClient,
     Outcome,
+    pair,
     record_of,
-    row_holds,
 )
 from service.processing.outbox import Outbox
 from service.processing.pacing import Lookahead, WindowPacer, backoff
@@ -647,14 +647,11 @@ class Processor:
         rows = run.state.rows
         upstream = run.state.rows_of(gate.creation_batch_id)
         claimed = [r.record for r in upstream if r.hospital_id is not None]
+        _, left = pair(claimed, sorted(records, key=lambda r: r.get("id", 0)))
         # By name, address and phone: the id and created_at of each record no row holds.
         unclaimed: defaultdict[tuple[Any, ...], list[tuple[Any, Any]]] = defaultdict(list)
-        for record in sorted(records, key=lambda r: r.get("id", 0)):
-            held = record_of(record)
-            if (at := next((i for i, c in enumerate(claimed) if row_holds(c, held)), None)) is None:
-                unclaimed[held[2:]].append(held[:2])
-            else:
-                claimed.pop(at)  # each record stands for one row at most
+        for held in map(record_of, left):
+            unclaimed[held[2:]].append(held[:2])
         for n in suspects:
             row, attempt = rows[n].row, rows[n].attempts
             found = unclaimed.get(row.values)

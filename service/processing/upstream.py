@@ -10,13 +10,7 @@ from typing import Any, NamedTuple
 
 from service.domain import batch as b
 from service.domain import events as ev
-from service.processing.directory_client import (
-    Answer,
-    DirectoryClient,
-    Outcome,
-    record_of,
-    row_holds,
-)
+from service.processing.directory_client import Answer, DirectoryClient, Outcome, pair
 from service.processing.pacing import backoff
 from service.settings import DirectorySettings
 
@@ -160,17 +154,10 @@ class UpstreamBatches:
 def _found(
     state: b.BatchState, upstream: ev.UpstreamBatch, records: list[dict[str, Any]]
 ) -> tuple[int, int]:
-    """How many rows of `upstream` the directory's records hold, and how many are active;
-    each record stands for one row at most."""
-    left = [(record_of(r), bool(r.get("active"))) for r in records]
-    active = []
-    for n in upstream.rows:
-        mine = state.rows[n].record
-        if (
-            at := next((i for i, (held, _) in enumerate(left) if row_holds(mine, held)), None)
-        ) is not None:
-            active.append(left.pop(at)[1])
-    return len(active), sum(active)
+    """How many rows of `upstream` the directory's records hold, and how many are active."""
+    found, _ = pair([state.rows[n].record for n in upstream.rows], records)
+    held = [bool(record.get("active")) for record in found if record is not None]
+    return len(held), sum(held)
 
 
 def _missing(upstream: ev.UpstreamBatch, present: int, then: str) -> str:

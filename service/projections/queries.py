@@ -25,7 +25,11 @@ def _dict(row: sqlite3.Row) -> dict[str, Any]:
 
 async def get_batch(store: EventStore, batch_id: str) -> dict[str, Any] | None:
     """One batch's summary row, or None."""
-    rows = await store.fetch(f"SELECT {BATCH_COLUMNS} FROM batches WHERE batch_id = ?", (batch_id,))
+    return await _batch_where(store, "batch_id", batch_id)
+
+
+async def _batch_where(store: EventStore, column: str, value: str) -> dict[str, Any] | None:
+    rows = await store.fetch(f"SELECT {BATCH_COLUMNS} FROM batches WHERE {column} = ?", (value,))
     return _dict(rows[0]) if rows else None
 
 
@@ -41,10 +45,7 @@ async def get_batches(store: EventStore, batch_ids: list[str]) -> list[dict[str,
 
 async def get_batch_by_key(store: EventStore, key: str) -> dict[str, Any] | None:
     """The batch an upload with this Idempotency-Key created, or None."""
-    rows = await store.fetch(
-        f"SELECT {BATCH_COLUMNS} FROM batches WHERE idempotency_key = ?", (key,)
-    )
-    return _dict(rows[0]) if rows else None
+    return await _batch_where(store, "idempotency_key", key)
 
 
 async def idempotency_namespace(store: EventStore) -> uuid.UUID:
