@@ -121,7 +121,14 @@ async def _tune_collector(app: web.Application) -> None:
 
 def create_app(settings: Settings) -> web.Application:
     """The service as an aiohttp application."""
-    app = web.Application(middlewares=[error_middleware, validation_middleware])
+    # As FastAPI's redirect_slashes: `/batch/upload-csv/` answers 307 to the path without it.
+    trailing_slash = web.normalize_path_middleware(
+        append_slash=False,
+        remove_slash=True,
+        merge_slashes=False,
+        redirect_class=web.HTTPTemporaryRedirect,
+    )
+    app = web.Application(middlewares=[error_middleware, trailing_slash, validation_middleware])
     app[SETTINGS] = settings
     app[STARTED_AT] = time.monotonic()
     app[SOCKETS] = weakref.WeakSet()

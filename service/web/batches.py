@@ -72,9 +72,14 @@ def intake_errors(schema: type[Schema]) -> dict[int, dict[str, Any]]:
     }
 
 
-# /batch/upload-csv and /batch/validate-csv are fixed paths: without the lookahead aiohttp routes
-# DELETE to them too (a rollback of batch "upload-csv") and lists DELETE in their 405's Allow.
+# Every batch path takes any segment, so batch_id_of answers 422 for a malformed id (aiohttp's
+# default pattern leaves out braces, and `x{` would be a route 404). /batch/upload-csv and
+# /batch/validate-csv are fixed paths: without the lookahead aiohttp routes DELETE to them too
+# (a rollback of batch "upload-csv") and lists DELETE in their 405's Allow.
 BATCH = "/batch/{batch_id:(?!upload-csv$|validate-csv$)[^/]+}"
+
+# Where an accepted upload is followed: documented on every answer that sends it.
+LOCATION = {"Location": {"type": "string", "description": "the batch's /status path"}}
 
 
 def actor(request: web.Request) -> dict[str, Any]:
@@ -198,12 +203,20 @@ def accepted_body(batch: dict[str, Any]) -> dict[str, Any]:
     consumes=["multipart/form-data"],
     parameters=[FILE_PARAMETER, IDEMPOTENCY_PARAMETER],
     responses={
-        200: {"schema": schemas.UploadAccepted, "description": "same Idempotency-Key and file"},
+        202: {
+            "schema": schemas.UploadAccepted,
+            "description": "accepted; follow it with batch_id",
+            "headers": LOCATION,
+        },
+        200: {
+            "schema": schemas.UploadAccepted,
+            "description": "same Idempotency-Key and file",
+            "headers": LOCATION,
+        },
         409: {"schema": schemas.Error, "description": "Idempotency-Key reused for another file"},
         **intake_errors(schemas.Error),
     },
 )
-@response_schema(schemas.UploadAccepted, 202, description="accepted; follow it with batch_id")
 async def upload_csv(request: web.Request) -> web.Response:
     batch, created = await accept_upload(request)
     location = f"/batch/{batch['batch_id']}/status"
@@ -255,7 +268,11 @@ async def validate_csv(request: web.Request) -> web.Response:
     consumes=["multipart/form-data"],
     parameters=[FILE_PARAMETER, IDEMPOTENCY_PARAMETER],
     responses={
-        202: {"schema": schemas.UploadAccepted, "description": "still running: follow batch_id"},
+        202: {
+            "schema": schemas.UploadAccepted,
+            "description": "still running: follow batch_id",
+            "headers": LOCATION,
+        },
         409: {"schema": schemas.Error, "description": "Idempotency-Key reused for another file"},
         **intake_errors(schemas.Error),
     },
@@ -294,7 +311,7 @@ async def status_response(request: web.Request, batch_id: str) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
-@routes.get("/batch/{batch_id}/progress")
+@routes.get(f"{BATCH}/progress")
 @docs(
     tags=["batches"],
     summary="How far a batch is",
@@ -307,7 +324,7 @@ async def progress(request: web.Request) -> web.Response:
     return web.json_response(presenters.progress(batch))
 
 
-@routes.get("/batch/{batch_id}/status")
+@routes.get(f"{BATCH}/status")
 @docs(
     tags=["batches"],
     summary="A batch's result, row by row; ?as_of=N shows it as it was after version N",
@@ -393,7 +410,7 @@ def spreadsheet_safe(value: object) -> str:
     return "'" + text if csv_intake.formula_like(text) else text
 
 
-@routes.get("/batch/{batch_id}/results.csv")
+@routes.get(f"{BATCH}/results.csv")
 @docs(
     tags=["batches"],
     summary="Every row's result as CSV; ?only=failed gives the failed rows in upload format",
@@ -436,7 +453,7 @@ async def results_csv(request: web.Request) -> web.Response:
 # Lifecycle ------------------------------------------------------------------------------------
 
 
-@routes.post("/batch/{batch_id}/resume")
+@routes.post(f"{BATCH}/resume")
 @docs(
     tags=["lifecycle"],
     summary="Retry the failed rows (each is looked for in the directory first)",

@@ -10,6 +10,7 @@ from service.web import schemas
 from service.web.batches import (
     BAD_ID_OR_QUERY,
     BAD_QUERY,
+    BATCH,
     BATCH_ID_PARAMETER,
     NOT_FOUND,
     existing_batch,
@@ -19,7 +20,7 @@ from service.web.keys import STORE
 routes = web.RouteTableDef()
 
 
-@routes.get("/batch/{batch_id}/events")
+@routes.get(f"{BATCH}/events")
 @docs(
     tags=["audit"],
     summary="A batch's events in order; ?after=<stream version> pages on",

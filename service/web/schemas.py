@@ -80,13 +80,16 @@ class Status(Schema):
     processing_time_seconds = fields.Float(required=True)
     batch_activated = fields.Boolean(required=True)
     processing_status = fields.String(required=True, validate=validate.OneOf(b.BATCH_STATUSES))
-    activation_error = fields.String(allow_none=True)
+    activation_error = fields.String(allow_none=True, required=True)
     rollback_error = fields.String(
         allow_none=True,
+        required=True,
         metadata={"description": "why the last rollback failed; roll back again to retry"},
     )
-    rolled_back = fields.Boolean()
-    version = fields.Integer(metadata={"description": "stream version this answer reflects"})
+    rolled_back = fields.Boolean(required=True)
+    version = fields.Integer(
+        required=True, metadata={"description": "stream version this answer reflects"}
+    )
     hospitals = fields.List(fields.Nested(HospitalResult), required=True)
 
 

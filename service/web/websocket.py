@@ -26,6 +26,7 @@ from service.web import presenters, schemas
 from service.web.batches import (
     BAD_ID_OR_QUERY,
     BAD_QUERY,
+    BATCH,
     BATCH_ID_PARAMETER,
     NOT_FOUND,
     existing_batch,
@@ -193,7 +194,7 @@ def _not_reading(seconds: float | None) -> Closing:
     return Closing(RESYNC, f"not reading for {seconds}s; reconnect with ?after=<last version>")
 
 
-@routes.get("/batch/{batch_id}/ws")
+@routes.get(f"{BATCH}/ws")
 @docs(
     tags=["live"],
     summary="Websocket: a batch's snapshot, then each event with updated progress",

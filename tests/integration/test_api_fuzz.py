@@ -360,3 +360,29 @@ def test_fixed_batch_paths_allow_only_post(
     assert response.status_code == 405, response.text
     assert response.headers["Allow"] == "POST"
     assert response.json() == {"detail": "Method Not Allowed"}
+
+
+def test_the_location_header_sent_is_documented(live_url: str, http: requests.Session) -> None:
+    key = {"Idempotency-Key": f"location-{uuid.uuid4()}"}
+    sent = {}
+    for _ in range(2):  # 202, then 200 for the repeat
+        response = http.post(
+            f"{live_url}/batch/upload-csv",
+            files={"file": ("hospitals.csv", SAMPLE_CSV, "text/csv")},
+            headers=key,
+        )
+        sent[str(response.status_code)] = response.headers["Location"]
+    documented = DOCUMENT["paths"]["/batch/upload-csv"]["post"]["responses"]
+    assert set(sent) == {"202", "200"}
+    for status in sent:
+        assert "Location" in documented[status]["headers"], status
+
+
+def test_every_field_of_a_status_body_is_documented_as_required(
+    live_url: str, http: requests.Session
+) -> None:
+    upload = http.post(
+        f"{live_url}/batch/upload-csv", files={"file": ("hospitals.csv", SAMPLE_CSV, "text/csv")}
+    )
+    body = http.get(f"{live_url}/batch/{upload.json()['batch_id']}/status").json()
+    assert set(DOCUMENT["definitions"]["Status"]["required"]) == set(body)
