@@ -3,12 +3,32 @@
 import argparse
 import asyncio
 import logging
+import math
 import signal
+from collections.abc import Callable
 
 from .app import run_directory
 from .options import DirectoryOptions
 
 log = logging.getLogger(__name__)
+
+
+def _within(kind: type[float], least: float, most: float = math.inf) -> Callable[[str], float]:
+    """An argparse type: a number of `kind` from `least` to `most`, named in the error."""
+
+    def number(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be a {'whole ' if kind is int else ''}number, got {text!r}"
+            ) from None
+        if not least <= value <= most:
+            bounds = f"at least {least}" if most == math.inf else f"{least}-{most}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+
+    return number
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -19,16 +39,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Run a local stand-in of the Hospital Directory API (not the real one).",
     )
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9000)
     parser.add_argument(
-        "--create-delay", type=float, default=defaults.create_delay, help="seconds per create"
+        "--port", type=_within(int, 0, 65535), default=9000, help="0 picks a free port"
     )
     parser.add_argument(
-        "--jitter", type=float, default=defaults.jitter, help="extra random create seconds, up to"
+        "--create-delay",
+        type=_within(float, 0),
+        default=defaults.create_delay,
+        help="seconds per create",
+    )
+    parser.add_argument(
+        "--jitter",
+        type=_within(float, 0),
+        default=defaults.jitter,
+        help="extra random create seconds, up to",
     )
     parser.add_argument("--no-rate-limit", action="store_true", help="turn the rate limits off")
     parser.add_argument(
-        "--handlers", type=int, default=defaults.handlers, help="requests handled at once"
+        "--handlers",
+        type=_within(int, 1),
+        default=defaults.handlers,
+        help="requests handled at once",
     )
     parser.add_argument(
         "--control", action="store_true", help="enable the /_standin/ control surface"

@@ -62,8 +62,8 @@ async def _routing_answer(request: web.Request, error: web.HTTPException) -> web
         return json_answer({"detail": "Method Not Allowed"}, 405, {"Allow": error.headers["Allow"]})
     # Starlette's redirect_slashes: an unmatched path whose twin with or without the trailing
     # slash matches a route (with any method) answers 307 to that twin.
-    if request.path != "/":
-        twin = request.path[:-1] if request.path.endswith("/") else f"{request.path}/"
+    if (path := request.path) != "/":
+        twin = (path.rstrip("/") or "/") if path.endswith("/") else f"{path}/"
         twin_match = await request.app.router.resolve(request.clone(rel_url=twin))
         if twin_match.http_exception is None or twin_match.http_exception.status == 405:
             location = request.url.with_path(twin).with_query(request.url.query)

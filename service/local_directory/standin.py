@@ -68,7 +68,9 @@ class StandIn:
         seed: int | None = None,
     ) -> FaultRule:
         """Inject `kind` on `endpoint`: on the nth requests from now, at random, or always."""
-        chosen = frozenset([nth] if isinstance(nth, int) else nth or ())
+        chosen = frozenset([nth] if isinstance(nth, int) else () if nth is None else nth)
+        if nth is not None and not chosen:  # no request named is not every request
+            raise ValueError("nth names no request; leave it out to strike every request")
         return self.faults.add(FaultRule(endpoint, kind, probability, chosen, seed))
 
     def clear_faults(self) -> None:
@@ -84,7 +86,8 @@ class StandIn:
         return [h.to_json() for h in self.store.batch(str(UUID(str(batch_id))))]
 
     def duplicates(self) -> list[dict[str, Any]]:
-        """Same (batch, name, address, phone) stored more than once; empty when exactly-once."""
+        """Same (batch, name, address, phone) stored more than once in a batch. A file's
+        identical rows show here too; a row stored under no batch or two batches does not."""
         return self.store.duplicates()
 
     def state(self) -> dict[str, Any]:

@@ -6,11 +6,13 @@ import asyncio
 import itertools
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from service.local_directory import RunningDirectory, StandIn
 from service.processing import upstream
+from service.processing.directory_client import Answer, DirectoryClient, Outcome
 from tests.integration.chaos import TALLY, assert_exactly_once, trials
 from tests.support import Service, ServiceFactory, csv_of
 
@@ -68,6 +70,33 @@ async def test_a_rollback_asked_for_while_activating_stops_the_next_patch(
     assert final["rolled_back"] is True
     assert final["batch_activated"] is False
     assert standin.all_hospitals() == []
+
+
+async def test_a_create_answered_2xx_without_an_id_is_looked_up_not_sent_again(
+    service_factory: ServiceFactory, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A proxy in front of the directory could answer 200 with a body of its own: the create
+    # may be stored, so the row is checked against the directory, never sent blind.
+    create = DirectoryClient.create
+    answers = itertools.count(1)
+
+    async def first_answer_without_id(client: DirectoryClient, *row: Any) -> Answer:
+        answer = await create(client, *row)
+        if next(answers) == 1:
+            return Answer(Outcome.OK, 200, {"status": "OK"}, "ok")
+        return answer
+
+    monkeypatch.setattr(DirectoryClient, "create", first_answer_without_id)
+    async with service_factory() as service:
+        batch_id = (await service.upload(csv_of(3)))["batch_id"]
+        final = await service.wait_finished(batch_id)
+
+    assert final["processing_status"] == "completed"
+    assert {h["hospital_id"] for h in final["hospitals"]} == {
+        h["id"] for h in directory.standin.all_hospitals()
+    }
+    assert directory.standin.request_counts["create"] == 3
+    assert directory.standin.request_counts["batch_get"] >= 1
 
 
 @pytest.mark.parametrize("seed", trials(quick=2, long=20))

@@ -95,6 +95,7 @@ async def test_faults_can_be_added_and_cleared(
         {"endpoint": "create", "kind": "teapot"},
         {"endpoint": "create", "kind": "500", "probability": 0.5, "nth": [1]},
         {"endpoint": "create", "kind": "500", "nth": [0]},
+        {"endpoint": "create", "kind": "500", "nth": []},  # struck every request before
     ],
 )
 async def test_bad_fault_rules_are_refused(http: aiohttp.ClientSession, rule: Any) -> None:

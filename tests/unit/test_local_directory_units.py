@@ -5,6 +5,7 @@ from uuid import UUID
 
 import pytest
 
+from service.local_directory.cli import parse_args
 from service.local_directory.faults import FaultPlan, FaultRule
 from service.local_directory.rate_limit import FixedWindowLimiter
 from service.local_directory.storage import HospitalStore, NewHospital
@@ -141,3 +142,27 @@ def test_duplicates_only_count_rows_of_the_same_batch() -> None:
         {"creation_batch_id": "b1", "name": "Same", "address": "x", "phone": "1", "count": 2}
     ]
     assert store.batch_totals() == {"b1": 2, "b2": 1}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--handlers", "0"], "argument --handlers: must be at least 1, got 0"),  # hung before
+        (["--handlers", "x"], "argument --handlers: must be a whole number, got 'x'"),
+        (["--port", "99999"], "argument --port: must be 0-65535, got 99999"),  # a traceback
+        (["--create-delay", "-1"], "argument --create-delay: must be at least 0, got -1"),
+        (["--jitter", "nan"], "argument --jitter: must be at least 0, got nan"),
+    ],
+)
+def test_command_line_values_out_of_range_are_usage_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_args(argv)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(message)
+
+
+def test_command_line_defaults_are_the_directory_s() -> None:
+    args = parse_args([])
+    assert (args.port, args.handlers, args.create_delay, args.jitter) == (9000, 40, 5.0, 0.0)

@@ -1,0 +1,86 @@
+"""The service against the stand-in's own timing, not injected faults: its rate limiter (on
+a short window) and creates that are stored after the client stopped waiting."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from service.local_directory import DirectoryOptions, RunningDirectory, run_directory
+from tests.support import csv_of, fast_settings, running_service
+
+WINDOW = 3.0  # seconds of the stand-in's rate window, and of the service's pacing window
+
+
+@pytest.fixture
+async def limited() -> AsyncIterator[RunningDirectory]:
+    """30 creates a WINDOW, as the directory allows 30 a minute."""
+    async with run_directory(DirectoryOptions(create_delay=0.05, window_seconds=WINDOW)) as d:
+        yield d
+
+
+async def test_a_paced_file_past_the_limit_completes_with_no_429(
+    limited: RunningDirectory, tmp_path: Path
+) -> None:
+    settings = fast_settings(
+        tmp_path / "paced.db", limited.url, creates_per_minute=30, rate_window_seconds=WINDOW
+    )
+    async with running_service(settings) as service:
+        batch_id = (await service.upload(csv_of(65)))["batch_id"]  # three windows
+        final = await service.wait_finished(batch_id, within=60)
+        _, page = await service.get(f"/batch/{batch_id}/events?limit=500")
+
+    assert final["processing_status"] == "completed"
+    retries = [e for e in page["events"] if e["event_type"] == "HospitalRetryScheduled"]
+    assert retries == []
+    hospitals = limited.standin.all_hospitals()
+    assert limited.standin.request_counts["create"] == 65
+    assert len(hospitals) == 65 and all(h["active"] for h in hospitals)
+
+
+async def test_429s_from_a_window_another_caller_used_are_waited_out_not_failed(
+    limited: RunningDirectory, tmp_path: Path
+) -> None:
+    async with aiohttp.ClientSession(limited.url) as http:  # the same address, 25 of 30 used
+        for i in range(25):
+            async with http.post("/hospitals/", json={"name": f"Other {i}", "address": "x"}) as r:
+                assert r.status == 200
+    settings = fast_settings(
+        tmp_path / "shared.db", limited.url, creates_per_minute=30, rate_window_seconds=WINDOW
+    )
+    async with running_service(settings) as service:
+        batch_id = (await service.upload(csv_of(20)))["batch_id"]
+        final = await service.wait_finished(batch_id, within=60)
+        _, page = await service.get(f"/batch/{batch_id}/events?limit=500")
+
+    assert final["processing_status"] == "completed"
+    retries = [e for e in page["events"] if e["event_type"] == "HospitalRetryScheduled"]
+    reasons = {e["data"]["reason"] for e in retries}
+    assert reasons == {"rate_limited"}  # a 429 costs a row none of its attempts
+    assert final["failed_hospitals"] == 0
+    ours = [h for h in limited.standin.all_hospitals() if h["creation_batch_id"]]
+    assert len(ours) == 20 and limited.standin.duplicates() == []
+
+
+async def test_creates_stored_after_the_read_timeout_are_found_not_sent_again(
+    tmp_path: Path,
+) -> None:
+    # Each create takes 1.5 s and the client waits 0.5 s: every answer is lost, and each
+    # hospital is stored a second after. The check after settle_seconds finds them all.
+    options = DirectoryOptions(create_delay=1.5, rate_limit=False)
+    async with run_directory(options) as directory:
+        settings = fast_settings(
+            tmp_path / "late.db", directory.url, read_timeout=0.5, settle_seconds=2.0
+        )
+        async with running_service(settings) as service:
+            batch_id = (await service.upload(csv_of(3)))["batch_id"]
+            final = await service.wait_finished(batch_id, within=30)
+        creates = directory.standin.request_counts["create"]
+        stored = directory.standin.all_hospitals()
+
+    assert final["processing_status"] == "completed"
+    assert {h["status"] for h in final["hospitals"]} == {"created_and_activated"}
+    assert creates == 3 and len(stored) == 3
