@@ -39,7 +39,7 @@ class ServiceApi:
     http: aiohttp.ClientSession
     base_url: URL
 
-    async def _call(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         url = self.base_url.join(URL(path))
         try:
             async with self.http.request(method, url, **kwargs) as response:
@@ -51,7 +51,7 @@ class ServiceApi:
                     raise Refused(
                         f"{method} {path} was refused (HTTP {response.status})", problems_of(body)
                     )
-                return response.status, body
+                return body
         except aiohttp.ClientError as exc:
             raise Refused(f"cannot reach the service at {self.base_url}: {exc}") from exc
 
@@ -64,28 +64,28 @@ class ServiceApi:
         form = aiohttp.FormData()
         form.add_field("file", content, filename=path.name, content_type="text/csv")
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        _, body = await self._call("POST", "/batch/upload-csv", data=form, headers=headers)
+        body = await self._call("POST", "/batch/upload-csv", data=form, headers=headers)
         return dict(body)
 
     async def resume(self, batch_id: str) -> dict[str, Any]:
         """POST /batch/{id}/resume; the batch's progress."""
-        _, body = await self._call("POST", f"/batch/{batch_id}/resume")
+        body = await self._call("POST", f"/batch/{batch_id}/resume")
         return dict(body)
 
     async def rollback(self, batch_id: str) -> dict[str, Any]:
         """DELETE /batch/{id}; the batch's progress (rolled back, or rolling back)."""
-        _, body = await self._call("DELETE", f"/batch/{batch_id}")
+        body = await self._call("DELETE", f"/batch/{batch_id}")
         return dict(body)
 
     async def progress(self, batch_id: str) -> dict[str, Any]:
         """GET /batch/{id}/progress."""
-        _, body = await self._call("GET", f"/batch/{batch_id}/progress")
+        body = await self._call("GET", f"/batch/{batch_id}/progress")
         return dict(body)
 
     async def results_csv(self, batch_id: str, only_failed: bool) -> str:
         """GET /batch/{id}/results.csv, optionally only the failed rows."""
         query = "?only=failed" if only_failed else ""
-        _, body = await self._call("GET", f"/batch/{batch_id}/results.csv{query}")
+        body = await self._call("GET", f"/batch/{batch_id}/results.csv{query}")
         return str(body)
 
     def socket_url(self, batch_id: str, after: int | None) -> URL:

@@ -152,14 +152,10 @@ async def _upload(api: ServiceApi, args: argparse.Namespace, out: Console) -> in
     return await _then_follow(api, batch["batch_id"], args, out)
 
 
-async def _resume(api: ServiceApi, args: argparse.Namespace, out: Console) -> int:
-    progress = await api.resume(args.batch_id)
-    out.print(f"Batch {args.batch_id}: {escape(progress['current_message'])}")
-    return await _then_follow(api, args.batch_id, args, out)
-
-
-async def _rollback(api: ServiceApi, args: argparse.Namespace, out: Console) -> int:
-    progress = await api.rollback(args.batch_id)
+async def _lifecycle(api: ServiceApi, args: argparse.Namespace, out: Console) -> int:
+    """`resume` or `rollback`: ask, print where the batch is, and follow it if asked to."""
+    ask = api.resume if args.command == "resume" else api.rollback
+    progress = await ask(args.batch_id)
     out.print(f"Batch {args.batch_id}: {escape(progress['current_message'])}")
     return await _then_follow(api, args.batch_id, args, out)
 
@@ -211,8 +207,8 @@ async def _then_follow(
 
 COMMAND_RUNNERS = {
     "upload": _upload,
-    "resume": _resume,
-    "rollback": _rollback,
+    "resume": _lifecycle,
+    "rollback": _lifecycle,
     "follow": _follow_only,
     "results": _results,
 }

@@ -32,7 +32,8 @@ async def follow(
     """Pass every message to `show` until the batch finishes; the `finished` message.
 
     A closed or dropped socket is reopened with ?after=<last version seen>, so no event is
-    lost or shown twice; after `patience` seconds without a message, LostContact.
+    lost or shown twice. Once reopening has failed for `patience` seconds, LostContact; a
+    socket that is open but quiet is waited on for as long as it stays open.
     """
     after: int | None = None
     loop = asyncio.get_running_loop()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from service.domain import events as ev
+from service.domain.matching import HospitalRecord
 
 PENDING = "pending"
 PROCESSING = "processing"
@@ -92,11 +93,9 @@ class RowState:
     reconciled: bool = False
 
     @property
-    def record(self) -> tuple[int | None, str | None, str, str, str | None]:
-        """The directory's record of the row, as `record_of` gives one: the id alone would
-        not do, as a directory that restarted gives the same ids again, to other hospitals
-        (identical rows among them). created_at is None for a row recorded before it was kept."""
-        return (self.hospital_id, self.created_at, *self.row.values)
+    def record(self) -> HospitalRecord:
+        """The directory's record of the row, once it is created."""
+        return HospitalRecord(self.hospital_id, self.created_at, *self.row.values)
 
 
 @dataclass

@@ -27,9 +27,11 @@ def problem(loc: list[str | int], msg: str, kind: str) -> Problem:
 class CsvRejected(Exception):
     """The file cannot be accepted; `problems` lists every reason with its place."""
 
-    def __init__(self, problems: list[Problem], status: int = 422) -> None:
+    status = 422
+
+    def __init__(self, problems: list[Problem]) -> None:
         super().__init__(problems[0]["msg"] if problems else "invalid CSV")
-        self.problems, self.status = problems, status
+        self.problems = problems
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,15 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 def formula_like(value: str) -> bool:
     """Whether the export quotes `value` (and intake unquotes it once)."""
     return value.lstrip("'")[:1] in FORMULA_STARTS
+
+
+def escaped(value: object) -> str:
+    """A value as the results export writes it: a spreadsheet must show it, not run it.
+
+    Phone numbers too: a spreadsheet computes +1-555-0100 as -654, and saves that back.
+    """
+    text = "" if value is None else str(value)
+    return "'" + text if formula_like(text) else text
 
 
 def unescaped(cell: str) -> str:
@@ -280,7 +291,7 @@ def _missing(cells: list[str], headers: tuple[str, ...], count: int, line: int) 
     ]
 
 
-def read_upload(filename: str | None, data: bytes, max_rows: int) -> ParsedCsv:
+def parse_upload(filename: str | None, data: bytes, max_rows: int) -> ParsedCsv:
     """All the checks of an uploaded file, in the order a user would fix them."""
     check_filename(filename)
     return parse(decode(data), max_rows)

@@ -56,45 +56,6 @@ def _in_its_words(answer: Answer) -> Answer:
     return answer
 
 
-Record = tuple[Any, ...]
-
-
-def record_of(hospital: dict[str, Any]) -> Record:
-    """A hospital's id, created_at, name, address and phone, to compare with a row's `record`."""
-    return (
-        hospital.get("id"),
-        hospital.get("created_at"),
-        hospital.get("name"),
-        hospital.get("address"),
-        hospital.get("phone"),
-    )
-
-
-def without_time(record: Record) -> Record:
-    """A record less its created_at: how a row recorded before it was kept is matched."""
-    return (record[0], *record[2:])
-
-
-def row_holds(row_record: Record, hospital: Record) -> bool:
-    """Whether the directory's `hospital` is the row's record."""
-    if row_record[1] is None:
-        return without_time(row_record) == without_time(hospital)
-    return row_record == hospital
-
-
-def pair(
-    row_records: list[Record], hospitals: list[dict[str, Any]]
-) -> tuple[list[dict[str, Any] | None], list[dict[str, Any]]]:
-    """Each row's record among the directory's `hospitals` (None when it holds none), each
-    hospital standing for one row at most; and the hospitals no row holds, in their order."""
-    left = [(record_of(h), h) for h in hospitals]
-    found: list[dict[str, Any] | None] = []
-    for mine in row_records:
-        at = next((i for i, (held, _) in enumerate(left) if row_holds(mine, held)), None)
-        found.append(None if at is None else left.pop(at)[1])
-    return found, [h for _, h in left]
-
-
 def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
 

@@ -15,13 +15,8 @@ from typing import Any
 
 from service.domain import batch as b
 from service.domain import events as ev
-from service.processing.directory_client import (
-    Answer,
-    DirectoryClient,
-    Outcome,
-    pair,
-    record_of,
-)
+from service.domain.matching import HospitalRecord, pair
+from service.processing.directory_client import Answer, DirectoryClient, Outcome
 from service.processing.outbox import Outbox
 from service.processing.pacing import Lookahead, WindowPacer, backoff
 from service.processing.runs import BatchRun, Gate
@@ -58,6 +53,11 @@ class Ready:
     @property
     def batch_id(self) -> str:
         return self.run.batch_id
+
+
+def _outcome(row: int, attempt: int) -> tuple[object, ...]:
+    """The id parts of the one outcome an attempt of a row may have."""
+    return (row, "outcome", attempt)
 
 
 async def _collect_ready(
@@ -504,7 +504,7 @@ class Processor:
             fact = ev.HospitalRetryScheduled(
                 ready.row, ready.attempt, b.WITHDRAWN, f"not sent: {why}"
             )
-            await self._emit(ready.run, fact, ready.row, "outcome", ready.attempt)
+            await self._emit(ready.run, fact, *_outcome(ready.row, ready.attempt))
         except Exception:  # the intent stands, and gets the row checked
             log.exception(
                 "recording that row %s of batch %s was not sent", ready.row, ready.batch_id
@@ -532,7 +532,7 @@ class Processor:
         self, run: BatchRun, gate: Gate, n: int, attempt: int, answer: Answer
     ) -> bool:
         """Append what the answer proves; True when the row waits for a retry timer."""
-        outcome_id = (n, "outcome", attempt)
+        outcome_id = _outcome(n, attempt)
         hospital_id = answer.body.get("id") if isinstance(answer.body, dict) else None
         if answer.ok and isinstance(hospital_id, int):
             created_at = answer.body.get("created_at")
@@ -551,34 +551,27 @@ class Processor:
             await self._emit(run, retry, *outcome_id)
             self._enqueue(run, [n])
         elif answer.outcome is Outcome.NOT_SENT:
-            return await self._retry_later(
-                run, n, attempt, "unreachable", answer.message, outcome_id
-            )
+            return await self._retry_later(run, n, attempt, "unreachable", answer.message)
         else:  # AMBIGUOUS, or a 2xx without an id: it may be stored; look before re-sending
             gate.suspect(n)
             self._reconcile_soon(run, gate)
         return False
 
     async def _retry_later(
-        self,
-        run: BatchRun,
-        n: int,
-        attempt: int,
-        reason: str,
-        message: str,
-        id_parts: tuple[Any, ...],
+        self, run: BatchRun, n: int, attempt: int, reason: str, message: str
     ) -> bool:
         if (failures := run.state.rows[n].failures + 1) >= self._settings.max_attempts:
             said = f"gave up after {failures} failed attempts: {message}"
             failed = ev.HospitalFailed(n, reason, said, retryable=True)
-            await self._emit(run, failed, *id_parts)
+            await self._emit(run, failed, *_outcome(n, attempt))
             return False
         # Held before the fact commits: from then on the fold says the row is to be sent, and
         # anything that schedules the batch meanwhile would queue it beside the retry timer.
         held_before = n in run.held
         run.held.add(n)
         try:
-            await self._emit(run, ev.HospitalRetryScheduled(n, attempt, reason, message), *id_parts)
+            retry = ev.HospitalRetryScheduled(n, attempt, reason, message)
+            await self._emit(run, retry, *_outcome(n, attempt))
         except BaseException:
             if not held_before:
                 run.held.discard(n)
@@ -629,7 +622,7 @@ class Processor:
                 for n in unsettled:
                     message = f"could not check the directory for this row: {answer.message}"
                     failed = ev.HospitalFailed(n, "unconfirmed", message, retryable=True)
-                    await self._emit(run, failed, n, "outcome", run.state.rows[n].attempts)
+                    await self._emit(run, failed, *_outcome(n, run.state.rows[n].attempts))
                 return
             await self._match(run, gate, unsettled, answer.body)
         finally:
@@ -648,21 +641,22 @@ class Processor:
         upstream = run.state.rows_of(gate.creation_batch_id)
         claimed = [r.record for r in upstream if r.hospital_id is not None]
         _, left = pair(claimed, sorted(records, key=lambda r: r.get("id", 0)))
-        # By name, address and phone: the id and created_at of each record no row holds.
-        unclaimed: defaultdict[tuple[Any, ...], list[tuple[Any, Any]]] = defaultdict(list)
-        for held in map(record_of, left):
-            unclaimed[held[2:]].append(held[:2])
+        # By name, address and phone: the records no row holds.
+        unclaimed: defaultdict[tuple[Any, ...], list[HospitalRecord]] = defaultdict(list)
+        for record in map(HospitalRecord.of, left):
+            unclaimed[record.values].append(record)
         for n in suspects:
             row, attempt = rows[n].row, rows[n].attempts
             found = unclaimed.get(row.values)
             if found:
-                hospital_id, created_at = found.pop(0)
-                created = ev.HospitalCreated(n, hospital_id, reconciled=True, created_at=created_at)
-                await self._emit(run, created, n, "outcome", attempt, cause="reconciliation")
+                record = found.pop(0)
+                created = ev.HospitalCreated(
+                    n, record.id, reconciled=True, created_at=record.created_at
+                )
+                await self._emit(run, created, *_outcome(n, attempt), cause="reconciliation")
             else:
                 message = "not in the directory after an unclear answer"
-                outcome_id = (n, "outcome", attempt)
-                await self._retry_later(run, n, attempt, "not_stored", message, outcome_id)
+                await self._retry_later(run, n, attempt, "not_stored", message)
         extra = sum(map(len, unclaimed.values()))
         if extra:
             log.warning(

@@ -10,7 +10,8 @@ from typing import Any, NamedTuple
 
 from service.domain import batch as b
 from service.domain import events as ev
-from service.processing.directory_client import Answer, DirectoryClient, Outcome, pair
+from service.domain.matching import pair
+from service.processing.directory_client import Answer, DirectoryClient, Outcome
 from service.processing.pacing import backoff
 from service.settings import DirectorySettings
 
@@ -57,7 +58,8 @@ class UpstreamBatches:
         )
 
     async def activate(self, state: b.BatchState) -> ev.BatchActivated | ev.BatchActivationFailed:
-        """Activate every upstream batch once; after an unclear answer, look, never repeat.
+        """Activate every upstream batch; after an unclear answer, look, and ask again only
+        while none of its hospitals is active (activation is not idempotent).
 
         The upstream batch of the row created first is looked at, then activated alone: a
         directory restart since that create wiped the row, so the batch fails before
@@ -156,8 +158,8 @@ def _found(
 ) -> tuple[int, int]:
     """How many rows of `upstream` the directory's records hold, and how many are active."""
     found, _ = pair([state.rows[n].record for n in upstream.rows], records)
-    held = [bool(record.get("active")) for record in found if record is not None]
-    return len(held), sum(held)
+    active = [bool(record.get("active")) for record in found if record is not None]
+    return len(active), sum(active)
 
 
 def _missing(upstream: ev.UpstreamBatch, present: int, then: str) -> str:

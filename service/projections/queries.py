@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import uuid
 from typing import Any
 
@@ -17,10 +16,12 @@ ROW_COLUMNS = (
     "row, line, name, address, phone, creation_batch_id, status, hospital_id, error_reason, "
     "error_message, attempts, reconciled"
 )
+BATCH_NAMES = tuple(name.strip() for name in BATCH_COLUMNS.split(","))
+ROW_NAMES = tuple(name.strip() for name in ROW_COLUMNS.split(","))
 
 
-def _dict(row: sqlite3.Row) -> dict[str, Any]:
-    return {key: row[key] for key in row.keys()}  # noqa: SIM118 (sqlite3.Row is not a mapping)
+def _batch(row: tuple[Any, ...]) -> dict[str, Any]:
+    return dict(zip(BATCH_NAMES, row, strict=True))
 
 
 async def get_batch(store: EventStore, batch_id: str) -> dict[str, Any] | None:
@@ -29,17 +30,17 @@ async def get_batch(store: EventStore, batch_id: str) -> dict[str, Any] | None:
 
 
 async def _batch_where(store: EventStore, column: str, value: str) -> dict[str, Any] | None:
-    rows = await store.fetch(f"SELECT {BATCH_COLUMNS} FROM batches WHERE {column} = ?", (value,))
-    return _dict(rows[0]) if rows else None
+    rows = await store.select(f"SELECT {BATCH_COLUMNS} FROM batches WHERE {column} = ?", (value,))
+    return _batch(rows[0]) if rows else None
 
 
 async def get_batches(store: EventStore, batch_ids: list[str]) -> list[dict[str, Any]]:
     """The summary rows of the batches that exist among `batch_ids`, in that order."""
     marks = ", ".join("?" * len(batch_ids))
-    rows = await store.fetch(
+    rows = await store.select(
         f"SELECT {BATCH_COLUMNS} FROM batches WHERE batch_id IN ({marks})", batch_ids
     )
-    found = {row["batch_id"]: _dict(row) for row in rows}
+    found = {batch["batch_id"]: batch for batch in map(_batch, rows)}
     return [found[batch_id] for batch_id in batch_ids if batch_id in found]
 
 
@@ -52,9 +53,6 @@ async def idempotency_namespace(store: EventStore) -> uuid.UUID:
     """This database's namespace for the batch ids derived from Idempotency-Keys."""
     ((namespace,),) = await store.select("SELECT idempotency_namespace FROM instance", ())
     return uuid.UUID(hex=namespace)
-
-
-ROW_NAMES = tuple(name.strip() for name in ROW_COLUMNS.split(","))
 
 
 async def get_rows(store: EventStore, batch_id: str) -> list[dict[str, Any]]:
@@ -83,21 +81,22 @@ STATUS_SNAPSHOT = (
 async def status_snapshot(store: EventStore, batch_id: str) -> tuple[dict[str, Any], bytes] | None:
     """A batch's summary row and its /status `hospitals` array, encoded, or None. One
     statement reads both, so the counts and the rows are of the same commit."""
-    found = await store.fetch(STATUS_SNAPSHOT, (batch_id, batch_id))
+    found = await store.select(STATUS_SNAPSHOT, (batch_id, batch_id))
     if not found:
         return None
-    batch = _dict(found[0])
-    return batch, str(batch.pop("hospitals")).encode()
+    *batch, hospitals = found[0]
+    return _batch(tuple(batch)), str(hospitals).encode()
 
 
 async def unfinished_batch_ids(store: EventStore) -> list[str]:
     """Batches the service still owes work to, oldest first."""
-    rows = await store.fetch(
+    rows = await store.select(
         "SELECT batch_id FROM batches WHERE status IN ('pending', 'processing') "
         "OR (rollback_requested = 1 AND rolled_back = 0 AND rollback_error IS NULL) "
-        "ORDER BY created_at, batch_id"
+        "ORDER BY created_at, batch_id",
+        (),
     )
-    return [r["batch_id"] for r in rows]
+    return [batch_id for (batch_id,) in rows]
 
 
 async def list_batches(
@@ -112,9 +111,9 @@ async def list_batches(
         where.append("(created_at, batch_id) < (?, ?)")
         params.extend(before)
     clause = f"WHERE {' AND '.join(where)}" if where else ""
-    rows = await store.fetch(
+    rows = await store.select(
         f"SELECT {BATCH_COLUMNS} FROM batches {clause} "
         "ORDER BY created_at DESC, batch_id DESC LIMIT ?",
         (*params, limit + 1),
     )
-    return [_dict(r) for r in rows]
+    return [_batch(r) for r in rows]

@@ -90,10 +90,10 @@ def rebuild(
 ) -> RebuildReport:
     """Replay the log into in-memory read models, compare them with the live ones.
 
-    A large log is split by stream among `workers` processes (one per CPU by default),
-    each replaying and comparing its share in its own snapshot. With `replace`, when
-    they differ, every live read model is emptied and replayed in one transaction, so
-    readers see either the old rows or the new ones.
+    A large log is split by stream among `workers` processes (by default one per 200,000
+    events, at most one per CPU), each replaying and comparing its share in its own
+    snapshot. With `replace`, when they differ, every live read model is emptied and
+    replayed in one transaction, so readers see either the old rows or the new ones.
     """
     started = time.monotonic()
     shares = _shares(path, busy_timeout_ms, workers)

@@ -378,12 +378,6 @@ class EventStore:
         finally:
             self._readers.give(conn)
 
-    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        """Run a read-only query on a reader connection and return every row."""
-        async with self._reader() as conn:
-            conn.row_factory = sqlite3.Row
-            return list(await conn.execute_fetchall(sql, params))
-
     async def read_stream(
         self, stream_id: str, after_version: int = -1, limit: int | None = None
     ) -> list[StoredEvent]:
@@ -421,47 +415,41 @@ class EventStore:
     async def select(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         """Run a read-only query on a reader connection; rows as tuples."""
         async with self._reader() as conn:
-            conn.row_factory = None
             return [tuple(r) for r in await conn.execute_fetchall(sql, params)]
 
     async def follow(
-        self, stream_id: str | None = None, after_version: int = -1, after_position: int = 0
+        self, stream_id: str, after_version: int = -1
     ) -> AsyncGenerator[StoredEvent, None]:
-        """Yield the events after a point, then every later one as it commits, forever.
+        """Yield a stream's events after `after_version`, then every later one as it commits,
+        forever.
 
         Followers are served from the recent committed events kept in memory when they
         can be, from the database otherwise; the head is read before each catch-up, so a
         commit that lands during a read is never missed.
         """
-        position = after_position
-        if stream_id is not None:
-            # Everything up to this head is covered by the reads below, which start later.
-            position = self.head.position
-            while page := await self.read_stream(stream_id, after_version, READ_PAGE):
-                for event in page:
-                    yield event
-                after_version = page[-1].stream_version
-                position = max(position, page[-1].global_position)
+        # Everything up to this head is covered by the reads below, which start later.
+        position = self.head.position
+        while page := await self.read_stream(stream_id, after_version, READ_PAGE):
+            for event in page:
+                yield event
+            after_version = page[-1].stream_version
+            position = max(position, page[-1].global_position)
         while True:
             head = self.head.position
             events = await self._after(position, stream_id)
             for event in events:
                 position = event.global_position
-                if stream_id is None:
-                    yield event
-                elif event.stream_id == stream_id and event.stream_version > after_version:
+                if event.stream_id == stream_id and event.stream_version > after_version:
                     after_version = event.stream_version
                     yield event
             if not events:
                 await self.head.wait_past(max(head, position))
 
-    async def _after(self, position: int, stream_id: str | None) -> list[StoredEvent]:
+    async def _after(self, position: int, stream_id: str) -> list[StoredEvent]:
         recent = self._recent
         if recent and recent[0].global_position <= position + 1:
             start = bisect.bisect_right(recent, position, key=lambda e: e.global_position)
-            return list(_islice(recent, start))
-        if stream_id is None:
-            return await self.read_all(position, READ_PAGE)
+            return _islice(recent, start)
         rows = await self.select(
             f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ? AND global_position > ? "
             "ORDER BY global_position LIMIT ?",

@@ -44,7 +44,7 @@ class StoredEvent:
     data: dict[str, Any]
     metadata: dict[str, Any]
     recorded_at: str
-    # The appended event itself, when this record comes from the writer: saves a decode.
+    # The event itself, already decoded by the writer or by from_row: saves a second decode.
     event: Event | None = field(default=None, compare=False, repr=False)
 
     def decode(self) -> Event:
@@ -88,6 +88,7 @@ def from_row(row: tuple[Any, ...]) -> StoredEvent:
         data=_plain(event.payload()),
         metadata=orjson.loads(meta),
         recorded_at=at,
+        event=event,
     )
 
 

@@ -167,7 +167,7 @@ async def off_loop(request: web.Request, work: Callable[..., T], *args: Any) -> 
 async def _checked(request: web.Request, upload: Upload) -> csv_intake.ParsedCsv:
     """The file's rows, checked off the loop."""
     max_rows = request.app[SETTINGS].csv.max_rows
-    return await off_loop(request, csv_intake.read_upload, upload.filename, upload.data, max_rows)
+    return await off_loop(request, csv_intake.parse_upload, upload.filename, upload.data, max_rows)
 
 
 def _digest(data: bytes) -> str:
@@ -240,9 +240,8 @@ async def validate_csv(request: web.Request) -> web.Response:
         upload = await read_upload(request, settings.csv.max_bytes)
         parsed = await _checked(request, upload)
     except (csv_intake.CsvRejected, ApiError) as exc:
+        # read_upload's refusals are all lists of problems, like the CSV's own.
         problems = exc.problems if isinstance(exc, csv_intake.CsvRejected) else exc.detail
-        if isinstance(problems, str):
-            problems = [csv_intake.problem(["body"], problems, "body_error")]
         body = {"valid": False, "message": "CSV validation failed", "errors": problems}
         return web.json_response(body, status=exc.status)
     return web.json_response(
@@ -401,15 +400,6 @@ def _decode_cursor(cursor: str | None) -> tuple[str, str] | None:
 RESULT_COLUMNS = ("row", "name", "address", "phone", "status", "hospital_id", "error_message")
 
 
-def spreadsheet_safe(value: object) -> str:
-    """Keep a spreadsheet from running a cell as a formula (prefix it with ').
-
-    Phone numbers too: a spreadsheet computes +1-555-0100 as -654, and saves that back.
-    """
-    text = "" if value is None else str(value)
-    return "'" + text if csv_intake.formula_like(text) else text
-
-
 @routes.get(f"{BATCH}/results.csv")
 @docs(
     tags=["batches"],
@@ -435,12 +425,12 @@ async def results_csv(request: web.Request) -> web.Response:
         writer.writerow(csv_intake.COLUMNS)
         for r in rows:
             if r["status"] == b.ROW_FAILED:
-                writer.writerow([spreadsheet_safe(r[c]) for c in csv_intake.COLUMNS])
+                writer.writerow([csv_intake.escaped(r[c]) for c in csv_intake.COLUMNS])
     else:
         writer.writerow(RESULT_COLUMNS)
         for r in rows:
             result = presenters.row_result(r)
-            writer.writerow([spreadsheet_safe(result[c]) for c in RESULT_COLUMNS])
+            writer.writerow([csv_intake.escaped(result[c]) for c in RESULT_COLUMNS])
     suffix = "failed" if only_failed else "results"
     return web.Response(
         text=out.getvalue(),

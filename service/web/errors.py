@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 from aiohttp import web
 from marshmallow import ValidationError
 
-from service.domain.csv_intake import CsvRejected, Problem
+from service.domain.csv_intake import CsvRejected, Problem, problem
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class ApiError(Exception):
 
 def invalid(loc: list[str | int], msg: str, kind: str = "value_error") -> ApiError:
     """A 422 for one problem at one place of the request."""
-    return ApiError(422, [{"loc": loc, "msg": msg, "type": kind}])
+    return ApiError(422, [problem(loc, msg, kind)])
 
 
 def error_response(
@@ -60,7 +60,7 @@ def webargs_error(
         items = fields.items() if isinstance(fields, dict) else [("", fields)]
         for field, texts in items:
             for text in texts if isinstance(texts, list) else [texts]:
-                problems.append({"loc": [where, field], "msg": str(text), "type": "value_error"})
+                problems.append(problem([where, field], str(text), "value_error"))
     raise ApiError(422, problems)
 
 

@@ -31,8 +31,8 @@ async def health(request: web.Request) -> web.Response:
     app = request.app
     store, processor, client = app[STORE], app[PROCESSOR], app[CLIENT]
     try:
-        rows = await store.fetch("SELECT COUNT(*) AS n FROM batches")
-        database = {"status": "ok", "path": store.path, "batches": rows[0]["n"]}
+        ((count,),) = await store.select("SELECT COUNT(*) FROM batches", ())
+        database = {"status": "ok", "path": store.path, "batches": count}
         database_ok = store.writer_alive
         if not database_ok:
             database["status"] = "writer stopped"

@@ -37,9 +37,9 @@ from service.web.keys import FEEDS, SETTINGS, SOCKETS, STOPPING, STORE
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
-FINISHED = WSCloseCode.OK  # the batch reached a finished state
-SHUTDOWN = WSCloseCode.GOING_AWAY  # the service is stopping
-RESYNC = 4000  # the client fell behind: reconnect with ?after=<last version received>
+CLOSE_FINISHED = WSCloseCode.OK  # the batch reached a finished state
+CLOSE_SHUTDOWN = WSCloseCode.GOING_AWAY  # the service is stopping
+CLOSE_RESYNC = 4000  # the client fell behind: reconnect with ?after=<last version received>
 DASHBOARD_BATCHES = 50  # batches in the /ws snapshot
 # A dashboard that has caught up gathers the log's moves this long before its next message:
 # a message per commit made every dashboard read the log and its batches hundreds of times
@@ -51,7 +51,6 @@ HANDSHAKE_RESPONSES = {
     400: {"schema": schemas.Error, "description": "not a websocket handshake"},
     403: {"schema": schemas.Error, "description": "cross-origin handshake refused"},
 }
-AFTER_OUT_OF_RANGE = {422: {"schema": schemas.Error, "description": "?after out of range"}}
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ class Closing:
     reason: str
 
 
-GOING_AWAY = Closing(SHUTDOWN, "server shutdown")
+GOING_AWAY = Closing(CLOSE_SHUTDOWN, "server shutdown")
 
 
 Sender = Callable[[web.WebSocketResponse], Coroutine[Any, Any, Closing]]
@@ -103,9 +102,7 @@ def _after(request: web.Request, floor: int, ceiling: int) -> int | None:
     return value
 
 
-async def _send(
-    ws: web.WebSocketResponse, message: dict[str, Any] | bytes, seconds: float | None
-) -> bool:
+async def _send(ws: web.WebSocketResponse, message: dict[str, Any] | bytes, seconds: float) -> bool:
     """Send one message (a dict, or one already encoded); False when the client has not
     taken it within `seconds`."""
     text = message if isinstance(message, bytes) else orjson.dumps(message)
@@ -121,7 +118,7 @@ async def _write(
     request: web.Request,
     ws: web.WebSocketResponse,
     frames: bytes | bytearray,
-    seconds: float | None,
+    seconds: float,
 ) -> bool:
     """Write frames built by the feed in one go; False when the client has not taken them
     within `seconds`.
@@ -158,7 +155,7 @@ async def _close(ws: web.WebSocketResponse, closing: Closing, seconds: float | N
 
 async def _serve(request: web.Request, sender: Sender) -> web.WebSocketResponse:
     """Upgrade, run `sender` while reading the client's side until either ends, then close."""
-    seconds = request.app[SETTINGS].websocket.heartbeat_seconds or None
+    seconds = request.app[SETTINGS].websocket.heartbeat_seconds
     ws = web.WebSocketResponse(heartbeat=seconds)
     if not ws.can_prepare(request).ok:
         raise ApiError(400, "this route is a websocket: connect with a websocket client")
@@ -190,8 +187,10 @@ async def _serve(request: web.Request, sender: Sender) -> web.WebSocketResponse:
     return ws
 
 
-def _not_reading(seconds: float | None) -> Closing:
-    return Closing(RESYNC, f"not reading for {seconds}s; reconnect with ?after=<last version>")
+def _not_reading(seconds: float) -> Closing:
+    return Closing(
+        CLOSE_RESYNC, f"not reading for {seconds}s; reconnect with ?after=<last version>"
+    )
 
 
 @routes.get(f"{BATCH}/ws")
@@ -234,7 +233,7 @@ async def batch_socket(request: web.Request) -> web.WebSocketResponse:
     after = _after(request, floor=-1, ceiling=last)
     # Events up to here are history the client asked for, not lag.
     live_from = store.head.position
-    seconds = settings.heartbeat_seconds or None
+    seconds = settings.heartbeat_seconds
 
     async def sender(ws: web.WebSocketResponse) -> Closing:
         async with feeds.follow(store, stream) as feed:
@@ -262,7 +261,7 @@ async def batch_socket(request: web.Request) -> web.WebSocketResponse:
                         frames = b"".join(m.frame for m in feed.messages[version + 1 : lagging + 1])
                         upto = lagging
                         reason = f"{lag} events behind; reconnect with ?after={lagging}"
-                        resync = Closing(RESYNC, reason)
+                        resync = Closing(CLOSE_RESYNC, reason)
                 if not await _write(request, ws, frames, seconds):
                     return _not_reading(seconds)
                 if resync:
@@ -270,7 +269,7 @@ async def batch_socket(request: web.Request) -> web.WebSocketResponse:
                 version = upto
         if not await _send(ws, finished, seconds):
             return _not_reading(seconds)
-        return Closing(FINISHED, f"batch {feed.messages[version].status}")
+        return Closing(CLOSE_FINISHED, f"batch {feed.messages[version].status}")
 
     return await _serve(request, sender)
 
@@ -304,7 +303,7 @@ async def dashboard_socket(request: web.Request) -> web.WebSocketResponse:
     # Not the head: a position just sent may be read from the log before the head moves.
     last = await store.last_position() if "after" in request.query else 0
     after = _after(request, floor=0, ceiling=last)
-    seconds = settings.heartbeat_seconds or None
+    seconds = settings.heartbeat_seconds
 
     async def sender(ws: web.WebSocketResponse) -> Closing:
         position = after
@@ -327,7 +326,7 @@ async def dashboard_socket(request: web.Request) -> web.WebSocketResponse:
             if not page:
                 await store.head.wait_past(position)
                 continue
-            changed = list(dict.fromkeys(e.stream_id.removeprefix("batch-") for e in page))
+            changed = list(dict.fromkeys(e.stream_id.removeprefix(b.STREAM_PREFIX) for e in page))
             batches = await queries.get_batches(store, changed)
             message = {
                 "type": "progress",

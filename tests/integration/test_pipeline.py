@@ -494,7 +494,7 @@ async def test_uploaded_files_are_parsed_off_the_event_loop_one_at_a_time(
     parsed_on: list[int] = []
     parsing: set[int] = set()
     most_at_once = 0
-    read_upload = csv_intake.read_upload
+    parse_upload = csv_intake.parse_upload
 
     def noting(*args: Any) -> csv_intake.ParsedCsv:
         nonlocal most_at_once
@@ -503,13 +503,13 @@ async def test_uploaded_files_are_parsed_off_the_event_loop_one_at_a_time(
         most_at_once = max(most_at_once, len(parsing))
         time.sleep(0.1)  # a large file
         parsing.discard(threading.get_ident())
-        return read_upload(*args)
+        return parse_upload(*args)
 
     async def post() -> int:
         async with service.http.post(service.url + path, data=form(SAMPLE_CSV)) as r:
             return r.status
 
-    monkeypatch.setattr(csv_intake, "read_upload", noting)
+    monkeypatch.setattr(csv_intake, "parse_upload", noting)
     statuses = await asyncio.gather(*(post() for _ in range(3)))
 
     assert set(statuses) <= {200, 202} and len(parsed_on) == 3

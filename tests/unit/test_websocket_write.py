@@ -36,7 +36,7 @@ def socket(unsent: int, closed: bool = False) -> tuple[Any, Any, Transport]:
 async def test_frames_the_kernel_took_are_written_without_waiting() -> None:
     request, ws, transport = socket(unsent=0)
 
-    assert await _write(request, ws, b"frames", seconds=None)
+    assert await _write(request, ws, b"frames", seconds=1.0)
     assert transport.written == b"frames"
 
 
@@ -52,5 +52,5 @@ async def test_nothing_is_written_to_a_closing_socket() -> None:
     request, ws, transport = socket(unsent=0, closed=True)
 
     with pytest.raises(ConnectionResetError):
-        await _write(request, ws, b"frames", seconds=None)
+        await _write(request, ws, b"frames", seconds=1.0)
     assert transport.written == b""
