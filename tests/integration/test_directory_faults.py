@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from service.local_directory import RunningDirectory, StandIn
+from service.local_directory.storage import Hospital, NewHospital
 from service.processing import upstream
 from service.processing.directory_client import Answer, DirectoryClient, Outcome
 from tests.integration.chaos import TALLY, assert_exactly_once, trials
@@ -97,6 +98,49 @@ async def test_a_create_answered_2xx_without_an_id_is_looked_up_not_sent_again(
     }
     assert directory.standin.request_counts["create"] == 3
     assert directory.standin.request_counts["batch_get"] >= 1
+
+
+async def test_a_row_never_stored_is_given_up_after_max_attempts_creates(
+    service_factory: ServiceFactory, directory: RunningDirectory
+) -> None:
+    directory.standin.add_fault("create", "reset")  # every create: unanswered, not stored
+    async with service_factory(max_attempts=2) as service:
+        batch_id = (await service.upload(csv_of(1)))["batch_id"]
+        final = await service.wait_finished(batch_id)
+
+    assert directory.standin.request_counts["create"] == 2
+    (row,) = final["hospitals"]
+    assert row["status"] == "failed"
+    assert "gave up after 2 failed attempts" in row["error_message"]
+
+
+async def test_a_check_never_claims_the_record_of_an_identical_row_still_in_flight(
+    service_factory: ServiceFactory, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two identical rows. Row 1's create is lost unstored; row 2's is stored but its answer
+    # is held back. Read before row 2's answer came, the directory would show row 1 a
+    # record that is row 2's: the check must wait for the creates in flight.
+    standin = directory.standin
+    standin.add_fault("create", "reset", nth=[1])
+    store_after_the_delay = standin._sleep_then_store
+    held: list[Hospital] = []
+
+    async def hold_the_first_answer(new: NewHospital) -> Hospital:
+        hospital = await store_after_the_delay(new)
+        if not held:
+            held.append(hospital)
+            await asyncio.sleep(1.5)  # stored and listed in its batch, not yet answered
+        return hospital
+
+    monkeypatch.setattr(standin, "_sleep_then_store", hold_the_first_answer)
+    identical = "name,address,phone\nSame,1 Main St,555\nSame,1 Main St,555\n"
+    async with service_factory(settle_seconds=0.3) as service:
+        final = await service.wait_finished((await service.upload(identical))["batch_id"])
+
+    assert final["processing_status"] == "completed"
+    ids = sorted(h["hospital_id"] for h in final["hospitals"])
+    assert ids == sorted(h["id"] for h in standin.all_hospitals())
+    assert len(set(ids)) == 2
 
 
 @pytest.mark.parametrize("seed", trials(quick=2, long=20))

@@ -3,6 +3,7 @@ a short window) and creates that are stored after the client stopped waiting."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -63,6 +64,31 @@ async def test_429s_from_a_window_another_caller_used_are_waited_out_not_failed(
     assert final["failed_hospitals"] == 0
     ours = [h for h in limited.standin.all_hospitals() if h["creation_batch_id"]]
     assert len(ours) == 20 and limited.standin.duplicates() == []
+
+
+async def test_a_429_holds_the_next_create_back_a_whole_window(
+    limited: RunningDirectory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    standin = limited.standin
+    standin.add_fault("create", "429", nth=[1])
+    sent: list[float] = []
+    receive = standin.receive
+
+    def noting(endpoint: str) -> str | None:
+        if endpoint == "create":
+            sent.append(time.monotonic())
+        return receive(endpoint)
+
+    monkeypatch.setattr(standin, "receive", noting)
+    settings = fast_settings(
+        tmp_path / "refused.db", limited.url, creates_per_minute=30, rate_window_seconds=WINDOW
+    )
+    async with running_service(settings) as service:
+        final = await service.wait_finished((await service.upload(csv_of(1)))["batch_id"])
+
+    assert final["processing_status"] == "completed"
+    assert len(sent) == 2
+    assert sent[1] - sent[0] >= WINDOW * 0.9  # the window waited out, not sent again at once
 
 
 async def test_creates_stored_after_the_read_timeout_are_found_not_sent_again(

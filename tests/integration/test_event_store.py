@@ -93,6 +93,28 @@ async def test_failing_append_stores_none_of_its_events_and_spares_its_group(
     assert await positions(store) == [1, 2, 3]
 
 
+async def test_a_commit_that_fails_leaves_the_stream_where_it_was(
+    store: EventStore, store_path: Path
+) -> None:
+    await store.append("batch-a", -1, new_batch("a"))  # version 0
+    # A deferred foreign key is checked at COMMIT, after every statement passed: an intent
+    # of attempt 99 inserts a child with no parent, so that COMMIT fails.
+    for statement in (
+        "CREATE TABLE test_parent(id INTEGER PRIMARY KEY)",
+        "CREATE TABLE test_child(parent INTEGER REFERENCES test_parent(id) "
+        "DEFERRABLE INITIALLY DEFERRED)",
+        "CREATE TRIGGER test_fail AFTER INSERT ON events WHEN NEW.data LIKE '%99%' "
+        "BEGIN INSERT INTO test_child VALUES (42); END",
+    ):
+        run_sql(store_path, statement)
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.append("batch-a", 0, [NewEvent(ev.HospitalRequested((1,), (99,)))])
+
+    assert await store.stream_version("batch-a") == 0
+    stored = await store.append("batch-a", 0, [NewEvent(ev.HospitalRequested((1,), (1,)))])
+    assert [e.stream_version for e in stored] == [1]
+
+
 async def test_positions_stay_dense_through_conflicts_and_failures(store: EventStore) -> None:
     await store.append("batch-a", -1, new_batch("a"))
     await store.append("batch-b", -1, new_batch("b"))

@@ -75,6 +75,21 @@ async def test_the_finished_message_comes_with_the_event_that_settles_the_batch(
     assert feed.finished(-1) is None
 
 
+async def test_a_burst_ends_at_the_event_that_finishes_the_batch(store: EventStore) -> None:
+    await store.append("batch-b", -1, new_batch("b", rows=1))
+    created = NewEvent(ev.HospitalCreated(row=1, hospital_id=7))
+    activated = NewEvent(ev.BatchActivated(activated_count=1, upstream_batch_ids=("b",)))
+    asked = NewEvent(ev.BatchRollbackRequested())  # committed with the finish, after it
+    await store.append("batch-b", 0, [created, activated, asked])
+
+    async with Feeds().follow(store, "batch-b") as feed:
+        await feed.wait_past(2)
+        assert feed.messages[2].finished is not None
+        _, upto = feed.burst(0)
+
+    assert upto == 2  # a socket sends `finished` and closes; the rollback is not its story
+
+
 async def test_sockets_at_one_version_share_a_burst_until_the_next_message(
     store: EventStore,
 ) -> None:

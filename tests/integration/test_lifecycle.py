@@ -13,6 +13,7 @@ import pytest
 
 from service.domain.batch import ROLLBACK_ASKED_MESSAGE, ROLLED_BACK_MESSAGE
 from service.local_directory import RunningDirectory
+from service.local_directory.storage import Hospital, NewHospital
 from service.projections.rebuild import rebuild
 from service.store.records import NewEvent, StoredEvent
 from service.web.keys import PROCESSOR, SETTINGS, STORE
@@ -306,6 +307,34 @@ async def test_rollback_of_a_running_batch_stops_creates_and_deletes_those_in_fl
     assert all(r["message"] == "not sent: the batch is being rolled back" for r in retries)
     assert directory.standin.request_counts["batch_get"] == 0
     await assert_fold_matches_read_model(service, batch_id)
+
+
+async def test_a_rollback_waits_for_a_create_in_flight_in_another_upstream_batch(
+    service_factory: ServiceFactory, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Row 1's answer is lost, so its upstream batch is checked while row 21, of the second
+    # upstream batch, is still being created: the check's end must not start the deletes.
+    standin = directory.standin
+    standin.set_delay(1.0)
+    standin.add_fault("create", "reset", nth=[1])
+    store_after_the_delay = standin._sleep_then_store
+
+    async def slower_for_row_21(new: NewHospital) -> Hospital:
+        if new.name == "Hospital 21":
+            await asyncio.sleep(2.0)
+        return await store_after_the_delay(new)
+
+    monkeypatch.setattr(standin, "_sleep_then_store", slower_for_row_21)
+    async with service_factory(settle_seconds=0.3) as service:
+        batch_id = (await service.upload(csv_of(21)))["batch_id"]
+        await asyncio.sleep(0.5)
+        status, _ = await delete(service, f"/batch/{batch_id}")
+        assert status == 202
+        final = await wait_rolled_back(service, batch_id)
+
+    assert standin.all_hospitals() == []  # row 21 too: deleted after its create ended
+    assert {h["status"] for h in final["hospitals"]} <= {"deleted", "failed"}
+    assert final["hospitals"][20]["status"] == "deleted"
 
 
 async def test_rollback_withdraws_rows_waiting_for_the_rate_window_without_waiting_it_out(

@@ -24,6 +24,12 @@ async def version_of(cache: StatusCache, store: EventStore, batch_id: str) -> in
     return int(json.loads(body)["version"])
 
 
+async def status_of(cache: StatusCache, store: EventStore, batch_id: str) -> str:
+    body = await cache.body(store, batch_id)
+    assert body is not None
+    return str(json.loads(body)["processing_status"])
+
+
 async def test_a_running_batch_shares_its_body_until_it_is_too_old(store: EventStore) -> None:
     await store.append("batch-b", -1, new_batch("b", rows=2))
     await store.append("batch-b", None, requested("b"))
@@ -47,6 +53,18 @@ async def test_a_change_of_status_is_never_hidden(store: EventStore) -> None:
     body = await cache.body(store, "b")
     assert body is not None
     assert json.loads(body)["processing_status"] == "failed"
+
+
+async def test_a_resumed_batch_does_not_answer_its_finished_status(store: EventStore) -> None:
+    await store.append("batch-b", -1, new_batch("b", rows=1))
+    await store.append("batch-b", None, requested("b"))
+    await store.append("batch-b", None, [NewEvent(ev.HospitalFailed(1, "rejected", "no", False))])
+    cache = StatusCache(max_age=60.0)
+    assert await status_of(cache, store, "b") == "failed"
+
+    await store.append("batch-b", None, [NewEvent(ev.BatchResumed((1,)))])
+
+    assert await status_of(cache, store, "b") == "processing"  # finished to running, too
 
 
 async def test_an_unknown_batch_has_no_body(store: EventStore) -> None:

@@ -103,19 +103,37 @@ async def test_follow_misses_nothing_under_concurrent_appends(store: EventStore)
 async def test_follow_reads_what_memory_no_longer_holds_from_the_database(
     store_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(event_store, "RECENT_EVENTS", 5)
+    monkeypatch.setattr(event_store, "RECENT_EVENTS", 4)
     store = EventStore(store_path)
     await store.open()
     try:
-        await store.append("batch-a", -1, new_batch("a") + requested("a", 4))  # versions 0..4
-        follower = asyncio.create_task(take(store, 25, stream_id="batch-a"))
-        await asyncio.sleep(0.05)  # caught up, waiting for the next commit
-        await store.append("batch-a", 4, requested("a", 20))  # 5..24: memory keeps 20..24
+        await store.append("batch-a", -1, new_batch("a") + requested("a", 9))  # positions 1..10
+        follower = asyncio.create_task(take(store, 15, stream_id="batch-a"))
+        await asyncio.sleep(0.05)  # caught up at 10, waiting for the next commit
+        # 11..15: memory keeps 12..15, so 11, just one past the follower, is read from disk.
+        await store.append("batch-a", 9, requested("a", 5))
         got = await asyncio.wait_for(follower, timeout=5)
     finally:
         await store.close()
 
-    assert [e.stream_version for e in got] == list(range(25))
+    assert [e.global_position for e in got] == list(range(1, 16))
+
+
+async def test_a_repeated_append_of_an_earlier_commit_leaves_head_and_followers_alone(
+    store: EventStore,
+) -> None:
+    first = new_batch("a")
+    await store.append("batch-a", -1, first)  # 1
+    await store.append("batch-a", 0, requested("a"))  # 2
+    follower = asyncio.create_task(take(store, 3, stream_id="batch-a"))
+
+    again = await store.append("batch-a", -1, first)  # a retry, alone in its commit
+    assert [e.global_position for e in again] == [1]
+    assert store.head.position == 2
+    await store.append("batch-a", 1, requested("a", 1))  # 3
+
+    got = await asyncio.wait_for(follower, timeout=5)
+    assert [e.global_position for e in got] == [1, 2, 3]
 
 
 async def test_follow_yields_a_retried_append_once(store: EventStore) -> None:

@@ -177,11 +177,12 @@ async def test_an_event_larger_than_64_kib_arrives_whole(service: Service) -> No
 
 
 async def test_handshakes_that_are_refused_before_the_upgrade(service: Service) -> None:
-    accepted = await service.upload(SAMPLE_CSV)
-    batch_id = accepted["batch_id"]
+    batch_id = (await service.upload(SAMPLE_CSV))["batch_id"]
+    last = (await service.wait_finished(batch_id))["version"]
     refused = {
         f"/batch/{uuid.uuid4()}/ws": 404,
         "/batch/not-a-uuid/ws": 422,
+        f"/batch/{batch_id}/ws?after={last + 1}": 422,  # just past: it would wait forever
         f"/batch/{batch_id}/ws?after=99": 422,
         f"/batch/{batch_id}/ws?after=x": 422,
         "/ws?after=-5": 422,
