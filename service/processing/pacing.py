@@ -30,10 +30,11 @@ class WindowPacer:
         self._blocked_until = 0.0
 
     async def acquire(self) -> None:
-        """Wait until one more create may be sent, and count it; pacing off when per_window is 0."""
+        """Wait until one more create may be sent, and count it. With per_window 0 (pacing
+        off) nothing is counted, but a 429 still holds creates back a whole window."""
+        await self.room()
         if self.per_window <= 0:
             return
-        await self.room()
         now = self._clock()
         if self._window_start is None or now >= self._window_end():
             self._window_start, self._used = now, 0
@@ -52,11 +53,11 @@ class WindowPacer:
         return self._until_room() <= 0
 
     def _until_room(self) -> float:
-        if self.per_window <= 0:
-            return 0.0
         now = self._clock()
         if self._blocked_until > now:
             return self._blocked_until - now
+        if self.per_window <= 0:
+            return 0.0
         if self._window_start is None or now >= self._window_end() or self._used < self.per_window:
             return 0.0
         return self._window_end() - now

@@ -42,6 +42,22 @@ async def test_a_paced_file_past_the_limit_completes_with_no_429(
     assert len(hospitals) == 65 and all(h["active"] for h in hospitals)
 
 
+async def test_with_pacing_off_a_429_still_pauses_creates_for_a_window(
+    limited: RunningDirectory, tmp_path: Path
+) -> None:
+    settings = fast_settings(tmp_path / "unpaced.db", limited.url, rate_window_seconds=WINDOW)
+    async with running_service(settings) as service:
+        batch_id = (await service.upload(csv_of(40)))["batch_id"]  # 30 pass, then 429s
+        final = await service.wait_finished(batch_id, within=60)
+        _, page = await service.get(f"/batch/{batch_id}/events?limit=1000")
+
+    assert final["processing_status"] == "completed"
+    retries = [e for e in page["events"] if e["event_type"] == "HospitalRetryScheduled"]
+    # One 429 at most per create in flight when the first came back; it was thousands.
+    assert 0 < len(retries) <= settings.directory.concurrency
+    assert len(limited.standin.all_hospitals()) == 40 and limited.standin.duplicates() == []
+
+
 async def test_429s_from_a_window_another_caller_used_are_waited_out_not_failed(
     limited: RunningDirectory, tmp_path: Path
 ) -> None:

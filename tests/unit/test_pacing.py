@@ -168,12 +168,26 @@ async def test_a_refusal_blocks_everything_for_a_whole_window_from_now(
 
 async def test_pacing_is_off_when_per_window_is_zero(clock: VirtualTime) -> None:
     pacer = WindowPacer(0, WINDOW, MARGIN, clock=clock)
-    pacer.refused()
 
     times = await grants_in_turn(pacer, clock, 1000)
 
     assert set(times) == {0.0}
     assert clock.sleeps == []
+
+
+async def test_a_refusal_holds_creates_back_a_window_with_pacing_off_too(
+    clock: VirtualTime,
+) -> None:
+    # Else a rate-limited row went straight back to the directory, 429 after 429: thousands
+    # of retries a minute in the log.
+    pacer = WindowPacer(0, WINDOW, MARGIN, clock=clock)
+    clock.now = 10.0
+    pacer.refused()
+    assert not pacer.has_room()
+
+    times = await grants_in_turn(pacer, clock, 100)
+
+    assert set(times) == {10.0 + NEXT}  # then unpaced again
 
 
 async def test_concurrent_acquirers_never_overfill_a_window(
