@@ -40,6 +40,15 @@ class WindowPacer:
             self._window_start, self._used = now, 0
         self._used += 1
 
+    def replay(self, sent: list[float]) -> None:
+        """Count creates sent before this pacer existed (their times on its clock, oldest
+        first) as they were counted then: after a restart the directory's window may still
+        be open, and what it already took is no longer ours to send."""
+        for at in sent:
+            if self._window_start is None or at >= self._window_end():
+                self._window_start, self._used = at, 0
+            self._used += 1
+
     async def room(self) -> None:
         """Wait until one more create could be sent, without counting it."""
         while True:
@@ -65,10 +74,14 @@ class WindowPacer:
     def _window_end(self) -> float:
         return (self._window_start or 0.0) + self.window + self.margin
 
-    def refused(self) -> None:
-        """A 429 came back: someone else's traffic shares our window; wait a whole one."""
-        self._blocked_until = self._clock() + self.window + self.margin
+    def refused(self) -> bool:
+        """A 429 came back: someone else's traffic shares our window; wait a whole one.
+        False when creates were held back already (by a 429 of the same burst)."""
+        now = self._clock()
+        fresh = self._blocked_until <= now
+        self._blocked_until = now + self.window + self.margin
         self._window_start = None
+        return fresh
 
 
 class Lookahead:

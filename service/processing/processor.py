@@ -11,6 +11,7 @@ from asyncio import FIRST_COMPLETED
 from collections import defaultdict, deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from service.domain import batch as b
@@ -24,13 +25,14 @@ from service.processing.upstream import UpstreamBatches
 from service.projections import queries
 from service.settings import DirectorySettings
 from service.store.event_store import EventStore
-from service.store.records import ConcurrencyError, NewEvent, StoredEvent
+from service.store.records import EVENT_COLUMNS, ConcurrencyError, NewEvent, StoredEvent, from_row
 
 log = logging.getLogger(__name__)
 
 MOST_AHEAD = 3  # rows a worker gets ready ahead at most: 12 was faster, and slowed the reads
 AHEAD_WAIT = 0.05  # seconds a later batch may wait behind the rows got ready ahead
 WANTED_CHECK = 0.5  # seconds between looks at a row waiting for the window: still wanted?
+LATELY_SCANNED = 10_000  # newest events read at start for creates the window still counts
 
 
 class Refused(Exception):
@@ -70,6 +72,25 @@ async def _collect_ready(
     return pending
 
 
+async def _sent_lately(store: EventStore, seconds: float) -> list[float]:
+    """When each create of the last `seconds` was sent, on the monotonic clock, oldest first
+    (from the newest LATELY_SCANNED events); an intent counts as sent, to be safe."""
+    since = time.time() - seconds
+    rows = await store.select(
+        f"SELECT {EVENT_COLUMNS} FROM events WHERE global_position > ? AND event_type = ? "
+        "ORDER BY global_position",
+        (store.head.position - LATELY_SCANNED, ev.HospitalRequested.type_name),
+    )
+    sent = []
+    clock_gap = time.time() - time.monotonic()
+    for stored in map(from_row, rows):
+        at = datetime.fromisoformat(stored.recorded_at).timestamp()
+        intent = stored.decode()
+        if at >= since and isinstance(intent, ev.HospitalRequested):
+            sent += [at - clock_gap] * len(intent.rows)
+    return sent
+
+
 class Processor:
     """Runs every unfinished batch to its end: creates, reconciliation, activation, rollback."""
 
@@ -105,6 +126,9 @@ class Processor:
 
     async def start(self) -> None:
         """Start the workers, then pick up every batch the log says is unfinished."""
+        if self._settings.creates_per_minute:
+            lately = 2 * (self._settings.rate_window_seconds + self._settings.rate_window_margin)
+            self._pacer.replay(await _sent_lately(self._store, lately))
         self._workers = [
             asyncio.create_task(self._worker(), name=f"worker-{i}")
             for i in range(self._settings.concurrency)
@@ -138,6 +162,26 @@ class Processor:
                 task.cancel()
             await asyncio.gather(*left, return_exceptions=True)
 
+    def _status_changed(self, state: b.BatchState) -> None:
+        """Tell the operator where a batch went, then whoever else wants to know."""
+        c = state.counts()
+        said = f"{c.created} created, {c.failed} failed, {c.deleted} deleted of {c.total} rows"
+        why = state.activation_failure or state.rollback_failure
+        if why is None and c.failed:
+            why = next(f"row {r.row.row}: {r.error}" for r in state.rows.values() if r.error)
+        finished_well = state.status == b.COMPLETED or state.rolled_back
+        level = logging.INFO if finished_well or state.status not in b.FINISHED else logging.WARNING
+        log.log(
+            level,
+            "batch %s %s: %s%s",
+            state.batch_id,
+            state.status,
+            said,
+            f"; {why}" if why else "",
+        )
+        if self._on_status is not None:
+            self._on_status(state)
+
     def _unfinished(self) -> list[asyncio.Task[Any]]:
         return [t for t in (*self._workers, *self._tasks) if not t.done()]
 
@@ -160,7 +204,10 @@ class Processor:
         """Start work on a batch whose BatchCreated was just committed."""
         event = created.decode()
         assert isinstance(event, ev.BatchCreated)
-        run = BatchRun(b.start(event, created.recorded_at), on_status=self._on_status)
+        log.info(
+            "batch %s accepted: %d rows of %r", event.batch_id, len(event.rows), event.file_name
+        )
+        run = BatchRun(b.start(event, created.recorded_at), on_status=self._status_changed)
         self._runs[run.batch_id] = run
         self._schedule(run)
 
@@ -190,6 +237,7 @@ class Processor:
             if not failed and state.activation_failure is None:
                 raise Refused(f"batch {batch_id} has nothing to resume: no failed row")
             await self._decide(run, ev.BatchResumed(failed), actor)
+            log.info("batch %s resumed: %d failed rows to try again", batch_id, len(failed))
             self._schedule(run)
         return run.state
 
@@ -202,6 +250,7 @@ class Processor:
                 # that workers record meanwhile must not turn it into a conflict. After a
                 # failed rollback, asking again is what tries again.
                 await self._decide(run, ev.BatchRollbackRequested(), actor, check_version=False)
+                log.info("batch %s: rollback asked for", batch_id)
                 run.queue.clear()
             if run.idle:
                 # Otherwise the last create, check or activation under way schedules the deletes.
@@ -238,7 +287,7 @@ class Processor:
         if not history:
             return None
         run = BatchRun(
-            b.fold((e.decode(), e.recorded_at) for e in history), on_status=self._on_status
+            b.fold((e.decode(), e.recorded_at) for e in history), on_status=self._status_changed
         )
         if register:
             self._runs[batch_id] = run
@@ -380,7 +429,7 @@ class Processor:
         slots are left, the last rows taken wait in `_deliver` for the next window.
         """
         while True:
-            await self._pacer.room()
+            await self._room()
             if (job := await self._next_row()) is None:
                 return None
             run, row = job
@@ -400,6 +449,14 @@ class Processor:
             if ready is not None:
                 return ready
             self._release(run, row)
+
+    async def _room(self) -> None:
+        """Wait until the window has room, or the pool stops: a stop must not wait out the
+        window (up to a minute), so the wait looks every WANTED_CHECK seconds."""
+        while not self._stopping and not self._pacer.has_room():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(WANTED_CHECK):
+                    await self._pacer.room()
 
     def _release(self, run: BatchRun, row: int) -> None:
         run.held.discard(row)
@@ -546,7 +603,12 @@ class Processor:
                 run, ev.HospitalFailed(n, "rejected", message, retryable=False), *outcome_id
             )
         elif answer.outcome is Outcome.RATE_LIMITED:
-            self._pacer.refused()
+            if self._pacer.refused():
+                log.warning(
+                    "the directory refused a create with 429 (%s): creates pause %.0f s",
+                    answer.message,
+                    self._settings.rate_window_seconds + self._settings.rate_window_margin,
+                )
             retry = ev.HospitalRetryScheduled(n, attempt, b.RATE_LIMITED, answer.message)
             await self._emit(run, retry, *outcome_id)
             self._enqueue(run, [n])
@@ -655,7 +717,7 @@ class Processor:
                 )
                 await self._emit(run, created, *_outcome(n, attempt), cause="reconciliation")
             else:
-                message = "not in the directory after an unclear answer"
+                message = "not in the directory when looked up"
                 await self._retry_later(run, n, attempt, "not_stored", message)
         extra = sum(map(len, unclaimed.values()))
         if extra:

@@ -23,7 +23,7 @@ def current_message(batch: Record) -> str:
     if batch["rollback_error"]:
         return f"Rollback failed: {batch['rollback_error']}; roll back again to retry"
     if batch["rollback_requested"]:
-        return "Rolling back: waiting for creates in flight, then deleting"
+        return "Rolling back: deleting its hospitals once no create is in flight"
     if status == b.PENDING:
         return f"Queued: {total} hospital(s) waiting to be created"
     if status == b.PROCESSING and processed == total:

@@ -101,7 +101,7 @@ async def test_a_create_answered_2xx_without_an_id_is_looked_up_not_sent_again(
 
 
 async def test_a_row_never_stored_is_given_up_after_max_attempts_creates(
-    service_factory: ServiceFactory, directory: RunningDirectory
+    service_factory: ServiceFactory, directory: RunningDirectory, caplog: pytest.LogCaptureFixture
 ) -> None:
     directory.standin.add_fault("create", "reset")  # every create: unanswered, not stored
     async with service_factory(max_attempts=2) as service:
@@ -112,6 +112,9 @@ async def test_a_row_never_stored_is_given_up_after_max_attempts_creates(
     (row,) = final["hospitals"]
     assert row["status"] == "failed"
     assert "gave up after 2 failed attempts" in row["error_message"]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    said = f"batch {batch_id} failed: 0 created, 1 failed, 0 deleted of 1 rows; row 1: gave up"
+    assert any(message.startswith(said) for message in warned), warned
 
 
 async def test_a_check_never_claims_the_record_of_an_identical_row_still_in_flight(

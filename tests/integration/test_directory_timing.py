@@ -3,6 +3,8 @@ a short window) and creates that are stored after the client stopped waiting."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -43,8 +45,9 @@ async def test_a_paced_file_past_the_limit_completes_with_no_429(
 
 
 async def test_with_pacing_off_a_429_still_pauses_creates_for_a_window(
-    limited: RunningDirectory, tmp_path: Path
+    limited: RunningDirectory, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="service.processing.processor")
     settings = fast_settings(tmp_path / "unpaced.db", limited.url, rate_window_seconds=WINDOW)
     async with running_service(settings) as service:
         batch_id = (await service.upload(csv_of(40)))["batch_id"]  # 30 pass, then 429s
@@ -56,6 +59,13 @@ async def test_with_pacing_off_a_429_still_pauses_creates_for_a_window(
     # One 429 at most per create in flight when the first came back; it was thousands.
     assert 0 < len(retries) <= settings.directory.concurrency
     assert len(limited.standin.all_hospitals()) == 40 and limited.standin.duplicates() == []
+    # The operator hears of the pause once, not once per create the 429s came back for.
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    pauses = [m for level, m in said if level == "WARNING" and "429" in m]
+    assert len(pauses) == 1 and "creates pause 3 s" in pauses[0]
+    assert ("INFO", f"batch {batch_id} accepted: 40 rows of 'hospitals.csv'") in said
+    done = f"batch {batch_id} completed: 40 created, 0 failed, 0 deleted of 40 rows"
+    assert ("INFO", done) in said
 
 
 async def test_429s_from_a_window_another_caller_used_are_waited_out_not_failed(
@@ -105,6 +115,47 @@ async def test_a_429_holds_the_next_create_back_a_whole_window(
     assert final["processing_status"] == "completed"
     assert len(sent) == 2
     assert sent[1] - sent[0] >= WINDOW * 0.9  # the window waited out, not sent again at once
+
+
+async def test_a_stop_while_creates_wait_for_the_window_is_prompt(
+    limited: RunningDirectory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = fast_settings(
+        tmp_path / "stop.db", limited.url, creates_per_minute=30, rate_window_seconds=60.0
+    ).replace(app={"shutdown_timeout": 5.0})
+    async with running_service(settings) as service:
+        batch_id = (await service.upload(csv_of(45)))["batch_id"]
+        while (await service.get(f"/batch/{batch_id}/progress"))[1]["processed_hospitals"] < 30:
+            await asyncio.sleep(0.05)
+        stopping = time.monotonic()  # 15 rows wait about a minute for the next window
+    took = time.monotonic() - stopping
+
+    assert took < 2.0  # it waited out the whole shutdown timeout (5 s), then cut tasks off
+    assert "cut off" not in caplog.text
+    assert limited.standin.request_counts["create"] == 30
+
+
+async def test_a_restart_inside_a_window_does_not_send_into_what_it_already_used(
+    limited: RunningDirectory, tmp_path: Path
+) -> None:
+    settings = fast_settings(
+        tmp_path / "restart.db", limited.url, creates_per_minute=30, rate_window_seconds=WINDOW
+    )
+    async with running_service(settings) as service:
+        batch_id = (await service.upload(csv_of(45)))["batch_id"]
+        while (await service.get(f"/batch/{batch_id}/progress"))[1]["processed_hospitals"] < 30:
+            await asyncio.sleep(0.05)
+    # The window the first 30 opened is still open: the next start must wait for it.
+    async with running_service(settings) as service:
+        final = await service.wait_finished(batch_id, within=60)
+        _, page = await service.get(f"/batch/{batch_id}/events?limit=500")
+
+    assert final["processing_status"] == "completed"
+    retries = [
+        e["data"]["reason"] for e in page["events"] if e["event_type"] == "HospitalRetryScheduled"
+    ]
+    assert "rate_limited" not in retries
+    assert limited.standin.request_counts["create"] == 45
 
 
 async def test_creates_stored_after_the_read_timeout_are_found_not_sent_again(

@@ -251,7 +251,10 @@ async def test_rollback_of_a_completed_batch_deletes_its_hospitals_once(
 
     status, body = await delete(service, f"/batch/{batch_id}")
     assert status == 202
-    assert body["current_message"] == "Rolling back: waiting for creates in flight, then deleting"
+    assert (
+        body["current_message"]
+        == "Rolling back: deleting its hospitals once no create is in flight"
+    )
     final = await wait_rolled_back(service, batch_id)
 
     assert final["processing_status"] == "failed"

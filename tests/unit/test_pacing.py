@@ -291,3 +291,24 @@ def test_lookahead_never_goes_beyond_its_most() -> None:
     ahead.created(0.001)
 
     assert ahead.depth() == 1
+
+
+async def test_creates_replayed_from_before_a_restart_use_up_their_window(
+    pacer: WindowPacer, clock: VirtualTime
+) -> None:
+    clock.now = 100.0
+    # A window opened at 10 by 10 creates, then one opened at 80 by 25: 5 places are left.
+    pacer.replay([10.0] * 10 + [80.0] * 25)
+
+    times = await grants_in_turn(pacer, clock, 6)
+
+    assert times == [100.0] * 5 + [80.0 + NEXT]
+
+
+async def test_creates_replayed_from_a_window_long_over_leave_a_whole_one(
+    pacer: WindowPacer, clock: VirtualTime
+) -> None:
+    clock.now = 100.0
+    pacer.replay([10.0] * PER_WINDOW)
+
+    assert await grants_in_turn(pacer, clock, PER_WINDOW) == [100.0] * PER_WINDOW
