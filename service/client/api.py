@@ -82,6 +82,15 @@ class ServiceApi:
         body = await self._call("GET", f"/batch/{batch_id}/progress")
         return dict(body)
 
+    async def creates_per_minute(self) -> int:
+        """The pace the service keeps to (0 when it does not, or cannot say)."""
+        try:
+            body = await self._call("GET", "/health")
+        except Refused:  # 503 while unhealthy: no pace to go by
+            return 0
+        pace = body.get("directory", {}).get("creates_per_minute") if isinstance(body, dict) else 0
+        return pace if isinstance(pace, int) else 0
+
     async def results_csv(self, batch_id: str, only_failed: bool) -> str:
         """GET /batch/{id}/results.csv, optionally only the failed rows."""
         query = "?only=failed" if only_failed else ""

@@ -189,7 +189,7 @@ async def _then_follow(
         out.print(f"Follow it: python -m service follow {batch_id} --url {args.url}")
         return OK
     try:
-        with Watch(out) as watch:
+        with Watch(out, await api.creates_per_minute()) as watch:
             final = await follow(api, batch_id, watch.show, watch.note, args.reconnect_timeout)
     except asyncio.CancelledError:
         out.print(

@@ -35,13 +35,17 @@ UNWRAPPED = 10_000  # columns offered to a table that is not printed on a termin
 
 
 def rows_per_second(task: Task) -> float | None:
-    """Rows finished since following began over the time since: steady under bursts.
+    """Rows finished since following began over the time since: steady under bursts. At
+    most the pace the service keeps to, as a paced file's first window goes out at once.
 
     (rich's own speed spans only its update samples, so three rows ending together read
     as thousands a minute.)
     """
-    done, elapsed = task.completed - task.fields["initial"], task.elapsed
-    return done / elapsed if done > 0 and elapsed else None
+    done, elapsed = task.completed - float(task.fields["initial"]), task.elapsed
+    if done <= 0 or not elapsed:
+        return None
+    rate, most = done / elapsed, float(task.fields["most_per_second"])
+    return min(rate, most) if most else rate
 
 
 class RateColumn(ProgressColumn):
@@ -69,8 +73,10 @@ class Watch:
     Both ways read rows done, failed, rate and ETA from the same rich task.
     """
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, creates_per_minute: int = 0) -> None:
+        """`creates_per_minute` caps the rate (0: not paced)."""
         self.console = console
+        self.most_per_second = creates_per_minute / 60
         self.live = console.is_terminal
         self.rate, self.eta = RateColumn(), EtaColumn()
         self.progress = Progress(
@@ -105,7 +111,12 @@ class Watch:
         status, failed = numbers["processing_status"], numbers["failed_hospitals"]
         if self.task is None:
             self.task = self.progress.add_task(
-                status, total=total, completed=done, failed=failed, initial=done
+                status,
+                total=total,
+                completed=done,
+                failed=failed,
+                initial=done,
+                most_per_second=self.most_per_second,
             )
         else:
             self.progress.update(

@@ -52,6 +52,7 @@ async def health(request: web.Request) -> web.Response:
         "last_call_at": _iso(reach.last_call_at),
         "last_success_at": _iso(reach.last_success_at),
         "last_error": reach.last_error,
+        "creates_per_minute": app[SETTINGS].directory.creates_per_minute,  # 0: not paced
     }
     healthy = database_ok and processor.workers_alive == wanted
     body = {

@@ -14,13 +14,17 @@ import types
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from rich.console import Console
+from yarl import URL
 
 from service.__main__ import main
 from service.client import run
+from service.client.api import ServiceApi
+from service.client.display import Watch
 from service.domain import batch as b
 from service.domain import events as ev
 from service.local_directory import RunningDirectory
@@ -456,3 +460,31 @@ async def test_a_demo_stopped_before_its_upload_ended_exits_130(tmp_path: Path) 
 
     assert process.returncode == 130, rest
     assert rest.count("(exit status 0)") == 2  # both children stopped cleanly
+
+
+async def test_the_rate_and_eta_keep_to_the_pace_the_service_keeps(
+    service_factory: ServiceFactory,
+) -> None:
+    # A paced file's first window leaves at once: the rate read 160 rows/min, and the ETA
+    # a seventh of the time left, where the directory allows 30 a minute.
+    async with service_factory(creates_per_minute=30) as service:
+        pace = await ServiceApi(service.http, URL(service.url)).creates_per_minute()
+    assert pace == 30
+    watch = Watch(Captured().out, creates_per_minute=pace)
+    watch.show({"progress": progress_numbers(done=0, total=90)})
+    task = watch.progress.tasks[0]
+    task.start_time = task.get_time() - 10  # 30 rows done in 10 s: 180 a minute so far
+    watch.show({"progress": progress_numbers(done=30, total=90)})
+
+    assert watch.rate.render(task).plain == "30.0 rows/min"
+    assert watch.eta.render(task).plain == "ETA 0:02:00"  # 60 left at 30 a minute
+
+
+def progress_numbers(done: int, total: int) -> dict[str, Any]:
+    return {
+        "processed_hospitals": done,
+        "total_hospitals": total,
+        "processing_status": "processing",
+        "failed_hospitals": 0,
+        "current_message": f"Processing hospital {done}/{total}",
+    }
