@@ -99,7 +99,7 @@ async def _serve(options: DirectoryOptions, host: str, port: int) -> None:
     async with run_directory(options, host, port) as directory:
         log.info(
             "Local Hospital Directory stand-in (NOT the real directory) listening on %s "
-            "(create delay %.1fs, jitter %.1fs, rate limits %s, %d handlers, control %s)",
+            "(create delay %gs, jitter %gs, rate limits %s, %d handlers, control %s)",
             directory.url,
             options.create_delay,
             options.jitter,

@@ -38,6 +38,7 @@ MAX_GROUP = 256  # appends committed in one transaction at most
 # only lengthened each full garbage collection.
 RECENT_EVENTS = 4_096
 READ_PAGE = 500
+KNOWN_VERSIONS = 10_000  # streams whose last version the writer keeps (a miss reads it)
 
 
 class _AlreadyStored(Exception):
@@ -268,6 +269,8 @@ class EventStore:
         cur = self._writer.cursor()
         recorded_at = datetime.now(UTC).isoformat(timespec="microseconds")
         outcomes: list[list[StoredEvent] | Exception] = []
+        if len(self._versions) > KNOWN_VERSIONS:  # one entry per batch ever written, else
+            self._versions.clear()
         cur.execute("BEGIN IMMEDIATE")
         try:
             for item in group:

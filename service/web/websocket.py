@@ -156,7 +156,9 @@ async def _close(ws: web.WebSocketResponse, closing: Closing, seconds: float | N
 async def _serve(request: web.Request, sender: Sender) -> web.WebSocketResponse:
     """Upgrade, run `sender` while reading the client's side until either ends, then close."""
     seconds = request.app[SETTINGS].websocket.heartbeat_seconds
-    ws = web.WebSocketResponse(heartbeat=seconds)
+    # The close handshake waits as long for the client as a message does: a client still
+    # reading its backlog would otherwise see 1006 after aiohttp's 10 s, not 1000.
+    ws = web.WebSocketResponse(heartbeat=seconds, timeout=seconds)
     if not ws.can_prepare(request).ok:
         raise ApiError(400, "this route is a websocket: connect with a websocket client")
     await ws.prepare(request)

@@ -15,6 +15,7 @@ import pytest
 
 from service.domain import events as ev
 from service.projections import queries
+from service.store import event_store
 from service.store.event_store import EventStore, _Readers
 from service.store.records import ConcurrencyError, DuplicateEventError, NewEvent
 from tests.integration.conftest import new_batch, requested, run_sql
@@ -408,3 +409,17 @@ async def test_old_payloads_are_upcast_on_read_and_never_rewritten(
     assert (stored.schema_version, stored.data) == (2, {"text": "hi"})
     assert stored.decode() == NoteAdded("hi")
     assert run_sql(store_path, "SELECT schema_version, data FROM events") == [(1, '{"note":"hi"}')]
+
+
+async def test_the_writer_forgets_old_streams_versions_and_reads_them_again(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(event_store, "KNOWN_VERSIONS", 3)
+    for name in "abcde":  # one entry per stream ever written: it grew without bound
+        await store.append(f"batch-{name}", -1, new_batch(name))
+
+    assert len(store._versions) <= 4
+    stored = await store.append("batch-a", 0, requested("a"))  # read again, not guessed
+    assert [e.stream_version for e in stored] == [1]
+    with pytest.raises(ConcurrencyError):
+        await store.append("batch-b", -1, requested("b"))

@@ -146,6 +146,22 @@ async def test_a_finished_batch_gets_its_snapshot_and_the_final_message(service:
     assert messages[1]["progress"]["processing_status"] == "completed"
 
 
+async def test_a_client_slow_to_read_the_close_still_gets_a_clean_close(
+    service: Service,
+) -> None:
+    # The close handshake waited aiohttp's 10 s for the client's reply, not the
+    # heartbeat_seconds (20) a message may wait to be taken: a client still working through
+    # its backlog found the connection dropped, and saw 1006 after `finished`.
+    batch_id = (await service.upload(SAMPLE_CSV))["batch_id"]
+    await service.wait_finished(batch_id)
+    url = f"{service.url}/batch/{batch_id}/ws"
+    async with service.http.ws_connect(url, heartbeat=None) as ws:
+        await asyncio.sleep(11)  # snapshot, finished and the close wait unread
+        kinds = [msg.json()["type"] async for msg in ws]
+    assert kinds == ["snapshot", "finished"]
+    assert ws.close_code == 1000
+
+
 async def test_several_clients_on_one_batch_see_the_same_events(
     service: Service, directory: RunningDirectory
 ) -> None:
