@@ -8,12 +8,14 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
 from service.local_directory import DirectoryOptions, RunningDirectory, run_directory
-from tests.support import csv_of, fast_settings, running_service
+from service.settings import Settings
+from tests.support import Service, csv_of, fast_settings, running_service
 
 WINDOW = 3.0  # seconds of the stand-in's rate window, and of the service's pacing window
 
@@ -25,20 +27,33 @@ async def limited() -> AsyncIterator[RunningDirectory]:
         yield d
 
 
+def paced(db: Path, directory: RunningDirectory, window: float = WINDOW) -> Settings:
+    """Settings pacing creates to 30 a `window`, the stand-in's limit in WINDOW."""
+    return fast_settings(db, directory.url, creates_per_minute=30, rate_window_seconds=window)
+
+
+async def retries(service: Service, batch_id: str) -> list[dict[str, Any]]:
+    """The data of the batch's HospitalRetryScheduled events."""
+    _, page = await service.get(f"/batch/{batch_id}/events?limit=1000")
+    return [e["data"] for e in page["events"] if e["event_type"] == "HospitalRetryScheduled"]
+
+
+async def until_processed(service: Service, batch_id: str, rows: int) -> None:
+    while (await service.get(f"/batch/{batch_id}/progress"))[1]["processed_hospitals"] < rows:
+        await asyncio.sleep(0.05)
+
+
 async def test_a_paced_file_past_the_limit_completes_with_no_429(
     limited: RunningDirectory, tmp_path: Path
 ) -> None:
-    settings = fast_settings(
-        tmp_path / "paced.db", limited.url, creates_per_minute=30, rate_window_seconds=WINDOW
-    )
+    settings = paced(tmp_path / "paced.db", limited)
     async with running_service(settings) as service:
         batch_id = (await service.upload(csv_of(65)))["batch_id"]  # three windows
         final = await service.wait_finished(batch_id, within=60)
-        _, page = await service.get(f"/batch/{batch_id}/events?limit=500")
+        retried = await retries(service, batch_id)
 
     assert final["processing_status"] == "completed"
-    retries = [e for e in page["events"] if e["event_type"] == "HospitalRetryScheduled"]
-    assert retries == []
+    assert retried == []
     hospitals = limited.standin.all_hospitals()
     assert limited.standin.request_counts["create"] == 65
     assert len(hospitals) == 65 and all(h["active"] for h in hospitals)
@@ -52,12 +67,11 @@ async def test_with_pacing_off_a_429_still_pauses_creates_for_a_window(
     async with running_service(settings) as service:
         batch_id = (await service.upload(csv_of(40)))["batch_id"]  # 30 pass, then 429s
         final = await service.wait_finished(batch_id, within=60)
-        _, page = await service.get(f"/batch/{batch_id}/events?limit=1000")
+        retried = await retries(service, batch_id)
 
     assert final["processing_status"] == "completed"
-    retries = [e for e in page["events"] if e["event_type"] == "HospitalRetryScheduled"]
     # One 429 at most per create in flight when the first came back; it was thousands.
-    assert 0 < len(retries) <= settings.directory.concurrency
+    assert 0 < len(retried) <= settings.directory.concurrency
     assert len(limited.standin.all_hospitals()) == 40 and limited.standin.duplicates() == []
     # The operator hears of the pause once, not once per create the 429s came back for.
     said = [(r.levelname, r.getMessage()) for r in caplog.records]
@@ -75,18 +89,16 @@ async def test_429s_from_a_window_another_caller_used_are_waited_out_not_failed(
         for i in range(25):
             async with http.post("/hospitals/", json={"name": f"Other {i}", "address": "x"}) as r:
                 assert r.status == 200
-    settings = fast_settings(
-        tmp_path / "shared.db", limited.url, creates_per_minute=30, rate_window_seconds=WINDOW
-    )
+    settings = paced(tmp_path / "shared.db", limited)
     async with running_service(settings) as service:
         batch_id = (await service.upload(csv_of(20)))["batch_id"]
         final = await service.wait_finished(batch_id, within=60)
-        _, page = await service.get(f"/batch/{batch_id}/events?limit=500")
+        retried = await retries(service, batch_id)
 
     assert final["processing_status"] == "completed"
-    retries = [e for e in page["events"] if e["event_type"] == "HospitalRetryScheduled"]
-    reasons = {e["data"]["reason"] for e in retries}
-    assert reasons == {"rate_limited"}  # a 429 costs a row none of its attempts
+    assert {r["reason"] for r in retried} == {
+        "rate_limited"
+    }  # a 429 costs a row none of its attempts
     assert final["failed_hospitals"] == 0
     ours = [h for h in limited.standin.all_hospitals() if h["creation_batch_id"]]
     assert len(ours) == 20 and limited.standin.duplicates() == []
@@ -106,9 +118,7 @@ async def test_a_429_holds_the_next_create_back_a_whole_window(
         return receive(endpoint)
 
     monkeypatch.setattr(standin, "receive", noting)
-    settings = fast_settings(
-        tmp_path / "refused.db", limited.url, creates_per_minute=30, rate_window_seconds=WINDOW
-    )
+    settings = paced(tmp_path / "refused.db", limited)
     async with running_service(settings) as service:
         final = await service.wait_finished((await service.upload(csv_of(1)))["batch_id"])
 
@@ -120,13 +130,11 @@ async def test_a_429_holds_the_next_create_back_a_whole_window(
 async def test_a_stop_while_creates_wait_for_the_window_is_prompt(
     limited: RunningDirectory, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = fast_settings(
-        tmp_path / "stop.db", limited.url, creates_per_minute=30, rate_window_seconds=60.0
-    ).replace(app={"shutdown_timeout": 5.0})
+    settings = paced(tmp_path / "stop.db", limited, window=60.0)
+    settings = settings.replace(app={"shutdown_timeout": 5.0})
     async with running_service(settings) as service:
         batch_id = (await service.upload(csv_of(45)))["batch_id"]
-        while (await service.get(f"/batch/{batch_id}/progress"))[1]["processed_hospitals"] < 30:
-            await asyncio.sleep(0.05)
+        await until_processed(service, batch_id, 30)
         stopping = time.monotonic()  # 15 rows wait about a minute for the next window
     took = time.monotonic() - stopping
 
@@ -138,23 +146,17 @@ async def test_a_stop_while_creates_wait_for_the_window_is_prompt(
 async def test_a_restart_inside_a_window_does_not_send_into_what_it_already_used(
     limited: RunningDirectory, tmp_path: Path
 ) -> None:
-    settings = fast_settings(
-        tmp_path / "restart.db", limited.url, creates_per_minute=30, rate_window_seconds=WINDOW
-    )
+    settings = paced(tmp_path / "restart.db", limited)
     async with running_service(settings) as service:
         batch_id = (await service.upload(csv_of(45)))["batch_id"]
-        while (await service.get(f"/batch/{batch_id}/progress"))[1]["processed_hospitals"] < 30:
-            await asyncio.sleep(0.05)
+        await until_processed(service, batch_id, 30)
     # The window the first 30 opened is still open: the next start must wait for it.
     async with running_service(settings) as service:
         final = await service.wait_finished(batch_id, within=60)
-        _, page = await service.get(f"/batch/{batch_id}/events?limit=500")
+        retried = await retries(service, batch_id)
 
     assert final["processing_status"] == "completed"
-    retries = [
-        e["data"]["reason"] for e in page["events"] if e["event_type"] == "HospitalRetryScheduled"
-    ]
-    assert "rate_limited" not in retries
+    assert "rate_limited" not in {r["reason"] for r in retried}
     assert limited.standin.request_counts["create"] == 45
 
 
