@@ -168,7 +168,8 @@ class Processor:
         said = f"{c.created} created, {c.failed} failed, {c.deleted} deleted of {c.total} rows"
         why = state.activation_failure or state.rollback_failure
         if why is None and c.failed:
-            why = next(f"row {r.row.row}: {r.error}" for r in state.rows.values() if r.error)
+            errors = (f"row {r.row.row}: {r.error}" for r in state.rows.values() if r.error)
+            why = next(errors, None)
         finished_well = state.status == b.COMPLETED or state.rolled_back
         level = logging.INFO if finished_well or state.status not in b.FINISHED else logging.WARNING
         log.log(
