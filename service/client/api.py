@@ -86,7 +86,7 @@ class ServiceApi:
         """The pace the service keeps to (0 when it does not, or cannot say)."""
         try:
             body = await self._call("GET", "/health")
-        except Refused:  # 503 while unhealthy: no pace to go by
+        except Refused:  # unreachable, or unhealthy (503): the follow will say so
             return 0
         pace = body.get("directory", {}).get("creates_per_minute") if isinstance(body, dict) else 0
         return pace if isinstance(pace, int) else 0

@@ -23,7 +23,7 @@ def _within(kind: type[float], least: float, most: float = math.inf) -> Callable
             raise argparse.ArgumentTypeError(
                 f"must be a {'whole ' if kind is int else ''}number, got {text!r}"
             ) from None
-        if not least <= value <= most:
+        if not (least <= value <= most and math.isfinite(value)):
             bounds = f"at least {least}" if most == math.inf else f"{least}-{most}"
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
         return value

@@ -45,6 +45,8 @@ class WindowPacer:
         first) as they were counted then: after a restart the directory's window may still
         be open, and what it already took is no longer ours to send."""
         for at in sent:
+            if self._window_start is not None and self._used >= self.per_window:
+                at = max(at, self._window_end())  # it waited for the next window, as _paced does
             if self._window_start is None or at >= self._window_end():
                 self._window_start, self._used = at, 0
             self._used += 1
@@ -67,6 +69,8 @@ class WindowPacer:
             return self._blocked_until - now
         if self.per_window <= 0:
             return 0.0
+        if self._window_start is not None and now < self._window_start:  # replayed: not yet
+            return self._window_start - now
         if self._window_start is None or now >= self._window_end() or self._used < self.per_window:
             return 0.0
         return self._window_end() - now

@@ -57,7 +57,7 @@ class Ready:
         return self.run.batch_id
 
 
-def _outcome(row: int, attempt: int) -> tuple[object, ...]:
+def _outcome_id(row: int, attempt: int) -> tuple[object, ...]:
     """The id parts of the one outcome an attempt of a row may have."""
     return (row, "outcome", attempt)
 
@@ -562,7 +562,7 @@ class Processor:
             fact = ev.HospitalRetryScheduled(
                 ready.row, ready.attempt, b.WITHDRAWN, f"not sent: {why}"
             )
-            await self._emit(ready.run, fact, *_outcome(ready.row, ready.attempt))
+            await self._emit(ready.run, fact, *_outcome_id(ready.row, ready.attempt))
         except Exception:  # the intent stands, and gets the row checked
             log.exception(
                 "recording that row %s of batch %s was not sent", ready.row, ready.batch_id
@@ -590,7 +590,7 @@ class Processor:
         self, run: BatchRun, gate: Gate, n: int, attempt: int, answer: Answer
     ) -> bool:
         """Append what the answer proves; True when the row waits for a retry timer."""
-        outcome_id = _outcome(n, attempt)
+        outcome_id = _outcome_id(n, attempt)
         hospital_id = answer.body.get("id") if isinstance(answer.body, dict) else None
         if answer.ok and isinstance(hospital_id, int):
             created_at = answer.body.get("created_at")
@@ -626,7 +626,7 @@ class Processor:
         if (failures := run.state.rows[n].failures + 1) >= self._settings.max_attempts:
             said = f"gave up after {failures} failed attempts: {message}"
             failed = ev.HospitalFailed(n, reason, said, retryable=True)
-            await self._emit(run, failed, *_outcome(n, attempt))
+            await self._emit(run, failed, *_outcome_id(n, attempt))
             return False
         # Held before the fact commits: from then on the fold says the row is to be sent, and
         # anything that schedules the batch meanwhile would queue it beside the retry timer.
@@ -634,7 +634,7 @@ class Processor:
         run.held.add(n)
         try:
             retry = ev.HospitalRetryScheduled(n, attempt, reason, message)
-            await self._emit(run, retry, *_outcome(n, attempt))
+            await self._emit(run, retry, *_outcome_id(n, attempt))
         except BaseException:
             if not held_before:
                 run.held.discard(n)
@@ -685,7 +685,7 @@ class Processor:
                 for n in unsettled:
                     message = f"could not check the directory for this row: {answer.message}"
                     failed = ev.HospitalFailed(n, "unconfirmed", message, retryable=True)
-                    await self._emit(run, failed, *_outcome(n, run.state.rows[n].attempts))
+                    await self._emit(run, failed, *_outcome_id(n, run.state.rows[n].attempts))
                 return
             await self._match(run, gate, unsettled, answer.body)
         finally:
@@ -716,7 +716,7 @@ class Processor:
                 created = ev.HospitalCreated(
                     n, record.id, reconciled=True, created_at=record.created_at
                 )
-                await self._emit(run, created, *_outcome(n, attempt), cause="reconciliation")
+                await self._emit(run, created, *_outcome_id(n, attempt), cause="reconciliation")
             else:
                 message = "not in the directory when looked up"
                 await self._retry_later(run, n, attempt, "not_stored", message)

@@ -269,7 +269,7 @@ class EventStore:
         cur = self._writer.cursor()
         recorded_at = datetime.now(UTC).isoformat(timespec="microseconds")
         outcomes: list[list[StoredEvent] | Exception] = []
-        if len(self._versions) > KNOWN_VERSIONS:  # one entry per batch ever written, else
+        if len(self._versions) > KNOWN_VERSIONS:  # bounded: else one entry per batch ever
             self._versions.clear()
         cur.execute("BEGIN IMMEDIATE")
         try:

@@ -77,7 +77,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except CsvRejected as exc:
         response = error_response(exc.status, exc.problems)
     except web.HTTPException as exc:
-        if exc.status < 400:
+        if exc.status < 400:  # a redirect: aiohttp answers it, with the request's id too
+            exc.headers["X-Request-ID"] = request_id
             raise
         detail = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
         if exc.status == 404 and exc.text and exc.text.startswith("404:"):

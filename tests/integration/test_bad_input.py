@@ -697,6 +697,7 @@ async def test_a_trailing_slash_is_redirected_as_fastapi_does(
     async with service.http.request(method, service.url + path, allow_redirects=False) as r:
         assert r.status == 307
         assert r.headers["Location"] == path.replace("/?", "?").removesuffix("/")
+        assert len(r.headers["X-Request-ID"]) == 32
     await assert_nothing_stored(service)
 
 

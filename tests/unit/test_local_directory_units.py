@@ -152,6 +152,7 @@ def test_duplicates_only_count_rows_of_the_same_batch() -> None:
         (["--port", "99999"], "argument --port: must be 0-65535, got 99999"),  # a traceback
         (["--create-delay", "-1"], "argument --create-delay: must be at least 0, got -1"),
         (["--jitter", "nan"], "argument --jitter: must be at least 0, got nan"),
+        (["--create-delay", "inf"], "argument --create-delay: must be at least 0, got inf"),
     ],
 )
 def test_command_line_values_out_of_range_are_usage_errors(

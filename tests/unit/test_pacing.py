@@ -305,6 +305,18 @@ async def test_creates_replayed_from_before_a_restart_use_up_their_window(
     assert times == [100.0] * 5 + [80.0 + NEXT]
 
 
+async def test_intents_beyond_a_full_window_are_replayed_into_the_next(
+    pacer: WindowPacer, clock: VirtualTime
+) -> None:
+    # 35 rows got their intents at once: 30 went out, the last 5 waited and opened window 2.
+    pacer.replay([0.0] * 35)
+    clock.now = 10.0
+
+    times = await grants_in_turn(pacer, clock, 26)
+
+    assert times == [NEXT] * 25 + [2 * NEXT]  # window 2 had 25 places left, not 30
+
+
 async def test_creates_replayed_from_a_window_long_over_leave_a_whole_one(
     pacer: WindowPacer, clock: VirtualTime
 ) -> None:
