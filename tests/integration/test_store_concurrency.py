@@ -108,8 +108,15 @@ async def test_follow_reads_what_memory_no_longer_holds_from_the_database(
     await store.open()
     try:
         await store.append("batch-a", -1, new_batch("a") + requested("a", 9))  # positions 1..10
+        parked, wait_past = asyncio.Event(), store.head.wait_past
+
+        async def noting(position: int) -> None:
+            parked.set()
+            await wait_past(position)
+
+        monkeypatch.setattr(store.head, "wait_past", noting)
         follower = asyncio.create_task(take(store, 15, stream_id="batch-a"))
-        await asyncio.sleep(0.05)  # caught up at 10, waiting for the next commit
+        await asyncio.wait_for(parked.wait(), timeout=5)  # caught up at 10, waiting
         # 11..15: memory keeps 12..15, so 11, just one past the follower, is read from disk.
         await store.append("batch-a", 9, requested("a", 5))
         got = await asyncio.wait_for(follower, timeout=5)
