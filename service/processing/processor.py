@@ -451,10 +451,15 @@ class Processor:
                 return ready
             self._release(run, row)
 
-    async def _room(self) -> None:
-        """Wait until the window has room, or the pool stops: a stop must not wait out the
-        window (up to a minute), so the wait looks every WANTED_CHECK seconds."""
-        while not self._stopping and not self._pacer.has_room():
+    async def _room(self, ready: Ready | None = None) -> None:
+        """Wait until the window has room, or the wait is moot: the pool stops, or `ready`'s
+        batch is rolled back. A window lasts up to a minute, so that is looked at every
+        WANTED_CHECK seconds."""
+        while not (
+            self._stopping
+            or (ready is not None and ready.run.state.rollback_requested)
+            or self._pacer.has_room()  # pacing off, or room now: no timer on the hot path
+        ):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(WANTED_CHECK):
                     await self._pacer.room()
@@ -526,8 +531,9 @@ class Processor:
         The row is held, so nothing else changed it since its intent; only a rollback or
         the pool stopping can have come in between, or while the window was full.
         """
-        await self._paced(ready)
+        await self._room(ready)
         self._check_wanted(ready)
+        await self._pacer.acquire()  # room seen in this same step: counted without waiting
         row = ready.run.state.rows[ready.row].row
         started = time.monotonic()
         answer = await self._client.create(
@@ -535,19 +541,6 @@ class Processor:
         )
         self._lookahead.created(time.monotonic() - started)
         return answer
-
-    async def _paced(self, ready: Ready) -> None:
-        """Take a place in the window, looking every WANTED_CHECK seconds whether the row is
-        still wanted: a rollback or a stop must not wait out the window (up to a minute)."""
-        while True:
-            self._check_wanted(ready)
-            if self._pacer.has_room():  # pacing off, or room now: no timer on the hot path
-                await self._pacer.acquire()
-                return
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(WANTED_CHECK):  # cancelled while waiting: not counted
-                    await self._pacer.acquire()
-                    return
 
     def _check_wanted(self, ready: Ready) -> None:
         if ready.run.state.rollback_requested:
