@@ -24,6 +24,11 @@ class Activation(NamedTuple):
     ok: bool
     activated: int = 0
     error: str = ""
+    lost: bool = False  # hospitals of it are missing: no activation can complete it
+
+
+# Rows the directory lost read created in the log: only new creates can bring them back.
+RELOAD = "roll the batch back, then upload the file again"
 
 
 class UpstreamBatches:
@@ -72,7 +77,8 @@ class UpstreamBatches:
             why = f"could not look at upstream batch {lead.creation_batch_id} before activating"
             return ev.BatchActivationFailed(f"{why} it: {members.message}")
         if (present := _found(state, lead, members.body)[0]) < len(lead.rows):
-            return ev.BatchActivationFailed(_missing(lead, present, "nothing was activated"))
+            lost = _missing(lead, present, "nothing was activated")
+            return ev.BatchActivationFailed(f"{lost}; {RELOAD}")
         results = [await self._activate_one(state, lead)]
         if results[0].ok:
             slots = asyncio.Semaphore(self._settings.concurrency)
@@ -85,9 +91,10 @@ class UpstreamBatches:
             async with asyncio.TaskGroup() as group:
                 slices = [group.create_task(activate(u)) for u in rest]
             results += [task.result() for task in slices]
-        if failures := [result.error for result in results if not result.ok]:
+        if failures := [result for result in results if not result.ok]:
             more = f" (and {len(failures) - 1} more upstream batches)" if len(failures) > 1 else ""
-            return ev.BatchActivationFailed(failures[0] + more)
+            reload = f"; {RELOAD}" if any(result.lost for result in failures) else ""
+            return ev.BatchActivationFailed(failures[0].error + more + reload)
         ids = tuple(u.creation_batch_id for u in state.upstream)
         return ev.BatchActivated(sum(result.activated for result in results), ids)
 
@@ -116,6 +123,7 @@ class UpstreamBatches:
                 return Activation(
                     False,
                     error=_missing(upstream, present, f"activation answered: {answer.message}"),
+                    lost=True,
                 )
             if active:
                 return Activation(

@@ -194,6 +194,7 @@ async def test_a_directory_restart_mid_batch_is_never_reported_completed(
     assert final["processing_status"] == "failed"
     assert final["batch_activated"] is False
     assert "missing from the directory" in final["activation_error"]
+    assert final["activation_error"].endswith(upstream.RELOAD)  # resuming would fail the same way
     assert not any(h["active"] for h in directory.standin.all_hospitals())
 
 
@@ -217,6 +218,27 @@ async def test_a_lost_first_upstream_batch_stops_activation_before_the_others(
     assert len(standin.all_hospitals()) == 45 and not any(
         h["active"] for h in standin.all_hospitals()
     )
+
+
+async def test_a_lost_later_upstream_batch_fails_activation_and_says_to_reload(
+    service: Service, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    standin = directory.standin
+
+    def lose_the_newest_on_first_activation(endpoint: str, n: int) -> None:
+        if endpoint == "batch_activate" and n == 1:  # the lead's, created first
+            newest = max(standin.all_hospitals(), key=lambda h: h["id"])
+            standin.store.delete_batch(newest["creation_batch_id"])
+
+    on_request(monkeypatch, standin, lose_the_newest_on_first_activation)
+    batch = (await service.upload(csv_of(45)))["batch_id"]  # upstream batches of 20, 20, 5
+    final = await service.wait_finished(batch)
+
+    error = final["activation_error"]
+    assert final["processing_status"] == "failed"
+    assert "5 of the 5 hospitals" in error and "activation answered" in error
+    assert error.endswith(upstream.RELOAD)
+    assert sum(h["active"] for h in standin.all_hospitals()) == 40  # the other two went ahead
 
 
 # Identical rows are distinct hospitals: after a restart gives the same ids again, only the
