@@ -242,12 +242,19 @@ async def test_resume_after_an_activation_failure_activates_the_batch(
 # Rollback -----------------------------------------------------------------------------------
 
 
+def hold_the_next_answer(directory: RunningDirectory) -> None:
+    """Hold the directory's next answer 0.5 s, so that a rollback asked for now is still
+    under way when its 202 is built: an instant delete could end it first (200)."""
+    directory.standin.cold_start(0.5)
+
+
 async def test_rollback_of_a_completed_batch_deletes_its_hospitals_once(
     service: Service, directory: RunningDirectory
 ) -> None:
     accepted = await service.upload(SAMPLE_CSV)
     batch_id = accepted["batch_id"]
     await service.wait_finished(batch_id)
+    hold_the_next_answer(directory)
 
     status, body = await delete(service, f"/batch/{batch_id}")
     assert status == 202
@@ -350,6 +357,7 @@ async def test_rollback_withdraws_rows_waiting_for_the_rate_window_without_waiti
             while directory.standin.request_counts["create"] < 2:
                 await asyncio.sleep(0.05)
         started = time.monotonic()
+        hold_the_next_answer(directory)
         status, _ = await delete(service, f"/batch/{batch_id}")
         final = await wait_rolled_back(service, batch_id)
         took = time.monotonic() - started
@@ -368,6 +376,7 @@ async def test_rollback_treats_a_batch_already_gone_from_the_directory_as_delete
     batch_id = accepted["batch_id"]
     await service.wait_finished(batch_id)
     directory.standin.restart()  # the directory lost everything: its batch answers 404
+    hold_the_next_answer(directory)
 
     status, _ = await delete(service, f"/batch/{batch_id}")
     assert status == 202
