@@ -77,8 +77,8 @@ class UpstreamBatches:
             why = f"could not look at upstream batch {lead.creation_batch_id} before activating"
             return ev.BatchActivationFailed(f"{why} it: {members.message}")
         if (present := _found(state, lead, members.body)[0]) < len(lead.rows):
-            lost = _missing(lead, present, "nothing was activated")
-            return ev.BatchActivationFailed(f"{lost}; {RELOAD}")
+            missing = _missing(lead, present, "nothing was activated")
+            return ev.BatchActivationFailed(f"{missing}; {RELOAD}")
         results = [await self._activate_one(state, lead)]
         if results[0].ok:
             slots = asyncio.Semaphore(self._settings.concurrency)
