@@ -86,7 +86,7 @@ def events(args: argparse.Namespace) -> int:
     path = _settings(args).database.path
     if not _is_service_database(path):
         return 2
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn = sqlite3.connect(_read_only(path), uri=True)
     if args.batch:
         rows = conn.execute(
             f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ? AND stream_version > ? "
@@ -147,6 +147,11 @@ def _batch_id(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a batch id (a UUID)") from None
 
 
+def _read_only(path: str) -> str:
+    """A read-only SQLite URI for `path`, quoted: a ? # or % in the name is part of it."""
+    return f"{Path(path).absolute().as_uri()}?mode=ro"
+
+
 def _is_service_database(path: str, current: bool = False) -> bool:
     """Whether `path` holds the service's log (`current`: at this code's schema); if not,
     say so on stderr."""
@@ -154,7 +159,7 @@ def _is_service_database(path: str, current: bool = False) -> bool:
         print(f"error: no database at {path}", file=sys.stderr)
         return False
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        with contextlib.closing(sqlite3.connect(_read_only(path), uri=True)) as conn:
             conn.execute("SELECT 1 FROM events LIMIT 1").fetchall()
             (version,) = conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
     except sqlite3.DatabaseError as exc:

@@ -226,9 +226,29 @@ def _kind_name(kind: Any) -> str:
     return {int: "whole number", float: "number", str: "string"}.get(kind, "comma-separated list")
 
 
+SQLITE_INT_MAX = 2**63 - 1  # a websocket page size goes to SQLite as a LIMIT
+SQLITE_BUSY_MAX = 2**31 - 1  # a larger PRAGMA busy_timeout reads as 0: no waiting at all
+
+
+def _is_directory_url(text: str) -> bool:
+    """An http(s) address with a host and a valid port, and nothing after its path: the
+    request paths are appended to it, so a query or fragment would swallow them."""
+    try:
+        url = urllib.parse.urlsplit(text)
+        port = url.port  # a ValueError for a port out of range or not a number
+    except ValueError:
+        return False
+    return (
+        url.scheme in ("http", "https")
+        and bool(url.hostname)
+        and port != 0
+        and "?" not in text
+        and "#" not in text
+    )
+
+
 def _validate(s: Settings) -> None:
     d = s.directory
-    url = urllib.parse.urlsplit(d.base_url)
     checks = [
         (1 <= s.app.port <= 65535, "app.port", "must be between 1 and 65535"),
         (s.app.log_level.upper() in LOG_LEVELS, "app.log_level", f"must be one of {LOG_LEVELS}"),
@@ -239,11 +259,16 @@ def _validate(s: Settings) -> None:
             "database.path",
             "must be a file: the log outlives the process, and its readers share it",
         ),
-        (s.database.busy_timeout_ms >= 0, "database.busy_timeout_ms", "must be >= 0"),
         (
-            url.scheme in ("http", "https") and bool(url.hostname),
+            0 <= s.database.busy_timeout_ms <= SQLITE_BUSY_MAX,
+            "database.busy_timeout_ms",
+            f"must be between 0 and {SQLITE_BUSY_MAX}",
+        ),
+        (
+            _is_directory_url(d.base_url),
             "directory.base_url",
-            "must be an http:// or https:// address with a host",
+            "must be an http:// or https:// address with a host, a valid port if any, "
+            "and no query or fragment",
         ),
         (1 <= d.batch_size <= 20, "directory.batch_size", "must be between 1 and 20"),
         (
@@ -270,7 +295,11 @@ def _validate(s: Settings) -> None:
         (s.csv.max_bytes >= 1024, "csv.max_bytes", "must be at least 1024"),
         (s.api.bulk_wait_seconds >= 0, "api.bulk_wait_seconds", "must be >= 0"),
         (s.api.status_cache_seconds >= 0, "api.status_cache_seconds", "must be >= 0"),
-        (s.websocket.max_backlog >= 1, "websocket.max_backlog", "must be at least 1"),
+        (
+            1 <= s.websocket.max_backlog <= SQLITE_INT_MAX,
+            "websocket.max_backlog",
+            f"must be between 1 and {SQLITE_INT_MAX}",
+        ),
         (s.websocket.heartbeat_seconds > 0, "websocket.heartbeat_seconds", "must be positive"),
     ]
     for ok, name, problem in checks:

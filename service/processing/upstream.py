@@ -111,6 +111,8 @@ class UpstreamBatches:
             count = answer.body.get("activated_count") if isinstance(answer.body, dict) else None
             if answer.ok and count == total:
                 return Activation(True, total)
+            if answer.outcome in (Outcome.RATE_LIMITED, Outcome.NOT_SENT):
+                break  # refused or not sent on each of `patiently`'s tries: the budget is spent
             # A 400 (some already active), a timeout, a 5xx or an odd count: the batch tells.
             members = await self.members(batch_id)
             if not members.ok:

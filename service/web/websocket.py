@@ -76,7 +76,10 @@ def check_origin(request: web.Request) -> None:
     if origin is None:
         return
     allowed = request.app[SETTINGS].websocket.allowed_origins
-    same_host = urlsplit(origin).netloc.lower() == request.host.lower()
+    try:
+        same_host = urlsplit(origin).netloc.lower() == request.host.lower()
+    except ValueError:  # "http://[::1": not an origin a browser sends, and not ours
+        same_host = False
     if not (same_host or origin in allowed or "*" in allowed):
         raise ApiError(
             403,

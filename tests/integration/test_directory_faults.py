@@ -241,6 +241,18 @@ async def test_a_lost_later_upstream_batch_fails_activation_and_says_to_reload(
     assert sum(h["active"] for h in standin.all_hospitals()) == 40  # the other two went ahead
 
 
+async def test_an_activation_rate_limited_every_time_is_sent_max_attempts_times_in_all(
+    service_factory: ServiceFactory, directory: RunningDirectory
+) -> None:
+    directory.standin.add_fault("batch_activate", "429")
+    async with service_factory(max_attempts=3, rate_window_seconds=0.1) as service:
+        final = await service.wait_finished((await service.upload(csv_of(3)))["batch_id"])
+
+    assert final["processing_status"] == "failed"
+    assert "did not take effect" in final["activation_error"]
+    assert directory.standin.request_counts["batch_activate"] == 3  # not 3 rounds of 3
+
+
 # Identical rows are distinct hospitals: after a restart gives the same ids again, only the
 # directory's created_at tells a new record from the one a row got before.
 IDENTICAL = "name,address,phone\n" + "Same Clinic,1 Main St,555-0001\n" * 8

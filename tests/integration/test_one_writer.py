@@ -80,3 +80,15 @@ def test_audit_commands_name_a_missing_or_foreign_database(tmp_path: Path) -> No
     assert command(older, "events").returncode == 0  # the log itself reads the same
     wrong = command(foreign, "events", "--batch", "nonsense")
     assert wrong.returncode == 2 and "'nonsense' is not a batch id" in wrong.stderr
+
+
+def test_audit_commands_read_a_database_whose_name_holds_uri_characters(tmp_path: Path) -> None:
+    """The service takes any file name; `events` and `rebuild` open it through a URI, where
+    ? # and % mean something: unquoted, they opened another file, or created one."""
+    db = tmp_path / "hbp?mode=rw#1%41.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        migrate(conn, discover())
+    before = sorted(tmp_path.iterdir())
+    assert command(db, "events").returncode == 0
+    assert command(db, "rebuild").returncode == 0
+    assert sorted(tmp_path.iterdir()) == before  # no stray file beside it

@@ -246,6 +246,9 @@ async def test_cross_origin_handshakes_are_refused_unless_configured(
                 f"{service.url}/ws", headers={"Origin": "https://evil.example"}
             )
         assert raised.value.status == 403
+        with pytest.raises(aiohttp.WSServerHandshakeError) as raised:  # not a URL: was a 500
+            await service.http.ws_connect(f"{service.url}/ws", headers={"Origin": "http://[::1"})
+        assert raised.value.status == 403
         for origin in (service.url, "https://dashboard.example"):
             async with service.http.ws_connect(
                 f"{service.url}/ws", headers={"Origin": origin}

@@ -214,3 +214,43 @@ def test_dotenv_values_lose_trailing_comments_but_keep_quoted_text(tmp_path: Pat
     settings = load_settings(None, {}, dotenv)
     assert settings.database.path == "x.db"
     assert settings.app.host == "a # b"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://[::1",  # urlsplit raises: was a traceback and exit 1
+        "http://127.0.0.1:99999",  # was accepted: every batch then failed "InvalidUrlClientError"
+        "http://127.0.0.1:abc",
+        "http://127.0.0.1:0",
+        "http://127.0.0.1:9000?x=1",  # was accepted: every create went to / and got a 405
+        "http://127.0.0.1:9000#x",
+    ],
+)
+def test_directory_base_url_the_client_cannot_use_is_refused(tmp_path: Path, url: str) -> None:
+    with pytest.raises(SettingsError, match=re.escape("setting directory.base_url")):
+        load(tmp_path, EXTERNAL_API_BASE_URL=url)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://[::1]:9000", "https://h.example/prefix/", "http://u:p@h.example:9000"]
+)
+def test_directory_base_urls_with_brackets_paths_or_users_are_accepted(
+    tmp_path: Path, url: str
+) -> None:
+    assert load(tmp_path, EXTERNAL_API_BASE_URL=url).directory.base_url == url
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        # SQLite reads a busy_timeout past 2**31 - 1 as 0, and a LIMIT past 2**63 - 1 overflows.
+        ({"DATABASE_BUSY_TIMEOUT_MS": str(2**31)}, "database.busy_timeout_ms"),
+        ({"WEBSOCKET_MAX_BACKLOG": str(2**63)}, "websocket.max_backlog"),
+    ],
+)
+def test_values_past_what_sqlite_takes_are_refused(
+    tmp_path: Path, environ: dict[str, str], named: str
+) -> None:
+    with pytest.raises(SettingsError, match=re.escape(f"setting {named}")):
+        load(tmp_path, **environ)
