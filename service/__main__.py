@@ -88,6 +88,13 @@ def events(args: argparse.Namespace) -> int:
         return 2
     conn = sqlite3.connect(_read_only(path), uri=True)
     if args.batch:
+        known = conn.execute(
+            "SELECT 1 FROM events WHERE stream_id = ? LIMIT 1", (stream_id(args.batch),)
+        )
+        if known.fetchone() is None:
+            print(f"error: the log holds no batch {args.batch}", file=sys.stderr)
+            conn.close()
+            return 2
         rows = conn.execute(
             f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ? AND stream_version > ? "
             "ORDER BY stream_version",

@@ -10,6 +10,8 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+JSON, CSV = "application/json", "text/csv"
+
 
 class Refused(Exception):
     """The service refused the request, or could not be reached: nothing was done."""
@@ -39,21 +41,38 @@ class ServiceApi:
     http: aiohttp.ClientSession
     base_url: URL
 
-    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    async def _call(self, method: str, path: str, answer: str = JSON, **kwargs: Any) -> Any:
+        """The body of a 2xx answer of the type `answer` names; Refused otherwise."""
         url = self.base_url.join(URL(path))
         try:
             async with self.http.request(method, url, **kwargs) as response:
-                if response.content_type == "application/json":
-                    body = await response.json()
-                else:
-                    body = await response.text()
+                kind = response.content_type
+                try:
+                    body = await (response.json() if kind == JSON else response.text())
+                except ValueError:  # not JSON after all, or not text
+                    body = None
                 if response.status >= 400:
                     raise Refused(
-                        f"{method} {path} was refused (HTTP {response.status})", problems_of(body)
+                        f"{method} {path} was refused (HTTP {response.status})",
+                        problems_of(body) if kind == JSON else self._stranger(kind, body),
+                    )
+                if kind != answer or (kind == JSON and not isinstance(body, dict)):
+                    raise Refused(
+                        f"{method} {path} got HTTP {response.status} with "
+                        f"{kind or 'no content type'}, not the service's answer",
+                        self._stranger(kind, None),
                     )
                 return body
         except aiohttp.ClientError as exc:
             raise Refused(f"cannot reach the service at {self.base_url}: {exc}") from exc
+
+    def _stranger(self, kind: str, body: Any) -> list[str]:
+        """What to say of an answer that is not the service's JSON: a short plain-text
+        reason as it is, anything else (a web page) as a hint that --url is wrong."""
+        text = body.strip() if kind == "text/plain" and isinstance(body, str) else ""
+        if text and len(text) <= 300:
+            return [text]
+        return [f"is {self.base_url} the service's address? (--url, or SERVICE_URL)"]
 
     async def upload(self, path: Path, idempotency_key: str | None = None) -> dict[str, Any]:
         """POST /batch/upload-csv; the accepted batch."""
@@ -63,7 +82,7 @@ class ServiceApi:
             raise Refused(f"cannot read {path}: {exc.strerror}") from exc
         form = aiohttp.FormData()
         form.add_field("file", content, filename=path.name, content_type="text/csv")
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        headers = {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
         body = await self._call("POST", "/batch/upload-csv", data=form, headers=headers)
         return dict(body)
 
@@ -94,7 +113,7 @@ class ServiceApi:
     async def results_csv(self, batch_id: str, only_failed: bool) -> str:
         """GET /batch/{id}/results.csv, optionally only the failed rows."""
         query = "?only=failed" if only_failed else ""
-        body = await self._call("GET", f"/batch/{batch_id}/results.csv{query}")
+        body = await self._call("GET", f"/batch/{batch_id}/results.csv{query}", CSV)
         return str(body)
 
     def socket_url(self, batch_id: str, after: int | None) -> URL:

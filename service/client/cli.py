@@ -30,6 +30,7 @@ OK, BATCH_FAILED, REFUSED, LOST, INTERRUPTED = 0, 1, 2, 3, 130
 READER_LEFT = 128 + signal.SIGPIPE  # what reads our output stopped (`| head`), as Unix tools
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_PATIENCE = 60.0
+PIECE = 1 << 16  # characters of results written at a time
 
 
 def seconds(text: str) -> float:
@@ -61,6 +62,15 @@ def service_url(text: str) -> str:
         url = URL()
     if url.scheme not in ("http", "https") or not url.host:
         raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {text!r}")
+    return text
+
+
+def idempotency_key(text: str) -> str:
+    """A key that fits in a header: no line breaks or other control characters."""
+    if any((ord(ch) < 32 and ch != "\t") or ord(ch) == 127 for ch in text):
+        raise argparse.ArgumentTypeError(
+            f"expected a key without line breaks or control characters, got {text!r}"
+        )
     return text
 
 
@@ -96,7 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("upload", parents=[common, following], help="upload a CSV of hospitals")
     p.add_argument("file", type=Path, help="CSV with header name,address,phone")
-    p.add_argument("--idempotency-key", help="the same key and file never make a second batch")
+    p.add_argument(
+        "--idempotency-key",
+        type=idempotency_key,
+        help="the same key and file never make a second batch",
+    )
     p = commands.add_parser(
         "resume", parents=[common, following], help="retry a finished batch's failed rows"
     )
@@ -167,7 +181,10 @@ async def _follow_only(api: ServiceApi, args: argparse.Namespace, out: Console) 
 async def _results(api: ServiceApi, args: argparse.Namespace, out: Console) -> int:
     text = await api.results_csv(args.batch_id, only_failed=args.only == "failed")
     if args.output is None:
-        sys.stdout.write(text)
+        # In pieces: a reader that leaves during one large write cuts it short unnoticed,
+        # and the next piece says so (BrokenPipeError: 141, as for `events | head`).
+        for start in range(0, len(text), PIECE):
+            sys.stdout.write(text[start : start + PIECE])
         sys.stdout.flush()
     else:
         try:
@@ -200,6 +217,8 @@ async def _then_follow(
     status: dict[str, Any] = final["status"]
     print_table(out, result_table(status))
     out.print(summary(status))
+    if status["processing_status"] != "completed":  # why, and what to do: off the bar
+        out.print(escape(final["progress"]["current_message"]), highlight=False)
     if args.command == "rollback":
         return OK if status["rolled_back"] else BATCH_FAILED
     return OK if status["processing_status"] == "completed" else BATCH_FAILED

@@ -35,6 +35,7 @@ from tests.support import (
     SAMPLE_CSV,
     Service,
     ServiceFactory,
+    csv_of,
     fast_settings,
     fill_upstream_batch,
     keyed_batch,
@@ -488,3 +489,90 @@ def progress_numbers(done: int, total: int) -> dict[str, Any]:
         "failed_hospitals": 0,
         "current_message": f"Processing hospital {done}/{total}",
     }
+
+
+@contextlib.asynccontextmanager
+async def a_web_page_for_every_path() -> AsyncIterator[str]:
+    """What a wrong --url often reaches: a server that answers any request with a page."""
+    from aiohttp import web
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text="<html>welcome</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", page)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_url_that_is_not_the_service_exits_2_and_says_so(sample: Path) -> None:
+    batch_id = str(uuid.uuid4())
+    async with a_web_page_for_every_path() as url:
+        for argv in (
+            ["upload", str(sample)],
+            ["resume", batch_id],
+            ["rollback", batch_id],
+            ["results", batch_id],
+        ):
+            captured = Captured()
+            assert await client(captured, *argv, "--url", url) == 2, argv
+            assert f"is {url} the service's address?" in captured.stderr, argv
+            assert captured.stdout == "", argv  # not the page, as if it were the results
+
+
+async def test_an_empty_idempotency_key_is_sent_not_dropped(service: Service, sample: Path) -> None:
+    captured = Captured()
+    status = await client(
+        captured, "upload", str(sample), "--url", service.url, "--idempotency-key", ""
+    )
+
+    assert status == 2  # the service refuses it; a retry must not make a second batch
+    assert "Idempotency-Key must be 1 to 255 characters" in captured.stderr
+
+
+async def test_an_idempotency_key_with_a_line_break_is_a_usage_error(
+    sample: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        await client(Captured(), "upload", str(sample), "--idempotency-key", "a\nb")
+
+    assert exited.value.code == 2
+    assert "without line breaks" in capsys.readouterr().err
+
+
+async def test_on_a_terminal_a_batch_that_failed_says_why_at_the_end(
+    service: Service, directory: RunningDirectory, sample: Path
+) -> None:
+    directory.standin.add_fault("batch_activate", "503")
+    captured = Captured(terminal=True)
+    status = await client(captured, "upload", str(sample), "--url", service.url, "--follow")
+
+    assert status == 1
+    assert "Activation failed" in captured.stdout  # the bar shows no message: the end must
+
+
+async def test_results_into_a_reader_that_leaves_exits_141(
+    service: Service, directory: RunningDirectory
+) -> None:
+    directory.standin.set_delay(0.0)
+    accepted = await service.upload(csv_of(1000, prefix="Hospital " + "x" * 100))
+    await service.wait_finished(accepted["batch_id"])
+    head = '"$0" -m service results "$1" --url "$2" | head -1; exit "${PIPESTATUS[0]}"'
+    process = await asyncio.create_subprocess_exec(
+        *("bash", "-c", head, sys.executable, accepted["batch_id"], service.url),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=PROJECT,
+    )
+    async with asyncio.timeout(20):
+        stdout, stderr = await process.communicate()
+
+    assert stdout.startswith(b"row,name,address,phone,status")
+    assert process.returncode == 141, stderr.decode()

@@ -80,6 +80,8 @@ def test_audit_commands_name_a_missing_or_foreign_database(tmp_path: Path) -> No
     assert command(older, "events").returncode == 0  # the log itself reads the same
     wrong = command(foreign, "events", "--batch", "nonsense")
     assert wrong.returncode == 2 and "'nonsense' is not a batch id" in wrong.stderr
+    unknown = command(older, "events", "--batch", "6653a903-5b6a-4a4e-9a8e-6d0c2c1f1e11")
+    assert unknown.returncode == 2 and "the log holds no batch 6653a903-" in unknown.stderr
 
 
 def test_audit_commands_read_a_database_whose_name_holds_uri_characters(tmp_path: Path) -> None:
