@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from service.app import create_app
 from service.local_directory import RunningDirectory
+from service.local_directory.storage import Hospital, NewHospital
 from service.settings import Settings
 from service.store.migrations import migrate
 from service.web.keys import PROCESSOR, SETTINGS
@@ -234,3 +236,18 @@ async def fill_upstream_batch(directory: RunningDirectory, batch_id: str, count:
                 ids.append(int((await r.json())["id"]))
     standin.set_delay(delay, jitter)
     return ids
+
+
+def creates_entered(directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Set once a create holds a worker slot (its delay has begun): a moment to wait for
+    rather than guess with a sleep, which a loaded machine can overrun."""
+    entered = asyncio.Event()
+    standin = directory.standin
+    commit = standin.commit_create
+
+    async def noting(new: NewHospital) -> Hospital:
+        entered.set()
+        return await commit(new)
+
+    monkeypatch.setattr(standin, "commit_create", noting)
+    return entered

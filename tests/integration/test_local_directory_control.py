@@ -67,7 +67,8 @@ async def test_delay_can_be_changed(http: aiohttp.ClientSession) -> None:
     started = time.monotonic()
 
     assert await create(http, {"name": "Slow", "address": "x"}) == 200
-    assert 0.3 <= time.monotonic() - started < 0.55
+    # 0.3 s and up to 0.1 s of jitter; the room above is for a loaded machine's round trip.
+    assert 0.3 <= time.monotonic() - started < 0.8
 
 
 async def test_faults_can_be_added_and_cleared(

@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from service.local_directory import DirectoryOptions, RunningDirectory, StandIn, run_directory
+from tests.support import creates_entered
 
 DELAY = 0.2
 
@@ -202,10 +203,15 @@ async def test_restart_wipes_hospitals_ids_and_rate_windows(
 
 
 async def test_restart_kills_creates_in_flight(
-    http: aiohttp.ClientSession, standin: StandIn, batch: str
+    http: aiohttp.ClientSession,
+    directory: RunningDirectory,
+    batch: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    standin = directory.standin
+    entered = creates_entered(directory, monkeypatch)
     in_flight = asyncio.create_task(create(http, hospital(batch)))
-    await asyncio.sleep(DELAY / 2)
+    await asyncio.wait_for(entered.wait(), 10)  # in its delay, not stored yet
 
     standin.restart()
 

@@ -34,9 +34,11 @@ from tests.support import (
     Service,
     ServiceFactory,
     csv_of,
+    fast_settings,
     fill_upstream_batch,
     form,
     keyed_batch,
+    running_service,
 )
 
 
@@ -333,13 +335,30 @@ def fold_from_file(db_path: str, batch_id: str) -> b.BatchState:
     return b.fold((e.decode(), e.recorded_at) for e in map(from_row, history))
 
 
+async def second_wave_sent_and_the_rest_ready(
+    service: Service, directory: RunningDirectory, batch_id: str
+) -> None:
+    """Wait (rather than sleep a guess) until the first 20 rows are created, the second 20
+    are with the directory and rows 41-45 have their intents in the log, ready behind them."""
+    async with asyncio.timeout(20):
+        while (
+            len(directory.standin.all_hospitals()) < 20
+            or directory.standin.request_counts["create"] < 40
+            or (state := service.app[PROCESSOR].live_state(batch_id)) is None
+            or any(state.rows[n].attempts == 0 for n in range(41, 46))
+        ):
+            await asyncio.sleep(0.01)
+
+
 async def test_a_clean_stop_sends_nothing_new_and_leaves_no_row_to_check(
-    service_factory: ServiceFactory, directory: RunningDirectory
+    directory: RunningDirectory, db_path: Path
 ) -> None:
     directory.standin.set_delay(0.5)
-    async with service_factory() as service:
+    # A grace long enough for the second 20 to be answered and recorded on a loaded machine.
+    settings = fast_settings(db_path, directory.url).replace(app={"shutdown_timeout": 5.0})
+    async with running_service(settings) as service:
         accepted = await service.upload(csv_of(45))
-        await asyncio.sleep(0.8)  # the second 20 in flight, the last 5 ready behind them
+        await second_wave_sent_and_the_rest_ready(service, directory, accepted["batch_id"])
     state = fold_from_file(service.db_path, accepted["batch_id"])
 
     assert directory.standin.request_counts["create"] == 40

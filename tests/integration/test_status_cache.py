@@ -108,7 +108,9 @@ async def test_an_expired_body_is_answered_once_more_while_its_successor_is_buil
     await asyncio.sleep(1.1)  # older than max_age, younger than twice that
 
     assert await version_of(cache, store, "b") == 1  # stale, the rebuild is under way
-    await asyncio.sleep(0.05)
+    rebuilding = list(cache._building.values())
+    assert rebuilding  # started by that answer, not left to a later poller
+    await asyncio.wait_for(asyncio.gather(*rebuilding), 10)  # a read: quick, not instant
     assert await version_of(cache, store, "b") == 2
 
 
