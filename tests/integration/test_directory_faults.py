@@ -186,8 +186,9 @@ async def test_a_directory_restart_mid_batch_is_never_reported_completed(
 ) -> None:
     directory.standin.set_delay(0.3)
     batch = (await service.upload(csv_of(45)))["batch_id"]
-    while len(directory.standin.all_hospitals()) < 20:
-        await asyncio.sleep(0.02)
+    async with asyncio.timeout(20):
+        while len(directory.standin.all_hospitals()) < 20:
+            await asyncio.sleep(0.02)
     directory.standin.restart()  # every hospital so far is gone
     final = await service.wait_finished(batch, within=30)
 

@@ -242,6 +242,13 @@ async def test_resume_after_an_activation_failure_activates_the_batch(
 # Rollback -----------------------------------------------------------------------------------
 
 
+async def creates_received(directory: RunningDirectory, count: int) -> None:
+    """Wait until the directory has received `count` creates (within 10 s)."""
+    async with asyncio.timeout(10):
+        while directory.standin.request_counts["create"] < count:
+            await asyncio.sleep(0.01)
+
+
 def hold_the_next_answer(directory: RunningDirectory) -> None:
     """Hold the directory's next answer 0.5 s, so that a rollback asked for now is still
     under way when its 202 is built: an instant delete could end it first (200)."""
@@ -287,7 +294,7 @@ async def test_rollback_of_a_running_batch_stops_creates_and_deletes_those_in_fl
     directory.standin.set_delay(1.0)
     accepted = await service.upload(csv_of(30))  # 20 workers: 20 creates in flight, 10 queued
     batch_id = accepted["batch_id"]
-    await asyncio.sleep(0.5)
+    await creates_received(directory, 20)
     sent = directory.standin.request_counts["create"]
     assert sent == 20
 
@@ -329,15 +336,18 @@ async def test_a_rollback_waits_for_a_create_in_flight_in_another_upstream_batch
     standin.add_fault("create", "reset", nth=[1])
     store_after_the_delay = standin._sleep_then_store
 
+    row_21_sent = asyncio.Event()
+
     async def slower_for_row_21(new: NewHospital) -> Hospital:
         if new.name == "Hospital 21":
+            row_21_sent.set()
             await asyncio.sleep(2.0)
         return await store_after_the_delay(new)
 
     monkeypatch.setattr(standin, "_sleep_then_store", slower_for_row_21)
     async with service_factory(settle_seconds=0.3) as service:
         batch_id = (await service.upload(csv_of(21)))["batch_id"]
-        await asyncio.sleep(0.5)
+        await asyncio.wait_for(row_21_sent.wait(), 10)  # in flight, not withdrawn
         status, _ = await delete(service, f"/batch/{batch_id}")
         assert status == 202
         final = await wait_rolled_back(service, batch_id)
@@ -458,7 +468,7 @@ async def test_a_refused_rollback_of_a_running_batch_leaves_its_unsent_rows_fail
         directory.standin.add_fault("batch_delete", "503", probability=1.0)
         accepted = await service.upload(csv_of(30))  # 20 workers: 20 in flight, 10 queued
         batch_id = accepted["batch_id"]
-        await asyncio.sleep(0.2)
+        await creates_received(directory, 20)
 
         status, _ = await delete(service, f"/batch/{batch_id}")
         assert status == 202

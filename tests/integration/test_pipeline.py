@@ -422,8 +422,12 @@ async def test_a_restart_mid_batch_finishes_it_without_duplicates(
     directory.standin.set_delay(0.5)
     async with service_factory() as service:
         accepted = await service.upload(csv_of(45))
-        await asyncio.sleep(0.8)  # some rows created, others in flight when it stops
-        _, progress = await service.get(f"/batch/{accepted['batch_id']}/progress")
+        async with asyncio.timeout(20):  # some rows created, others in flight when it stops
+            while True:
+                _, progress = await service.get(f"/batch/{accepted['batch_id']}/progress")
+                if progress["processed_hospitals"]:
+                    break
+                await asyncio.sleep(0.02)
     assert progress["processing_status"] == "processing"
     assert 0 < progress["processed_hospitals"] < 45
     async with service_factory() as service:
