@@ -86,45 +86,43 @@ def events(args: argparse.Namespace) -> int:
     path = _settings(args).database.path
     if not _is_service_database(path):
         return 2
-    conn = sqlite3.connect(_read_only(path), uri=True)
-    if args.batch:
-        known = conn.execute(
-            "SELECT 1 FROM events WHERE stream_id = ? LIMIT 1", (stream_id(args.batch),)
-        )
-        if known.fetchone() is None:
-            print(f"error: the log holds no batch {args.batch}", file=sys.stderr)
-            conn.close()
-            return 2
-        rows = conn.execute(
-            f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ? AND stream_version > ? "
-            "ORDER BY stream_version",
-            (stream_id(args.batch), -1 if args.after is None else args.after),
-        )
-    else:
-        rows = conn.execute(
-            f"SELECT {EVENT_COLUMNS} FROM events WHERE global_position > ? "
-            "ORDER BY global_position",
-            (args.after or 0,),
-        )
-    for row in rows:
-        event = from_row(row)
-        if args.json:
-            print(json.dumps(event.to_json()))
+    with contextlib.closing(sqlite3.connect(_read_only(path), uri=True)) as conn:
+        if args.batch:
+            known = conn.execute(
+                "SELECT 1 FROM events WHERE stream_id = ? LIMIT 1", (stream_id(args.batch),)
+            )
+            if known.fetchone() is None:
+                print(f"error: the log holds no batch {args.batch}", file=sys.stderr)
+                return 2
+            rows = conn.execute(
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ? AND stream_version > ? "
+                "ORDER BY stream_version",
+                (stream_id(args.batch), -1 if args.after is None else args.after),
+            )
         else:
-            details = " ".join(
-                f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
-                for k, v in event.data.items()
+            rows = conn.execute(
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE global_position > ? "
+                "ORDER BY global_position",
+                (args.after or 0,),
             )
-            if event.event_type == "BatchCreated":
-                details = (
-                    f"file={event.data['file_name']!r} rows={len(event.data['rows'])} "
-                    f"upstream_batches={len(event.data['upstream_batches'])}"
+        for row in rows:
+            event = from_row(row)
+            if args.json:
+                print(json.dumps(event.to_json()))
+            else:
+                details = " ".join(
+                    f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+                    for k, v in event.data.items()
                 )
-            print(
-                f"{event.recorded_at}  #{event.global_position:<6} {event.stream_id} "
-                f"v{event.stream_version:<4} {event.event_type:<22} {details}"
-            )
-    conn.close()
+                if event.event_type == "BatchCreated":
+                    details = (
+                        f"file={event.data['file_name']!r} rows={len(event.data['rows'])} "
+                        f"upstream_batches={len(event.data['upstream_batches'])}"
+                    )
+                print(
+                    f"{event.recorded_at}  #{event.global_position:<6} {event.stream_id} "
+                    f"v{event.stream_version:<4} {event.event_type:<22} {details}"
+                )
     return 0
 
 
