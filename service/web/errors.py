@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
@@ -9,7 +10,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from marshmallow import ValidationError
 
 from service.domain.csv_intake import CsvRejected, Problem, problem
@@ -84,11 +85,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status == 404 and exc.text and exc.text.startswith("404:"):
             detail = "Not Found"
         response = error_response(exc.status, detail, headers=_kept_headers(exc))
-    except Exception:
-        log.exception(
-            "unexpected error in %s %s (request %s)", request.method, request.path, request_id
-        )
-        response = error_response(500, f"Internal server error (request id {request_id})")
+    except Exception as exc:
+        if _name_too_long(request, exc):
+            response = error_response(404, "Not Found")
+        else:
+            log.exception(
+                "unexpected error in %s %s (request %s)", request.method, request.path, request_id
+            )
+            response = error_response(500, f"Internal server error (request id {request_id})")
     if not response.prepared:
         response.headers["X-Request-ID"] = request_id
     return response
@@ -96,3 +100,32 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 def _kept_headers(exc: web.HTTPException) -> dict[str, str]:
     return {k: v for k, v in exc.headers.items() if k in ("Allow", "Location")}
+
+
+def _name_too_long(request: web.Request, exc: Exception) -> bool:
+    """A static file asked for by a name longer than the file system takes: not there."""
+    resource = request.match_info.route.resource
+    return (
+        isinstance(exc, OSError)
+        and exc.errno == errno.ENAMETOOLONG
+        and isinstance(resource, web.StaticResource)
+    )
+
+
+async def expect_handler(request: web.Request) -> None:
+    """aiohttp's default for `Expect`, answering an unknown one with this API's 417.
+
+    It runs before any middleware, and aiohttp's own 417 quotes the header: a value that is
+    not UTF-8 could not be encoded and became a plain-text 500.
+    """
+    expect = request.headers.get("Expect", "")
+    if request.version != HttpVersion11:
+        return
+    if expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp does: the body has not started
+        return
+    raise web.HTTPExpectationFailed(
+        text=json.dumps({"detail": f"unknown Expect: {expect[:80]!r}; only 100-continue"}),
+        content_type="application/json",
+    )

@@ -82,6 +82,10 @@ async def read_upload(request: web.Request, max_bytes: int) -> Upload:
         raise ApiError(
             422, [problem(["body"], f"malformed multipart body: {exc.message}", "multipart_error")]
         ) from exc
+    except ConnectionResetError as exc:  # the client left before the body ended: no one reads
+        raise ApiError(  # this answer, but the access log shows a 400, not a 500 and a traceback
+            400, [problem(["body"], "the request body ended early: connection lost", "body_error")]
+        ) from exc
     except web.RequestPayloadError as exc:  # the body itself is broken, e.g. gzip that is not
         cause = exc.__cause__.message if isinstance(exc.__cause__, BadHttpMessage) else exc
         raise ApiError(

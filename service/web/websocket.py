@@ -162,7 +162,11 @@ async def _serve(request: web.Request, sender: Sender) -> web.WebSocketResponse:
     # The close handshake waits as long for the client as a message does: a client still
     # reading its backlog would otherwise see 1006 after aiohttp's 10 s, not 1000.
     ws = web.WebSocketResponse(heartbeat=seconds, timeout=seconds)
-    if not ws.can_prepare(request).ok:
+    try:
+        ready = ws.can_prepare(request).ok
+    except ValueError:  # aiohttp's own 400 quotes the header, and cannot when it is not UTF-8;
+        ready = False  # a Sec-WebSocket-Key that is not ASCII fails base64 with a ValueError
+    if not ready:
         raise ApiError(400, "this route is a websocket: connect with a websocket client")
     await ws.prepare(request)
     if request.app[STOPPING].is_set():  # upgraded after close_all took its list

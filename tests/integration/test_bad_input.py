@@ -10,6 +10,7 @@ import asyncio
 import csv
 import gzip
 import io
+import logging
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -792,4 +793,115 @@ async def test_a_websocket_route_without_upgrade_is_400(service: Service) -> Non
     status, body = await service.get("/ws")
     assert status == 400
     assert "websocket" in body["detail"].lower()
+    await assert_nothing_stored(service)
+
+
+# Headers outside the body ----------------------------------------------------------------------
+
+
+async def answer_to(service: Service, request: bytes) -> tuple[int, bytes]:
+    """Send bytes, read one answer (head and Content-Length body) whether or not the
+    connection stays open; (status, answer)."""
+    url = URL(service.url)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        length = re.search(rb"\r\nContent-Length: (\d+)\r\n", head, re.IGNORECASE)
+        body = await reader.readexactly(int(length[1])) if length else b""
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return int(head.split(b" ", 2)[1]), head + body
+
+
+def handshake(header: bytes) -> bytes:
+    """A websocket handshake on /ws with one header line replaced or added, as bytes."""
+    lines = {
+        b"Upgrade": b"websocket",
+        b"Connection": b"Upgrade",
+        b"Sec-WebSocket-Key": b"dGhlIHNhbXBsZSBub25jZQ==",
+        b"Sec-WebSocket-Version": b"13",
+    }
+    name, _, value = header.partition(b": ")
+    lines[name] = value
+    fields = b"".join(k + b": " + v + b"\r\n" for k, v in lines.items())
+    return b"GET /ws HTTP/1.1\r\nHost: test\r\n" + fields + b"\r\n"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param(b"Upgrade: websock\xe9t", id="upgrade-not-utf8"),
+        pytest.param(b"Connection: \xff", id="connection-not-utf8"),
+        pytest.param(b"Sec-WebSocket-Version: 1\xe9", id="version-not-utf8"),
+        pytest.param("Sec-WebSocket-Key: clé".encode(), id="key-not-ascii"),
+        pytest.param(b"Sec-WebSocket-Key: \xe9\xe9", id="key-not-utf8"),
+    ],
+)
+async def test_a_websocket_handshake_header_that_is_not_text_is_400(
+    service: Service, header: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    status, answer = await answer_to(service, handshake(header))
+    assert status == 400, answer
+    assert b"this route is a websocket" in answer
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    await assert_nothing_stored(service)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/health"), ("POST", "/batch/upload-csv"), ("GET", "/docs"), ("GET", "/redoc")],
+)
+@pytest.mark.parametrize("expect", [b"\xe9", b"100-continue\xff", b"102-processing"])
+async def test_an_unknown_expect_header_is_417_in_the_api_shape(
+    service: Service, method: str, path: str, expect: bytes
+) -> None:
+    request = (
+        (
+            f"{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: 0\r\n"
+        ).encode()
+        + b"Expect: "
+        + expect
+        + b"\r\n\r\n"
+    )
+    status, answer = await exchange(service, request)
+    assert status == 417, answer
+    assert b'{"detail": "unknown Expect: ' in answer
+    await assert_nothing_stored(service)
+
+
+async def test_expect_100_continue_still_gets_its_100(service: Service) -> None:
+    request = raw_post("/batch/validate-csv", multipart(file_part(GOOD)), b"Expect: 100-continue")
+    status, answer = await exchange(service, request)
+    assert status == 100
+    assert b"\r\n\r\nHTTP/1.1 200 OK\r\n" in answer
+    await assert_nothing_stored(service)
+
+
+@pytest.mark.parametrize("folder", ["redoc", "swagger"])
+async def test_a_static_name_past_the_file_systems_limit_is_404(
+    service: Service, folder: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    status, body = await service.get(f"/static/{folder}/{'a' * 300}")
+    assert (status, body) == (404, {"detail": "Not Found"})
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    await assert_nothing_stored(service)
+
+
+@pytest.mark.parametrize("path", INTAKE)
+async def test_a_client_that_leaves_mid_upload_is_not_logged_as_an_error(
+    service: Service, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = multipart(file_part(GOOD))
+    request = raw_post(path, body)[: -len(body) // 2]  # Content-Length promises all of it
+    url = URL(service.url)
+    _, writer = await asyncio.open_connection(url.host, url.port)
+    writer.write(request)
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()
+    await writer.wait_closed()
+    await asyncio.sleep(0.3)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     await assert_nothing_stored(service)
