@@ -36,9 +36,11 @@ def serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from service.app import create_app
+    from service.web.errors import RefusedRequests
 
     settings = _settings(args)
     _logging(settings.app.log_level)
+    logging.getLogger("aiohttp.server").addFilter(RefusedRequests())
     log.info(
         "Hospital Batch Processor starting on http://%s:%d, directory %s, database %s",
         settings.app.host,

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 from aiohttp import HttpVersion11, web
+from aiohttp.http_exceptions import HttpProcessingError
 from marshmallow import ValidationError
 
 from service.domain.csv_intake import CsvRejected, Problem, problem
@@ -129,3 +130,19 @@ async def expect_handler(request: web.Request) -> None:
         text=json.dumps({"detail": f"unknown Expect: {expect[:80]!r}; only 100-continue"}),
         content_type="application/json",
     )
+
+
+class RefusedRequests(logging.Filter):
+    """For aiohttp's server log: a request its HTTP parser refused (a header too long, a
+    control character, a body that does not decode) is logged at ERROR with a traceback,
+    though the client got its 4xx. It is the client's fault: one INFO line says it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError) and 400 <= error.code < 500:
+            reason = error.message.partition("\n")[0].rstrip(":")  # then the bytes, quoted
+            record.msg = f"{record.getMessage()}: HTTP {error.code}, {reason}"
+            record.args = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+        return True

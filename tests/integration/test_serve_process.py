@@ -43,6 +43,29 @@ async def test_the_log_says_when_the_service_listens_and_when_it_stopped(
     assert said.rstrip().endswith("stopped")
 
 
+async def test_a_request_the_http_parser_refuses_is_one_info_line_not_an_error(
+    directory: RunningDirectory, tmp_path: Path
+) -> None:
+    service = ServiceProcess(tmp_path / "service.db", directory.url, LOG_LEVEL="INFO")
+    async with aiohttp.ClientSession() as http:
+        await service.start(http)
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: test\r\nX-Bad: a\x01b\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)  # aiohttp closes after a 400
+        writer.close()
+        await writer.wait_closed()
+        service.stop()
+    said = service.log.read_text()
+
+    assert re.match(rb"HTTP/1\.[01] 400 ", answer)
+    assert re.search(
+        r" INFO aiohttp\.server: Error handling request from .*: HTTP 400, Invalid header value"
+        r" char\n",
+        said,
+    )
+    assert " ERROR " not in said and "Traceback" not in said
+
+
 def migrated(db: Path) -> None:
     with sqlite3.connect(db) as conn:
         migrate(conn)
