@@ -280,22 +280,32 @@ async def test_the_command_line_runs_as_a_process(service: Service, sample: Path
     assert "accepted: 3 hospital(s) from hospitals.csv" in text
 
 
-async def test_following_into_a_reader_that_leaves_ends_quietly(
-    service: Service, directory: RunningDirectory, sample: Path
-) -> None:
-    directory.standin.set_delay(0.5)
-    head = '"$0" -m service upload "$1" --url "$2" --follow | head -1; exit "${PIPESTATUS[0]}"'
+async def into_head(*argv: str) -> tuple[int, bytes, bytes]:
+    """`python -m service ARGV | head -1`: the command's exit status, what head printed,
+    and the command's stderr."""
+    line = '"$0" -m service "$@" | head -1; exit "${PIPESTATUS[0]}"'
     process = await asyncio.create_subprocess_exec(
-        *("bash", "-c", head, sys.executable, str(sample), service.url),
+        *("bash", "-c", line, sys.executable, *argv),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=PROJECT,
     )
     async with asyncio.timeout(20):
         stdout, stderr = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, stdout, stderr
+
+
+async def test_following_into_a_reader_that_leaves_ends_quietly(
+    service: Service, directory: RunningDirectory, sample: Path
+) -> None:
+    directory.standin.set_delay(0.5)
+    status, stdout, stderr = await into_head(
+        "upload", str(sample), "--url", service.url, "--follow"
+    )
 
     assert b"accepted: 3 hospital(s)" in stdout
-    assert process.returncode == 141, stderr.decode()  # not 1, which says the batch failed
+    assert status == 141, stderr.decode()  # not 1, which says the batch failed
     assert stderr == b""
 
 
@@ -564,15 +574,7 @@ async def test_results_into_a_reader_that_leaves_exits_141(
     directory.standin.set_delay(0.0)
     accepted = await service.upload(csv_of(1000, prefix="Hospital " + "x" * 100))
     await service.wait_finished(accepted["batch_id"])
-    head = '"$0" -m service results "$1" --url "$2" | head -1; exit "${PIPESTATUS[0]}"'
-    process = await asyncio.create_subprocess_exec(
-        *("bash", "-c", head, sys.executable, accepted["batch_id"], service.url),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=PROJECT,
-    )
-    async with asyncio.timeout(20):
-        stdout, stderr = await process.communicate()
+    status, stdout, stderr = await into_head("results", accepted["batch_id"], "--url", service.url)
 
     assert stdout.startswith(b"row,name,address,phone,status")
-    assert process.returncode == 141, stderr.decode()
+    assert status == 141, stderr.decode()
