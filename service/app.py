@@ -21,7 +21,7 @@ from service.store.event_store import EventStore
 from service.store.lock import exclusive
 from service.web import batches as batch_routes
 from service.web import docs, events, health, presenters, websocket
-from service.web.errors import error_middleware, expect_handler, webargs_error
+from service.web.errors import answer_expect_in_api_shape, error_middleware, webargs_error
 from service.web.feeds import Feeds
 from service.web.keys import (
     CLIENT,
@@ -155,10 +155,7 @@ def create_app(settings: Settings) -> web.Application:
         error_callback=webargs_error,
         in_place=True,
     )
-    # An Expect header is answered before any middleware, by each route's own handler: ours
-    # on every route, including those aiohttp-apispec adds (add_route takes it, they do not).
-    for route in app.router.routes():
-        route._expect_handler = expect_handler
+    answer_expect_in_api_shape(app)
     # aiohttp answers HEAD wherever it answers GET; listing each twice only clutters /docs.
     for operations in app["swagger_dict"]["paths"].values():
         operations.pop("head", None)

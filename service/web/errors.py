@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 from aiohttp import HttpVersion11, web
+from aiohttp.abc import AbstractMatchInfo
 from aiohttp.http_exceptions import HttpProcessingError
 from marshmallow import ValidationError
 
@@ -69,9 +70,7 @@ def webargs_error(
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Give each request an id; answer every failure in the one JSON shape, never a traceback."""
-    given = request.headers.get("X-Request-ID", "")
-    request_id = given if CLIENT_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-    request[REQUEST_ID] = request_id
+    request[REQUEST_ID] = request_id = _request_id(request)
     try:
         response = await handler(request)
     except ApiError as exc:
@@ -113,6 +112,24 @@ def _name_too_long(request: web.Request, exc: Exception) -> bool:
     )
 
 
+def answer_expect_in_api_shape(app: web.Application) -> None:
+    """Have every route, those with no match (404, 405) included, answer an Expect header
+    with `expect_handler`.
+
+    aiohttp runs a route's Expect handler before any middleware. `add_route` takes one, but
+    aiohttp-apispec's routes and the route made per request for a 404 or 405 do not, so it
+    is set on whatever route each request resolves to.
+    """
+    resolve = app.router.resolve
+
+    async def resolving(request: web.Request) -> AbstractMatchInfo:
+        match = await resolve(request)
+        match.route._expect_handler = expect_handler
+        return match
+
+    app.router.resolve = resolving  # type: ignore[method-assign,assignment]
+
+
 async def expect_handler(request: web.Request) -> None:
     """aiohttp's default for `Expect`, answering an unknown one with this API's 417.
 
@@ -129,7 +146,14 @@ async def expect_handler(request: web.Request) -> None:
     raise web.HTTPExpectationFailed(
         text=json.dumps({"detail": f"unknown Expect: {expect[:80]!r}; only 100-continue"}),
         content_type="application/json",
+        headers={"X-Request-ID": _request_id(request)},  # the middleware has not run
     )
+
+
+def _request_id(request: web.Request) -> str:
+    """The client's X-Request-ID when it is safe to echo and to store, else a new one."""
+    given = request.headers.get("X-Request-ID", "")
+    return given if CLIENT_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
 class RefusedRequests(logging.Filter):
@@ -139,6 +163,8 @@ class RefusedRequests(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, web.RequestPayloadError):  # the body read again after the answer
+            error = error.__cause__
         if isinstance(error, HttpProcessingError) and 400 <= error.code < 500:
             reason = error.message.partition("\n")[0].rstrip(":")  # then the bytes, quoted
             record.msg = f"{record.getMessage()}: HTTP {error.code}, {reason}"

@@ -851,7 +851,14 @@ async def test_a_websocket_handshake_header_that_is_not_text_is_400(
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", "/health"), ("POST", "/batch/upload-csv"), ("GET", "/docs"), ("GET", "/redoc")],
+    [
+        ("GET", "/health"),
+        ("POST", "/batch/upload-csv"),
+        ("GET", "/docs"),
+        ("GET", "/redoc"),
+        ("GET", "/no-such-path"),  # 404: no route, aiohttp's own SystemRoute
+        ("POST", "/health"),  # 405: the same
+    ],
 )
 @pytest.mark.parametrize("expect", [b"\xe9", b"100-continue\xff", b"102-processing"])
 async def test_an_unknown_expect_header_is_417_in_the_api_shape(
@@ -868,6 +875,7 @@ async def test_an_unknown_expect_header_is_417_in_the_api_shape(
     status, answer = await exchange(service, request)
     assert status == 417, answer
     assert b'{"detail": "unknown Expect: ' in answer
+    assert re.search(rb"\r\nX-Request-ID: [0-9a-f]{32}\r\n", answer, re.IGNORECASE)
     await assert_nothing_stored(service)
 
 

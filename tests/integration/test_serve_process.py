@@ -66,6 +66,29 @@ async def test_a_request_the_http_parser_refuses_is_one_info_line_not_an_error(
     assert " ERROR " not in said and "Traceback" not in said
 
 
+async def test_a_body_that_does_not_decode_is_one_info_line_not_an_error(
+    directory: RunningDirectory, tmp_path: Path
+) -> None:
+    service = ServiceProcess(tmp_path / "service.db", directory.url, LOG_LEVEL="INFO")
+    async with aiohttp.ClientSession() as http:
+        await service.start(http)
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+        writer.write(
+            b"POST /batch/upload-csv HTTP/1.1\r\nHost: test\r\nContent-Encoding: gzip\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 10\r\n"
+            b"Connection: close\r\n\r\n0123456789"
+        )
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        await writer.wait_closed()
+        service.stop()
+    said = service.log.read_text()
+
+    assert re.match(rb"HTTP/1\.1 400 ", answer)
+    assert re.search(r" INFO aiohttp\.server: .*: HTTP 400, Can not decode content-encoding", said)
+    assert " ERROR " not in said and "Traceback" not in said
+
+
 def migrated(db: Path) -> None:
     with sqlite3.connect(db) as conn:
         migrate(conn)
