@@ -102,9 +102,13 @@ class Service:
         """Poll /status until the batch settles; its final body."""
         deadline = time.monotonic() + within
         while True:
+            # Idle first, then the body: a body read before the processor went idle can be
+            # a finished status that work still followed (an activation failed, then the
+            # rollback asked for meanwhile ran).
+            idle = await self.idle(batch_id)
             status, body = await self.get(f"/batch/{batch_id}/status")
             assert status == 200, body
-            if body["processing_status"] in FINISHED and await self.idle(batch_id):
+            if idle and body["processing_status"] in FINISHED:
                 return dict(body)
             assert time.monotonic() < deadline, f"batch did not finish: {body}"
             await asyncio.sleep(0.05)
