@@ -43,19 +43,29 @@ async def test_the_log_says_when_the_service_listens_and_when_it_stopped(
     assert said.rstrip().endswith("stopped")
 
 
-async def test_a_request_the_http_parser_refuses_is_one_info_line_not_an_error(
-    directory: RunningDirectory, tmp_path: Path
-) -> None:
+async def sent_to_a_child(
+    directory: RunningDirectory, tmp_path: Path, request: bytes
+) -> tuple[bytes, str]:
+    """Send raw bytes to a service run as a child at INFO, read until it closes the
+    connection, stop it; (the answer, the child's log)."""
     service = ServiceProcess(tmp_path / "service.db", directory.url, LOG_LEVEL="INFO")
     async with aiohttp.ClientSession() as http:
         await service.start(http)
         reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
-        writer.write(b"GET /health HTTP/1.1\r\nHost: test\r\nX-Bad: a\x01b\r\n\r\n")
-        answer = await asyncio.wait_for(reader.read(), 10)  # aiohttp closes after a 400
+        writer.write(request)
+        answer = await asyncio.wait_for(reader.read(), 10)
         writer.close()
         await writer.wait_closed()
         service.stop()
-    said = service.log.read_text()
+    return answer, service.log.read_text()
+
+
+async def test_a_request_the_http_parser_refuses_is_one_info_line_not_an_error(
+    directory: RunningDirectory, tmp_path: Path
+) -> None:
+    answer, said = await sent_to_a_child(
+        directory, tmp_path, b"GET /health HTTP/1.1\r\nHost: test\r\nX-Bad: a\x01b\r\n\r\n"
+    )
 
     assert re.match(rb"HTTP/1\.[01] 400 ", answer)
     assert re.search(
@@ -69,20 +79,13 @@ async def test_a_request_the_http_parser_refuses_is_one_info_line_not_an_error(
 async def test_a_body_that_does_not_decode_is_one_info_line_not_an_error(
     directory: RunningDirectory, tmp_path: Path
 ) -> None:
-    service = ServiceProcess(tmp_path / "service.db", directory.url, LOG_LEVEL="INFO")
-    async with aiohttp.ClientSession() as http:
-        await service.start(http)
-        reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
-        writer.write(
-            b"POST /batch/upload-csv HTTP/1.1\r\nHost: test\r\nContent-Encoding: gzip\r\n"
-            b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 10\r\n"
-            b"Connection: close\r\n\r\n0123456789"
-        )
-        answer = await asyncio.wait_for(reader.read(), 10)
-        writer.close()
-        await writer.wait_closed()
-        service.stop()
-    said = service.log.read_text()
+    answer, said = await sent_to_a_child(
+        directory,
+        tmp_path,
+        b"POST /batch/upload-csv HTTP/1.1\r\nHost: test\r\nContent-Encoding: gzip\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 10\r\n"
+        b"Connection: close\r\n\r\n0123456789",
+    )
 
     assert re.match(rb"HTTP/1\.1 400 ", answer)
     assert re.search(r" INFO aiohttp\.server: .*: HTTP 400, Can not decode content-encoding", said)
