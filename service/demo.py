@@ -21,7 +21,7 @@ from typing import IO, Any
 import aiohttp
 
 from service.client import run as run_client
-from service.client.cli import INTERRUPTED
+from service.client.cli import INTERRUPTED, REFUSED
 
 SAMPLE = Path("samples") / "hospitals.csv"
 PROJECT = Path(__file__).resolve().parent.parent
@@ -166,14 +166,21 @@ async def demo(args: argparse.Namespace) -> int:
                 run_client(["upload", sample, "--url", service_url, "--follow"])
             )
             if await _first_done(stop, {upload: "upload"}) is None:
+                print(
+                    f"Stopping the demo: a batch it uploaded is kept in {database} and "
+                    "carries on when a demo starts again with that --database.",
+                    flush=True,
+                )
                 return INTERRUPTED
             if (status := upload.result()) != 0:
                 print(f"the upload ended with exit status {status}", flush=True)
+            batch = "<batch_id>" if status == REFUSED else "<batch_id above>"
             print(
                 f"\nAPI docs:   {service_url}/docs\n"
                 f"ReDoc:      {service_url}/redoc\n"
-                f"websockets: ws://127.0.0.1:{args.port}/batch/<batch_id above>/ws (one batch), "
+                f"websockets: ws://127.0.0.1:{args.port}/batch/{batch}/ws (one batch), "
                 f"ws://127.0.0.1:{args.port}/ws (every batch)\n"
+                f"upload:     python -m service upload FILE --url {service_url} --follow\n"
                 "Both keep running; press Ctrl-C to stop them.",
                 flush=True,
             )

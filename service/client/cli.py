@@ -210,7 +210,7 @@ async def _then_follow(
             final = await follow(api, batch_id, watch.show, watch.note, args.reconnect_timeout)
     except asyncio.CancelledError:
         out.print(
-            f"Stopped following batch {batch_id}; it keeps running on the service. "
+            f"Stopped following batch {batch_id}; this does not stop the batch. "
             f"Follow it again: python -m service follow {batch_id} --url {args.url}"
         )
         raise

@@ -331,7 +331,7 @@ async def test_ctrl_c_stops_following_and_leaves_the_batch_running(
 
     assert b" 0/3 done" in first
     assert process.returncode == 130
-    assert b"keeps running on the service" in rest and b"python -m service follow" in rest
+    assert b"this does not stop the batch" in rest and b"python -m service follow" in rest
 
 
 def test_ctrl_c_while_a_command_loads_exits_130_without_a_traceback(
@@ -457,7 +457,9 @@ async def test_a_demo_whose_upload_failed_exits_with_the_uploads_status(tmp_path
         lines = await lines_until_ctrl_c(process)
         await interrupt(process)
 
-    assert "the upload ended with exit status 2" in "\n".join(lines)
+    output = "\n".join(lines)
+    assert "the upload ended with exit status 2" in output
+    assert "<batch_id above>" not in output and "/batch/<batch_id>/ws" in output
     assert process.returncode == 2
 
 
@@ -470,6 +472,7 @@ async def test_a_demo_stopped_before_its_upload_ended_exits_130(tmp_path: Path) 
         rest = await interrupt(process)
 
     assert process.returncode == 130, rest
+    assert f"kept in {tmp_path / 'demo.db'} and carries on" in rest
     assert rest.count("(exit status 0)") == 2  # both children stopped cleanly
 
 
