@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sqlite3
 import sys
 import uuid
@@ -59,6 +60,13 @@ def serve(args: argparse.Namespace) -> int:
             ),
             loop=_event_loop(),
         )
+    except socket.gaierror as exc:  # an OSError too, but the message names no setting
+        host = settings.app.host
+        print(
+            f"error: the service could not start: app.host (APP_HOST) {host!r}: {exc.strerror}",
+            file=sys.stderr,
+        )
+        return 2
     except (DatabaseInUse, OSError) as exc:  # the lock, the address, or the database's folder
         print(f"error: the service could not start: {exc}", file=sys.stderr)
         return 2

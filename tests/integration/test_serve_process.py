@@ -146,6 +146,26 @@ def test_a_database_the_service_cannot_use_is_named_and_it_exits_2(
     assert "Traceback" not in done.stderr
 
 
+def test_a_host_that_does_not_resolve_is_named_and_it_exits_2(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "serve"],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "DATABASE_PATH": str(tmp_path / "service.db"),
+            "APP_HOST": "no-such-host.invalid",
+            "APP_PORT": str(free_port()),
+        },
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert done.returncode == 2, done.stderr
+    assert "could not start: app.host (APP_HOST) 'no-such-host.invalid': " in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_a_database_that_can_be_read_but_not_written_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "service.db"
     migrated(db)
