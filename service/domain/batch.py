@@ -53,7 +53,7 @@ class Counts(NamedTuple):
     activated: bool = False
     activation_failed: bool = False
     rolled_back: bool = False
-    rollback_failed: bool = False
+    rollback_refused: bool = False
 
 
 def derive_status(c: Counts) -> str:
@@ -63,8 +63,9 @@ def derive_status(c: Counts) -> str:
     if c.activated:
         return COMPLETED
     finished = c.created + c.failed + c.deleted == c.total
-    # A refused rollback still stands: the batch will not be activated, as after a failure.
-    if (finished and c.created == 0) or c.activation_failed or c.rollback_failed:
+    # A refused rollback still stands, and while it is asked for again: the batch will not
+    # be activated, as after a failure.
+    if (finished and c.created == 0) or c.activation_failed or c.rollback_refused:
         return FAILED
     if finished and c.failed:
         return PARTIALLY_COMPLETED
@@ -113,7 +114,8 @@ class BatchState:
     activation_failure: str | None = None
     rollback_requested: bool = False
     rollback_requests: int = 0
-    rollback_failure: str | None = None
+    rollback_failure: str | None = None  # the last rollback's, until it is asked for again
+    rollback_refused: bool = False  # a rollback was ever refused
     rolled_back: bool = False
     resumes: int = 0
     requested_any: bool = False
@@ -132,7 +134,7 @@ class BatchState:
             activated=self.activated,
             activation_failed=self.activation_failure is not None,
             rolled_back=self.rolled_back,
-            rollback_failed=self.rollback_failure is not None,
+            rollback_refused=self.rollback_refused,
         )
 
     def set_status(self, row: RowState, status: str) -> None:
@@ -247,7 +249,7 @@ def apply(state: BatchState, event: ev.Event, recorded_at: str | None = None) ->
             state.rollback_requested, state.rollback_failure = True, None
             state.rollback_requests += 1
         case ev.BatchRollbackFailed(reason=reason, deleted_upstream_batch_ids=gone):
-            state.rollback_failure = reason
+            state.rollback_failure, state.rollback_refused = reason, True
             # The rollback still stands, so rows never sent never will be.
             _end_rollback(state, gone, "rollback_asked", ROLLBACK_ASKED_MESSAGE)
         case ev.BatchRolledBack():

@@ -131,6 +131,7 @@ class _Batch:
                 self.may_reopen = True
             case ev.BatchRollbackFailed(reason=reason, deleted_upstream_batch_ids=gone):
                 self.values["rollback_error"] = reason
+                self.values["rollback_refused"] = 1
                 self._end_rollback(gone, "rollback_asked", b.ROLLBACK_ASKED_MESSAGE)
             case ev.BatchRolledBack():
                 self._end_rollback(None, "rolled_back", b.ROLLED_BACK_MESSAGE)
@@ -203,7 +204,7 @@ class _Batch:
         found = self.cur.execute(
             f"UPDATE batches SET {', '.join(sets)} WHERE batch_id = ? RETURNING total_rows, "
             "created_rows, failed_rows, deleted_rows, requested, activated, "
-            "activation_error IS NOT NULL, rolled_back, rollback_error IS NOT NULL, finished_at",
+            "activation_error IS NOT NULL, rolled_back, rollback_refused, finished_at",
             params,
         ).fetchone()
         if found is None:
@@ -231,9 +232,9 @@ def write_fold(
     cur.execute(
         "INSERT INTO batches (batch_id, file_name, idempotency_key, content_sha256, total_rows, "
         "created_rows, failed_rows, deleted_rows, requested, activated, activation_error, "
-        "rollback_requested, rollback_error, rolled_back, status, stream_version, last_position, "
-        "created_at, updated_at, finished_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "rollback_requested, rollback_error, rollback_refused, rolled_back, status, "
+        "stream_version, last_position, created_at, updated_at, finished_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             state.batch_id,
             state.file_name,
@@ -248,6 +249,7 @@ def write_fold(
             state.activation_failure,
             int(state.rollback_requested),
             state.rollback_failure,
+            int(state.rollback_refused),
             int(state.rolled_back),
             state.status,
             state.version,

@@ -10,7 +10,8 @@ from service.store.event_store import EventStore
 BATCH_COLUMNS = (
     "batch_id, file_name, idempotency_key, content_sha256, total_rows, created_rows, "
     "failed_rows, deleted_rows, activated, activation_error, rollback_requested, "
-    "rollback_error, rolled_back, status, stream_version, created_at, updated_at, finished_at"
+    "rollback_error, rollback_refused, rolled_back, status, stream_version, created_at, "
+    "updated_at, finished_at"
 )
 ROW_COLUMNS = (
     "row, line, name, address, phone, creation_batch_id, status, hospital_id, error_reason, "

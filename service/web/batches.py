@@ -481,7 +481,7 @@ async def resume(request: web.Request) -> web.Response:
         "Afterwards the batch reads processing_status failed with rolled_back true; created rows "
         "read deleted, rows never created read failed. If the directory keeps refusing a delete, "
         "the rollback stops with rollback_error set: rows never sent read failed, and a batch "
-        "not yet activated reads failed; asking again tries again."
+        "not yet activated reads failed, and still does while asking again tries again."
     ),
     parameters=[BATCH_ID_PARAMETER],
     responses={

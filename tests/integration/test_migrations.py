@@ -70,6 +70,32 @@ async def test_store_migrates_on_open_and_again_finds_nothing_to_do(tmp_path: Pa
         conn.close()
 
 
+def test_a_rollback_refused_before_the_upgrade_is_found_in_the_log(
+    conn: sqlite3.Connection,
+) -> None:
+    before = [m for m in discover() if m.version < 5]
+    migrate(conn, before)
+    for batch_id in ("refused", "rolled-back"):
+        conn.execute(
+            "INSERT INTO batches (batch_id, file_name, content_sha256, total_rows, status, "
+            "stream_version, last_position, created_at, updated_at) "
+            "VALUES (?, 'f.csv', '', 1, 'failed', 2, 3, 't', 't')",
+            (batch_id,),
+        )
+    for n, (batch_id, event_type) in enumerate(
+        [("refused", "BatchRollbackFailed"), ("rolled-back", "BatchRolledBack")]
+    ):
+        conn.execute(
+            "INSERT INTO events (event_id, stream_id, stream_version, event_type, "
+            "schema_version, data, metadata, recorded_at) VALUES (?, ?, 2, ?, 1, '{}', '{}', 't')",
+            (f"e{n}", f"batch-{batch_id}", event_type),
+        )
+
+    assert migrate(conn) == [5]
+    refused = dict(conn.execute("SELECT batch_id, rollback_refused FROM batches"))
+    assert refused == {"refused": 1, "rolled-back": 0}
+
+
 def test_database_newer_than_the_code_is_refused(conn: sqlite3.Connection) -> None:
     migrate(conn)
     conn.execute("INSERT INTO schema_migrations VALUES (99, '099_future', 'later')")

@@ -168,6 +168,7 @@ def fold_view(state: b.BatchState) -> tuple[dict[str, Any], list[dict[str, Any]]
         "activation_error": state.activation_failure,
         "rollback_requested": int(state.rollback_requested),
         "rollback_error": state.rollback_failure,
+        "rollback_refused": int(state.rollback_refused),
         "rolled_back": int(state.rolled_back),
         "stream_version": state.version,
         "created_at": state.created_at,

@@ -165,6 +165,18 @@ def test_a_failed_rollback_stops_until_it_is_asked_for_again() -> None:
     b.apply(state, ev.BatchRollbackRequested(), "t5")
     assert state.rollback_failure is None and state.needs_rollback()
     assert state.rollback_requests == 2
+    # Asked for again, it still will not be activated: failed, not partially completed.
+    assert (state.status, state.finished_at) == (b.FAILED, "t4")
+
+
+def test_a_batch_with_failed_rows_stays_failed_while_its_refused_rollback_is_retried() -> None:
+    state = history(2, created(1), failed(2), ev.BatchRollbackRequested())
+    assert state.status == b.PARTIALLY_COMPLETED  # until the rollback ends
+
+    b.apply(state, ev.BatchRollbackFailed("HTTP 500"), "t5")
+    b.apply(state, ev.BatchRollbackRequested(), "t6")
+
+    assert state.status == b.FAILED and state.needs_rollback()
 
 
 def test_rollback_of_an_activated_batch_deletes_its_rows() -> None:
@@ -193,8 +205,11 @@ def test_rollback_of_an_activated_batch_deletes_its_rows() -> None:
         (b.Counts(total=3, created=0, failed=3), b.FAILED),
         (b.Counts(total=3, created=3, failed=0, activation_failed=True), b.FAILED),
         (b.Counts(total=3, created=0, failed=1, deleted=2, rolled_back=True), b.FAILED),
-        (b.Counts(total=3, created=3, failed=0, rollback_failed=True), b.FAILED),
-        (b.Counts(total=3, created=3, failed=0, activated=True, rollback_failed=True), b.COMPLETED),
+        (b.Counts(total=3, created=3, failed=0, rollback_refused=True), b.FAILED),
+        (
+            b.Counts(total=3, created=3, failed=0, activated=True, rollback_refused=True),
+            b.COMPLETED,
+        ),
     ],
 )
 def test_derive_status(counts: b.Counts, status: str) -> None:
