@@ -149,9 +149,7 @@ def create_app(settings: Settings) -> web.Application:
         title="Hospital Batch Processor",
         version=__version__,
         info={"description": DESCRIPTION},
-        url="/openapi.json",
-        swagger_path="/docs",
-        static_path="/static/swagger",
+        url="/openapi.json",  # /docs is docs.swagger: this package's page calls out
         error_callback=webargs_error,
         in_place=True,
     )

@@ -31,7 +31,7 @@ from service.web.batches import (
     NOT_FOUND,
     existing_batch,
 )
-from service.web.errors import ApiError, invalid
+from service.web.errors import REQUEST_ID, ApiError, invalid
 from service.web.keys import FEEDS, SETTINGS, SOCKETS, STOPPING, STORE
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,8 @@ async def _serve(request: web.Request, sender: Sender) -> web.WebSocketResponse:
         ready = False  # a Sec-WebSocket-Key that is not ASCII fails base64 with a ValueError
     if not ready:
         raise ApiError(400, "this route is a websocket: connect with a websocket client")
+    # The 101 is sent here, before the error middleware could add the id to the answer.
+    ws.headers["X-Request-ID"] = request[REQUEST_ID]
     await ws.prepare(request)
     if request.app[STOPPING].is_set():  # upgraded after close_all took its list
         await _close(ws, GOING_AWAY, seconds)

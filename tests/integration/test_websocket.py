@@ -407,3 +407,13 @@ async def test_the_handshake_routes_are_documented(service: Service) -> None:
         assert "101" in operation["responses"]
         assert any(p["name"] == "after" for p in operation["parameters"])
     assert not [path for path, operations in spec["paths"].items() if "head" in operations]
+
+
+@pytest.mark.parametrize("route", ["batch", "dashboard"])
+async def test_the_upgrade_answer_carries_the_request_id(service: Service, route: str) -> None:
+    accepted = await service.upload(SAMPLE_CSV)
+    path = f"/batch/{accepted['batch_id']}/ws" if route == "batch" else "/ws"
+    headers = {"X-Request-ID": "handshake-1"}
+    async with service.http.ws_connect(f"{service.url}{path}", headers=headers) as ws:
+        assert ws._response.status == 101
+        assert ws._response.headers.get("X-Request-ID") == "handshake-1"

@@ -1,0 +1,34 @@
+"""/docs and /redoc work offline: every asset they name is served here, and nothing calls out."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.support import Service
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+async def test_a_docs_page_loads_only_assets_the_service_serves(
+    service: Service, page: str
+) -> None:
+    async with service.http.get(service.url + page) as r:
+        assert r.status == 200
+        html = await r.text()
+    assets = re.findall(r"""(?:src|href|url|spec-url)\s*[=:]\s*["']([^"']+)["']""", html)
+    assert assets
+    for asset in assets:
+        assert asset.startswith("/"), f"{page} names {asset}, outside the service"
+        async with service.http.get(service.url + asset) as r:
+            assert r.status == 200, asset
+
+
+async def test_swagger_ui_does_not_send_the_spec_address_to_its_online_validator(
+    service: Service,
+) -> None:
+    # Swagger UI's default validatorUrl makes every browser that opens /docs on a host other
+    # than localhost load a badge from validator.swagger.io, naming this service's spec URL.
+    async with service.http.get(service.url + "/docs") as r:
+        html = await r.text()
+    assert re.search(r"validatorUrl:\s*null", html), "the online validator is not turned off"
