@@ -6,6 +6,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any, NamedTuple
 
 from service.domain import batch as b
@@ -66,11 +67,13 @@ class UpstreamBatches:
         """Activate every upstream batch; after an unclear answer, look, and ask again only
         while none of its hospitals is active (activation is not idempotent).
 
-        The upstream batch of the row created first is looked at, then activated alone: a
-        directory restart since that create wiped the row, so the batch fails before
-        anything of it is active. The others then go as many at a time as there are workers.
+        The upstream batch of the row the directory stored first is looked at, then
+        activated alone: a directory restart since that create wiped the row, and its FIFO
+        drops that row before any other, so the batch fails before anything of it is active.
+        The others then go as many at a time as there are workers.
         """
-        lead = next(u for u in state.upstream if state.first_created in u.rows)
+        first = _stored_first(state)
+        lead = next(u for u in state.upstream if first in u.rows)
         rest = [u for u in state.upstream if u is not lead]
         members = await self.members(lead.creation_batch_id)
         if not members.ok:
@@ -161,6 +164,22 @@ class UpstreamBatches:
                 log.error("rollback of %s failed: %s", state.batch_id, reason)
                 return ev.BatchRollbackFailed(reason, tuple(gone))
         return ev.BatchRolledBack(deleted, tuple(gone))
+
+
+def _stored_first(state: b.BatchState) -> int | None:
+    """The row whose hospital the directory stored first, by its record's created_at.
+
+    Not the row recorded first: after a crash or a lost answer, rows of another upstream
+    batch are created and recorded before older ones are found by a check. The directory
+    loses its oldest hospitals first (FIFO), and all of them on a restart, so the upstream
+    batch of the oldest one is where a loss shows first.
+    """
+    try:
+        return min((datetime.fromisoformat(r.created_at or ""), n) for n, r in state.rows.items())[
+            1
+        ]
+    except (ValueError, TypeError):  # a record without created_at, or unlike the others
+        return state.first_created
 
 
 def _found(

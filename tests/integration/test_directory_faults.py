@@ -339,6 +339,33 @@ async def test_activation_looks_first_at_the_upstream_batch_created_first(
     assert not any(h["active"] for h in standin.all_hospitals())
 
 
+async def test_activation_looks_first_at_the_oldest_record_not_the_row_recorded_first(
+    service: Service, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    standin = directory.standin
+    standin.set_delay(0.1)
+
+    def lose_answers_then_fill_the_fifo(endpoint: str, n: int) -> str | None:
+        if endpoint == "create" and n <= 20:
+            return "commit_drop"  # rows 1-20 are stored first, and recorded after a check
+        if endpoint == "batch_get" and n == 2:  # the read before activating, after the check
+            for i in range(standin.options.capacity - len(standin.store) + 1):
+                standin.store.add(NewHospital(f"Other {i}", "Elsewhere", None, None))
+        return None
+
+    on_request(monkeypatch, standin, lose_answers_then_fill_the_fifo)
+    final = await service.wait_finished((await service.upload(csv_of(25)))["batch_id"])
+
+    rows = {h["row"]: h for h in final["hospitals"]}
+    assert rows[1]["hospital_id"] == 1 and standin.store.get(1) is None  # the oldest, dropped
+    assert final["processing_status"] == "failed"
+    assert "1 of the 20 hospitals" in final["activation_error"]
+    assert "nothing was activated" in final["activation_error"]
+    assert standin.request_counts["batch_activate"] == 0
+    ours = [h for h in standin.all_hospitals() if h["creation_batch_id"] is not None]
+    assert len(ours) == 24 and not any(h["active"] for h in ours)
+
+
 async def test_an_activation_refused_at_once_is_asked_again_after_a_pause(
     service: Service, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
