@@ -149,7 +149,7 @@ def create_app(settings: Settings) -> web.Application:
         title="Hospital Batch Processor",
         version=__version__,
         info={"description": DESCRIPTION},
-        url="/openapi.json",  # /docs is docs.swagger: this package's page calls out
+        url="/openapi.json",  # no swagger_path: its page calls an online validator (web.docs)
         error_callback=webargs_error,
         in_place=True,
     )

@@ -174,12 +174,12 @@ def _stored_first(state: b.BatchState) -> int | None:
     loses its oldest hospitals first (FIFO), and all of them on a restart, so the upstream
     batch of the oldest one is where a loss shows first.
     """
+    rows = state.rows.items()
     try:
-        return min((datetime.fromisoformat(r.created_at or ""), n) for n, r in state.rows.items())[
-            1
-        ]
+        _, first = min((datetime.fromisoformat(r.created_at or ""), n) for n, r in rows)
     except (ValueError, TypeError):  # a record without created_at, or unlike the others
         return state.first_created
+    return first
 
 
 def _found(
