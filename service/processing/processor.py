@@ -72,6 +72,12 @@ async def _collect_ready(
     return pending
 
 
+def _worker_ended(task: asyncio.Task[None]) -> None:
+    """Say why a worker stopped on an error: /health only counts one worker fewer."""
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.error("%s stopped on an error", task.get_name(), exc_info=error)
+
+
 async def _sent_lately(store: EventStore, seconds: float) -> list[float]:
     """When each create of the last `seconds` was sent, on the monotonic clock, oldest first
     (from the newest LATELY_SCANNED events); an intent counts as sent, to be safe."""
@@ -133,6 +139,8 @@ class Processor:
             asyncio.create_task(self._worker(), name=f"worker-{i}")
             for i in range(self._settings.concurrency)
         ]
+        for worker in self._workers:
+            worker.add_done_callback(_worker_ended)
         for batch_id in await queries.unfinished_batch_ids(self._store):
             log.info("recovering batch %s", batch_id)
             await self._load(batch_id)
@@ -340,14 +348,15 @@ class Processor:
     def _spawn(
         self, work: Coroutine[Any, Any, None], run: BatchRun | None = None
     ) -> asyncio.Task[None]:
-        task = asyncio.create_task(work)
+        task = asyncio.create_task(work, name=getattr(work, "__qualname__", None))
         self._tasks.add(task)
 
         def done(t: asyncio.Task[None]) -> None:
             self._tasks.discard(t)
             failed = not t.cancelled() and t.exception() is not None
             if failed:
-                log.error("background work failed", exc_info=t.exception())
+                of = f" of batch {run.batch_id}" if run is not None else ""
+                log.error("%s%s failed", t.get_name(), of, exc_info=t.exception())
             if run is None:
                 return
             if run.task is t:
@@ -594,7 +603,7 @@ class Processor:
         elif answer.outcome in (Outcome.REJECTED, Outcome.NOT_FOUND):
             message = f"the directory refused the row (HTTP {answer.status}): {answer.message}"
             await self._emit(
-                run, ev.HospitalFailed(n, "rejected", message, retryable=False), *outcome_id
+                run, ev.HospitalFailed(n, b.REJECTED, message, retryable=False), *outcome_id
             )
         elif answer.outcome is Outcome.RATE_LIMITED:
             if self._pacer.refused():
@@ -607,7 +616,7 @@ class Processor:
             await self._emit(run, retry, *outcome_id)
             self._enqueue(run, [n])
         elif answer.outcome is Outcome.NOT_SENT:
-            return await self._retry_later(run, n, attempt, "unreachable", answer.message)
+            return await self._retry_later(run, n, attempt, b.UNREACHABLE, answer.message)
         else:  # AMBIGUOUS, or a 2xx without an id: it may be stored; look before re-sending
             gate.suspect(n)
             self._reconcile_soon(run, gate)
@@ -677,7 +686,7 @@ class Processor:
             if not answer.ok:
                 for n in unsettled:
                     message = f"could not check the directory for this row: {answer.message}"
-                    failed = ev.HospitalFailed(n, "unconfirmed", message, retryable=True)
+                    failed = ev.HospitalFailed(n, b.UNCONFIRMED, message, retryable=True)
                     await self._emit(run, failed, *_outcome_id(n, run.state.rows[n].attempts))
                 return
             await self._match(run, gate, unsettled, answer.body)
@@ -712,7 +721,7 @@ class Processor:
                 await self._emit(run, created, *_outcome_id(n, attempt), cause="reconciliation")
             else:
                 message = "not in the directory when looked up"
-                await self._retry_later(run, n, attempt, "not_stored", message)
+                await self._retry_later(run, n, attempt, b.NOT_STORED, message)
         extra = sum(map(len, unclaimed.values()))
         if extra:
             log.warning(

@@ -8,7 +8,10 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import logging
 from typing import Any
+
+import pytest
 
 from service.domain import batch as b
 from service.domain import events as ev
@@ -285,3 +288,42 @@ async def test_a_row_found_missing_by_a_check_is_sent_again_once(store: EventSto
     assert collections.Counter(r["name"] for r in directory.records)["H1"] == 1
     assert len(directory.records) == 22
     assert state.status == b.COMPLETED
+
+
+class BrokenClient(ScriptedDirectory):
+    """A client with a bug that strikes a worker before its first create."""
+
+    def idle_for(self) -> float:
+        raise ZeroDivisionError("a bug in the client")
+
+
+async def test_a_worker_that_dies_says_why_in_the_log(
+    store: EventStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    processor = await started(store, BrokenClient(), concurrency=1)
+    await submit(store, processor, (ev.Row(1, "A", "1 Main St", None, 2),))
+    async with asyncio.timeout(5):
+        while processor.workers_alive:
+            await asyncio.sleep(0.01)
+    await processor.stop(grace=0.1)
+    logged = [r for r in caplog.records if r.levelno == logging.ERROR and r.exc_info]
+    assert [r.getMessage() for r in logged] == ["worker-0 stopped on an error"]
+    assert isinstance(logged[0].exc_info[1], ZeroDivisionError)  # type: ignore[index]
+
+
+async def test_background_work_that_fails_names_itself_and_its_batch(
+    store: EventStore, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def a_bug(*args: Any) -> None:
+        raise ZeroDivisionError("a bug in matching")
+
+    monkeypatch.setattr(Processor, "_match", a_bug)  # row A's answer is lost: it is checked
+    processor = await started(store, ScriptedDirectory(), concurrency=1, settle_seconds=0.0)
+    await submit(store, processor, (ev.Row(1, "A", "1 Main St", None, 2),))
+    async with asyncio.timeout(5):
+        while not any(r.levelno == logging.ERROR for r in caplog.records):
+            await asyncio.sleep(0.01)
+    await processor.stop(grace=0.1)
+
+    logged = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert logged[0].getMessage() == f"Processor._reconcile of batch {BATCH} failed"
