@@ -6,7 +6,6 @@ import dataclasses
 import math
 import os
 import tomllib
-import types
 import typing
 import urllib.parse
 from collections.abc import Mapping
@@ -214,7 +213,7 @@ def _coerce(name: str, kind: Any, raw: Any) -> Any:
             if not isinstance(value, str):
                 raise ValueError
             return value
-        if typing.get_origin(kind) is tuple or isinstance(kind, types.GenericAlias):
+        if typing.get_origin(kind) is tuple:
             items = value.split(",") if isinstance(value, str) else value
             return tuple(str(item).strip() for item in items if str(item).strip())
     except (TypeError, ValueError):

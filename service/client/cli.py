@@ -1,7 +1,7 @@
 """`python -m service upload|resume|rollback|follow|results`: the service from the command line.
 
-Exit status: 0 the request was done (with --follow: the batch completed, or was rolled
-back); 1 with --follow, the batch ended partially completed or failed; 2 the service
+Exit status: 0 the request was done (with --follow: the batch completed, or for rollback,
+was rolled back); 1 with --follow, the batch ended otherwise; 2 the service
 refused the request (its messages are printed) or could not be reached, or a local file
 could not be read; 3 the live progress could not be followed to the end; 130 interrupted.
 """
@@ -75,7 +75,7 @@ def idempotency_key(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The client's commands; every option can also come from the environment."""
+    """The client's commands; --url and --reconnect-timeout can also come from the environment."""
     parser = argparse.ArgumentParser(
         prog="python -m service",
         description="Client of a running Hospital Batch Processor.",

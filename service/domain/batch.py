@@ -30,6 +30,12 @@ ROW_STATUSES = (ROW_PENDING, ROW_CREATED, ROW_ACTIVE, ROW_FAILED, ROW_DELETED)
 RATE_LIMITED = "rate_limited"
 WITHDRAWN = "withdrawn"  # a ready create was not sent after all (rollback, or the pool stopping)
 NOT_FAILURES = (RATE_LIMITED, WITHDRAWN)  # retries that do not count towards max_attempts
+REJECTED = "rejected"  # the directory refused the row: sending it again gives the same
+UNREACHABLE = "unreachable"  # the create provably never reached the directory
+NOT_STORED = "not_stored"  # a create that may have reached it was not found there
+UNCONFIRMED = "unconfirmed"  # the directory could not be read to look for the row
+ROLLBACK_ASKED = "rollback_asked"  # never sent: a rollback was asked for first
+ROLLED_BACK = "rolled_back"  # never sent: the batch was rolled back first
 ROLLED_BACK_MESSAGE = "not created: the batch was rolled back first"
 ROLLBACK_ASKED_MESSAGE = "not created: a rollback was asked for first"
 
@@ -89,7 +95,7 @@ class RowState:
     error: str | None = None
     reason: str | None = None
     attempts: int = 0
-    failures: int = 0  # attempts that provably failed, rate limiting aside
+    failures: int = 0  # attempts that provably failed, NOT_FAILURES aside
     may_exist: bool = False  # a create may have reached the directory; no outcome yet
     reconciled: bool = False
 
@@ -251,10 +257,10 @@ def apply(state: BatchState, event: ev.Event, recorded_at: str | None = None) ->
         case ev.BatchRollbackFailed(reason=reason, deleted_upstream_batch_ids=gone):
             state.rollback_failure, state.rollback_refused = reason, True
             # The rollback still stands, so rows never sent never will be.
-            _end_rollback(state, gone, "rollback_asked", ROLLBACK_ASKED_MESSAGE)
+            _end_rollback(state, gone, ROLLBACK_ASKED, ROLLBACK_ASKED_MESSAGE)
         case ev.BatchRolledBack():
             state.rolled_back = True
-            _end_rollback(state, None, "rolled_back", ROLLED_BACK_MESSAGE)
+            _end_rollback(state, None, ROLLED_BACK, ROLLED_BACK_MESSAGE)
         case _:
             raise ValueError(f"{event.type_name} does not apply to an existing batch")
     state.version += 1

@@ -20,7 +20,7 @@ class Event:
     schema_version: ClassVar[int] = 1
 
     def payload(self) -> Payload:
-        """The event's fields as plain JSON values."""
+        """The event's fields, ready for JSON (tuples stay tuples: a read gives lists)."""
         return {name: getattr(self, name) for name in _field_names(type(self).type_name)}
 
 

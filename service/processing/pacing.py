@@ -46,7 +46,7 @@ class WindowPacer:
         be open, and what it already took is no longer ours to send."""
         for at in sent:
             if self._window_start is not None and self._used >= self.per_window:
-                at = max(at, self._window_end())  # it waited for the next window, as _paced does
+                at = max(at, self._window_end())  # it waited for the next window, as _deliver does
             if self._window_start is None or at >= self._window_end():
                 self._window_start, self._used = at, 0
             self._used += 1

@@ -58,7 +58,7 @@ class UpstreamBatches:
         return answer
 
     async def members(self, creation_batch_id: str) -> Answer:
-        """An upstream batch's records, read again while the answer is unclear or refused."""
+        """An upstream batch's records, read again while unsent, rate-limited or unclear."""
         return await self.patiently(
             functools.partial(self._client.batch_members, creation_batch_id)
         )

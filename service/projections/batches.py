@@ -132,9 +132,9 @@ class _Batch:
             case ev.BatchRollbackFailed(reason=reason, deleted_upstream_batch_ids=gone):
                 self.values["rollback_error"] = reason
                 self.values["rollback_refused"] = 1
-                self._end_rollback(gone, "rollback_asked", b.ROLLBACK_ASKED_MESSAGE)
+                self._end_rollback(gone, b.ROLLBACK_ASKED, b.ROLLBACK_ASKED_MESSAGE)
             case ev.BatchRolledBack():
-                self._end_rollback(None, "rolled_back", b.ROLLED_BACK_MESSAGE)
+                self._end_rollback(None, b.ROLLED_BACK, b.ROLLED_BACK_MESSAGE)
                 self.values["rolled_back"] = 1
             case _:
                 raise ValueError(f"{event.type_name} does not apply to an existing batch")

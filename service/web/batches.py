@@ -368,9 +368,9 @@ def _status_as_of(history: list[StoredEvent]) -> bytes:
 @response_schema(schemas.BatchList, 200)
 async def list_batches(request: web.Request) -> web.Response:
     query = request["querystring"]
-    after = _decode_cursor(query.get("cursor"))
+    before = _decode_cursor(query.get("cursor"))
     page = await queries.list_batches(
-        request.app[STORE], status=query.get("status"), limit=query["limit"], before=after
+        request.app[STORE], status=query.get("status"), limit=query["limit"], before=before
     )
     more = len(page) > query["limit"]
     page = page[: query["limit"]]

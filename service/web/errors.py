@@ -20,7 +20,7 @@ from service.domain.csv_intake import CsvRejected, Problem, problem
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-REQUEST_ID = "request_id"
+REQUEST_ID = web.RequestKey("request_id", str)
 # A client's X-Request-ID is kept only when it is safe to echo and to store in the audit log.
 CLIENT_REQUEST_ID = re.compile(r"[!-~]{1,128}")
 

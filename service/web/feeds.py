@@ -152,7 +152,7 @@ class Feed:
 
     async def _read(self, store: EventStore, stream_id: str) -> None:
         try:
-            # follow() is an async generator (annotated as an iterator): close it with us.
+            # follow() is an async generator: close it with us, not when it is collected.
             async with contextlib.aclosing(store.follow(stream_id)) as events:
                 async for event in events:
                     self._add(event)
