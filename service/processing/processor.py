@@ -618,7 +618,10 @@ class Processor:
         elif answer.outcome is Outcome.NOT_SENT:
             return await self._retry_later(run, n, attempt, b.UNREACHABLE, answer.message)
         else:  # AMBIGUOUS, or a 2xx without an id: it may be stored; look before re-sending
-            gate.suspect(n)
+            said = answer.message
+            if answer.status is not None and not said.startswith(f"HTTP {answer.status}"):
+                said = f"HTTP {answer.status}: {said}"
+            gate.suspect(n, said)
             self._reconcile_soon(run, gate)
         return False
 
@@ -692,6 +695,8 @@ class Processor:
             await self._match(run, gate, unsettled, answer.body)
         finally:
             gate.suspects.difference_update(suspects)
+            for n in suspects:
+                gate.unclear.pop(n, None)
             gate.reconciling = None
             parked, gate.parked = gate.parked, []
             self._requeue(run, parked)
@@ -720,7 +725,10 @@ class Processor:
                 )
                 await self._emit(run, created, *_outcome_id(n, attempt), cause="reconciliation")
             else:
+                # The unclear answer is what an operator can act on: keep it in the message.
                 message = "not in the directory when looked up"
+                if (unclear := gate.unclear.get(n)) is not None:
+                    message += f" after an unclear answer ({unclear})"
                 await self._retry_later(run, n, attempt, b.NOT_STORED, message)
         extra = sum(map(len, unclaimed.values()))
         if extra:

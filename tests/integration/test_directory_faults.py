@@ -117,6 +117,28 @@ async def test_a_row_never_stored_is_given_up_after_max_attempts_creates(
     assert any(message.startswith(said) for message in warned), warned
 
 
+@pytest.mark.parametrize(
+    ("kind", "said"),
+    [("503", "unclear answer (HTTP 503"), ("reset", "unclear answer (ClientOSError")],
+)
+async def test_a_row_given_up_after_unclear_answers_keeps_what_the_directory_answered(
+    service_factory: ServiceFactory, directory: RunningDirectory, kind: str, said: str
+) -> None:
+    # Each create is answered unclearly, then looked for and not found. The row's message
+    # must still say what the directory answered: it is what an operator can act on.
+    directory.standin.add_fault("create", kind)
+    async with service_factory(max_attempts=2) as service:
+        batch_id = (await service.upload(csv_of(1)))["batch_id"]
+        final = await service.wait_finished(batch_id)
+
+    (row,) = final["hospitals"]
+    assert row["status"] == "failed"
+    assert row["error_message"].startswith(
+        "gave up after 2 failed attempts: not in the directory when looked up"
+    )
+    assert said in row["error_message"], row["error_message"]
+
+
 async def test_a_check_never_claims_the_record_of_an_identical_row_still_in_flight(
     service_factory: ServiceFactory, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
