@@ -60,6 +60,12 @@ def serve(args: argparse.Namespace) -> int:
             ),
             loop=_event_loop(),
         )
+    except web.GracefulExit:  # a second SIGTERM or SIGINT while stopping: aiohttp gives up
+        log.warning(
+            "stopped at once by a second signal: work under way was cut off; "
+            "the next start checks its rows with the directory"
+        )
+        return 1
     except socket.gaierror as exc:  # an OSError too, but the message names no setting
         host = settings.app.host
         print(

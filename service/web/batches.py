@@ -23,7 +23,15 @@ from service.projections import queries
 from service.store.records import ConcurrencyError, NewEvent, StoredEvent
 from service.web import presenters, schemas
 from service.web.errors import REQUEST_ID, ApiError, invalid
-from service.web.keys import CPU_WORK, KEY_NAMESPACE, PROCESSOR, SETTINGS, STATUS_CACHE, STORE
+from service.web.keys import (
+    CPU_WORK,
+    KEY_NAMESPACE,
+    PROCESSOR,
+    SETTINGS,
+    STATUS_CACHE,
+    STOPPING,
+    STORE,
+)
 from service.web.upload import Upload, read_upload
 
 routes = web.RouteTableDef()
@@ -262,7 +270,8 @@ async def validate_csv(request: web.Request) -> web.Response:
     description=(
         "The same intake as /batch/upload-csv (Idempotency-Key included). Answers 200 with the "
         "/status body once the batch has finished, or 202 with its batch_id when it is still "
-        "running after api.bulk_wait_seconds; processing goes on either way."
+        "running after api.bulk_wait_seconds, or at once when the service begins to stop; "
+        "processing goes on either way."
     ),
     consumes=["multipart/form-data"],
     parameters=[FILE_PARAMETER, IDEMPOTENCY_PARAMETER],
@@ -282,13 +291,32 @@ async def bulk(request: web.Request) -> web.Response:
     batch_id = batch["batch_id"]
     try:
         async with asyncio.timeout(request.app[SETTINGS].api.bulk_wait_seconds):
-            await request.app[PROCESSOR].wait_finished(batch_id)
+            finished = await _finished_before_stopping(request.app, batch_id)
     except TimeoutError:
+        finished = False
+    if not finished:
         now = await queries.get_batch(request.app[STORE], batch_id) or batch
         body = {**accepted_body(batch), "status": now["status"]}
         headers = {"Location": f"/batch/{batch_id}/status"}
         return web.json_response(body, status=202, headers=headers)
     return await status_response(request, batch_id)
+
+
+async def _finished_before_stopping(app: web.Application, batch_id: str) -> bool:
+    """Wait until the batch finishes (True) or the service begins to stop (False).
+
+    At shutdown aiohttp waits up to twice app.shutdown_timeout for a handler, and only then
+    stops the processor (which has app.shutdown_timeout more): a bulk request still waiting
+    held the process past the 30 s docker compose gives it, and its client got no answer at
+    all. Answered 202 at once, it can follow the batch after the restart."""
+    finished = asyncio.ensure_future(app[PROCESSOR].wait_finished(batch_id))
+    stopping = asyncio.ensure_future(app[STOPPING].wait())
+    try:
+        await asyncio.wait((finished, stopping), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        finished.cancel()
+        stopping.cancel()
+    return finished.done() and not finished.cancelled()
 
 
 # Reading ------------------------------------------------------------------------------------

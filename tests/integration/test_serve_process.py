@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +43,66 @@ async def test_the_log_says_when_the_service_listens_and_when_it_stopped(
     assert f"listening on http://127.0.0.1:{service.port}" in said
     assert re.search(r"stopping: \d+ task\(s\) still under way after 0\.5 s are cut off", said)
     assert said.rstrip().endswith("stopped")
+
+
+async def test_a_bulk_request_waiting_at_shutdown_is_answered_202_and_holds_no_one(
+    directory: RunningDirectory, tmp_path: Path
+) -> None:
+    # aiohttp waits up to twice the shutdown timeout for a handler before it stops the
+    # processor: a bulk request left waiting held a 10 s stop past docker compose's 30 s, and
+    # its client got its connection dropped, no answer.
+    directory.standin.set_delay(10.0)
+    service = ServiceProcess(tmp_path / "service.db", directory.url, APP_SHUTDOWN_TIMEOUT="2")
+    async with aiohttp.ClientSession() as http:
+        await service.start(http)
+
+        async def bulk() -> tuple[int, dict[str, object]]:
+            async with http.post(f"{service.url}/hospitals/bulk", data=form(SAMPLE_CSV)) as r:
+                return r.status, await r.json()
+
+        waiting = asyncio.ensure_future(bulk())
+        while directory.standin.request_counts["create"] < 3:  # all three in flight
+            await asyncio.sleep(0.05)
+        assert service.process is not None
+        stopped_at = time.monotonic()
+        service.process.terminate()
+        async with asyncio.timeout(15):
+            status, body = await waiting
+            while service.process.poll() is None:
+                await asyncio.sleep(0.05)
+        took = time.monotonic() - stopped_at
+
+    assert status == 202, body
+    assert body["total_hospitals"] == 3
+    assert service.process.returncode == 0
+    assert took < 5.0  # the processor's 2 s grace, not 2 x 2 s of HTTP drain and then 2 s
+
+
+async def test_a_second_signal_while_stopping_says_so_in_the_log(
+    directory: RunningDirectory, tmp_path: Path
+) -> None:
+    # The second SIGTERM or Ctrl-C ends the wait for creates in flight: the process left
+    # with status 1 and not a word in its log.
+    directory.standin.set_delay(10.0)
+    service = ServiceProcess(
+        tmp_path / "service.db", directory.url, LOG_LEVEL="INFO", APP_SHUTDOWN_TIMEOUT="8"
+    )
+    async with aiohttp.ClientSession() as http:
+        await service.start(http)
+        async with http.post(f"{service.url}/batch/upload-csv", data=form(SAMPLE_CSV)) as r:
+            assert r.status == 202
+        while directory.standin.request_counts["create"] < 3:  # all three in flight
+            await asyncio.sleep(0.05)
+    assert service.process is not None
+    service.process.terminate()
+    await asyncio.sleep(0.5)
+    service.process.send_signal(signal.SIGINT)
+    service.process.wait(8)
+    said = service.log.read_text()
+
+    assert service.process.returncode == 1
+    assert "WARNING __main__: stopped at once by a second signal" in said
+    assert "Traceback" not in said
 
 
 async def sent_to_a_child(
