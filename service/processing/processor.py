@@ -660,7 +660,11 @@ class Processor:
         async with self._warm_up:
             answer = await self._client.warm_up()
             if answer.status is None:
-                log.warning("directory warm-up failed: %s", answer.message)
+                log.warning(
+                    "the directory at %s (directory.base_url) did not answer its warm-up: %s",
+                    self._client.base_url,
+                    answer.message,
+                )
 
     # Reconciling --------------------------------------------------------------------------
 

@@ -161,7 +161,13 @@ class UpstreamBatches:
                 gone.append(batch_id)
             else:
                 reason = f"the directory did not delete upstream batch {batch_id}: {answer.message}"
-                log.error("rollback of %s failed: %s", state.batch_id, reason)
+                log.error(
+                    "rollback of batch %s failed: %s; nothing more is tried until "
+                    "DELETE /batch/%s is sent again",
+                    state.batch_id,
+                    reason,
+                    state.batch_id,
+                )
                 return ev.BatchRollbackFailed(reason, tuple(gone))
         return ev.BatchRolledBack(deleted, tuple(gone))
 

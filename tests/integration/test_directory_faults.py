@@ -203,6 +203,21 @@ async def test_a_cold_start_delays_but_does_not_fail_the_first_rows(
     assert_exactly_once(directory.standin, [final])
 
 
+async def test_a_failed_warm_up_names_the_directory_it_tried(
+    service_factory: ServiceFactory,
+    directory: RunningDirectory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    directory.standin.add_fault("root", "reset")
+    async with service_factory() as service:
+        final = await service.wait_finished((await service.upload(csv_of(1)))["batch_id"])
+
+    assert final["processing_status"] == "completed"  # the creates go ahead regardless
+    warned = [r.getMessage() for r in caplog.records if "warm-up" in r.getMessage()]
+    assert warned, "no warning"
+    assert warned[0].startswith(f"the directory at {directory.url} (directory.base_url)")
+
+
 async def test_a_directory_restart_mid_batch_is_never_reported_completed(
     service: Service, directory: RunningDirectory
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Sequence
@@ -411,7 +412,7 @@ async def wait_rollback_failed(service: Service, batch_id: str, rounds: int) -> 
 
 
 async def test_a_refused_rollback_fails_each_round_once_and_keeps_what_it_deleted(
-    service_factory: ServiceFactory, directory: RunningDirectory
+    service_factory: ServiceFactory, directory: RunningDirectory, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with service_factory(max_attempts=3) as service:
         accepted = await service.upload(csv_of(25))  # upstream batches of 20 and 5 rows
@@ -440,6 +441,11 @@ async def test_a_refused_rollback_fails_each_round_once_and_keeps_what_it_delete
         status, refused = await post(service, f"/batch/{batch_id}/resume")
         assert status == 409 and "roll it back again" in refused["detail"]
         await assert_fold_matches_read_model(service, batch_id)
+        logged = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert logged == [
+            f"rollback of batch {batch_id} failed: {first['rollback_error']}; nothing more is "
+            f"tried until DELETE /batch/{batch_id} is sent again"
+        ]
 
         status, _ = await delete(service, f"/batch/{batch_id}")  # refused again
         assert status == 202
