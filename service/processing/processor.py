@@ -80,20 +80,32 @@ def _worker_ended(task: asyncio.Task[None]) -> None:
 
 async def _sent_lately(store: EventStore, seconds: float) -> list[float]:
     """When each create of the last `seconds` was sent, on the monotonic clock, oldest first
-    (from the newest LATELY_SCANNED events); an intent counts as sent, to be safe."""
+    (from the newest LATELY_SCANNED events). An intent counts as sent, to be safe, unless
+    its row was withdrawn after it: a stop withdraws the rows got ready and never sent."""
     since = time.time() - seconds
     rows = await store.select(
-        f"SELECT {EVENT_COLUMNS} FROM events WHERE global_position > ? AND event_type = ? "
-        "ORDER BY global_position",
-        (store.head.position - LATELY_SCANNED, ev.HospitalRequested.type_name),
+        f"SELECT {EVENT_COLUMNS} FROM events WHERE global_position > ? "
+        "AND event_type IN (?, ?) ORDER BY global_position",
+        (
+            store.head.position - LATELY_SCANNED,
+            ev.HospitalRequested.type_name,
+            ev.HospitalRetryScheduled.type_name,
+        ),
     )
+    events = [(stored, stored.decode()) for stored in map(from_row, rows)]
+    withdrawn = {
+        (stored.stream_id, event.row, event.attempt)
+        for stored, event in events
+        if isinstance(event, ev.HospitalRetryScheduled) and event.reason == b.WITHDRAWN
+    }
     sent = []
     clock_gap = time.time() - time.monotonic()
-    for stored in map(from_row, rows):
+    for stored, intent in events:
         at = datetime.fromisoformat(stored.recorded_at).timestamp()
-        intent = stored.decode()
         if at >= since and isinstance(intent, ev.HospitalRequested):
-            sent += [at - clock_gap] * len(intent.rows)
+            pairs = zip(intent.rows, intent.attempts, strict=True)
+            taken = sum((stored.stream_id, n, a) not in withdrawn for n, a in pairs)
+            sent += [at - clock_gap] * taken
     return sent
 
 

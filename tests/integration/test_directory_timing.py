@@ -171,6 +171,30 @@ async def test_a_restart_inside_a_window_does_not_send_into_what_it_already_used
     assert limited.standin.request_counts["create"] == 65
 
 
+async def test_rows_withdrawn_at_a_stop_leave_their_places_in_the_window(
+    limited: RunningDirectory, tmp_path: Path
+) -> None:
+    # A minute's window: counted as sent, the withdrawn rows would hold the restart back
+    # for the rest of it. The creates in flight end within the stop's grace.
+    limited.standin.set_delay(0.2)
+    settings = paced(tmp_path / "withdrawn.db", limited, window=60.0)
+    settings = settings.replace(app={"shutdown_timeout": 3.0})
+    async with running_service(settings) as service:
+        batch_id = (await service.upload(csv_of(30)))["batch_id"]
+        async with asyncio.timeout(10):
+            while limited.standin.request_counts["create"] < 20:
+                await asyncio.sleep(0.02)
+    # Stopped with 20 creates in flight: they end, and the rows got ready behind them are
+    # withdrawn.
+    async with running_service(settings) as service:
+        final = await service.wait_finished(batch_id, within=15)
+        retried = await retries(service, batch_id)
+
+    assert final["processing_status"] == "completed"
+    assert any(r["reason"] == "withdrawn" for r in retried)
+    assert limited.standin.request_counts["create"] == 30
+
+
 async def test_creates_stored_after_the_read_timeout_are_found_not_sent_again(
     tmp_path: Path,
 ) -> None:
