@@ -28,6 +28,8 @@ class ScriptedDirectory:
     """Row A's answer is lost; row B needs a warm-up that ends while A is being checked,
     and its first create, answer lost, is stored only after the check's read."""
 
+    base_url = "http://directory.test"
+
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
         self.creates_during_read: list[str] = []
