@@ -165,6 +165,7 @@ class Processor:
         """
         self._stopping = True
         self._work.set()
+        log.info("stopping: no new row is sent; calls in flight get up to %.1f s", grace)
         # Work spawned during the grace (the record of an answer that came in it) gets the
         # rest of the grace, then is cancelled like the rest, not left behind.
         deadline = time.monotonic() + grace
