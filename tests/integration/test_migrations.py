@@ -6,8 +6,11 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 
+from service.domain import batch as b
+from service.domain import events as ev
 from service.store.event_store import EventStore
 from service.store.migrations import (
     MIGRATIONS_DIR,
@@ -94,6 +97,79 @@ def test_a_rollback_refused_before_the_upgrade_is_found_in_the_log(
     assert migrate(conn) == [5]
     refused = dict(conn.execute("SELECT batch_id, rollback_refused FROM batches"))
     assert refused == {"refused": 1, "rolled-back": 0}
+
+
+ROWS = (ev.Row(1, "H1", "1 Main St", None, 2), ev.Row(2, "H2", "2 Main St", None, 3))
+REFUSED_THEN_ASKED = [
+    ev.BatchRollbackRequested(),
+    ev.BatchRollbackFailed("HTTP 500"),
+    ev.BatchRollbackRequested(),
+]
+
+
+@pytest.mark.parametrize(
+    ("history", "old_status", "old_finished"),
+    [
+        # Every row created: the old rule read processing again once the rollback was asked
+        # for again (here still under way at the upgrade), then finished it anew.
+        (
+            [ev.HospitalCreated(1, 11), ev.HospitalCreated(2, 12), *REFUSED_THEN_ASKED],
+            "processing",
+            None,
+        ),
+        (
+            [
+                ev.HospitalCreated(1, 11),
+                ev.HospitalCreated(2, 12),
+                *REFUSED_THEN_ASKED,
+                ev.BatchRolledBack(2, ("u",)),
+            ],
+            "failed",
+            "t6",
+        ),
+        # A failed row: the old rule read partially_completed, finished all along.
+        (
+            [
+                ev.HospitalCreated(1, 11),
+                ev.HospitalFailed(2, "rejected", "no", retryable=False),
+                *REFUSED_THEN_ASKED,
+            ],
+            "partially_completed",
+            "t2",
+        ),
+    ],
+)
+def test_the_upgrade_gives_a_refused_batch_the_status_and_end_its_log_gives(
+    conn: sqlite3.Connection, history: list[ev.Event], old_status: str, old_finished: str | None
+) -> None:
+    migrate(conn, [m for m in discover() if m.version < 5])
+    created = ev.BatchCreated("x", "f.csv", ROWS, (ev.UpstreamBatch("u", (1, 2)),), "")
+    events = [(created, "t0"), *((e, f"t{n}") for n, e in enumerate(history, start=1))]
+    for version, (event, at) in enumerate(events):
+        conn.execute(
+            "INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, "
+            "data, metadata, recorded_at) VALUES (?, 'batch-x', ?, ?, ?, ?, '{}', ?)",
+            (
+                f"e{version}",
+                version,
+                event.type_name,
+                event.schema_version,
+                orjson.dumps(event.payload()).decode(),
+                at,
+            ),
+        )
+    state = b.fold(events)
+    conn.execute(  # the read model as the code before the upgrade left it
+        "INSERT INTO batches (batch_id, file_name, content_sha256, total_rows, created_rows, "
+        "failed_rows, deleted_rows, requested, activated, rollback_requested, status, "
+        "stream_version, last_position, created_at, updated_at, finished_at) "
+        "VALUES ('x', 'f.csv', '', 2, ?, ?, ?, 0, 0, 1, ?, ?, ?, 't0', 't', ?)",
+        (*state.counts()[1:4], old_status, state.version, state.version + 1, old_finished),
+    )
+
+    assert migrate(conn) == [5]
+    live = conn.execute("SELECT status, finished_at FROM batches").fetchone()
+    assert live == (state.status, state.finished_at)
 
 
 def test_database_newer_than_the_code_is_refused(conn: sqlite3.Connection) -> None:
