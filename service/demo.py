@@ -167,8 +167,8 @@ async def demo(args: argparse.Namespace) -> int:
             )
             if await _first_done(stop, {upload: "upload"}) is None:
                 print(
-                    f"Stopping the demo: a batch it uploaded is kept in {database} and "
-                    "carries on when a demo starts again with that --database.",
+                    f"Stopping the demo. Its directory keeps nothing: a batch left unfinished "
+                    f"in {database} fails at the next demo on it if a row was created.",
                     flush=True,
                 )
                 return INTERRUPTED

@@ -472,7 +472,7 @@ async def test_a_demo_stopped_before_its_upload_ended_exits_130(tmp_path: Path) 
         rest = await interrupt(process)
 
     assert process.returncode == 130, rest
-    assert f"kept in {tmp_path / 'demo.db'} and carries on" in rest
+    assert f"unfinished in {tmp_path / 'demo.db'} fails at the next demo" in rest
     assert rest.count("(exit status 0)") == 2  # both children stopped cleanly
 
 
