@@ -217,7 +217,9 @@ async def _then_follow(
     status: dict[str, Any] = final["status"]
     print_table(out, result_table(status))
     out.print(summary(status))
-    if status["processing_status"] != "completed":  # why, and what to do: off the bar
+    # Why, and what to do, off the bar: also for a completed batch whose rollback the
+    # directory refused (it stays completed, and rollback exits 1).
+    if status["processing_status"] != "completed" or status.get("rollback_error"):
         out.print(escape(final["progress"]["current_message"]), highlight=False)
     if args.command == "rollback":
         return OK if status["rolled_back"] else BATCH_FAILED

@@ -126,9 +126,9 @@ class Watch:
             self._line(status, done, total, failed, numbers["current_message"])
 
     def _line(self, status: str, done: int, total: int, failed: int, text: str) -> None:
-        if (status, done, failed) == self.last_line:
+        if (status, done, failed, text) == self.last_line:  # a new message is news too
             return
-        self.last_line = (status, done, failed)
+        self.last_line = (status, done, failed, text)
         assert self.task is not None
         task = next(t for t in self.progress.tasks if t.id == self.task)
         rate, eta = self.rate.render(task).plain, self.eta.render(task).plain

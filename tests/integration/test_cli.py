@@ -581,3 +581,21 @@ async def test_results_into_a_reader_that_leaves_exits_141(
 
     assert stdout.startswith(b"row,name,address,phone,status")
     assert status == 141, stderr.decode()
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+async def test_a_refused_rollback_of_a_completed_batch_says_why(
+    service: Service, directory: RunningDirectory, terminal: bool
+) -> None:
+    # An activated batch stays `completed` when the directory refuses a delete: the exit
+    # status was 1 and neither the lines nor the end said why, or what to do.
+    accepted = await service.upload(SAMPLE_CSV)
+    batch_id = accepted["batch_id"]
+    await service.wait_finished(batch_id)
+    directory.standin.add_fault("batch_delete", "503")
+    captured = Captured(terminal=terminal)
+    status = await client(captured, "rollback", batch_id, "--url", service.url, "--follow")
+
+    assert status == 1
+    assert "Rollback failed: the directory did not delete upstream batch" in captured.stdout
+    assert "roll back again to retry" in captured.stdout
