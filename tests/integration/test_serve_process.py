@@ -24,19 +24,31 @@ from tests.support import PROJECT, SAMPLE_CSV, ServiceProcess, form, free_port
 PAGE = 4096
 
 
-async def test_the_log_says_when_the_service_listens_and_when_it_stopped(
-    directory: RunningDirectory, tmp_path: Path
-) -> None:
+async def three_creates_in_flight(
+    directory: RunningDirectory, tmp_path: Path, shutdown_timeout: float
+) -> ServiceProcess:
+    """A service process logging at INFO, SAMPLE_CSV's three creates held by the directory."""
     directory.standin.set_delay(10.0)
-    db = tmp_path / "service.db"
-    service = ServiceProcess(db, directory.url, LOG_LEVEL="INFO", APP_SHUTDOWN_TIMEOUT="0.5")
+    service = ServiceProcess(
+        tmp_path / "service.db",
+        directory.url,
+        LOG_LEVEL="INFO",
+        APP_SHUTDOWN_TIMEOUT=str(shutdown_timeout),
+    )
     async with aiohttp.ClientSession() as http:
         await service.start(http)
         async with http.post(f"{service.url}/batch/upload-csv", data=form(SAMPLE_CSV)) as r:
             assert r.status == 202
-        while directory.standin.request_counts["create"] < 3:  # all three in flight
+        while directory.standin.request_counts["create"] < 3:
             await asyncio.sleep(0.05)
-        service.stop()
+    return service
+
+
+async def test_the_log_says_when_the_service_listens_and_when_it_stopped(
+    directory: RunningDirectory, tmp_path: Path
+) -> None:
+    service = await three_creates_in_flight(directory, tmp_path, shutdown_timeout=0.5)
+    service.stop()
     said = service.log.read_text()
 
     assert service.process is not None and service.process.returncode == 0
@@ -84,16 +96,7 @@ async def test_a_second_signal_while_stopping_says_so_in_the_log(
 ) -> None:
     # The second SIGTERM or Ctrl-C ends the wait for creates in flight: the process left
     # with status 1 and not a word in its log.
-    directory.standin.set_delay(10.0)
-    service = ServiceProcess(
-        tmp_path / "service.db", directory.url, LOG_LEVEL="INFO", APP_SHUTDOWN_TIMEOUT="8"
-    )
-    async with aiohttp.ClientSession() as http:
-        await service.start(http)
-        async with http.post(f"{service.url}/batch/upload-csv", data=form(SAMPLE_CSV)) as r:
-            assert r.status == 202
-        while directory.standin.request_counts["create"] < 3:  # all three in flight
-            await asyncio.sleep(0.05)
+    service = await three_creates_in_flight(directory, tmp_path, shutdown_timeout=8)
     assert service.process is not None
     service.process.terminate()
     await asyncio.sleep(0.5)
