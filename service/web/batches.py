@@ -305,10 +305,9 @@ async def bulk(request: web.Request) -> web.Response:
 async def _finished_before_stopping(app: web.Application, batch_id: str) -> bool:
     """Wait until the batch finishes (True) or the service begins to stop (False).
 
-    At shutdown aiohttp waits up to twice app.shutdown_timeout for a handler, and only then
-    stops the processor (which has app.shutdown_timeout more): a bulk request still waiting
-    held the process past the 30 s docker compose gives it, and its client got no answer at
-    all. Answered 202 at once, it can follow the batch after the restart."""
+    At shutdown aiohttp waits up to twice the shutdown timeout for handlers before the
+    processor gets its own: a bulk request left waiting held a stop past docker compose's
+    30 s, and then got no answer at all."""
     finished = asyncio.ensure_future(app[PROCESSOR].wait_finished(batch_id))
     stopping = asyncio.ensure_future(app[STOPPING].wait())
     try:
