@@ -63,6 +63,10 @@ class WindowPacer:
         """Whether one more create could be sent now."""
         return self._until_room() <= 0
 
+    def seconds_to_room(self) -> float:
+        """How long until one more create could be sent (0: now)."""
+        return max(0.0, self._until_room())
+
     def _until_room(self) -> float:
         now = self._clock()
         if self._blocked_until > now:

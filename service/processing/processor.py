@@ -216,6 +216,16 @@ class Processor:
         run = self._runs.get(batch_id)
         return run.state if run is not None else None
 
+    def held_by_window(self, batch_id: str) -> float:
+        """Seconds the rate window still holds back a batch's next creates (0: not held)."""
+        wait = self._pacer.seconds_to_room()
+        run = self._runs.get(batch_id)
+        if wait <= 0 or run is None or run.state.rollback_requested:
+            return 0.0
+        rows = run.state.rows.values()
+        unsent = any(r.status == b.ROW_PENDING and not r.may_exist for r in rows)
+        return wait if unsent or run.at_window else 0.0
+
     @property
     def active_batches(self) -> int:
         return sum(not run.idle for run in self._runs.values())
@@ -553,7 +563,11 @@ class Processor:
         The row is held, so nothing else changed it since its intent; only a rollback or
         the pool stopping can have come in between, or while the window was full.
         """
-        await self._room(ready)
+        ready.run.at_window += 1
+        try:
+            await self._room(ready)
+        finally:
+            ready.run.at_window -= 1
         self._check_wanted(ready)
         await self._pacer.acquire()  # room seen in this same step: counted without waiting
         row = ready.run.state.rows[ready.row].row

@@ -70,6 +70,7 @@ class BatchRun:
     gates: dict[str, Gate] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None  # activation or rollback under way
     outbox: Outbox | None = None  # the facts its workers emit, appended together
+    at_window: int = 0  # rows got ready and waiting for the rate window's room
     on_status: Callable[[b.BatchState], object] | None = None  # told each change of status
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     _early: dict[int, StoredEvent] = field(default_factory=dict)

@@ -346,8 +346,10 @@ async def status_response(request: web.Request, batch_id: str) -> web.Response:
 )
 @response_schema(schemas.Progress, 200)
 async def progress(request: web.Request) -> web.Response:
-    batch = live_batch(request, batch_id_of(request)) or await existing_batch(request)
-    return web.json_response(presenters.progress(batch))
+    batch_id = batch_id_of(request)
+    batch = live_batch(request, batch_id) or await existing_batch(request)
+    held = request.app[PROCESSOR].held_by_window(batch_id)
+    return web.json_response(presenters.progress(batch, held))
 
 
 @routes.get(f"{BATCH}/status")

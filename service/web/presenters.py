@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,10 +43,14 @@ def current_message(batch: Record) -> str:
     return f"Failed: none of the {total} hospital(s) could be created"
 
 
-def progress(batch: Record) -> Record:
-    """The /progress body."""
+def progress(batch: Record, held: float = 0.0) -> Record:
+    """The /progress body; `held`: seconds the directory's rate window still holds the
+    batch's next creates back."""
     total = batch["total_rows"]
     processed = _processed(batch)
+    message = current_message(batch)
+    if held > 0 and batch["status"] == b.PROCESSING:
+        message += f"; the directory's rate limit holds the next creates for {math.ceil(held)} s"
     return {
         "batch_id": batch["batch_id"],
         "progress_percentage": round(100.0 * processed / total, 2) if total else 100.0,
@@ -53,7 +58,7 @@ def progress(batch: Record) -> Record:
         "processed_hospitals": processed,
         "total_hospitals": total,
         "failed_hospitals": batch["failed_rows"],
-        "current_message": current_message(batch),
+        "current_message": message,
     }
 
 

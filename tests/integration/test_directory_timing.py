@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -66,6 +67,44 @@ async def test_a_paced_file_past_the_limit_completes_with_no_429(
     hospitals = limited.standin.all_hospitals()
     assert limited.standin.request_counts["create"] == 65
     assert len(hospitals) == 65 and all(h["active"] for h in hospitals)
+
+
+async def test_progress_says_when_the_rate_window_holds_the_next_creates_back(
+    limited: RunningDirectory, tmp_path: Path
+) -> None:
+    settings = paced(tmp_path / "held.db", limited)
+    async with running_service(settings) as service:
+        batch_id = (await service.upload(csv_of(35)))["batch_id"]
+        async with asyncio.timeout(10):
+            await until_processed(service, batch_id, 30)  # the first window's worth
+        _, held = await service.get(f"/batch/{batch_id}/progress")
+        await service.wait_finished(batch_id, within=30)
+        _, done = await service.get(f"/batch/{batch_id}/progress")
+
+    said = re.fullmatch(
+        r"Processing hospital 30/35; the directory's rate limit holds the next creates "
+        r"for (\d+) s",
+        held["current_message"],
+    )
+    assert said is not None, held["current_message"]
+    assert 1 <= int(said[1]) <= WINDOW * 1.1 + 1
+    assert done["current_message"] == "Completed: 35 hospital(s) created and activated"
+
+
+async def test_progress_of_a_file_sent_within_one_window_does_not_say_it_is_held(
+    limited: RunningDirectory, tmp_path: Path
+) -> None:
+    limited.standin.set_delay(1.0)
+    settings = paced(tmp_path / "whole.db", limited)
+    async with running_service(settings) as service:
+        batch_id = (await service.upload(csv_of(30)))["batch_id"]
+        async with asyncio.timeout(10):
+            while limited.standin.request_counts["create"] < 30:  # the window is full
+                await asyncio.sleep(0.02)
+        _, sent = await service.get(f"/batch/{batch_id}/progress")
+        await service.wait_finished(batch_id, within=30)
+
+    assert re.fullmatch(r"Processing hospital \d+/30", sent["current_message"])
 
 
 async def test_with_pacing_off_a_429_still_pauses_creates_for_a_window(
