@@ -222,9 +222,7 @@ class Processor:
         run = self._runs.get(batch_id)
         if wait <= 0 or run is None or run.state.rollback_requested:
             return 0.0
-        rows = run.state.rows.values()
-        unsent = any(r.status == b.ROW_PENDING and not r.may_exist for r in rows)
-        return wait if unsent or run.at_window else 0.0
+        return wait if run.state.to_create() or run.at_window else 0.0
 
     @property
     def active_batches(self) -> int:
@@ -725,9 +723,8 @@ class Processor:
                 return
             await self._match(run, gate, unsettled, answer.body)
         finally:
-            gate.suspects.difference_update(suspects)
             for n in suspects:
-                gate.unclear.pop(n, None)
+                gate.suspects.pop(n, None)
             gate.reconciling = None
             parked, gate.parked = gate.parked, []
             self._requeue(run, parked)
@@ -758,7 +755,7 @@ class Processor:
             else:
                 # The unclear answer is what an operator can act on: keep it in the message.
                 message = "not in the directory when looked up"
-                if (unclear := gate.unclear.get(n)) is not None:
+                if (unclear := gate.suspects.get(n)) is not None:
                     message += f" after an unclear answer ({unclear})"
                 await self._retry_later(run, n, attempt, b.NOT_STORED, message)
         extra = sum(map(len, unclaimed.values()))

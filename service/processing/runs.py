@@ -24,8 +24,8 @@ class Gate:
 
     creation_batch_id: str
     in_flight: int = 0
-    suspects: set[int] = field(default_factory=set)
-    unclear: dict[int, str] = field(default_factory=dict)  # a suspect's answer, if one came
+    # Rows to look for, each with the unclear answer its create got, if one came.
+    suspects: dict[int, str | None] = field(default_factory=dict)
     last_suspect_at: float = 0.0
     reconciling: asyncio.Task[None] | None = None
     parked: list[int] = field(default_factory=list)  # rows taken while reconciling: held
@@ -34,9 +34,7 @@ class Gate:
     def suspect(self, row: int, answer: str | None = None) -> None:
         """A create of `row` may have been stored (`answer`: what came back, if anything):
         look for it before sending again."""
-        self.suspects.add(row)
-        if answer is not None:
-            self.unclear[row] = answer
+        self.suspects[row] = answer if answer is not None else self.suspects.get(row)
         self.last_suspect_at = time.monotonic()
 
     def settle_left(self, settle_seconds: float) -> float:
