@@ -19,7 +19,9 @@ _SHUTDOWN_TIMEOUT_SECONDS = 5.0
 def create_directory_app(options: DirectoryOptions | None = None) -> web.Application:
     """The local Hospital Directory stand-in as an aiohttp application."""
     options = options or DirectoryOptions()
-    app = web.Application(middlewares=[directory_conditions, fastapi_answers])
+    # No body size limit (0): the directory sets no maximum length on names and addresses,
+    # where aiohttp would answer a body over 1 MiB with a plain-text 413.
+    app = web.Application(middlewares=[directory_conditions, fastapi_answers], client_max_size=0)
     app[STANDIN_KEY] = StandIn(options)
     add_directory_routes(app.router)
     if options.control:

@@ -1,6 +1,7 @@
 """The stand-in's HTTP control surface under /_standin/ (only with `control` enabled)."""
 
 import json
+from math import inf
 from typing import Any
 
 from aiohttp import web
@@ -88,6 +89,6 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
 
 def _seconds(body: dict[str, Any], name: str, default: float | None = None) -> float:
     value = body.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise _bad_request(f"{name} must be a number of seconds >= 0")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < inf:
+        raise _bad_request(f"{name} must be a finite number of seconds >= 0")
     return float(value)

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from .faults import COMMIT_STATUS_FAULTS, STATUS_FAULTS
 from .options import CONTROL_PREFIX, ENDPOINTS, rate_limit_of
-from .responses import DirectoryError, json_answer
+from .responses import DirectoryError, DirectoryRestarted, json_answer
 from .standin import STANDIN_KEY, StandIn
 from .validation import ValidationFailed
 
@@ -55,6 +55,8 @@ async def fastapi_answers(request: web.Request, handler: Handler) -> web.StreamR
         return json_answer({"detail": exc.errors}, status=422)
     except DirectoryError as exc:
         return json_answer(exc.body, status=exc.status)
+    except DirectoryRestarted:
+        return _drop_connection(request)
 
 
 async def _routing_answer(request: web.Request, error: web.HTTPException) -> web.Response:

@@ -15,6 +15,10 @@ class DirectoryError(Exception):
         self.body = body
 
 
+class DirectoryRestarted(Exception):
+    """The request was queued in a directory that restarted since: it dies unanswered."""
+
+
 def json_answer(
     body: Any, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:

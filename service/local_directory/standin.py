@@ -14,7 +14,7 @@ from aiohttp import web
 from .faults import FaultPlan, FaultRule
 from .options import DirectoryOptions, rate_limit_of
 from .rate_limit import FixedWindowLimiter
-from .responses import DirectoryError
+from .responses import DirectoryError, DirectoryRestarted
 from .storage import Hospital, HospitalStore, NewHospital
 
 
@@ -36,6 +36,7 @@ class StandIn:
         self._awake_at = 0.0
         self._commits: set[asyncio.Task[Hospital]] = set()
         self._closing = asyncio.Event()
+        self._generation = 0  # one more per restart
 
     # -- control API -------------------------------------------------------------------------
 
@@ -49,10 +50,12 @@ class StandIn:
         self._cold_start = seconds
 
     def restart(self) -> None:
-        """Lose every hospital and rate window, ids restart at 1; in-flight creates die unstored.
+        """Lose every hospital and rate window, ids restart at 1; in-flight creates die unstored,
+        and requests waiting for a handler die unanswered with the process that queued them.
 
         Request counts and fault rules belong to the test, not the directory, and survive.
         """
+        self._generation += 1
         for task in self._commits:
             task.cancel()
         self.store.clear()
@@ -133,7 +136,10 @@ class StandIn:
         """Run a validated request on a worker slot, refusing it when over the rate limit."""
         # Validation happens before this, outside the pool and the limiter, as in FastAPI;
         # slowapi checks the limit inside the (threaded) endpoint function.
+        generation = self._generation
         async with self._workers:
+            if generation != self._generation:  # queued in a directory that since restarted
+                raise DirectoryRestarted
             limit = rate_limit_of(endpoint)
             if self.options.rate_limit and not self._limiter.allow((endpoint, caller), limit):
                 raise DirectoryError(429, {"error": f"Rate limit exceeded: {limit} per 1 minute"})

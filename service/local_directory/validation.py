@@ -115,7 +115,7 @@ def path_uuid(request: web.Request, name: str, errors: list[ErrorItem]) -> str |
 
 
 def _as_object(body: Any, errors: list[ErrorItem]) -> dict[str, Any] | None:
-    if body is _NO_BODY:
+    if body is _NO_BODY or body is None:  # FastAPI reads a JSON `null` body as no body
         errors.append(_error("missing", ["body"], "Field required", None))
         return None
     if not isinstance(body, dict):

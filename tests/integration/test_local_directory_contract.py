@@ -1,6 +1,8 @@
 """The stand-in answers every row of UPSTREAM.md's endpoint table as the directory does."""
 
 import asyncio
+import io
+import json
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -70,6 +72,18 @@ async def test_create_answers_200_with_the_hospital(http: aiohttp.ClientSession)
     assert member["phone"] is None
     assert member["creation_batch_id"] == str(batch)
     assert member["active"] is False
+
+
+async def test_names_and_addresses_have_no_maximum_length(http: aiohttp.ClientSession) -> None:
+    long = "x" * 600_000  # a body of 1.2 MB, beyond aiohttp's default limit of 1 MiB
+    body = json.dumps({"name": long, "address": long}).encode()
+
+    headers = {"Content-Type": "application/json"}
+    async with http.post("/hospitals/", data=io.BytesIO(body), headers=headers) as response:
+        assert response.status == 200
+        hospital = await response.json()
+
+    assert (hospital["name"], hospital["address"]) == (long, long)
 
 
 async def test_created_at_is_naive_utc_with_microseconds(http: aiohttp.ClientSession) -> None:

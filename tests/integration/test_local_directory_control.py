@@ -71,6 +71,21 @@ async def test_delay_can_be_changed(http: aiohttp.ClientSession) -> None:
     assert 0.3 <= time.monotonic() - started < 0.8
 
 
+@pytest.mark.parametrize(
+    "body",
+    ['{"create_delay": NaN}', '{"create_delay": Infinity}', '{"create_delay": 0, "jitter": NaN}'],
+)
+async def test_delays_that_are_no_number_of_seconds_are_refused(
+    http: aiohttp.ClientSession, body: str
+) -> None:
+    # Python's JSON reads NaN and Infinity; a NaN delay would hold every create forever.
+    async with http.post("/_standin/delay", data=body) as response:
+        assert response.status == 400
+        assert (await response.json())["standin"] is True
+    async with http.get("/_standin/state") as response:
+        assert (await response.json())["create_delay"] == 0.0
+
+
 async def test_faults_can_be_added_and_cleared(
     http: aiohttp.ClientSession, directory: RunningDirectory
 ) -> None:

@@ -221,6 +221,30 @@ async def test_restart_kills_creates_in_flight(
     assert standin.all_hospitals() == []
 
 
+async def test_restart_kills_creates_waiting_for_a_handler(
+    batch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    options = DirectoryOptions(create_delay=DELAY, handlers=1)
+    async with run_directory(options) as directory, aiohttp.ClientSession(directory.url) as http:
+        standin = directory.standin
+        entered = creates_entered(directory, monkeypatch)
+        in_flight = asyncio.create_task(create(http, hospital(batch, "In its delay")))
+        await asyncio.wait_for(entered.wait(), 10)
+        queued = asyncio.create_task(create(http, hospital(batch, "Waiting for a handler")))
+        async with asyncio.timeout(10):
+            while standin.request_counts["create"] < 2:  # arrived, queued behind the first
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+
+        standin.restart()
+
+        for request in (in_flight, queued):
+            with pytest.raises(aiohttp.ClientConnectionError):
+                await request
+        await asyncio.sleep(2 * DELAY)
+        assert standin.all_hospitals() == []  # the restarted directory never got either
+
+
 async def test_duplicates_are_empty_when_every_row_was_created_once(
     http: aiohttp.ClientSession, standin: StandIn, batch: str
 ) -> None:

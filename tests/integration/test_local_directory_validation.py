@@ -149,8 +149,11 @@ async def test_malformed_json(http: aiohttp.ClientSession) -> None:
         }
 
 
-async def test_empty_body(http: aiohttp.ClientSession) -> None:
-    async with http.post("/hospitals/", headers={"Content-Type": "application/json"}) as response:
+@pytest.mark.parametrize("body", [b"", b"null"], ids=["empty", "JSON null"])
+async def test_empty_body(http: aiohttp.ClientSession, body: bytes) -> None:
+    # FastAPI reads a `null` body as no body at all: "missing", not a type error.
+    headers = {"Content-Type": "application/json"}
+    async with http.post("/hospitals/", data=body, headers=headers) as response:
         assert response.status == 422
         assert await response.json() == {
             "detail": [error("missing", ["body"], "Field required", None)]
