@@ -717,7 +717,10 @@ class Processor:
             ]
             if not answer.ok:
                 for n in unsettled:
-                    message = f"could not check the directory for this row: {answer.message}"
+                    message = (
+                        "could not check the directory for this row; it may be there, "
+                        f"so resume rather than upload it again: {answer.message}"
+                    )
                     failed = ev.HospitalFailed(n, b.UNCONFIRMED, message, retryable=True)
                     await self._emit(run, failed, *_outcome_id(n, run.state.rows[n].attempts))
                 return

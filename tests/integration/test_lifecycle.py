@@ -149,6 +149,9 @@ async def test_resume_finds_a_row_that_was_stored_but_unconfirmed_instead_of_res
         first = await service.wait_finished(batch_id)
         assert first["processing_status"] == "partially_completed"
         assert first["failed_hospitals"] == 1
+        [failed] = [r for r in first["hospitals"] if r["status"] == "failed"]
+        # It may be stored: the message steers the user to resume, not to upload it again.
+        assert "may be there, so resume rather than upload it again" in failed["error_message"]
 
         status, _ = await post(service, f"/batch/{batch_id}/resume")
         assert status == 202
