@@ -41,9 +41,13 @@ class ServiceApi:
     http: aiohttp.ClientSession
     base_url: URL
 
+    def _at(self, path: str) -> URL:
+        """`path` under the service's address, keeping its own path (a proxy's /hospitals)."""
+        return URL(str(self.base_url).rstrip("/") + path)
+
     async def _call(self, method: str, path: str, answer: str = JSON, **kwargs: Any) -> Any:
         """The body of a 2xx answer of the type `answer` names; Refused otherwise."""
-        url = self.base_url.join(URL(path))
+        url = self._at(path)
         try:
             async with self.http.request(method, url, **kwargs) as response:
                 kind = response.content_type
@@ -119,5 +123,5 @@ class ServiceApi:
     def socket_url(self, batch_id: str, after: int | None) -> URL:
         """The batch's websocket, resuming after a stream version when one is given."""
         scheme = "wss" if self.base_url.scheme == "https" else "ws"
-        url = self.base_url.with_scheme(scheme).join(URL(f"/batch/{batch_id}/ws"))
+        url = self._at(f"/batch/{batch_id}/ws").with_scheme(scheme)
         return url if after is None else url.with_query(after=after)

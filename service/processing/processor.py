@@ -257,12 +257,15 @@ class Processor:
                     f"batch {batch_id} is being rolled back, and its last try failed: "
                     "roll it back again (DELETE) once the directory allows it"
                 )
+            if state.rolled_back or state.rollback_requested:
+                # Before the check of work under way: a rollback still running is work under
+                # way too, but resuming once it ends is refused, so that is not the advice.
+                done = "was rolled back" if state.rolled_back else "is being rolled back"
+                raise Refused(f"batch {batch_id} {done}; upload the file again instead")
             if not run.idle or state.status in (b.PENDING, b.PROCESSING):
                 raise Refused(
                     f"batch {batch_id} is still processing; resume it once it has finished"
                 )
-            if state.rolled_back or state.rollback_requested:
-                raise Refused(f"batch {batch_id} was rolled back; upload the file again instead")
             failed = tuple(r.row.row for r in state.rows.values() if r.status == b.ROW_FAILED)
             if not failed and state.activation_failure is None:
                 raise Refused(f"batch {batch_id} has nothing to resume: no failed row")

@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from rich.console import Console
 from yarl import URL
 
@@ -107,6 +108,58 @@ async def test_without_follow_an_upload_says_how_to_follow_and_returns(
     assert batch_id is not None
     assert f"Follow it: python -m service follow {batch_id.group(1)}" in captured.stdout
     assert " done, " not in captured.stdout and "completed:" not in captured.stdout
+
+
+@contextlib.asynccontextmanager
+async def behind_a_proxy(service: Service, prefix: str) -> AsyncIterator[str]:
+    """A reverse proxy on loopback that serves the service under `prefix`, websocket too."""
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        target = URL(service.url + request.match_info["tail"]).with_query(request.query)
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            inward = web.WebSocketResponse()
+            await inward.prepare(request)
+            async with service.http.ws_connect(target) as outward:
+                async for message in outward:
+                    await inward.send_str(message.data)
+            await inward.close()
+            return inward
+        headers = {"Content-Type": request.headers.get("Content-Type", "")}
+        body = await request.read()
+        async with service.http.request(
+            request.method, target, data=body, headers=headers
+        ) as answer:
+            return web.Response(
+                status=answer.status, body=await answer.read(), content_type=answer.content_type
+            )
+
+    app = web.Application()
+    app.router.add_route("*", prefix + "{tail:/.*}", forward)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}{prefix}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_service_behind_a_path_prefix_is_reached_under_it(
+    service: Service, sample: Path, tmp_path: Path
+) -> None:
+    async with behind_a_proxy(service, "/hospitals-loader") as url:
+        captured = Captured()
+        status = await client(captured, "upload", str(sample), "--url", url, "--follow")
+        assert status == 0, captured.stderr
+        batch_id = re.search(r"Batch (\S+) accepted", captured.stdout)
+        assert batch_id is not None
+        assert "completed: 3 created, 0 failed" in captured.stdout  # followed over the proxy
+
+        output = tmp_path / "results.csv"
+        argv = ("results", batch_id.group(1), "--url", url + "/", "-o", str(output))
+        assert await client(Captured(), *argv) == 0
+        assert output.read_text().count("created_and_activated") == 3
 
 
 BAD_SECONDS = "expected a positive number of seconds, got {!r}"

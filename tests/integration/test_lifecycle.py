@@ -189,6 +189,26 @@ async def test_resume_is_refused_while_processing_and_when_nothing_failed(
     assert body == {"detail": f"Batch with ID {unknown} not found"}
 
 
+async def test_resume_during_a_rollback_says_it_is_rolled_back_not_still_processing(
+    service: Service, directory: RunningDirectory
+) -> None:
+    directory.standin.set_delay(1.0)
+    accepted = await service.upload(SAMPLE_CSV)
+    batch_id = accepted["batch_id"]
+    await creates_received(directory, 1)
+    status, _ = await delete(service, f"/batch/{batch_id}")
+    assert status == 202  # the creates in flight still run: so does the rollback
+
+    status, body = await post(service, f"/batch/{batch_id}/resume")
+    assert status == 409
+    assert body["detail"] == f"batch {batch_id} is being rolled back; upload the file again instead"
+
+    await wait_rolled_back(service, batch_id)
+    status, body = await post(service, f"/batch/{batch_id}/resume")
+    assert status == 409
+    assert body["detail"] == f"batch {batch_id} was rolled back; upload the file again instead"
+
+
 async def test_two_concurrent_resumes_exactly_one_is_accepted(
     service: Service, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
