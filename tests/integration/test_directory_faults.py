@@ -291,6 +291,65 @@ async def test_an_activation_rate_limited_every_time_is_sent_max_attempts_times_
     assert directory.standin.request_counts["batch_activate"] == 3  # not 3 rounds of 3
 
 
+async def test_a_rate_limited_activation_waits_out_the_rate_window_before_asking_again(
+    service_factory: ServiceFactory, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    standin = directory.standin
+    patched_at: list[float] = []
+
+    def refuse_the_first_activation(endpoint: str, n: int) -> str | None:
+        if endpoint == "batch_activate":
+            patched_at.append(time.monotonic())
+            return "429" if n == 1 else None
+        return None
+
+    on_request(monkeypatch, standin, refuse_the_first_activation)
+    monkeypatch.setattr(upstream, "backoff", lambda attempt, base, cap: 0.0)
+    async with service_factory(rate_window_seconds=0.4) as service:
+        final = await service.wait_finished((await service.upload(csv_of(3)))["batch_id"])
+
+    assert final["processing_status"] == "completed"
+    # No Retry-After: a 429 is waited out for a whole window, not a backoff's fraction of it.
+    assert len(patched_at) == 2 and patched_at[1] - patched_at[0] >= 0.4
+
+
+async def test_an_activation_that_activates_fewer_than_the_batch_holds_is_not_completed(
+    service: Service, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    standin = directory.standin
+
+    def lose_one_on_activation(endpoint: str, n: int) -> None:
+        if endpoint == "batch_activate" and n == 1:  # after the look before activating
+            standin.store.delete(standin.store.all()[-1].id)
+
+    on_request(monkeypatch, standin, lose_one_on_activation)
+    final = await service.wait_finished((await service.upload(csv_of(3)))["batch_id"])
+
+    # The PATCH answered 200 with an activated_count of 2: short of the batch, not a success.
+    assert final["processing_status"] == "failed"
+    assert final["batch_activated"] is False
+    assert "1 of the 3 hospitals" in final["activation_error"]
+    assert final["activation_error"].endswith(upstream.RELOAD)
+
+
+async def test_a_batch_found_partly_active_is_neither_activated_again_nor_completed(
+    service: Service, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    standin = directory.standin
+
+    def activate_one_member_first(endpoint: str, n: int) -> None:
+        if endpoint == "batch_activate" and n == 1:  # as someone else's PATCH could have
+            standin.store.all()[0].active = True
+
+    on_request(monkeypatch, standin, activate_one_member_first)
+    final = await service.wait_finished((await service.upload(csv_of(3)))["batch_id"])
+
+    # The PATCH answered 400 and the batch shows 1 of 3 active: a second PATCH cannot help.
+    assert final["processing_status"] == "failed"
+    assert "only partly active (1 of 3)" in final["activation_error"]
+    assert standin.request_counts["batch_activate"] == 1
+
+
 # Identical rows are distinct hospitals: after a restart gives the same ids again, only the
 # directory's created_at tells a new record from the one a row got before.
 IDENTICAL = "name,address,phone\n" + "Same Clinic,1 Main St,555-0001\n" * 8

@@ -66,6 +66,7 @@ async def test_a_batch_pages_in_version_order(service: Service) -> None:
     assert events[0]["data"]["file_name"] == "hospitals.csv"
     assert events[0]["metadata"]["actor"] == "api"
     assert events[-1]["event_type"] == "BatchActivated"
+    assert events[-1]["data"]["activated_count"] == 3  # as the directory answered
     assert [e["recorded_at"] for e in events] == sorted(e["recorded_at"] for e in events)
     assert all(e["schema_version"] >= 1 for e in events)
 

@@ -308,6 +308,9 @@ async def test_rollback_of_a_completed_batch_deletes_its_hospitals_once(
     assert directory.standin.request_counts["batch_delete"] == 1
     types = await event_types(service, batch_id)
     assert types.count("BatchRollbackRequested") == 1 and types.count("BatchRolledBack") == 1
+    _, page = await service.get(f"/batch/{batch_id}/events?limit=1000")
+    (rolled_back,) = [e["data"] for e in page["events"] if e["event_type"] == "BatchRolledBack"]
+    assert rolled_back["deleted_count"] == 3  # as the directory answered
     status, body = await post(service, f"/batch/{batch_id}/resume")
     assert status == 409 and "rolled back" in body["detail"]
 
