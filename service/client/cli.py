@@ -207,7 +207,9 @@ async def _then_follow(
         return OK
     try:
         with Watch(out, await api.creates_per_minute()) as watch:
-            final = await follow(api, batch_id, watch.show, watch.note, args.reconnect_timeout)
+            final = await follow(
+                api, batch_id, watch.show, watch.note, args.reconnect_timeout, watch.aside
+            )
     except asyncio.CancelledError:
         out.print(
             f"Stopped following batch {batch_id}; this does not stop the batch. "

@@ -86,10 +86,12 @@ class Watch:
             TextColumn("[red]{task.fields[failed]} failed"),
             self.rate,
             self.eta,
+            TextColumn("[dim]{task.fields[aside]}"),
             console=console,
             disable=not self.live,
         )
         self.task: TaskID | None = None
+        self.said = ""  # the current_message of the last websocket message
         self.last_line: tuple[Any, ...] | None = None
 
     def __enter__(self) -> Watch:
@@ -117,13 +119,31 @@ class Watch:
                 failed=failed,
                 initial=done,
                 most_per_second=self.most_per_second,
+                aside="",
             )
         else:
             self.progress.update(
-                self.task, description=status, total=total, completed=done, failed=failed
+                self.task,
+                description=status,
+                total=total,
+                completed=done,
+                failed=failed,
+                aside="",
             )
+        self.said = numbers["current_message"]
         if not self.live:
-            self._line(status, done, total, failed, numbers["current_message"])
+            self._line(status, done, total, failed, self.said)
+
+    def aside(self, text: str) -> None:
+        """What the service says while no event comes, when it says more than the last one."""
+        if self.task is None or text == self.said:
+            return
+        if self.live:
+            self.progress.update(self.task, aside=text)
+        elif self.last_line is not None:
+            status, done, failed, _ = self.last_line
+            task = next(t for t in self.progress.tasks if t.id == self.task)
+            self._line(status, done, int(task.total or 0), failed, text)
 
     def _line(self, status: str, done: int, total: int, failed: int, text: str) -> None:
         if (status, done, failed, text) == self.last_line:  # a new message is news too

@@ -14,6 +14,8 @@ RESYNC = 4000  # the service says we fell behind: reconnect at once with ?after
 HEARTBEAT_SECONDS = 20.0  # ping the service; a silent one is dropped and reconnected
 FIRST_RETRY_SECONDS = 0.2
 LONGEST_RETRY_SECONDS = 5.0
+# A socket quiet this long: /progress says why (the directory's rate window, most often).
+QUIET_SECONDS = 10.0
 
 Message = dict[str, Any]
 
@@ -28,8 +30,12 @@ async def follow(
     show: Callable[[Message], None],
     note: Callable[[str], None],
     patience: float,
+    aside: Callable[[str], None],
 ) -> Message:
     """Pass every message to `show` until the batch finishes; the `finished` message.
+
+    While the socket stays quiet (no event for QUIET_SECONDS), `/progress`'s message goes
+    to `aside`, which is how a wait for the directory's rate window shows.
 
     A closed or dropped socket is reopened with ?after=<last version seen>, so no event is
     lost or shown twice. Once reopening has failed for `patience` seconds, LostContact; a
@@ -45,7 +51,12 @@ async def follow(
             async with api.http.ws_connect(
                 api.socket_url(batch_id, after), heartbeat=HEARTBEAT_SECONDS
             ) as ws:
-                async for msg in ws:
+                while True:
+                    try:
+                        msg = await ws.receive(timeout=QUIET_SECONDS)
+                    except TimeoutError:
+                        await _say_why_quiet(api, batch_id, aside)
+                        continue
                     if msg.type is not aiohttp.WSMsgType.TEXT:
                         break
                     message: Message = msg.json()
@@ -71,3 +82,11 @@ async def follow(
         if code != RESYNC:
             await asyncio.sleep(retry)
             retry = min(retry * 2, LONGEST_RETRY_SECONDS)
+
+
+async def _say_why_quiet(api: ServiceApi, batch_id: str, aside: Callable[[str], None]) -> None:
+    try:
+        progress = await api.progress(batch_id)
+    except (Refused, aiohttp.ClientError, OSError):  # the socket, not this, says if it is lost
+        return
+    aside(progress["current_message"])

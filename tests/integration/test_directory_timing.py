@@ -4,6 +4,7 @@ a short window) and creates that are stored after the client stopped waiting."""
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import re
 import time
@@ -13,7 +14,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from rich.console import Console
 
+from service import client
+from service.client import follow
 from service.local_directory import DirectoryOptions, RunningDirectory, run_directory
 from service.settings import Settings
 from tests.support import Service, csv_of, fast_settings, running_service
@@ -89,6 +93,26 @@ async def test_progress_says_when_the_rate_window_holds_the_next_creates_back(
     assert said is not None, held["current_message"]
     assert 1 <= int(said[1]) <= WINDOW * 1.1 + 1
     assert done["current_message"] == "Completed: 35 hospital(s) created and activated"
+
+
+async def test_a_follower_is_told_when_the_rate_window_holds_the_next_creates_back(
+    limited: RunningDirectory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(follow, "QUIET_SECONDS", 0.5)  # a window lasts WINDOW seconds
+    csv_file = tmp_path / "held.csv"
+    csv_file.write_text(csv_of(35))
+    out = io.StringIO()
+    settings = paced(tmp_path / "followed.db", limited)
+    async with running_service(settings) as service:
+        argv = ["upload", str(csv_file), "--url", service.url, "--follow"]
+        status = await client.run(argv, out=Console(file=out, width=200), err=Console(stderr=True))
+
+    assert status == 0
+    lines = out.getvalue().splitlines()
+    held = [line for line in lines if "rate limit holds the next creates" in line]
+    assert held, lines
+    assert all(" 30/35 done, " in line for line in held)  # said during the wait, not after it
+    assert "completed: 35 created, 0 failed" in lines[-1]
 
 
 async def test_progress_of_a_file_sent_within_one_window_does_not_say_it_is_held(
