@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from service.store.event_store import EventStore
@@ -101,13 +102,15 @@ async def unfinished_batch_ids(store: EventStore) -> list[str]:
 
 
 async def list_batches(
-    store: EventStore, status: str | None, limit: int, before: tuple[str, str] | None
+    store: EventStore, statuses: Sequence[str], limit: int, before: tuple[str, str] | None
 ) -> list[dict[str, Any]]:
-    """Up to limit + 1 batches, newest first, older than the `before` (created_at, id) cursor."""
-    where, params = [], []
-    if status is not None:
-        where.append("status = ?")
-        params.append(status)
+    """Up to limit + 1 batches (of `statuses`, or all), newest first, older than the
+    `before` (created_at, id) cursor."""
+    where: list[str] = []
+    params: list[str] = []
+    if statuses:
+        where.append(f"status IN ({', '.join('?' * len(statuses))})")
+        params.extend(statuses)
     if before is not None:
         where.append("(created_at, batch_id) < (?, ?)")
         params.extend(before)

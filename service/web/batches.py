@@ -399,7 +399,7 @@ async def list_batches(request: web.Request) -> web.Response:
     query = request["querystring"]
     before = _decode_cursor(query.get("cursor"))
     page = await queries.list_batches(
-        request.app[STORE], status=query.get("status"), limit=query["limit"], before=before
+        request.app[STORE], query.get("status", []), query["limit"], before
     )
     more = len(page) > query["limit"]
     page = page[: query["limit"]]

@@ -133,7 +133,10 @@ class BatchList(Schema):
 
 
 class ListQuery(Query):
-    status = fields.String(validate=validate.OneOf(b.BATCH_STATUSES))
+    status = fields.List(
+        fields.String(validate=validate.OneOf(b.BATCH_STATUSES)),
+        metadata={"description": "only batches of this status; repeat it for several"},
+    )
     limit = WholeNumber(load_default=50, validate=validate.Range(min=1, max=500))
     cursor = fields.String(metadata={"description": "next_cursor of the previous page"})
 

@@ -321,9 +321,7 @@ async def dashboard_socket(request: web.Request) -> web.WebSocketResponse:
         if position is None:
             # Read before the listing: a change in between is sent twice, never missed.
             position = store.head.position
-            recent = await queries.list_batches(
-                store, status=None, limit=DASHBOARD_BATCHES, before=None
-            )
+            recent = await queries.list_batches(store, (), DASHBOARD_BATCHES, before=None)
             snapshot = {
                 "type": "snapshot",
                 "position": position,

@@ -109,6 +109,13 @@ async def test_listing_filters_by_status_and_refuses_bad_queries(
     only_completed = await listing(service, status="completed")
     assert [b["batch_id"] for b in only_completed["batches"]] == [completed["batch_id"]]
     assert (await listing(service, status="processing"))["batches"] == []
+    status, either = await service.get("/batch?status=completed&status=failed&limit=1")
+    assert status == 200
+    assert [b["batch_id"] for b in either["batches"]] == [failed]  # the newest of both
+    status, rest = await service.get(
+        f"/batch?status=completed&status=failed&cursor={either['next_cursor']}"
+    )
+    assert [b["batch_id"] for b in rest["batches"]] == [completed["batch_id"]]
 
     for query, field in (("status=done", "status"), ("limit=0", "limit"), ("cursor=xyz", "cursor")):
         status, body = await service.get(f"/batch?{query}")
