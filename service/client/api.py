@@ -43,7 +43,9 @@ class ServiceApi:
 
     def _at(self, path: str) -> URL:
         """`path` under the service's address, keeping its own path (a proxy's /hospitals)."""
-        return URL(str(self.base_url).rstrip("/") + path)
+        # A query or fragment of --url would swallow `path`: the service's address has none.
+        base = self.base_url.with_query(None).with_fragment(None)
+        return URL(str(base).rstrip("/") + path)
 
     async def _call(self, method: str, path: str, answer: str = JSON, **kwargs: Any) -> Any:
         """The body of a 2xx answer of the type `answer` names; Refused otherwise."""

@@ -135,11 +135,12 @@ class Watch:
             self._line(status, done, total, failed, self.said)
 
     def aside(self, text: str) -> None:
-        """What the service says while no event comes, when it says more than the last one."""
-        if self.task is None or text == self.said:
+        """What the service says while no event comes, when it says more than the last one
+        (and no longer, once it says that again: a wait that ended)."""
+        if self.task is None:
             return
         if self.live:
-            self.progress.update(self.task, aside=text)
+            self.progress.update(self.task, aside="" if text == self.said else text)
         elif self.last_line is not None:
             status, done, failed, _ = self.last_line
             task = next(t for t in self.progress.tasks if t.id == self.task)

@@ -1,7 +1,7 @@
 """The stand-in's HTTP control surface under /_standin/ (only with `control` enabled)."""
 
 import json
-from math import inf
+import sys
 from typing import Any
 
 from aiohttp import web
@@ -89,6 +89,8 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
 
 def _seconds(body: dict[str, Any], name: str, default: float | None = None) -> float:
     value = body.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < inf:
+    # Up to the largest float: a longer integer is finite, but float() of it overflows.
+    largest = sys.float_info.max
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= largest:
         raise _bad_request(f"{name} must be a finite number of seconds >= 0")
     return float(value)

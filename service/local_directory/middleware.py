@@ -83,8 +83,10 @@ def _fault_answer(status: int, endpoint: str) -> web.Response:
 
 
 async def _hang(request: web.Request, standin: StandIn) -> None:
-    # aiohttp does not cancel a handler whose client left, so watch the connection.
-    while not standin.closing and _connected(request):
+    # aiohttp does not cancel a handler whose client left, so watch the connection; a
+    # restart ends the process that held the request.
+    generation = standin.generation
+    while not standin.closing and _connected(request) and standin.generation == generation:
         await standin.pause(_HANG_POLL_SECONDS)
 
 

@@ -51,7 +51,7 @@ class StandIn:
 
     def restart(self) -> None:
         """Lose every hospital and rate window, ids restart at 1; in-flight creates die unstored,
-        and requests waiting for a handler die unanswered with the process that queued them.
+        and hanging requests and those waiting for a handler die unanswered with the process.
 
         Request counts and fault rules belong to the test, not the directory, and survive.
         """
@@ -131,14 +131,19 @@ class StandIn:
         """Whether the server is shutting down."""
         return self._closing.is_set()
 
+    @property
+    def generation(self) -> int:
+        """How many times the directory restarted: a request from before one dies with it."""
+        return self._generation
+
     @asynccontextmanager
     async def handling(self, endpoint: str, caller: str | None) -> AsyncIterator[None]:
         """Run a validated request on a worker slot, refusing it when over the rate limit."""
         # Validation happens before this, outside the pool and the limiter, as in FastAPI;
         # slowapi checks the limit inside the (threaded) endpoint function.
-        generation = self._generation
+        generation = self.generation
         async with self._workers:
-            if generation != self._generation:  # queued in a directory that since restarted
+            if generation != self.generation:  # queued in a directory that since restarted
                 raise DirectoryRestarted
             limit = rate_limit_of(endpoint)
             if self.options.rate_limit and not self._limiter.allow((endpoint, caller), limit):

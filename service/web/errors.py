@@ -62,9 +62,16 @@ def webargs_error(
         )
         items = fields.items() if isinstance(fields, dict) else [("", fields)]
         for field, texts in items:
-            for text in texts if isinstance(texts, list) else [texts]:
-                problems.append(problem([where, field], str(text), "value_error"))
+            for text in _messages(texts):
+                problems.append(problem([where, field], text, "value_error"))
     raise ApiError(422, problems)
+
+
+def _messages(texts: Any) -> list[str]:
+    """A field's messages; a list field's come per item ({index: [messages]})."""
+    if isinstance(texts, dict):
+        return [text for inner in texts.values() for text in _messages(inner)]
+    return [str(text) for text in (texts if isinstance(texts, list) else [texts])]
 
 
 @web.middleware

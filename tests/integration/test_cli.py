@@ -162,6 +162,16 @@ async def test_a_service_behind_a_path_prefix_is_reached_under_it(
         assert output.read_text().count("created_and_activated") == 3
 
 
+async def test_a_url_with_a_query_or_a_fragment_still_reaches_the_service(
+    service: Service, sample: Path
+) -> None:
+    for url in (service.url + "/?token=x", service.url + "#top"):
+        captured = Captured()
+        status = await client(captured, "upload", str(sample), "--url", url, "--follow")
+        assert status == 0, captured.stderr
+        assert "completed: 3 created, 0 failed" in captured.stdout
+
+
 BAD_SECONDS = "expected a positive number of seconds, got {!r}"
 BAD_URL = "expected an http:// or https:// URL, got {!r}"
 
@@ -545,6 +555,24 @@ async def test_the_rate_and_eta_keep_to_the_pace_the_service_keeps(
 
     assert watch.rate.render(task).plain == "30.0 rows/min"
     assert watch.eta.render(task).plain == "ETA 0:02:00"  # 60 left at 30 a minute
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["bar", "lines"])
+def test_a_wait_shown_aside_is_taken_back_once_the_service_no_longer_says_it(
+    terminal: bool,
+) -> None:
+    captured = Captured(terminal=terminal)
+    held = "Processing hospital 30/35; the directory's rate limit holds the next creates for 3 s"
+    with Watch(captured.out) as watch:
+        watch.show({"progress": progress_numbers(done=30, total=35)})
+        watch.aside(held)
+        watch.aside("Processing hospital 30/35")  # the wait is over, no event yet
+        aside = watch.progress.tasks[0].fields["aside"]
+
+    if terminal:
+        assert aside == ""
+    else:
+        assert captured.stdout.splitlines()[-1].endswith(" - Processing hospital 30/35")
 
 
 def progress_numbers(done: int, total: int) -> dict[str, Any]:

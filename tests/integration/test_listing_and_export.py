@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+from service.domain.batch import BATCH_STATUSES
+from service.domain.csv_intake import problem
 from service.local_directory import RunningDirectory
 from tests.support import (
     SAMPLE_CSV,
@@ -121,6 +123,12 @@ async def test_listing_filters_by_status_and_refuses_bad_queries(
         status, body = await service.get(f"/batch?{query}")
         assert status == 422, query
         assert body["detail"][0]["loc"] == ["query", field]
+    for query in ("status=done", "status=failed&status="):  # one of several, too
+        _, body = await service.get(f"/batch?{query}")
+        statuses = ", ".join(BATCH_STATUSES)
+        assert body["detail"] == [
+            problem(["query", "status"], f"Must be one of: {statuses}.", "value_error")
+        ]
 
 
 # Results export -------------------------------------------------------------------------------

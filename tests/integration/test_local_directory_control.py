@@ -73,7 +73,12 @@ async def test_delay_can_be_changed(http: aiohttp.ClientSession) -> None:
 
 @pytest.mark.parametrize(
     "body",
-    ['{"create_delay": NaN}', '{"create_delay": Infinity}', '{"create_delay": 0, "jitter": NaN}'],
+    [
+        '{"create_delay": NaN}',
+        '{"create_delay": Infinity}',
+        '{"create_delay": 0, "jitter": NaN}',
+        '{"create_delay": 1' + "0" * 400 + "}",  # an integer no float holds
+    ],
 )
 async def test_delays_that_are_no_number_of_seconds_are_refused(
     http: aiohttp.ClientSession, body: str

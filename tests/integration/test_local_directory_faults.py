@@ -245,6 +245,22 @@ async def test_restart_kills_creates_waiting_for_a_handler(
         assert standin.all_hospitals() == []  # the restarted directory never got either
 
 
+async def test_restart_drops_a_hanging_request(
+    http: aiohttp.ClientSession, standin: StandIn, batch: str
+) -> None:
+    standin.add_fault("create", "hang", nth=1)
+    hanging = asyncio.create_task(create(http, hospital(batch, "Hanging")))
+    async with asyncio.timeout(10):
+        while standin.request_counts["create"] < 1:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+
+    standin.restart()
+
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await asyncio.wait_for(hanging, 2)  # reset with the process, not left hanging
+
+
 async def test_duplicates_are_empty_when_every_row_was_created_once(
     http: aiohttp.ClientSession, standin: StandIn, batch: str
 ) -> None:
