@@ -92,7 +92,7 @@ class Watch:
         )
         self.task: TaskID | None = None
         self.said = ""  # the current_message of the last websocket message
-        self.last_line: tuple[Any, ...] | None = None
+        self.last_line: tuple[str, int, int, int, str] | None = None
 
     def __enter__(self) -> Watch:
         self.progress.start()
@@ -142,14 +142,12 @@ class Watch:
         if self.live:
             self.progress.update(self.task, aside="" if text == self.said else text)
         elif self.last_line is not None:
-            status, done, failed, _ = self.last_line
-            task = next(t for t in self.progress.tasks if t.id == self.task)
-            self._line(status, done, int(task.total or 0), failed, text)
+            self._line(*self.last_line[:-1], text)
 
     def _line(self, status: str, done: int, total: int, failed: int, text: str) -> None:
-        if (status, done, failed, text) == self.last_line:  # a new message is news too
+        if (status, done, total, failed, text) == self.last_line:  # a new message is news too
             return
-        self.last_line = (status, done, failed, text)
+        self.last_line = (status, done, total, failed, text)
         assert self.task is not None
         task = next(t for t in self.progress.tasks if t.id == self.task)
         rate, eta = self.rate.render(task).plain, self.eta.render(task).plain
