@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp_apispec
@@ -67,9 +68,27 @@ async def redoc(request: web.Request) -> web.Response:
     return web.Response(text=REDOC_PAGE, content_type="text/html")
 
 
+def files_in(folder: Path) -> Callable[[web.Request], Awaitable[web.FileResponse]]:
+    """A handler serving the files `folder` holds at start, by name, and nothing else.
+
+    aiohttp's static route answers a name it cannot open with an empty 404 of its own, and
+    how far a name gets before that depends on the Python version; a fixed list needs no
+    path resolved, and any other name gets this API's 404.
+    """
+    files = {path.name: path for path in folder.iterdir() if path.is_file()}
+
+    async def serve(request: web.Request) -> web.FileResponse:
+        path = files.get(request.match_info["name"])
+        if path is None:
+            raise web.HTTPNotFound()
+        return web.FileResponse(path)
+
+    return serve
+
+
 def add_routes(app: web.Application) -> None:
     """Register /docs, /redoc and the static files they load."""
     app.router.add_get("/docs", swagger)
-    app.router.add_static("/static/swagger", SWAGGER_STATIC)
+    app.router.add_get("/static/swagger/{name}", files_in(SWAGGER_STATIC))
     app.router.add_get("/redoc", redoc)
-    app.router.add_static("/static/redoc", STATIC / "redoc")
+    app.router.add_get("/static/redoc/{name}", files_in(STATIC / "redoc"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import re
@@ -92,14 +91,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status == 404 and exc.text and exc.text.startswith("404:"):
             detail = "Not Found"
         response = error_response(exc.status, detail, headers=_kept_headers(exc))
-    except Exception as exc:
-        if _name_too_long(request, exc):
-            response = error_response(404, "Not Found")
-        else:
-            log.exception(
-                "unexpected error in %s %s (request %s)", request.method, request.path, request_id
-            )
-            response = error_response(500, f"Internal server error (request id {request_id})")
+    except Exception:
+        log.exception(
+            "unexpected error in %s %s (request %s)", request.method, request.path, request_id
+        )
+        response = error_response(500, f"Internal server error (request id {request_id})")
     if not response.prepared:
         response.headers["X-Request-ID"] = request_id
     return response
@@ -107,16 +103,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 def _kept_headers(exc: web.HTTPException) -> dict[str, str]:
     return {k: v for k, v in exc.headers.items() if k in ("Allow", "Location")}
-
-
-def _name_too_long(request: web.Request, exc: Exception) -> bool:
-    """A static file asked for by a name longer than the file system takes: not there."""
-    resource = request.match_info.route.resource
-    return (
-        isinstance(exc, OSError)
-        and exc.errno == errno.ENAMETOOLONG
-        and isinstance(resource, web.StaticResource)
-    )
 
 
 def answer_expect_in_api_shape(app: web.Application) -> None:

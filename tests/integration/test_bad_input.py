@@ -888,10 +888,11 @@ async def test_expect_100_continue_still_gets_its_100(service: Service) -> None:
 
 
 @pytest.mark.parametrize("folder", ["redoc", "swagger"])
-async def test_a_static_name_past_the_file_systems_limit_is_404(
-    service: Service, folder: str, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("name", ["nothing.js", "a" * 300, "", "..%2F..%2Fpyproject.toml", "%00"])
+async def test_a_static_name_the_pages_do_not_load_is_the_apis_404(
+    service: Service, folder: str, name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    status, body = await service.get(f"/static/{folder}/{'a' * 300}")
+    status, body = await service.get(f"/static/{folder}/{name}")
     assert (status, body) == (404, {"detail": "Not Found"})
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     await assert_nothing_stored(service)
