@@ -107,11 +107,15 @@ class _Readers:
 def connect_writer(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
     """The one connection that writes: WAL, synchronous=FULL, explicit transactions."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    # FULL: a COMMIT that returned survives power loss, which is what "appended" promises.
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-    conn.execute("PRAGMA foreign_keys=ON")
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")  # the first read: a file that is no database
+        # FULL: a COMMIT that returned survives power loss, which is what "appended" promises.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        conn.execute("PRAGMA foreign_keys=ON")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 

@@ -9,7 +9,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import aiosqlite
 import pytest
@@ -243,6 +243,29 @@ async def test_a_reader_that_cannot_open_leaves_no_connection_or_thread_behind(
     assert not left, [t.name for t in left]  # the writer's and both readers' threads ended
     with pytest.raises(RuntimeError, match="not open"):
         await store.append("batch-a", -1, new_batch("a"))
+
+
+async def test_a_file_that_is_no_database_leaves_no_connection_open(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await asyncio.to_thread(store_path.write_bytes, b"\x13" * 3 * 4096)
+    real_connect = sqlite3.connect
+    opened: list[sqlite3.Connection] = []
+
+    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn: sqlite3.Connection = real_connect(*args, **kwargs)
+        opened.append(conn)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+
+    with pytest.raises(sqlite3.DatabaseError, match="not a database"):
+        await EventStore(store_path).open()
+
+    assert opened
+    for conn in opened:  # Python 3.13 and later warn of one left for the collector
+        with pytest.raises(sqlite3.ProgrammingError, match="closed database"):
+            conn.execute("SELECT 1")
 
 
 async def test_a_reader_given_back_goes_to_whoever_waited_first(store_path: Path) -> None:

@@ -4,6 +4,7 @@ start on its database says why, exits 2, and leaves nothing running."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import signal
 import sqlite3
@@ -159,9 +160,8 @@ async def test_a_body_that_does_not_decode_is_one_info_line_not_an_error(
 
 
 def migrated(db: Path) -> None:
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
         migrate(conn)
-    sqlite3.connect(db).close()
 
 
 def garbled_past_the_log(db: Path) -> None:
@@ -174,7 +174,7 @@ def garbled_past_the_log(db: Path) -> None:
 
 def newer(db: Path) -> None:
     migrated(db)
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
         conn.execute("INSERT INTO schema_migrations VALUES (99, '099_future', 'later')")
 
 
@@ -235,10 +235,13 @@ def test_a_host_that_does_not_resolve_is_named_and_it_exits_2(tmp_path: Path) ->
 def test_a_database_that_can_be_read_but_not_written_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "service.db"
     migrated(db)
-    writable = sqlite3.connect(db, isolation_level=None)
-    read_only = sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None)
-
-    check_writable(writable)
-    with pytest.raises(sqlite3.OperationalError, match="readonly"):
-        check_writable(read_only)
-    assert not read_only.in_transaction
+    with (
+        contextlib.closing(sqlite3.connect(db, isolation_level=None)) as writable,
+        contextlib.closing(
+            sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None)
+        ) as read_only,
+    ):
+        check_writable(writable)
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            check_writable(read_only)
+        assert not read_only.in_transaction
