@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from service.domain.batch import STREAM_PREFIX
 from service.store.event_store import EventStore
 
 BATCH_COLUMNS = (
@@ -44,6 +45,27 @@ async def get_batches(store: EventStore, batch_ids: list[str]) -> list[dict[str,
     )
     found = {batch["batch_id"]: batch for batch in map(_batch, rows)}
     return [found[batch_id] for batch_id in batch_ids if batch_id in found]
+
+
+async def streams_moved(
+    store: EventStore, after_position: int, limit: int
+) -> tuple[list[str], int, int]:
+    """The batches with events among the next `limit` of the log after `after_position`, in
+    the order they first moved, the last position read and how many events were read.
+
+    Only positions and stream ids: a dashboard needs no payloads, and a page of whole events
+    (each BatchCreated holds every row of its file) read and decoded by every dashboard made
+    a few hundred of them slow the batches they watched twentyfold.
+    """
+    rows = await store.select(
+        "SELECT global_position, stream_id FROM events WHERE global_position > ? "
+        "ORDER BY global_position LIMIT ?",
+        (after_position, limit),
+    )
+    if not rows:
+        return [], after_position, 0
+    moved = dict.fromkeys(stream.removeprefix(STREAM_PREFIX) for _, stream in rows)
+    return list(moved), int(rows[-1][0]), len(rows)
 
 
 async def get_batch_by_key(store: EventStore, key: str) -> dict[str, Any] | None:

@@ -331,21 +331,20 @@ async def dashboard_socket(request: web.Request) -> web.WebSocketResponse:
                 return _not_reading(seconds)
         while True:
             # A client that reads slowly gets larger pages, so its lag never grows a queue.
-            page = await store.read_all(position, limit=settings.max_backlog)
-            if not page:
+            changed, last, read = await queries.streams_moved(store, position, settings.max_backlog)
+            if not read:
                 await store.head.wait_past(position)
                 continue
-            changed = list(dict.fromkeys(e.stream_id.removeprefix(b.STREAM_PREFIX) for e in page))
             batches = await queries.get_batches(store, changed)
             message = {
                 "type": "progress",
-                "position": page[-1].global_position,
+                "position": last,
                 "batches": [presenters.summary(x) for x in batches],
             }
             if not await _send(ws, message, seconds):
                 return _not_reading(seconds)
-            position = page[-1].global_position
-            if len(page) < settings.max_backlog:  # caught up: let the next changes gather
+            position = last
+            if read < settings.max_backlog:  # caught up: let the next changes gather
                 await asyncio.sleep(DASHBOARD_PAUSE)
 
     return await _serve(request, sender)
