@@ -81,11 +81,15 @@ class _Readers:
         self._idle: list[aiosqlite.Connection] = []
         self._waiting: deque[asyncio.Future[aiosqlite.Connection]] = deque()
 
-    async def take(self) -> aiosqlite.Connection:
+    async def take(self, first: bool = False) -> aiosqlite.Connection:
+        """A connection; `first` queues ahead of the callers already waiting."""
         if self._idle and not self._waiting:
             return self._idle.pop()
         handed: asyncio.Future[aiosqlite.Connection] = asyncio.get_running_loop().create_future()
-        self._waiting.append(handed)
+        if first:
+            self._waiting.appendleft(handed)
+        else:
+            self._waiting.append(handed)
         try:
             return await handed
         except asyncio.CancelledError:
@@ -375,11 +379,11 @@ class EventStore:
     # Reading ---------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _reader(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def _reader(self, first: bool = False) -> AsyncIterator[aiosqlite.Connection]:
         """A reader from the pool. Each query is one call in its thread (execute_fetchall):
         a caller cancelled mid-query must not leave a half-read cursor behind, whose open
         read transaction would show the next caller an old snapshot."""
-        conn = await self._readers.take()
+        conn = await self._readers.take(first)
         try:
             yield conn
         finally:
@@ -419,9 +423,12 @@ class EventStore:
         rows = await self.select("SELECT COALESCE(MAX(global_position), 0) FROM events", ())
         return int(rows[0][0])
 
-    async def select(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        """Run a read-only query on a reader connection; rows as tuples."""
-        async with self._reader() as conn:
+    async def select(
+        self, sql: str, params: Sequence[Any], first: bool = False
+    ) -> list[tuple[Any, ...]]:
+        """Run a read-only query on a reader connection; rows as tuples. `first` takes the
+        next free reader ahead of the reads already waiting (a health check)."""
+        async with self._reader(first) as conn:
             return [tuple(r) for r in await conn.execute_fetchall(sql, params)]
 
     async def follow(

@@ -291,6 +291,27 @@ async def test_a_reader_given_back_goes_to_whoever_waited_first(store_path: Path
     assert reads_before_mine <= 2
 
 
+async def test_a_read_asked_first_goes_ahead_of_the_reads_waiting(store_path: Path) -> None:
+    store = EventStore(store_path, readers=1)
+    await store.open()
+    done: list[str] = []
+
+    async def read(name: str, first: bool = False) -> None:
+        await store.select("SELECT ?", (name,), first=first)
+        done.append(name)
+
+    try:
+        reads = [asyncio.create_task(read(f"user-{i}")) for i in range(5)]
+        await asyncio.sleep(0)  # user-0 has the one reader; the other four wait
+        reads.append(asyncio.create_task(read("health", first=True)))
+        await asyncio.gather(*reads)
+    finally:
+        await store.close()
+
+    assert done[:2] == ["user-0", "health"]
+    assert sorted(done) == sorted(["health", *(f"user-{i}" for i in range(5))])
+
+
 async def test_a_reader_handed_to_a_caller_cancelled_meanwhile_goes_to_the_next() -> None:
     readers, conn = _Readers(), cast(aiosqlite.Connection, object())
     readers.give(conn)
