@@ -27,6 +27,7 @@ from service.web.keys import (
     CLIENT,
     CPU_WORK,
     FEEDS,
+    INTAKE,
     KEY_NAMESPACE,
     PROCESSOR,
     SETTINGS,
@@ -136,6 +137,7 @@ def create_app(settings: Settings) -> web.Application:
     app[STATUS_CACHE] = StatusCache(settings.api.status_cache_seconds)
     app[FEEDS] = Feeds()
     app[CPU_WORK] = asyncio.Lock()
+    app[INTAKE] = asyncio.Semaphore(settings.csv.concurrent_uploads)
     app.cleanup_ctx.append(resources)
     app.on_startup.append(_tune_collector)
     app.on_shutdown.append(websocket.close_all)

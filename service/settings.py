@@ -63,6 +63,8 @@ class DirectorySettings:
 class CsvSettings:
     max_rows: int = 1000
     max_bytes: int = 10 * 1024 * 1024
+    upload_seconds: float = 120.0
+    concurrent_uploads: int = 4
 
 
 @dataclass(frozen=True)
@@ -292,6 +294,8 @@ def _validate(s: Settings) -> None:
         (d.rate_window_seconds > 0, "directory.rate_window_seconds", "must be > 0"),
         (s.csv.max_rows >= 1, "csv.max_rows", "must be at least 1"),
         (s.csv.max_bytes >= 1024, "csv.max_bytes", "must be at least 1024"),
+        (s.csv.upload_seconds > 0, "csv.upload_seconds", "must be positive"),
+        (s.csv.concurrent_uploads >= 1, "csv.concurrent_uploads", "must be at least 1"),
         (s.api.bulk_wait_seconds >= 0, "api.bulk_wait_seconds", "must be >= 0"),
         (s.api.status_cache_seconds >= 0, "api.status_cache_seconds", "must be >= 0"),
         (

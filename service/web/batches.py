@@ -25,6 +25,7 @@ from service.web import presenters, schemas
 from service.web.errors import REQUEST_ID, ApiError, invalid
 from service.web.keys import (
     CPU_WORK,
+    INTAKE,
     KEY_NAMESPACE,
     PROCESSOR,
     SETTINGS,
@@ -75,6 +76,7 @@ def intake_errors(schema: type[Schema]) -> dict[int, dict[str, Any]]:
     """What an upload can be refused with before its rows are looked at, and after."""
     return {
         400: {"schema": schema, "description": "the request body cannot be read"},
+        408: {"schema": schema, "description": "the body took longer than csv.upload_seconds"},
         413: {"schema": schema, "description": "file larger than csv.max_bytes"},
         422: {"schema": schema, "description": "every problem of the file, with places"},
     }
@@ -126,9 +128,10 @@ async def existing_batch(request: web.Request) -> dict[str, Any]:
 async def accept_upload(request: web.Request) -> tuple[dict[str, Any], bool]:
     """Validate the upload and store its BatchCreated; (batch read model, newly created)."""
     settings = request.app[SETTINGS]
-    upload = await read_upload(request, settings.csv.max_bytes)
-    parsed = await _checked(request, upload)
-    sha = await asyncio.to_thread(_digest, upload.data)  # hashlib lets the loop run meanwhile
+    async with request.app[INTAKE]:  # bodies in memory at once, each up to csv.max_bytes
+        upload = await read_upload(request, settings.csv.max_bytes, settings.csv.upload_seconds)
+        parsed = await _checked(request, upload)
+        sha = await asyncio.to_thread(_digest, upload.data)  # hashlib lets the loop run meanwhile
     key = request.headers.get("Idempotency-Key")
     store = request.app[STORE]
     if key is not None:
@@ -245,8 +248,9 @@ async def upload_csv(request: web.Request) -> web.Response:
 async def validate_csv(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     try:
-        upload = await read_upload(request, settings.csv.max_bytes)
-        parsed = await _checked(request, upload)
+        async with request.app[INTAKE]:  # bodies in memory at once, each up to csv.max_bytes
+            upload = await read_upload(request, settings.csv.max_bytes, settings.csv.upload_seconds)
+            parsed = await _checked(request, upload)
     except (csv_intake.CsvRejected, ApiError) as exc:
         # read_upload's refusals are all lists of problems, like the CSV's own.
         problems = exc.problems if isinstance(exc, csv_intake.CsvRejected) else exc.detail

@@ -23,6 +23,7 @@ STARTED_AT = web.AppKey("started_at", float)
 STATUS_CACHE = web.AppKey("status_cache", StatusCache)
 FEEDS = web.AppKey("feeds", Feeds)
 CPU_WORK = web.AppKey("cpu_work", asyncio.Lock)  # one CPU-bound job off the loop at a time
+INTAKE = web.AppKey("intake", asyncio.Semaphore)  # uploads read and checked at once
 STOPPING = web.AppKey("stopping", asyncio.Event)  # set as shutdown starts
 KEY_NAMESPACE = web.AppKey("key_namespace", uuid.UUID)  # for batch ids from Idempotency-Keys
 SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("websockets")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from aiohttp import BodyPartReader, web
@@ -34,8 +35,9 @@ def _too_large(max_bytes: int) -> ApiError:
     )
 
 
-async def read_upload(request: web.Request, max_bytes: int) -> Upload:
-    """The `file` field of a multipart/form-data body; anything else is a 4xx naming it."""
+async def read_upload(request: web.Request, max_bytes: int, seconds: float) -> Upload:
+    """The `file` field of a multipart/form-data body, which must arrive within `seconds`;
+    anything else is a 4xx naming it."""
     if request.content_length is not None and request.content_length > max_bytes + FORM_OVERHEAD:
         raise _too_large(max_bytes)
     if request.content_type != "multipart/form-data":
@@ -54,26 +56,32 @@ async def read_upload(request: web.Request, max_bytes: int) -> Upload:
     extra: list[Problem] = []
     left = max_bytes + FORM_OVERHEAD  # what every part together may still take
     try:
-        reader = await request.multipart()
-        while len(extra) < MAX_EXTRA and (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                raise ValueError("nested multipart bodies are not accepted")
-            # Every part counts against the one allowance; the file also against its own.
-            is_file = part.name == "file" and upload is None
-            data = await _read_limited(part, min(left, max_bytes) if is_file else left, max_bytes)
-            left -= len(data)
-            if is_file:
-                upload = Upload(_storable(part.filename), data)
-            else:
-                name = part.name or "(unnamed)"
-                what = "a second 'file'" if part.name == "file" else f"unexpected field {name!r}"
-                extra.append(
-                    problem(
-                        ["body", name], f"{what}: send exactly one field, 'file'", "extra_forbidden"
+        # aiohttp sets no time limit on a body: one sent slowly, or not ended, would hold
+        # what it has sent so far, up to csv.max_bytes, for as long as its connection lasts.
+        async with asyncio.timeout(seconds):
+            reader = await request.multipart()
+            while len(extra) < MAX_EXTRA and (part := await reader.next()) is not None:
+                if not isinstance(part, BodyPartReader):
+                    raise ValueError("nested multipart bodies are not accepted")
+                # Every part counts against the one allowance; the file also against its own.
+                is_file = part.name == "file" and upload is None
+                limit = min(left, max_bytes) if is_file else left
+                data = await _read_limited(part, limit, max_bytes)
+                left -= len(data)
+                if is_file:
+                    upload = Upload(_storable(part.filename), data)
+                else:
+                    name = part.name or "(unnamed)"
+                    what = (
+                        "a second 'file'" if part.name == "file" else f"unexpected field {name!r}"
                     )
-                )
+                    why = f"{what}: send exactly one field, 'file'"
+                    extra.append(problem(["body", name], why, "extra_forbidden"))
     except ApiError:
         raise
+    except TimeoutError as exc:
+        why = f"the body did not arrive within {seconds:g} s (csv.upload_seconds); send it again"
+        raise ApiError(408, [problem(["body"], why, "body_timeout")]) from exc
     except (ValueError, AssertionError, RuntimeError, UnicodeDecodeError) as exc:
         raise ApiError(
             422, [problem(["body"], f"malformed multipart body: {exc}", "multipart_error")]

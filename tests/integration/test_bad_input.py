@@ -10,6 +10,7 @@ import asyncio
 import csv
 import gzip
 import io
+import json
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -442,6 +443,61 @@ async def limited(directory: RunningDirectory, db_path: Path) -> AsyncIterator[S
     settings = fast_settings(db_path, directory.url).replace(csv={"max_rows": 5, "max_bytes": 2048})
     async with running_service(settings) as service:
         yield service
+
+
+@pytest.fixture
+async def hurried(directory: RunningDirectory, db_path: Path) -> AsyncIterator[Service]:
+    """The service with csv.upload_seconds = 0.5 and one upload read at a time."""
+    csv_limits = {"upload_seconds": 0.5, "concurrent_uploads": 1}
+    async with running_service(fast_settings(db_path, directory.url).replace(csv=csv_limits)) as s:
+        yield s
+
+
+async def stalled_upload(service: Service, path: str) -> tuple[int, dict[str, Any]]:
+    """POST a body that stops halfway, its connection left open; (status, JSON answer)."""
+    body = multipart(file_part(GOOD))
+    url = URL(service.url)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(raw_post(path, body)[: -len(body) // 2])  # Content-Length promises it all
+        await writer.drain()
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"Content-Length: (\d+)", head)[1])  # type: ignore[index]
+            answer = await reader.readexactly(length)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return int(head.split(b" ", 2)[1]), json.loads(answer)
+
+
+@pytest.mark.parametrize("path", INTAKE)
+async def test_a_body_that_stops_arriving_gets_408_and_stores_nothing(
+    hurried: Service, path: str
+) -> None:
+    status, body = await stalled_upload(hurried, path)
+
+    assert status == 408
+    assert "within 0.5 s (csv.upload_seconds)" in message_at(body, (["body"], "body_timeout"))
+    await assert_nothing_stored(hurried)
+
+
+async def test_an_upload_past_the_ones_read_at_once_waits_its_turn(hurried: Service) -> None:
+    answered: list[str] = []
+
+    async def stalled() -> None:
+        status, _ = await stalled_upload(hurried, "/batch/validate-csv")
+        answered.append(f"stalled {status}")
+
+    async def whole() -> None:
+        async with hurried.http.post(f"{hurried.url}/batch/upload-csv", data=form(GOOD)) as r:
+            answered.append(f"whole {r.status}")
+
+    first = asyncio.create_task(stalled())
+    await asyncio.sleep(0.1)  # its body is being read: the one place is taken
+    await asyncio.gather(first, whole())
+
+    assert answered == ["stalled 408", "whole 202"]
 
 
 def exactly(size: int) -> bytes:
