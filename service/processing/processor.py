@@ -26,6 +26,7 @@ from service.projections import queries
 from service.settings import DirectorySettings
 from service.store.event_store import EventStore
 from service.store.records import EVENT_COLUMNS, ConcurrencyError, NewEvent, StoredEvent, from_row
+from service.tasks import log_failure
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,6 @@ async def _collect_ready(
     done, pending = await asyncio.wait(getting, return_when=FIRST_COMPLETED)
     into.extend(ready for task in done if (ready := task.result()) is not None)
     return pending
-
-
-def _worker_ended(task: asyncio.Task[None]) -> None:
-    """Say why a worker stopped on an error: /health only counts one worker fewer."""
-    if not task.cancelled() and (error := task.exception()) is not None:
-        log.error("%s stopped on an error", task.get_name(), exc_info=error)
 
 
 async def _sent_lately(store: EventStore, seconds: float) -> list[float]:
@@ -152,7 +147,7 @@ class Processor:
             for i in range(self._settings.concurrency)
         ]
         for worker in self._workers:
-            worker.add_done_callback(_worker_ended)
+            worker.add_done_callback(log_failure)
         for batch_id in await queries.unfinished_batch_ids(self._store):
             log.info("recovering batch %s", batch_id)
             await self._load(batch_id)

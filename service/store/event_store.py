@@ -27,6 +27,7 @@ from service.store.records import (
     StoredEvent,
     from_row,
 )
+from service.tasks import log_failure
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,12 @@ MAX_GROUP = 256  # appends committed in one transaction at most
 # only lengthened each full garbage collection.
 RECENT_EVENTS = 4_096
 READ_PAGE = 500
+NOT_OPEN = "the event store is not open"
 KNOWN_VERSIONS = 10_000  # streams whose last version the writer keeps (a miss reads it)
+# The WAL is cut back to this once a checkpoint starts it over. A reader that holds a
+# snapshot (`events | less`) keeps every commit in the WAL meanwhile (3,000 rows: 109 MB);
+# without a limit the file stayed at that peak until the service stopped.
+WAL_SIZE_LIMIT = 16 * 1024 * 1024
 
 
 class _AlreadyStored(Exception):
@@ -117,6 +123,7 @@ def connect_writer(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute(f"PRAGMA journal_size_limit={int(WAL_SIZE_LIMIT)}")
     except BaseException:
         conn.close()
         raise
@@ -171,6 +178,9 @@ class EventStore:
         self._all_readers: list[aiosqlite.Connection] = []
         self._recent: deque[StoredEvent] = deque(maxlen=RECENT_EVENTS)
         self._versions: dict[str, int] = {}  # last version of each stream written (writer thread)
+        # Why the last group commit failed (a full disk, an I/O error, a lock held past
+        # busy_timeout); None once a commit lands.
+        self.commit_error: Exception | None = None
 
     async def open(self) -> None:
         """Migrate the database, then start the writer and open the readers."""
@@ -190,6 +200,7 @@ class EventStore:
             await self.close()
             raise
         self._writer_task = asyncio.create_task(self._write_loop(), name="event-writer")
+        self._writer_task.add_done_callback(log_failure)
 
     def _open_writer(self) -> sqlite3.Connection:
         conn = connect_writer(self.path, self._busy_timeout_ms)
@@ -206,10 +217,12 @@ class EventStore:
         if (writer_task := self._writer_task) is not None:
             # Appends from now on are refused: one queued after the join would never settle.
             self._writer_task = None
-            await self._queue.join()
+            if not writer_task.done():
+                await self._queue.join()
             writer_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer_task
+            await asyncio.wait([writer_task])  # a writer that failed has said why already
+            while not self._queue.empty():  # left by a writer that failed
+                _settle(self._queue.get_nowait().future, exception=RuntimeError(NOT_OPEN))
         for conn in self._all_readers:
             await conn.close()
         self._all_readers.clear()
@@ -220,8 +233,12 @@ class EventStore:
 
     @property
     def writer_alive(self) -> bool:
-        """False once the writer task has stopped, or the store is closing: no append can
-        commit."""
+        """False once the writer task has stopped, the store is closing, or the last group
+        commit failed (until one lands again): no append can commit now."""
+        return self._writer_running and self.commit_error is None
+
+    @property
+    def _writer_running(self) -> bool:
         return self._writer_task is not None and not self._writer_task.done()
 
     # Writing ---------------------------------------------------------------------------
@@ -237,8 +254,8 @@ class EventStore:
         """
         if not events:
             return []
-        if not self.writer_alive:
-            raise RuntimeError("the event store is not open")
+        if not self._writer_running:  # a failed last commit does not stop this one trying
+            raise RuntimeError(NOT_OPEN)
         future: asyncio.Future[list[StoredEvent]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Append(stream_id, expected_version, events, future))
         return await asyncio.shield(future)
@@ -254,6 +271,9 @@ class EventStore:
             except Exception as exc:  # the COMMIT itself failed: nothing of the group stands
                 log.exception("group commit of %d appends failed", len(group))
                 outcomes = [exc] * len(group)
+                self.commit_error = exc
+            else:
+                self.commit_error = None
             # By position: a retry in the same group returns the events its twin just wrote.
             committed: dict[int, StoredEvent] = {}
             for item, outcome in zip(group, outcomes, strict=True):

@@ -35,7 +35,9 @@ async def health(request: web.Request) -> web.Response:
         ((count,),) = await store.select("SELECT COUNT(*) FROM batches", (), first=True)
         database = {"status": "ok", "path": store.path, "batches": count}
         database_ok = store.writer_alive
-        if not database_ok:
+        if store.commit_error is not None:  # a full disk, an I/O error, a lock held too long
+            database["status"] = f"cannot commit: {store.commit_error}"
+        elif not database_ok:
             database["status"] = "writer stopped"
     except sqlite3.Error as exc:
         database, database_ok = {"status": f"error: {exc}", "path": store.path}, False

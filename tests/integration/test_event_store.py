@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 import threading
 import time
@@ -266,6 +267,35 @@ async def test_a_file_that_is_no_database_leaves_no_connection_open(
     for conn in opened:  # Python 3.13 and later warn of one left for the collector
         with pytest.raises(sqlite3.ProgrammingError, match="closed database"):
             conn.execute("SELECT 1")
+
+
+async def test_a_writer_that_fails_is_logged_and_the_store_still_closes(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = set(threading.enumerate())
+    store = EventStore(store_path)
+    await store.open()
+
+    def broken(position: int) -> None:
+        raise RuntimeError("an error the writer did not expect")
+
+    monkeypatch.setattr(store.head, "advance", broken)
+    await store.append("batch-a", -1, new_batch("a"))  # committed; then the writer fails
+    await asyncio.sleep(0)
+    assert not store.writer_alive
+    with pytest.raises(RuntimeError, match="not open"):
+        await store.append("batch-b", -1, new_batch("b"))
+
+    await asyncio.wait_for(store.close(), 5)  # it re-raised the writer's error, and left
+    # the readers' and writer's threads running: a process that never ended on SIGTERM
+
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+        "event-writer stopped on an error"
+    ]
+    deadline = time.monotonic() + 5.0
+    while (left := set(threading.enumerate()) - before) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert not left, [t.name for t in left]
 
 
 async def test_a_reader_given_back_goes_to_whoever_waited_first(store_path: Path) -> None:
