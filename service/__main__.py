@@ -13,13 +13,17 @@ import socket
 import sqlite3
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from service.settings import Settings, SettingsError, load_settings
 from service.store.lock import DatabaseInUse, exclusive
 from service.store.migrations import MigrationError, discover
 
 log = logging.getLogger(__name__)
+
+EVENTS_PAGE = 500  # events the events command reads in one query
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -97,7 +101,7 @@ def _event_loop() -> asyncio.AbstractEventLoop:
 def events(args: argparse.Namespace) -> int:
     """Print the event log: a readable timeline, or JSON lines with --json."""
     from service.domain.batch import stream_id
-    from service.store.records import EVENT_COLUMNS, from_row
+    from service.store.records import from_row
 
     path = _settings(args).database.path
     if not _is_service_database(path):
@@ -106,22 +110,15 @@ def events(args: argparse.Namespace) -> int:
         if args.batch:
             known = conn.execute(
                 "SELECT 1 FROM events WHERE stream_id = ? LIMIT 1", (stream_id(args.batch),)
-            )
-            if known.fetchone() is None:
+            ).fetchall()  # all: a statement left unfinished would keep its snapshot
+            if not known:
                 print(f"error: the log holds no batch {args.batch}", file=sys.stderr)
                 return 2
-            rows = conn.execute(
-                f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ? AND stream_version > ? "
-                "ORDER BY stream_version",
-                (stream_id(args.batch), -1 if args.after is None else args.after),
-            )
+            where, order = "stream_id = ? AND stream_version > ?", "stream_version"
+            params: list[Any] = [stream_id(args.batch), -1 if args.after is None else args.after]
         else:
-            rows = conn.execute(
-                f"SELECT {EVENT_COLUMNS} FROM events WHERE global_position > ? "
-                "ORDER BY global_position",
-                (args.after or 0,),
-            )
-        for row in rows:
+            where, order, params = "global_position > ?", "global_position", [args.after or 0]
+        for row in _paged(conn, where, order, params):
             event = from_row(row)
             if args.json:
                 print(json.dumps(event.to_json()))
@@ -140,6 +137,21 @@ def events(args: argparse.Namespace) -> int:
                     f"v{event.stream_version:<4} {event.event_type:<22} {details}"
                 )
     return 0
+
+
+def _paged(
+    conn: sqlite3.Connection, where: str, order: str, params: list[Any]
+) -> Iterator[tuple[Any, ...]]:
+    """The events `where` selects, whose last parameter is the `order` value to start after,
+    read a page at a time: a reader that waits on the output (a pager, a full pipe) then
+    holds no snapshot, which would keep every later commit in the WAL meanwhile."""
+    from service.store.records import EVENT_COLUMNS
+
+    at = [column.strip() for column in EVENT_COLUMNS.split(",")].index(order)
+    page = f"SELECT {EVENT_COLUMNS} FROM events WHERE {where} ORDER BY {order} LIMIT {EVENTS_PAGE}"
+    while rows := conn.execute(page, params).fetchall():
+        yield from rows
+        params = [*params[:-1], rows[-1][at]]
 
 
 def rebuild(args: argparse.Namespace) -> int:

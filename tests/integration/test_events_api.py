@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -192,3 +195,29 @@ def test_the_events_command_piped_into_a_reader_that_leaves_ends_quietly(tmp_pat
 
     assert events.returncode == 128 + signal.SIGPIPE
     assert said == ""
+
+
+def test_the_events_command_holds_no_snapshot_while_its_output_waits(tmp_path: Path) -> None:
+    db = tmp_path / "service.db"
+    asyncio.run(a_long_log(db))
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as other:
+        other.execute("CREATE TABLE scratch (x)")  # a commit in the WAL, for readers to see
+        with subprocess.Popen(
+            [sys.executable, "-m", "service", "events"],
+            env={"PATH": "/usr/bin:/bin", "DATABASE_PATH": str(db)},
+            cwd=PROJECT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        ) as events:
+            assert events.stdout is not None
+            assert b"BatchCreated" in events.stdout.readline()
+            time.sleep(0.3)  # the pipe fills and the command waits to write the rest
+            other.execute("PRAGMA busy_timeout = 0")
+            # The command, read a page at a time, holds no snapshot that would keep the WAL
+            # from starting over (busy 1): piped into a pager, it kept every later commit.
+            (busy, _, _) = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            lines = 1 + len(events.stdout.read().splitlines())
+            events.wait(30)
+
+    assert busy == 0
+    assert (events.returncode, lines) == (0, 3001)
