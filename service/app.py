@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp_apispec import setup_aiohttp_apispec, validation_middleware
 
 from service import __version__
+from service.logs import repeats_held_back
 from service.processing.directory_client import DirectoryClient
 from service.processing.processor import Processor
 from service.projections import batches, queries
@@ -54,6 +55,7 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
     cleanup contexts only once all of them have started, and a store left open kept its
     reader threads, so a service that failed to start never exited."""
     async with contextlib.AsyncExitStack() as stack:
+        stack.enter_context(repeats_held_back())
         await stack.enter_async_context(_store(app))
         await stack.enter_async_context(_directory(app))
         await stack.enter_async_context(_processor(app))

@@ -510,6 +510,35 @@ async def test_a_row_whose_intent_cannot_be_stored_comes_back_after_a_pause(
     assert all(later - earlier >= 0.15 for earlier, later in itertools.pairwise(refused))
 
 
+async def test_a_fault_that_strikes_every_row_logs_its_traceback_once_a_minute(
+    service_factory: ServiceFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    refused = 0
+
+    async with service_factory() as service:  # backoff_max is 0.2 s here
+        store = service.app[STORE]
+        append = store.append
+
+        async def refuse_intents_at_first(
+            stream_id: str, expected: int | None, events: Sequence[NewEvent]
+        ) -> list[StoredEvent]:
+            nonlocal refused
+            if refused < 20 and isinstance(events[0].event, ev.HospitalRequested):
+                refused += 1
+                raise sqlite3.OperationalError("database or disk is full")
+            return await append(stream_id, expected, events)
+
+        monkeypatch.setattr(store, "append", refuse_intents_at_first)
+        final = await service.wait_finished((await service.upload(csv_of(30)))["batch_id"])
+
+    # A full disk logged a 40-line traceback per row and retry: 14 GB a day for one batch.
+    logged = [r for r in caplog.records if r.exc_info and "preparing row" in r.getMessage()]
+    assert final["processing_status"] == "completed" and refused == 20
+    assert len(logged) == 1
+
+
 @pytest.mark.parametrize("path", ["/batch/upload-csv", "/batch/validate-csv"])
 async def test_uploaded_files_are_parsed_off_the_event_loop_one_at_a_time(
     service: Service, monkeypatch: pytest.MonkeyPatch, path: str
