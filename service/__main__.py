@@ -46,6 +46,7 @@ def serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _logging(settings.app.log_level)
     logging.getLogger("aiohttp.server").addFilter(RefusedRequests())
+    _open_files_to_hard_limit()
     log.info(
         "Hospital Batch Processor starting on http://%s:%d, directory %s, database %s",
         settings.app.host,
@@ -86,6 +87,24 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     log.info("stopped")
     return 0
+
+
+def _open_files_to_hard_limit() -> None:
+    """Raise the soft limit of open files to the hard one, as Go programs do at start.
+
+    Every connection is a file, and the database writer opens files as it goes: at the
+    usual soft limit of 1,024, about 1,000 idle clients made the writer's commits fail
+    with "unable to open database file". Linux lets a process raise its own soft limit.
+    """
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):  # macOS caps it below an infinite hard
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.info("open files allowed: %s (was %d)", hard, soft)
 
 
 def _event_loop() -> asyncio.AbstractEventLoop:

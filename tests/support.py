@@ -187,6 +187,10 @@ class ServiceProcess:
     async def start(self, http: aiohttp.ClientSession, within: float = 20.0) -> None:
         """Start the service and wait until /health answers 200."""
         self.spawn()
+        await self.ready(http, within)
+
+    async def ready(self, http: aiohttp.ClientSession, within: float = 20.0) -> None:
+        """Wait until the spawned service's /health answers 200."""
         assert self.process is not None
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:

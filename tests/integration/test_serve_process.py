@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import resource
 import signal
 import sqlite3
 import subprocess
@@ -245,3 +246,34 @@ def test_a_database_that_can_be_read_but_not_written_is_refused(tmp_path: Path) 
         with pytest.raises(sqlite3.OperationalError, match="readonly"):
             check_writable(read_only)
         assert not read_only.in_transaction
+
+
+def open_files(pid: int) -> tuple[int, int]:
+    """The soft and hard limits of open files of a process, from /proc."""
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    soft, hard = re.search(r"Max open files +(\d+) +(\d+)", limits).groups()  # type: ignore[union-attr]
+    return int(soft), int(hard)
+
+
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads /proc")
+async def test_the_service_raises_its_open_files_limit_to_the_hard_one(
+    directory: RunningDirectory, tmp_path: Path
+) -> None:
+    # At a soft limit of 1,024, about 1,000 idle clients made the writer's commits fail.
+    service = ServiceProcess(tmp_path / "service.db", directory.url, LOG_LEVEL="INFO")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # the child inherits it
+    try:
+        service.spawn()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert service.process is not None
+    try:
+        async with aiohttp.ClientSession() as http:
+            await service.ready(http)
+        limits = open_files(service.process.pid)
+    finally:
+        service.stop()
+
+    assert limits == (hard, hard)
+    assert f"open files allowed: {hard} (was 256)" in service.log.read_text()
