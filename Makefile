@@ -1,7 +1,8 @@
 # Every target installs what it needs into .venv first; re-running is cheap when
 # pyproject.toml has not changed (the stamp file records the last install).
+# Another interpreter gets its own venv: make test PYTHON=python3.14 VENV=.venv-3.14
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
