@@ -17,20 +17,21 @@ FLOODED = ("service.processing.processor", "service.store.event_store")
 
 class RepeatedErrors(logging.Filter):
     """Let an error with a traceback through once per `seconds` for each kind (its message
-    template and its exception), and count the ones held back into the next that passes."""
+    template, its exception and the line that raised it), and count the ones held back into
+    the next that passes."""
 
     def __init__(
         self, seconds: float = REPEAT_SECONDS, clock: Callable[[], float] = time.monotonic
     ) -> None:
         super().__init__()
         self._seconds, self._clock = seconds, clock
-        self._held: dict[tuple[str, object, str], tuple[float, int]] = {}  # until, held back
+        self._held: dict[tuple[object, ...], tuple[float, int]] = {}  # until, held back
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if error is None:
             return True
-        kind = (str(record.msg), type(error), str(error))
+        kind = (str(record.msg), type(error), str(error), _raised_at(error))
         now = self._clock()
         until, held = self._held.get(kind, (now, 0))
         if now < until:
@@ -42,6 +43,16 @@ class RepeatedErrors(logging.Filter):
         if held:
             record.msg = f"{record.msg} (and {held} more like it since the last one logged)"
         return True
+
+
+def _raised_at(error: BaseException) -> tuple[str, int] | None:
+    """Where `error` was raised: one template ("%s%s failed") logs every task's failures,
+    and an AssertionError says nothing of which assert it was."""
+    if (tb := error.__traceback__) is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_filename, tb.tb_lineno
 
 
 @contextlib.contextmanager

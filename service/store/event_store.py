@@ -39,6 +39,9 @@ MAX_GROUP = 256  # appends committed in one transaction at most
 # only lengthened each full garbage collection.
 RECENT_EVENTS = 4_096
 READ_PAGE = 500
+# While commits fail, how often an empty one checks whether they land again: else /health
+# stayed 503 on an idle service long after the disk had room or the lock was let go.
+COMMIT_RETRY_SECONDS = 1.0
 NOT_OPEN = "the event store is not open"
 KNOWN_VERSIONS = 10_000  # streams whose last version the writer keeps (a miss reads it)
 # The WAL is cut back to this once a checkpoint starts it over. A reader that holds a
@@ -217,8 +220,11 @@ class EventStore:
         if (writer_task := self._writer_task) is not None:
             # Appends from now on are refused: one queued after the join would never settle.
             self._writer_task = None
-            if not writer_task.done():
-                await self._queue.join()
+            joined = asyncio.ensure_future(self._queue.join())
+            try:  # or until the writer fails: the appends it left queued are never done
+                await asyncio.wait([joined, writer_task], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                joined.cancel()
             writer_task.cancel()
             await asyncio.wait([writer_task])  # a writer that failed has said why already
             while not self._queue.empty():  # left by a writer that failed
@@ -263,7 +269,11 @@ class EventStore:
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            group = [await self._queue.get()]
+            try:
+                async with asyncio.timeout(COMMIT_RETRY_SECONDS if self.commit_error else None):
+                    group = [await self._queue.get()]
+            except TimeoutError:  # commits failed, and none was asked since: try an empty one
+                group = []
             while len(group) < MAX_GROUP and not self._queue.empty():
                 group.append(self._queue.get_nowait())
             try:
@@ -309,6 +319,8 @@ class EventStore:
                     cur.execute("ROLLBACK TO append")
                     outcomes.append(self._stored(cur, item))
                 except Exception as exc:  # this append only: its neighbours still commit
+                    if not self._writer.in_transaction:  # SQLite undid it all (a full disk)
+                        raise
                     cur.execute("ROLLBACK TO append")
                     outcomes.append(exc)
                 cur.execute("RELEASE append")

@@ -298,6 +298,84 @@ async def test_a_writer_that_fails_is_logged_and_the_store_still_closes(
     assert not left, [t.name for t in left]
 
 
+async def test_a_writer_that_fails_while_the_store_closes_does_not_hold_the_close(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = EventStore(store_path)
+    await store.open()
+    commit, entered, release = store._commit, threading.Event(), threading.Event()
+
+    def held(group: list[Any]) -> list[Any]:
+        entered.set()
+        release.wait(5)
+        return commit(group)
+
+    def broken(position: int) -> None:
+        raise RuntimeError("an error the writer did not expect")
+
+    monkeypatch.setattr(store, "_commit", held)
+    monkeypatch.setattr(store.head, "advance", broken)
+    first = asyncio.create_task(store.append("batch-a", -1, new_batch("a")))
+    assert await asyncio.to_thread(entered.wait, 5)  # the writer commits batch-a's group
+    queued = asyncio.create_task(store.append("batch-b", -1, new_batch("b")))
+    await asyncio.sleep(0)
+    closing = asyncio.create_task(store.close())
+    await asyncio.sleep(0)  # close() waits for the queue; then the writer fails
+    release.set()
+
+    await asyncio.wait_for(closing, 5)  # it waited for a queue no one would empty: forever
+
+    assert len(await first) == 1
+    with pytest.raises(RuntimeError, match="not open"):
+        await queued
+
+
+async def test_a_full_database_is_the_error_an_append_and_commit_error_give(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connect = event_store.connect_writer
+
+    def small(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
+        conn = connect(path, busy_timeout_ms)
+        conn.execute("PRAGMA max_page_count = 25")  # about 40 KiB past what open() takes
+        return conn
+
+    monkeypatch.setattr(event_store, "connect_writer", small)
+    store = EventStore(store_path)
+    await store.open()
+    try:
+        # A statement that needs a page past the limit: SQLite undoes the whole
+        # transaction, and its savepoint with it ("no such savepoint: append").
+        with pytest.raises(sqlite3.OperationalError, match="full"):
+            await store.append("batch-a", -1, new_batch("a", rows=1000))
+        assert "full" in str(store.commit_error)
+        await store.append("batch-b", -1, new_batch("b"))  # room enough for a small one
+    finally:
+        await store.close()
+
+
+async def test_a_commit_error_clears_once_commits_land_again_with_none_asked(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(event_store, "COMMIT_RETRY_SECONDS", 0.05)
+    store = EventStore(store_path, busy_timeout_ms=50)
+    await store.open()
+    try:
+        with contextlib.closing(sqlite3.connect(store_path, isolation_level=None)) as holder:
+            holder.execute("BEGIN IMMEDIATE")
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                await store.append("batch-a", -1, new_batch("a"))
+            await asyncio.sleep(0.2)
+            assert not store.writer_alive  # still failing: the lock is held
+        deadline = time.monotonic() + 5.0
+        while not store.writer_alive:  # an idle service stayed 503 for good
+            assert time.monotonic() < deadline, store.commit_error
+            await asyncio.sleep(0.01)
+        assert await store.read_all(0) == []
+    finally:
+        await store.close()
+
+
 async def test_a_reader_given_back_goes_to_whoever_waited_first(store_path: Path) -> None:
     store = EventStore(store_path, readers=1)
     await store.open()

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from service import __main__ as service_main
 from service.__main__ import main
 from service.domain import batch as b
 from service.store.event_store import EventStore
@@ -168,6 +169,34 @@ async def test_the_events_command_prints_a_timeline_or_json_lines(
     requested = [line.split("rows=")[1] for line in timeline if "HospitalRequested" in line]
     rows = sorted(int(n) for line in requested for n in line.split(" ")[0].split(","))
     assert rows == [1, 2, 3] and all("attempts=1" in line for line in requested)
+
+
+async def test_the_events_command_pages_neither_skip_nor_repeat_an_event(
+    db_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mine, other = str(uuid.uuid4()), str(uuid.uuid4())
+    store = EventStore(db_path)
+    await store.open()
+    try:
+        await store.append(b.stream_id(other), -1, new_batch(other))
+        await store.append(b.stream_id(mine), -1, new_batch(mine))
+        for _ in range(10):  # the two streams interleaved: versions and positions part ways
+            await store.append(b.stream_id(other), None, requested(other, 3))
+            await store.append(b.stream_id(mine), None, requested(mine, 2))
+    finally:
+        await store.close()
+    monkeypatch.setattr(service_main, "EVENTS_PAGE", 4)
+    monkeypatch.setenv("DATABASE_PATH", str(db_path))
+
+    def printed(*args: str) -> list[dict[str, Any]]:
+        assert main(["events", "--json", *args]) == 0
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    assert [e["stream_version"] for e in printed("--batch", mine)] == list(range(21))
+    assert [e["stream_version"] for e in printed("--batch", mine, "--after", "6")] == list(
+        range(7, 21)
+    )
+    assert [e["global_position"] for e in printed("--after", "9")] == list(range(10, 53))
 
 
 async def a_long_log(db: Path) -> None:

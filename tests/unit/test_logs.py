@@ -38,3 +38,26 @@ def test_other_kinds_and_records_without_an_error_are_not_held_back() -> None:
     assert repeats.filter(record("preparing row %s failed", OSError("disk I/O error"), 2))
     assert repeats.filter(record("preparing row %s failed", None, 3))  # no traceback
     assert repeats.filter(record("preparing row %s failed", None, 4))
+
+
+def raised_here() -> Exception:
+    try:
+        raise KeyError("row")
+    except KeyError as caught:
+        return caught
+
+
+def raised_there() -> Exception:
+    try:
+        raise KeyError("row")
+    except KeyError as caught:
+        return caught
+
+
+def test_errors_alike_raised_in_different_places_are_two_kinds() -> None:
+    repeats = RepeatedErrors(60.0, clock=lambda: 0.0)
+
+    # One template logs every background task's failure; the task's name is an argument.
+    assert repeats.filter(record("%s%s failed", raised_here(), "_record", " of batch a"))
+    assert repeats.filter(record("%s%s failed", raised_there(), "_reconcile", " of batch b"))
+    assert not repeats.filter(record("%s%s failed", raised_here(), "_record", " of batch c"))
