@@ -63,7 +63,7 @@ class DirectorySettings:
 class CsvSettings:
     max_rows: int = 1000
     max_bytes: int = 10 * 1024 * 1024
-    upload_seconds: float = 120.0
+    upload_seconds: float = 60.0
     concurrent_uploads: int = 4
 
 

@@ -25,7 +25,6 @@ from service.web import presenters, schemas
 from service.web.errors import REQUEST_ID, ApiError, invalid
 from service.web.keys import (
     CPU_WORK,
-    INTAKE,
     KEY_NAMESPACE,
     PROCESSOR,
     SETTINGS,
@@ -33,7 +32,7 @@ from service.web.keys import (
     STOPPING,
     STORE,
 )
-from service.web.upload import Upload, read_upload
+from service.web.upload import Upload, upload_of
 
 routes = web.RouteTableDef()
 T = TypeVar("T")
@@ -128,8 +127,7 @@ async def existing_batch(request: web.Request) -> dict[str, Any]:
 async def accept_upload(request: web.Request) -> tuple[dict[str, Any], bool]:
     """Validate the upload and store its BatchCreated; (batch read model, newly created)."""
     settings = request.app[SETTINGS]
-    async with request.app[INTAKE]:  # bodies in memory at once, each up to csv.max_bytes
-        upload = await read_upload(request, settings.csv.max_bytes, settings.csv.upload_seconds)
+    async with upload_of(request) as upload:
         parsed = await _checked(request, upload)
         sha = await asyncio.to_thread(_digest, upload.data)  # hashlib lets the loop run meanwhile
     key = request.headers.get("Idempotency-Key")
@@ -246,13 +244,11 @@ async def upload_csv(request: web.Request) -> web.Response:
 )
 @response_schema(schemas.ValidationResult, 200)
 async def validate_csv(request: web.Request) -> web.Response:
-    settings = request.app[SETTINGS]
     try:
-        async with request.app[INTAKE]:  # bodies in memory at once, each up to csv.max_bytes
-            upload = await read_upload(request, settings.csv.max_bytes, settings.csv.upload_seconds)
+        async with upload_of(request) as upload:
             parsed = await _checked(request, upload)
     except (csv_intake.CsvRejected, ApiError) as exc:
-        # read_upload's refusals are all lists of problems, like the CSV's own.
+        # upload_of's refusals are all lists of problems, like the CSV's own.
         problems = exc.problems if isinstance(exc, csv_intake.CsvRejected) else exc.detail
         body = {"valid": False, "message": "CSV validation failed", "errors": problems}
         return web.json_response(body, status=exc.status)

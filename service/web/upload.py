@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import BodyPartReader, web
@@ -10,6 +12,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 
 from service.domain.csv_intake import Problem, problem
 from service.web.errors import ApiError
+from service.web.keys import INTAKE, SETTINGS
 
 CHUNK = 64 * 1024
 FORM_OVERHEAD = 64 * 1024  # boundaries and part headers around the file itself
@@ -35,11 +38,14 @@ def _too_large(max_bytes: int) -> ApiError:
     )
 
 
-async def read_upload(request: web.Request, max_bytes: int, seconds: float) -> Upload:
-    """The `file` field of a multipart/form-data body, which must arrive within `seconds`;
-    anything else is a 4xx naming it."""
-    if request.content_length is not None and request.content_length > max_bytes + FORM_OVERHEAD:
-        raise _too_large(max_bytes)
+@contextlib.asynccontextmanager
+async def upload_of(request: web.Request) -> AsyncIterator[Upload]:
+    """The uploaded file, read in its turn: at most csv.concurrent_uploads are read and
+    checked at once, each holding its place until the block ends. What the headers alone
+    refuse is answered before the upload waits."""
+    settings = request.app[SETTINGS].csv
+    if (size := request.content_length) is not None and size > settings.max_bytes + FORM_OVERHEAD:
+        raise _too_large(settings.max_bytes)
     if request.content_type != "multipart/form-data":
         raise ApiError(
             422,
@@ -52,6 +58,13 @@ async def read_upload(request: web.Request, max_bytes: int, seconds: float) -> U
                 )
             ],
         )
+    async with request.app[INTAKE]:  # bodies in memory at once, each up to csv.max_bytes
+        yield await _read_upload(request, settings.max_bytes, settings.upload_seconds)
+
+
+async def _read_upload(request: web.Request, max_bytes: int, seconds: float) -> Upload:
+    """The `file` field of a multipart/form-data body, which must arrive within `seconds`;
+    anything else is a 4xx naming it."""
     upload: Upload | None = None
     extra: list[Problem] = []
     left = max_bytes + FORM_OVERHEAD  # what every part together may still take

@@ -493,11 +493,15 @@ async def test_an_upload_past_the_ones_read_at_once_waits_its_turn(hurried: Serv
         async with hurried.http.post(f"{hurried.url}/batch/upload-csv", data=form(GOOD)) as r:
             answered.append(f"whole {r.status}")
 
+    async def not_a_form() -> None:  # refused by its headers alone: it does not wait
+        async with hurried.http.post(f"{hurried.url}/batch/upload-csv", data=GOOD) as r:
+            answered.append(f"not a form {r.status}")
+
     first = asyncio.create_task(stalled())
     await asyncio.sleep(0.1)  # its body is being read: the one place is taken
-    await asyncio.gather(first, whole())
+    await asyncio.gather(first, whole(), not_a_form())
 
-    assert answered == ["stalled 408", "whole 202"]
+    assert answered == ["not a form 422", "stalled 408", "whole 202"]
 
 
 def exactly(size: int) -> bytes:

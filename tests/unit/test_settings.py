@@ -132,6 +132,8 @@ def test_dotenv_skips_comments_and_strips_export_and_quotes(tmp_path: Path) -> N
         ({"WEBSOCKET_HEARTBEAT_SECONDS": "-1"}, "websocket.heartbeat_seconds"),
         ({"DIRECTORY_MAX_ATTEMPTS": "1"}, "directory.max_attempts"),
         ({"DIRECTORY_BACKOFF_MAX": "0.01"}, "directory.backoff_max"),
+        ({"CSV_UPLOAD_SECONDS": "0"}, "csv.upload_seconds"),
+        ({"CSV_CONCURRENT_UPLOADS": "0"}, "csv.concurrent_uploads"),
     ],
 )
 def test_bad_environment_values_name_the_setting(
