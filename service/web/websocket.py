@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import struct
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -149,11 +151,26 @@ async def _read_until_closed(ws: web.WebSocketResponse) -> None:
             return
 
 
-async def _close(ws: web.WebSocketResponse, closing: Closing, seconds: float | None) -> None:
-    """Close with a code, giving up (and dropping the connection) after `seconds`."""
-    with contextlib.suppress(TimeoutError):
+async def _close(
+    ws: web.WebSocketResponse,
+    closing: Closing,
+    seconds: float | None,
+    transport: asyncio.Transport | None = None,
+) -> None:
+    """Close with a code; after `seconds` without the client's answer, reset `transport`.
+
+    A client that has not answered has not read what was sent before the close either. A
+    plain close leaves the kernel holding that for it (a finished 5,000-row batch's snapshot
+    and final message: 1.8 MB) until it reads or goes away: 500 such sockets held 1.2 GB of
+    the host's memory for minutes. A reset drops it at once.
+    """
+    try:
         async with asyncio.timeout(seconds):
             await ws.close(code=closing.code, message=closing.reason.encode()[:123])
+    except TimeoutError:
+        if transport is not None and (sock := transport.get_extra_info("socket")) is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            transport.abort()
 
 
 async def _serve(request: web.Request, sender: Sender) -> web.WebSocketResponse:
@@ -172,7 +189,7 @@ async def _serve(request: web.Request, sender: Sender) -> web.WebSocketResponse:
     ws.headers["X-Request-ID"] = request[REQUEST_ID]
     await ws.prepare(request)
     if request.app[STOPPING].is_set():  # upgraded after close_all took its list
-        await _close(ws, GOING_AWAY, seconds)
+        await _close(ws, GOING_AWAY, seconds, request.transport)
         return ws
     sockets = request.app[SOCKETS]
     sockets.add(ws)
@@ -194,7 +211,7 @@ async def _serve(request: web.Request, sender: Sender) -> web.WebSocketResponse:
         closing = Closing(WSCloseCode.INTERNAL_ERROR, "internal error; reconnect with ?after")
     else:
         closing = sending.result()
-    await _close(ws, closing, seconds)
+    await _close(ws, closing, seconds, request.transport)
     return ws
 
 
