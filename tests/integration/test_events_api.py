@@ -206,16 +206,21 @@ async def a_long_log(db: Path) -> None:
     await store.close()
 
 
-def test_the_events_command_piped_into_a_reader_that_leaves_ends_quietly(tmp_path: Path) -> None:
-    db = tmp_path / "service.db"
-    asyncio.run(a_long_log(db))
-    with subprocess.Popen(
+def events_command(db: Path, stderr: int) -> subprocess.Popen[bytes]:
+    """`python -m service events` on `db` in a process of its own, its output in a pipe."""
+    return subprocess.Popen(
         [sys.executable, "-m", "service", "events"],
         env={"PATH": "/usr/bin:/bin", "DATABASE_PATH": str(db)},
         cwd=PROJECT,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    ) as events:
+        stderr=stderr,
+    )
+
+
+def test_the_events_command_piped_into_a_reader_that_leaves_ends_quietly(tmp_path: Path) -> None:
+    db = tmp_path / "service.db"
+    asyncio.run(a_long_log(db))
+    with events_command(db, stderr=subprocess.PIPE) as events:
         assert events.stdout is not None and events.stderr is not None
         assert b"BatchCreated" in events.stdout.readline()
         events.stdout.close()  # as `head -1` does
@@ -231,13 +236,7 @@ def test_the_events_command_holds_no_snapshot_while_its_output_waits(tmp_path: P
     asyncio.run(a_long_log(db))
     with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as other:
         other.execute("CREATE TABLE scratch (x)")  # a commit in the WAL, for readers to see
-        with subprocess.Popen(
-            [sys.executable, "-m", "service", "events"],
-            env={"PATH": "/usr/bin:/bin", "DATABASE_PATH": str(db)},
-            cwd=PROJECT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        ) as events:
+        with events_command(db, stderr=subprocess.DEVNULL) as events:
             assert events.stdout is not None
             assert b"BatchCreated" in events.stdout.readline()
             time.sleep(0.3)  # the pipe fills and the command waits to write the rest
