@@ -130,6 +130,7 @@ class Processor:
         self._workers: list[asyncio.Task[None]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._warm_up = asyncio.Lock()
+        self._unanswered = False  # the last warm-up got no answer; said once, until one comes
         # One lifecycle decision at a time: each is a read, a check and an append, and two
         # interleaved (two resumes) would both pass their checks on the same state.
         self._deciding = asyncio.Lock()
@@ -186,13 +187,16 @@ class Processor:
         if why is None and c.failed:
             errors = (f"row {r.row.row}: {r.error}" for r in state.rows.values() if r.error)
             why = next(errors, None)
+        status: str = state.status
+        if state.rolled_back:  # done as asked: it reads `failed` at the API, but is no failure
+            status, why = "rolled back", None
         finished_well = state.status == b.COMPLETED or state.rolled_back
         level = logging.INFO if finished_well or state.status not in b.FINISHED else logging.WARNING
         log.log(
             level,
             "batch %s %s: %s%s",
             state.batch_id,
-            state.status,
+            status,
             said,
             f"; {why}" if why else "",
         )
@@ -265,7 +269,10 @@ class Processor:
             if not failed and state.activation_failure is None:
                 raise Refused(f"batch {batch_id} has nothing to resume: no failed row")
             await self._decide(run, ev.BatchResumed(failed), actor)
-            log.info("batch %s resumed: %d failed rows to try again", batch_id, len(failed))
+            if failed:
+                log.info("batch %s resumed: %d failed rows to try again", batch_id, len(failed))
+            else:
+                log.info("batch %s resumed: its activation is tried again", batch_id)
             self._schedule(run)
         return run.state
 
@@ -674,20 +681,37 @@ class Processor:
         return True
 
     async def _ensure_awake(self) -> None:
-        """Wake a directory that sleeps when idle with one long GET / before creating."""
+        """Wake a directory that sleeps when idle with one long GET / before creating.
+
+        While it does not answer, every row's every attempt warms it up again: the operator
+        hears of that once, and once more when it answers again.
+        """
         if self._client.idle_for() < self._settings.idle_seconds:
+            if self._unanswered:
+                self._answers_again()
             return
         if self._warm_up.locked():  # one is under way: its outcome stands for this row too
             async with self._warm_up:
                 return
         async with self._warm_up:
             answer = await self._client.warm_up()
-            if answer.status is None:
+            if answer.status is not None:
+                if self._unanswered:
+                    self._answers_again()
+            elif not self._unanswered:
+                self._unanswered = True
                 log.warning(
-                    "the directory at %s (directory.base_url) did not answer its warm-up: %s",
+                    "the directory at %s (directory.base_url) did not answer its warm-up: %s; "
+                    "creates are sent all the same, each row tried up to "
+                    "directory.max_attempts (%d) times; not said again until it answers",
                     self._client.base_url,
                     answer.message,
+                    self._settings.max_attempts,
                 )
+
+    def _answers_again(self) -> None:
+        self._unanswered = False
+        log.info("the directory at %s answers again", self._client.base_url)
 
     # Reconciling --------------------------------------------------------------------------
 

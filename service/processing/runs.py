@@ -69,7 +69,9 @@ class BatchRun:
     task: asyncio.Task[None] | None = None  # activation or rollback under way
     outbox: Outbox | None = None  # the facts its workers emit, appended together
     at_window: int = 0  # rows got ready and waiting for the rate window's room
-    on_status: Callable[[b.BatchState], object] | None = None  # told each change of status
+    # Told each change of status, and a rollback's end: after an activation failure or a
+    # failed rollback the batch reads `failed` already, and its rollback changes no status.
+    on_status: Callable[[b.BatchState], object] | None = None
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     _early: dict[int, StoredEvent] = field(default_factory=dict)
 
@@ -85,14 +87,15 @@ class BatchRun:
 
     def absorb(self, stored: list[StoredEvent]) -> None:
         """Fold committed events into the state in stream order, whatever order they came in."""
-        status = self.state.status
+        status, rolled_back = self.state.status, self.state.rolled_back
         for event in stored:
             if event.stream_version > self.state.version:
                 self._early[event.stream_version] = event
         while self.state.version + 1 in self._early:
             event = self._early.pop(self.state.version + 1)
             b.apply(self.state, event.decode(), event.recorded_at)
-        if self.on_status is not None and self.state.status != status:
+        changed = self.state.status != status or self.state.rolled_back != rolled_back
+        if self.on_status is not None and changed:
             self.on_status(self.state)
 
     @property

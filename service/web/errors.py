@@ -22,6 +22,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID = web.RequestKey("request_id", str)
 # A client's X-Request-ID is kept only when it is safe to echo and to store in the audit log.
 CLIENT_REQUEST_ID = re.compile(r"[!-~]{1,128}")
+# The client's own bytes that the HTTP parser quotes in its message, to the end of the line:
+# a header too long came as "...when reading: b'Bearer <token>...'".
+QUOTED_BYTES = re.compile(r"""(?:^|[:\s])\s*(?:bytearray\()?b?['"].*""")
 
 
 class ApiError(Exception):
@@ -152,14 +155,16 @@ def _request_id(request: web.Request) -> str:
 class RefusedRequests(logging.Filter):
     """For aiohttp's server log: a request its HTTP parser refused (a header too long, a
     control character, a body that does not decode) is logged at ERROR with a traceback,
-    though the client got its 4xx. It is the client's fault: one INFO line says it."""
+    though the client got its 4xx. It is the client's fault: one INFO line says it, without
+    the bytes the parser quotes (a header's value may be a credential)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, web.RequestPayloadError):  # the body read again after the answer
             error = error.__cause__
         if isinstance(error, HttpProcessingError) and 400 <= error.code < 500:
-            reason = error.message.partition("\n")[0].rstrip(":")  # then the bytes, quoted
+            first = error.message.partition("\n")[0]  # then the bytes, quoted
+            reason = QUOTED_BYTES.sub("", first).rstrip(":. ") or "malformed request"
             record.msg = f"{record.getMessage()}: HTTP {error.code}, {reason}"
             record.args = None
             record.levelno, record.levelname = logging.INFO, "INFO"

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from service.local_directory import RunningDirectory, StandIn
+from service.local_directory import DirectoryOptions, RunningDirectory, StandIn, run_directory
 from service.local_directory.storage import Hospital, NewHospital
 from service.processing import upstream
 from service.processing.directory_client import Answer, DirectoryClient, Outcome
 from tests.integration.chaos import TALLY, assert_exactly_once, trials
-from tests.support import Service, ServiceFactory, csv_of
+from tests.support import Service, ServiceFactory, csv_of, free_port
 
 FAULTS = (
     "429",
@@ -216,6 +217,27 @@ async def test_a_failed_warm_up_names_the_directory_it_tried(
     warned = [r.getMessage() for r in caplog.records if "warm-up" in r.getMessage()]
     assert warned, "no warning"
     assert warned[0].startswith(f"the directory at {directory.url} (directory.base_url)")
+
+
+async def test_a_directory_down_is_warned_of_once_and_its_return_is_said(
+    service_factory: ServiceFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Nothing answers: every attempt of every row warmed it up again, and each failed warm-up
+    # logged the same warning (41 lines for 10 rows in 12 s).
+    caplog.set_level(logging.INFO, logger="service.processing.processor")
+    port = free_port()
+    async with service_factory(base_url=f"http://127.0.0.1:{port}") as service:
+        down = (await service.upload(csv_of(3)))["batch_id"]
+        assert (await service.wait_finished(down))["processing_status"] == "failed"
+        options = DirectoryOptions(create_delay=0.0, rate_limit=False)
+        async with run_directory(options, port=port):
+            up = (await service.upload(csv_of(2, prefix="Later")))["batch_id"]
+            assert (await service.wait_finished(up))["processing_status"] == "completed"
+
+    said = [(r.levelname, m) for r in caplog.records if "directory at" in (m := r.getMessage())]
+    assert [level for level, _ in said] == ["WARNING", "INFO"], said
+    assert "did not answer its warm-up" in said[0][1]
+    assert said[1][1] == f"the directory at http://127.0.0.1:{port} answers again"
 
 
 async def test_a_directory_restart_mid_batch_is_never_reported_completed(

@@ -239,8 +239,9 @@ async def test_two_concurrent_resumes_exactly_one_is_accepted(
 
 
 async def test_resume_after_an_activation_failure_activates_the_batch(
-    service_factory: ServiceFactory, directory: RunningDirectory
+    service_factory: ServiceFactory, directory: RunningDirectory, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="service.processing.processor")
     directory.standin.add_fault("batch_activate", "503", nth=[1, 2])
     async with service_factory(max_attempts=2) as service:
         accepted = await service.upload(SAMPLE_CSV)
@@ -261,6 +262,28 @@ async def test_resume_after_an_activation_failure_activates_the_batch(
     assert all(h["active"] for h in directory.standin.hospitals_in_batch(batch_id))
     assert directory.standin.request_counts["batch_activate"] == 3
     assert directory.standin.request_counts["create"] == 3
+    # The log says what the resume does: it logged "0 failed rows to try again".
+    said = [r.getMessage() for r in caplog.records]
+    assert f"batch {batch_id} resumed: its activation is tried again" in said
+
+
+async def test_the_log_says_a_rollback_ended_also_when_the_batch_read_failed_before(
+    service_factory: ServiceFactory, directory: RunningDirectory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Failed already (its activation, or an earlier round of its rollback), a batch rolled
+    # back changes no status: the log's last word on it was the failure.
+    caplog.set_level(logging.INFO, logger="service.processing.processor")
+    directory.standin.add_fault("batch_activate", "503", probability=1.0)
+    async with service_factory(max_attempts=2) as service:
+        batch_id = (await service.upload(SAMPLE_CSV))["batch_id"]
+        assert (await service.wait_finished(batch_id))["processing_status"] == "failed"
+        status, _ = await delete(service, f"/batch/{batch_id}")
+        assert status in (200, 202)
+        await wait_rolled_back(service, batch_id)
+
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    done = f"batch {batch_id} rolled back: 0 created, 0 failed, 3 deleted of 3 rows"
+    assert ("INFO", done) in said
 
 
 # Rollback -----------------------------------------------------------------------------------

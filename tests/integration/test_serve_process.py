@@ -144,6 +144,26 @@ async def test_a_request_the_http_parser_refuses_is_one_info_line_not_an_error(
     assert " ERROR " not in said and "Traceback" not in said
 
 
+async def test_a_header_too_long_is_logged_without_its_value(
+    directory: RunningDirectory, tmp_path: Path
+) -> None:
+    # The parser quotes the line's first 100 bytes in its message: a bearer token was logged.
+    token = b"Bearer sk_live_" + b"x" * 9000
+    answer, said = await sent_to_a_child(
+        directory,
+        tmp_path,
+        b"GET /health HTTP/1.1\r\nHost: test\r\nAuthorization: " + token + b"\r\n\r\n",
+    )
+
+    assert re.match(rb"HTTP/1\.[01] 400 ", answer)
+    assert re.search(
+        r" INFO aiohttp\.server: Error handling request from .*: HTTP 400, Got more than 8190"
+        r" bytes when reading\n",
+        said,
+    )
+    assert "sk_live_" not in said
+
+
 async def test_a_body_that_does_not_decode_is_one_info_line_not_an_error(
     directory: RunningDirectory, tmp_path: Path
 ) -> None:
