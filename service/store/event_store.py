@@ -283,6 +283,8 @@ class EventStore:
                 outcomes = [exc] * len(group)
                 self.commit_error = exc
             else:
+                if self.commit_error is not None:
+                    log.info("commits land again; they had failed with: %s", self.commit_error)
                 self.commit_error = None
             # By position: a retry in the same group returns the events its twin just wrote.
             committed: dict[int, StoredEvent] = {}
