@@ -168,11 +168,17 @@ class Processor:
         while (left := self._unfinished()) and (rest := deadline - time.monotonic()) > 0:
             await asyncio.wait(left, timeout=rest)
         if left := self._unfinished():
+            creating = (
+                f"{n} of batch {run.batch_id}"
+                for run in self._runs.values()
+                if (n := sum(gate.in_flight for gate in run.gates.values()))
+            )
             log.warning(
-                "stopping: %d task(s) still under way after %.1f s are cut off; "
-                "the next start checks their rows with the directory",
+                "stopping: %d task(s) still under way after %.1f s are cut off (creates in "
+                "flight: %s); the next start checks their rows with the directory",
                 len(left),
                 grace,
+                ", ".join(creating) or "none",
             )
         while left := self._unfinished():
             for task in left:

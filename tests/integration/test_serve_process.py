@@ -56,7 +56,8 @@ async def test_the_log_says_when_the_service_listens_and_when_it_stopped(
     assert service.process is not None and service.process.returncode == 0
     assert f"listening on http://127.0.0.1:{service.port}" in said
     assert "stopping: no new row is sent; calls in flight get up to 0.5 s" in said
-    assert re.search(r"stopping: \d+ task\(s\) still under way after 0\.5 s are cut off", said)
+    cut_off = r"stopping: \d+ task\(s\) still under way after 0\.5 s are cut off"
+    assert re.search(rf"{cut_off} \(creates in flight: 3 of batch [0-9a-f-]{{36}}\)", said)
     assert said.rstrip().endswith("stopped")
 
 
