@@ -15,11 +15,14 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.settings import Settings, SettingsError, load_settings
 from service.store.lock import DatabaseInUse, exclusive
 from service.store.migrations import MigrationError, discover
+
+if TYPE_CHECKING:
+    from service.store.records import StoredEvent
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +123,6 @@ def _event_loop() -> asyncio.AbstractEventLoop:
 def events(args: argparse.Namespace) -> int:
     """Print the event log: a readable timeline, or JSON lines with --json."""
     from service.domain.batch import stream_id
-    from service.store.records import from_row
 
     path = _settings(args).database.path
     if not _is_service_database(path):
@@ -137,8 +139,7 @@ def events(args: argparse.Namespace) -> int:
             params: list[Any] = [stream_id(args.batch), -1 if args.after is None else args.after]
         else:
             where, order, params = "global_position > ?", "global_position", [args.after or 0]
-        for row in _paged(conn, where, order, params):
-            event = from_row(row)
+        for event in _paged(conn, where, order, params):
             if args.json:
                 print(json.dumps(event.to_json()))
             else:
@@ -160,17 +161,17 @@ def events(args: argparse.Namespace) -> int:
 
 def _paged(
     conn: sqlite3.Connection, where: str, order: str, params: list[Any]
-) -> Iterator[tuple[Any, ...]]:
+) -> Iterator[StoredEvent]:
     """The events `where` selects, whose last parameter is the `order` value to start after,
     read a page at a time: a reader that waits on the output (a pager, a full pipe) then
     holds no snapshot, which would keep every later commit in the WAL meanwhile."""
-    from service.store.records import EVENT_COLUMNS
+    from service.store.records import EVENT_COLUMNS, from_row
 
-    at = [column.strip() for column in EVENT_COLUMNS.split(",")].index(order)
     page = f"SELECT {EVENT_COLUMNS} FROM events WHERE {where} ORDER BY {order} LIMIT {EVENTS_PAGE}"
     while rows := conn.execute(page, params).fetchall():
-        yield from rows
-        params = [*params[:-1], rows[-1][at]]
+        events = [from_row(row) for row in rows]
+        yield from events
+        params = [*params[:-1], getattr(events[-1], order)]
 
 
 def rebuild(args: argparse.Namespace) -> int:

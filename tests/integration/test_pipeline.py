@@ -484,24 +484,30 @@ async def test_status_as_of_folds_the_batch_off_the_event_loop(
     assert folded_on and threading.get_ident() not in folded_on
 
 
+def refuse_intents(
+    service: Service, monkeypatch: pytest.MonkeyPatch, times: int, error: str
+) -> list[float]:
+    """Make the first `times` appends of a row's intent fail with `error`; when each did."""
+    refused: list[float] = []
+    append = service.app[STORE].append
+
+    async def refusing(
+        stream_id: str, expected: int | None, events: Sequence[NewEvent]
+    ) -> list[StoredEvent]:
+        if len(refused) < times and isinstance(events[0].event, ev.HospitalRequested):
+            refused.append(time.monotonic())
+            raise sqlite3.OperationalError(error)
+        return await append(stream_id, expected, events)
+
+    monkeypatch.setattr(service.app[STORE], "append", refusing)
+    return refused
+
+
 async def test_a_row_whose_intent_cannot_be_stored_comes_back_after_a_pause(
     service_factory: ServiceFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    refused: list[float] = []
-
     async with service_factory() as service:  # backoff_max is 0.2 s here
-        store = service.app[STORE]
-        append = store.append
-
-        async def refuse_three_intents(
-            stream_id: str, expected: int | None, events: Sequence[NewEvent]
-        ) -> list[StoredEvent]:
-            if len(refused) < 3 and isinstance(events[0].event, ev.HospitalRequested):
-                refused.append(time.monotonic())
-                raise sqlite3.OperationalError("disk I/O error")
-            return await append(stream_id, expected, events)
-
-        monkeypatch.setattr(store, "append", refuse_three_intents)
+        refused = refuse_intents(service, monkeypatch, 3, "disk I/O error")
         final = await service.wait_finished((await service.upload(csv_of(1)))["batch_id"])
 
     assert final["processing_status"] == "completed"
@@ -515,27 +521,13 @@ async def test_a_fault_that_strikes_every_row_logs_its_traceback_once_a_minute(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    refused = 0
-
     async with service_factory() as service:  # backoff_max is 0.2 s here
-        store = service.app[STORE]
-        append = store.append
-
-        async def refuse_intents_at_first(
-            stream_id: str, expected: int | None, events: Sequence[NewEvent]
-        ) -> list[StoredEvent]:
-            nonlocal refused
-            if refused < 20 and isinstance(events[0].event, ev.HospitalRequested):
-                refused += 1
-                raise sqlite3.OperationalError("database or disk is full")
-            return await append(stream_id, expected, events)
-
-        monkeypatch.setattr(store, "append", refuse_intents_at_first)
+        refused = refuse_intents(service, monkeypatch, 20, "database or disk is full")
         final = await service.wait_finished((await service.upload(csv_of(30)))["batch_id"])
 
     # A full disk logged a 40-line traceback per row and retry: 14 GB a day for one batch.
     logged = [r for r in caplog.records if r.exc_info and "preparing row" in r.getMessage()]
-    assert final["processing_status"] == "completed" and refused == 20
+    assert final["processing_status"] == "completed" and len(refused) == 20
     assert len(logged) == 1
 
 
