@@ -150,8 +150,19 @@ class Processor:
         for worker in self._workers:
             worker.add_done_callback(log_failure)
         for batch_id in await queries.unfinished_batch_ids(self._store):
-            log.info("recovering batch %s", batch_id)
-            await self._load(batch_id)
+            run = await self._load(batch_id)
+            if run is not None:
+                state, c = run.state, run.state.counts()
+                log.info(
+                    "recovering batch %s: %d created, %d failed of %d rows; %d to send, "
+                    "%d to check with the directory",
+                    batch_id,
+                    c.created,
+                    c.failed,
+                    c.total,
+                    len(state.to_create()),
+                    len(state.to_reconcile()),
+                )
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop taking rows, give calls in flight `grace` seconds, then cancel the rest.

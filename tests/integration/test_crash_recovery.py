@@ -51,7 +51,7 @@ async def test_sigkill_during_activation(directory: RunningDirectory, tmp_path: 
     directory.standin.set_delay(0.2)
     directory.standin.add_fault("batch_activate", "hang")  # the PATCH is in flight when killed
     db = tmp_path / "crash.db"
-    service = ServiceProcess(db, directory.url)
+    service = ServiceProcess(db, directory.url, LOG_LEVEL="INFO")
     async with aiohttp.ClientSession() as http:
         await service.start(http)
         batch = await upload(http, service.url, csv_of(30))
@@ -64,6 +64,8 @@ async def test_sigkill_during_activation(directory: RunningDirectory, tmp_path: 
         service.stop()
     assert finals[0]["processing_status"] == "completed"
     assert_exactly_once(directory.standin, finals)
+    recovered = f"recovering batch {batch}: 30 created, 0 failed of 30 rows; 0 to send, 0 to"
+    assert recovered in service.log.read_text()
 
 
 async def test_sigkill_during_rollback(directory: RunningDirectory, tmp_path: Path) -> None:
