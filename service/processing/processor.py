@@ -200,14 +200,20 @@ class Processor:
         """Tell the operator where a batch went, then whoever else wants to know."""
         c = state.counts()
         said = f"{c.created} created, {c.failed} failed, {c.deleted} deleted of {c.total} rows"
-        why = state.activation_failure or state.rollback_failure
-        if why is None and c.failed:
+        why = state.activation_failure
+        if state.rollback_failure is not None:  # the latest, and the one an operator acts on
+            why = (
+                f"{state.rollback_failure}; nothing more is tried until "
+                f"DELETE /batch/{state.batch_id} is sent again"
+            )
+        elif why is None and c.failed:
             errors = (f"row {r.row.row}: {r.error}" for r in state.rows.values() if r.error)
             why = next(errors, None)
         status: str = state.status
         if state.rolled_back:  # done as asked: it reads `failed` at the API, but is no failure
             status, why = "rolled back", None
         finished_well = state.status == b.COMPLETED or state.rolled_back
+        finished_well &= state.rollback_failure is None  # a completed batch's, too
         level = logging.INFO if finished_well or state.status not in b.FINISHED else logging.WARNING
         log.log(
             level,

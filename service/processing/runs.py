@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from service.domain import batch as b
+from service.domain import events as ev
 from service.processing.outbox import Outbox
 from service.store.records import StoredEvent
 
@@ -88,14 +89,17 @@ class BatchRun:
     def absorb(self, stored: list[StoredEvent]) -> None:
         """Fold committed events into the state in stream order, whatever order they came in."""
         status, rolled_back = self.state.status, self.state.rolled_back
+        refused = False  # a rollback refused again leaves the status as it was
         for event in stored:
             if event.stream_version > self.state.version:
                 self._early[event.stream_version] = event
         while self.state.version + 1 in self._early:
-            event = self._early.pop(self.state.version + 1)
-            b.apply(self.state, event.decode(), event.recorded_at)
+            next_event = self._early.pop(self.state.version + 1)
+            decoded = next_event.decode()
+            b.apply(self.state, decoded, next_event.recorded_at)
+            refused |= isinstance(decoded, ev.BatchRollbackFailed)
         changed = self.state.status != status or self.state.rolled_back != rolled_back
-        if self.on_status is not None and changed:
+        if self.on_status is not None and (changed or refused):
             self.on_status(self.state)
 
     @property

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -15,8 +14,6 @@ from service.domain.matching import pair
 from service.processing.directory_client import Answer, DirectoryClient, Outcome
 from service.processing.pacing import backoff
 from service.settings import DirectorySettings
-
-log = logging.getLogger(__name__)
 
 
 class Activation(NamedTuple):
@@ -161,13 +158,6 @@ class UpstreamBatches:
                 gone.append(batch_id)
             else:
                 reason = f"the directory did not delete upstream batch {batch_id}: {answer.message}"
-                log.error(
-                    "rollback of batch %s failed: %s; nothing more is tried until "
-                    "DELETE /batch/%s is sent again",
-                    state.batch_id,
-                    reason,
-                    state.batch_id,
-                )
                 return ev.BatchRollbackFailed(reason, tuple(gone))
         return ev.BatchRolledBack(deleted, tuple(gone))
 
