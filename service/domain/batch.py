@@ -87,6 +87,8 @@ def row_status(base: str, activated: bool) -> str:
 
 @dataclass
 class RowState:
+    """One row of a batch as its events leave it."""
+
     row: ev.Row
     creation_batch_id: str
     status: str = ROW_PENDING
@@ -107,6 +109,8 @@ class RowState:
 
 @dataclass
 class BatchState:
+    """A batch as its events leave it: the fold that status and every decision read."""
+
     batch_id: str
     file_name: str
     upstream: tuple[ev.UpstreamBatch, ...]
@@ -195,7 +199,7 @@ class BatchState:
 
 def start(event: ev.BatchCreated, recorded_at: str | None = None) -> BatchState:
     """The state right after a batch was accepted."""
-    upstream_of = {row: u.creation_batch_id for u in event.upstream_batches for row in u.rows}
+    upstream_of = event.creation_batch_of()
     state = BatchState(
         batch_id=event.batch_id,
         file_name=event.file_name,

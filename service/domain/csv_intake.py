@@ -34,6 +34,11 @@ class CsvRejected(Exception):
         self.problems = problems
 
 
+def _rejected(loc: list[str | int], msg: str, kind: str) -> CsvRejected:
+    """A refusal of the whole file for one problem at one place."""
+    return CsvRejected([problem(loc, msg, kind)])
+
+
 @dataclass(frozen=True)
 class ParsedCsv:
     rows: tuple[Row, ...]
@@ -44,14 +49,10 @@ class ParsedCsv:
 def check_filename(filename: str | None) -> None:
     """Refuse a file whose name does not say it is a CSV."""
     if not filename or not filename.lower().endswith(".csv"):
-        raise CsvRejected(
-            [
-                problem(
-                    ["file", "filename"],
-                    f"the file must be a .csv file, got {filename or 'no file name'!r}",
-                    "file_type_error",
-                )
-            ]
+        raise _rejected(
+            ["file", "filename"],
+            f"the file must be a .csv file, got {filename or 'no file name'!r}",
+            "file_type_error",
         )
 
 
@@ -60,15 +61,10 @@ def decode(data: bytes) -> str:
     if b"\x00" in data:
         line, _ = _place(data, data.index(b"\x00"))
         hint = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
-        raise CsvRejected(
-            [
-                problem(
-                    ["file", "encoding"],
-                    f"the file contains NUL bytes from line {line}: it is not a UTF-8 text "
-                    f"CSV{hint}",
-                    "encoding_error",
-                )
-            ]
+        raise _rejected(
+            ["file", "encoding"],
+            f"the file contains NUL bytes from line {line}: it is not a UTF-8 text CSV{hint}",
+            "encoding_error",
         )
     # Strip the BOM ourselves: "utf-8-sig" reports error offsets without it, 3 bytes short.
     body = data.removeprefix(codecs.BOM_UTF8)
@@ -77,15 +73,11 @@ def decode(data: bytes) -> str:
     except UnicodeDecodeError as exc:
         line, line_start = _place(body, exc.start)
         column = len(body[line_start : exc.start].decode("utf-8")) + 1
-        raise CsvRejected(
-            [
-                problem(
-                    ["file", "encoding"],
-                    f"the file is not valid UTF-8: byte 0x{body[exc.start]:02x} at line {line}, "
-                    f"column {column}; save it as UTF-8 (CSV UTF-8 in a spreadsheet)",
-                    "encoding_error",
-                )
-            ]
+        raise _rejected(
+            ["file", "encoding"],
+            f"the file is not valid UTF-8: byte 0x{body[exc.start]:02x} at line {line}, "
+            f"column {column}; save it as UTF-8 (CSV UTF-8 in a spreadsheet)",
+            "encoding_error",
         ) from exc
 
 
@@ -133,27 +125,17 @@ def _records(text: str) -> Iterator[tuple[int, list[str]]]:
         except StopIteration:
             return
         except csv.Error as exc:
-            raise CsvRejected(
-                [
-                    problem(
-                        ["file", "content"],
-                        _parse_error(exc, line, reader.line_num),
-                        "csv_parse_error",
-                    )
-                ]
+            raise _rejected(
+                ["file", "content"], _parse_error(exc, line, reader.line_num), "csv_parse_error"
             ) from exc
         if any(cell.strip() for cell in cells):
             yield line, cells
         elif (blank := blank + 1) > MAX_BLANK_LINES:
-            raise CsvRejected(
-                [
-                    problem(
-                        ["file", "content"],
-                        f"the file has more than {MAX_BLANK_LINES:,} lines without values "
-                        f"(line {line} is one): remove the empty rows",
-                        "too_many_blank_lines",
-                    )
-                ]
+            raise _rejected(
+                ["file", "content"],
+                f"the file has more than {MAX_BLANK_LINES:,} lines without values "
+                f"(line {line} is one): remove the empty rows",
+                "too_many_blank_lines",
             )
         line = reader.line_num + 1
 
@@ -177,14 +159,10 @@ def _headers(cells: list[str]) -> tuple[str, ...]:
     )
     if not ok:
         shown = ",".join(cells[:10]) + (f",... ({len(cells)} columns)" if len(cells) > 10 else "")
-        raise CsvRejected(
-            [
-                problem(
-                    ["file", "headers"],
-                    f"{HEADERS_MESSAGE} (phone optional, any order); found: {shown[:300]}",
-                    "invalid_headers",
-                )
-            ]
+        raise _rejected(
+            ["file", "headers"],
+            f"{HEADERS_MESSAGE} (phone optional, any order); found: {shown[:300]}",
+            "invalid_headers",
         )
     return names
 
@@ -195,20 +173,14 @@ def parse(text: str, max_rows: int) -> ParsedCsv:
     records = _records(text)
     first = next(records, None)
     if first is None:
-        raise CsvRejected(
-            [problem(["file", "content"], "the file is empty: no header, no rows", "empty_file")]
-        )
+        raise _rejected(["file", "content"], "the file is empty: no header, no rows", "empty_file")
     header_line, header_cells = first
     if header_line != 1:
-        raise CsvRejected(
-            [
-                problem(
-                    ["file", "headers"],
-                    f"the first line must be the header {','.join(COLUMNS)}; "
-                    f"the file starts with blank lines",
-                    "missing_headers",
-                )
-            ]
+        raise _rejected(
+            ["file", "headers"],
+            f"the first line must be the header {','.join(COLUMNS)}; "
+            "the file starts with blank lines",
+            "missing_headers",
         )
     headers = _headers(header_cells)
     name, address = headers.index("name"), headers.index("address")

@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 Payload = dict[str, Any]
@@ -42,7 +42,7 @@ class Row:
 
 @dataclass(frozen=True)
 class UpstreamBatch:
-    """A slice of at most 20 rows sent under one creation_batch_id."""
+    """A slice of at most directory.batch_size rows sent under one creation_batch_id."""
 
     creation_batch_id: str
     rows: tuple[int, ...]
@@ -62,6 +62,10 @@ class BatchCreated(Event):
     upstream_batches: tuple[UpstreamBatch, ...]
     content_sha256: str = ""
     idempotency_key: str | None = None
+
+    def creation_batch_of(self) -> dict[int, str]:
+        """Each row's upstream batch id, by row number."""
+        return {row: u.creation_batch_id for u in self.upstream_batches for row in u.rows}
 
     def payload(self) -> Payload:
         """Rows and upstream batches as plain JSON objects (without asdict's deep copies,
@@ -116,7 +120,8 @@ class HospitalFailed(Event):
 
 @dataclass(frozen=True)
 class HospitalRetryScheduled(Event):
-    """An attempt provably did not store the row (or reconciliation did not find it)."""
+    """An attempt provably stored nothing (a 429, never sent, withdrawn, or not found by a
+    check): the row is to be sent again."""
 
     type_name = "HospitalRetryScheduled"
     row: int
@@ -165,7 +170,7 @@ class BatchRollbackFailed(Event):
 class BatchRolledBack(Event):
     type_name = "BatchRolledBack"
     deleted_count: int
-    upstream_batch_ids: tuple[str, ...] = field(default=())
+    upstream_batch_ids: tuple[str, ...] = ()
 
 
 EVENT_TYPES: dict[str, type[Event]] = {

@@ -114,7 +114,8 @@ class Processor:
         settings: DirectorySettings,
         on_status: Callable[[b.BatchState], object] | None = None,
     ) -> None:
-        """`on_status(state)` is called when a batch being worked on changes status."""
+        """`on_status(state)` is called when a batch being worked on changes status, is
+        rolled back, or has a rollback refused (either may leave its status as it was)."""
         self._store, self._client, self._settings = store, client, settings
         self._upstream = UpstreamBatches(client, settings)
         self._on_status = on_status
@@ -164,7 +165,7 @@ class Processor:
                     len(state.to_reconcile()),
                 )
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def stop(self, grace: float) -> None:
         """Stop taking rows, give calls in flight `grace` seconds, then cancel the rest.
 
         Whatever is cut off is safe: its intent is in the log, and the next start
@@ -231,6 +232,7 @@ class Processor:
 
     @property
     def workers_alive(self) -> int:
+        """Worker tasks still running (a worker that stopped on an error is not replaced)."""
         return sum(not t.done() for t in self._workers)
 
     def live_state(self, batch_id: str) -> b.BatchState | None:
@@ -248,6 +250,7 @@ class Processor:
 
     @property
     def active_batches(self) -> int:
+        """Batches with work queued, in flight, or under way."""
         return sum(not run.idle for run in self._runs.values())
 
     # Entry points ---------------------------------------------------------------------------
@@ -633,18 +636,16 @@ class Processor:
             self._release(ready.run, ready.row)
 
     async def _record(self, ready: Ready, answer: Answer) -> None:
-        keep = False
+        """Record a create's answer, then settle its row (still held if a retry timer has it)."""
+        held = False
         try:
-            keep = await self._record_create(
-                ready.run, ready.gate, ready.row, ready.attempt, answer
-            )
+            held = await self._record_create(ready, answer)
         finally:
-            await self._settle(ready, held=keep)
+            await self._settle(ready, held=held)
 
-    async def _record_create(
-        self, run: BatchRun, gate: Gate, n: int, attempt: int, answer: Answer
-    ) -> bool:
+    async def _record_create(self, ready: Ready, answer: Answer) -> bool:
         """Append what the answer proves; True when the row waits for a retry timer."""
+        run, gate, n, attempt = ready.run, ready.gate, ready.row, ready.attempt
         outcome_id = _outcome_id(n, attempt)
         hospital_id = answer.body.get("id") if isinstance(answer.body, dict) else None
         if answer.ok and isinstance(hospital_id, int):
@@ -681,6 +682,8 @@ class Processor:
     async def _retry_later(
         self, run: BatchRun, n: int, attempt: int, reason: str, message: str
     ) -> bool:
+        """Record a failed attempt and hold the row for a retry after a backoff (True), or,
+        once it has failed max_attempts times, record the row as failed (False)."""
         if (failures := run.state.rows[n].failures + 1) >= self._settings.max_attempts:
             said = f"gave up after {failures} failed attempts: {message}"
             failed = ev.HospitalFailed(n, reason, said, retryable=True)

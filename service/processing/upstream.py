@@ -25,7 +25,8 @@ class Activation(NamedTuple):
     lost: bool = False  # hospitals of it are missing: no activation can complete it
 
 
-# Rows the directory lost read created in the log: only new creates can bring them back.
+# What to do about rows the log reads as created but the directory lost: only new creates
+# can bring them back.
 RELOAD = "roll the batch back, then upload the file again"
 
 

@@ -48,7 +48,7 @@ def _insert_batch(cur: sqlite3.Cursor, stored: StoredEvent, event: ev.BatchCreat
             stored.recorded_at,
         ),
     )
-    upstream_of = {row: u.creation_batch_id for u in event.upstream_batches for row in u.rows}
+    upstream_of = event.creation_batch_of()
     cur.executemany(
         "INSERT INTO batch_rows (batch_id, row, line, name, address, phone, creation_batch_id, "
         "status) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from service.domain.batch import STREAM_PREFIX
+from service.domain.batch import PENDING, PROCESSING, STREAM_PREFIX
 from service.store.event_store import EventStore
 
 BATCH_COLUMNS = (
@@ -115,10 +115,10 @@ async def status_snapshot(store: EventStore, batch_id: str) -> tuple[dict[str, A
 async def unfinished_batch_ids(store: EventStore) -> list[str]:
     """Batches the service still owes work to, oldest first."""
     rows = await store.select(
-        "SELECT batch_id FROM batches WHERE status IN ('pending', 'processing') "
+        "SELECT batch_id FROM batches WHERE status IN (?, ?) "
         "OR (rollback_requested = 1 AND rolled_back = 0 AND rollback_error IS NULL) "
         "ORDER BY created_at, batch_id",
-        (),
+        (PENDING, PROCESSING),
     )
     return [batch_id for (batch_id,) in rows]
 

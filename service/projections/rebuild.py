@@ -19,12 +19,15 @@ import orjson
 from service.domain import batch as b
 from service.domain.events import decode
 from service.projections import batches
+from service.settings import DatabaseSettings
 from service.store.event_store import CHECKPOINT, connect_writer, record_checkpoint
 from service.store.migrations import migrate
 
 CHECKPOINTS = "projection_checkpoints"
 BATCH_TABLES = ("batches", "batch_rows")  # compared share by share
 TABLES = (*BATCH_TABLES, CHECKPOINTS)
+PARALLEL_FROM = 200_000  # events per process: below this, starting one costs more than it saves
+LAST = "\U0010ffff"  # sorts after every stream id
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,10 @@ def replay(
 
 
 def rebuild(
-    path: str, busy_timeout_ms: int = 5000, replace: bool = False, workers: int | None = None
+    path: str,
+    busy_timeout_ms: int = DatabaseSettings.busy_timeout_ms,
+    replace: bool = False,
+    workers: int | None = None,
 ) -> RebuildReport:
     """Replay the log into in-memory read models, compare them with the live ones.
 
@@ -112,10 +118,6 @@ def rebuild(
         _replace(path, busy_timeout_ms)
     count = sum(p.events for p in parts)
     return RebuildReport(count, replayed, compared, differences, replaced)
-
-
-PARALLEL_FROM = 200_000  # events per process: below this, starting one costs more than it saves
-LAST = "\U0010ffff"  # sorts after every stream id
 
 
 def _shares(path: str, busy_timeout_ms: int, workers: int | None) -> list[tuple[str, str]]:

@@ -18,6 +18,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
+from service.settings import DatabaseSettings
 from service.store.migrations import check_sqlite_version, migrate
 from service.store.records import (
     EVENT_COLUMNS,
@@ -165,7 +166,7 @@ class EventStore:
         self,
         path: str | Path,
         projectors: Sequence[Projector] = (),
-        busy_timeout_ms: int = 5000,
+        busy_timeout_ms: int = DatabaseSettings.busy_timeout_ms,
         readers: int = 4,
     ) -> None:
         self.path = str(path)

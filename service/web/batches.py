@@ -194,6 +194,11 @@ def _same_upload(known: dict[str, Any], sha: str, parsed: csv_intake.ParsedCsv) 
     return {**known, "warnings": parsed.warnings}
 
 
+def _status_location(batch_id: str) -> dict[str, str]:
+    """The Location header of an accepted upload: the /status path it is followed at."""
+    return {"Location": f"/batch/{batch_id}/status"}
+
+
 def accepted_body(batch: dict[str, Any]) -> dict[str, Any]:
     """The upload answer users know, plus the validation warnings."""
     return {
@@ -228,9 +233,10 @@ def accepted_body(batch: dict[str, Any]) -> dict[str, Any]:
 )
 async def upload_csv(request: web.Request) -> web.Response:
     batch, created = await accept_upload(request)
-    location = f"/batch/{batch['batch_id']}/status"
     return web.json_response(
-        accepted_body(batch), status=202 if created else 200, headers={"Location": location}
+        accepted_body(batch),
+        status=202 if created else 200,
+        headers=_status_location(batch["batch_id"]),
     )
 
 
@@ -297,8 +303,7 @@ async def bulk(request: web.Request) -> web.Response:
     if not finished:
         now = await queries.get_batch(request.app[STORE], batch_id) or batch
         body = {**accepted_body(batch), "status": now["status"]}
-        headers = {"Location": f"/batch/{batch_id}/status"}
-        return web.json_response(body, status=202, headers=headers)
+        return web.json_response(body, status=202, headers=_status_location(batch_id))
     return await status_response(request, batch_id)
 
 

@@ -11,7 +11,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import BadHttpMessage
 
 from service.domain.csv_intake import Problem, problem
-from service.web.errors import ApiError
+from service.web.errors import ApiError, invalid
 from service.web.keys import INTAKE, SETTINGS
 
 CHUNK = 64 * 1024
@@ -47,16 +47,11 @@ async def upload_of(request: web.Request) -> AsyncIterator[Upload]:
     if (size := request.content_length) is not None and size > settings.max_bytes + FORM_OVERHEAD:
         raise _too_large(settings.max_bytes)
     if request.content_type != "multipart/form-data":
-        raise ApiError(
-            422,
-            [
-                problem(
-                    ["body", "file"],
-                    "send the CSV as multipart/form-data in a field named 'file' "
-                    f"(got Content-Type {request.content_type or 'none'})",
-                    "missing",
-                )
-            ],
+        raise invalid(
+            ["body", "file"],
+            "send the CSV as multipart/form-data in a field named 'file' "
+            f"(got Content-Type {request.content_type or 'none'})",
+            "missing",
         )
     async with request.app[INTAKE]:  # bodies in memory at once, each up to csv.max_bytes
         yield await _read_upload(request, settings.max_bytes, settings.upload_seconds)
@@ -95,14 +90,10 @@ async def _read_upload(request: web.Request, max_bytes: int, seconds: float) -> 
     except TimeoutError as exc:
         why = f"the body did not arrive within {seconds:g} s (csv.upload_seconds); send it again"
         raise ApiError(408, [problem(["body"], why, "body_timeout")]) from exc
-    except (ValueError, AssertionError, RuntimeError, UnicodeDecodeError) as exc:
-        raise ApiError(
-            422, [problem(["body"], f"malformed multipart body: {exc}", "multipart_error")]
-        ) from exc
-    except BadHttpMessage as exc:  # a part's headers are too long or not headers at all
-        raise ApiError(
-            422, [problem(["body"], f"malformed multipart body: {exc.message}", "multipart_error")]
-        ) from exc
+    except (ValueError, AssertionError, RuntimeError, UnicodeDecodeError, BadHttpMessage) as exc:
+        # A BadHttpMessage (a part's headers too long, or not headers): str() adds its status.
+        said = exc.message if isinstance(exc, BadHttpMessage) else exc
+        raise invalid(["body"], f"malformed multipart body: {said}", "multipart_error") from exc
     except ConnectionResetError as exc:  # the client left before the body ended: no one reads
         raise ApiError(  # this answer, but the access log shows a 400, not a 500 and a traceback
             400, [problem(["body"], "the request body ended early: connection lost", "body_error")]

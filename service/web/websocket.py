@@ -309,9 +309,10 @@ async def batch_socket(request: web.Request) -> web.WebSocketResponse:
     description=(
         f"Upgrade to a websocket (docs/websocket.md). First a `snapshot` of the "
         f"{DASHBOARD_BATCHES} newest batches and the log position it reflects, then, as the "
-        "log moves (at most 4 times a second), a `progress` message with the current summary "
-        "of every batch that changed. ?after=P starts from log position P instead of a "
-        "snapshot. Never ends on its own; 1001 at shutdown, 4000 when the client stops reading."
+        f"log moves (at most {1 / DASHBOARD_PAUSE:g} times a second), a `progress` message "
+        "with the current summary of every batch that changed. ?after=P starts from log "
+        "position P instead of a snapshot. Never ends on its own; 1001 at shutdown, 4000 when "
+        "the client stops reading."
     ),
     parameters=[
         {
@@ -370,7 +371,7 @@ async def dashboard_socket(request: web.Request) -> web.WebSocketResponse:
 async def close_all(app: web.Application) -> None:
     """At shutdown, close every socket with 1001 Going Away, within the shutdown timeout."""
     app[STOPPING].set()  # sockets upgraded from now on close at once
-    tracked = app[SOCKETS]
+    tracked = app[SOCKETS]  # not inlined: inside list() mypy infers the wrong AppKey type
     sockets = list(tracked)
     if not sockets:
         return
