@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=seconds,
         default=os.environ.get("SERVICE_RECONNECT_TIMEOUT", str(DEFAULT_PATIENCE)),
         metavar="SECONDS",
-        help="give up following after this long without contact (default %(default)s)",
+        help="give up following after this long without contact "
+        "(SERVICE_RECONNECT_TIMEOUT; default %(default)s)",
     )
     # Parents share their actions: a default set on one command's --follow would be
     # every command's, so `follow`, which always follows, has no --follow at all.
