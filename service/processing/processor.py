@@ -22,6 +22,7 @@ from service.processing.outbox import Outbox
 from service.processing.pacing import Lookahead, WindowPacer, backoff
 from service.processing.runs import BatchRun, Gate
 from service.processing.upstream import UpstreamBatches
+from service.processing.warmup import WarmUp
 from service.projections import queries
 from service.settings import DirectorySettings
 from service.store.event_store import EventStore
@@ -130,8 +131,7 @@ class Processor:
         self._work = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._warm_up = asyncio.Lock()
-        self._unanswered = False  # the last warm-up got no answer; said once, until one comes
+        self._warm_up = WarmUp(client, settings)
         # One lifecycle decision at a time: each is a read, a check and an append, and two
         # interleaved (two resumes) would both pass their checks on the same state.
         self._deciding = asyncio.Lock()
@@ -495,7 +495,7 @@ class Processor:
             if (job := await self._next_row()) is None:
                 return None
             run, row = job
-            await self._ensure_awake()
+            await self._warm_up.ensure_awake()
             gate = run.gate(run.state.rows[row].creation_batch_id)
             if gate.reconciling is not None:  # set aside, still held: the check's end queues it
                 gate.parked.append(row)
@@ -705,39 +705,6 @@ class Processor:
         )
         asyncio.get_running_loop().call_later(delay, self._requeue, run, [n])
         return True
-
-    async def _ensure_awake(self) -> None:
-        """Wake a directory that sleeps when idle with one long GET / before creating.
-
-        While it does not answer, every row's every attempt warms it up again: the operator
-        hears of that once, and once more when it answers again.
-        """
-        if self._client.idle_for() < self._settings.idle_seconds:
-            if self._unanswered:
-                self._answers_again()
-            return
-        if self._warm_up.locked():  # one is under way: its outcome stands for this row too
-            async with self._warm_up:
-                return
-        async with self._warm_up:
-            answer = await self._client.warm_up()
-            if answer.status is not None:
-                if self._unanswered:
-                    self._answers_again()
-            elif not self._unanswered:
-                self._unanswered = True
-                log.warning(
-                    "the directory at %s (directory.base_url) did not answer its warm-up: %s; "
-                    "creates are sent all the same, each row tried up to "
-                    "directory.max_attempts (%d) times; not said again until it answers",
-                    self._client.base_url,
-                    answer.message,
-                    self._settings.max_attempts,
-                )
-
-    def _answers_again(self) -> None:
-        self._unanswered = False
-        log.info("the directory at %s answers again", self._client.base_url)
 
     # Reconciling --------------------------------------------------------------------------
 

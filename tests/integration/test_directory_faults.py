@@ -224,7 +224,7 @@ async def test_a_directory_down_is_warned_of_once_and_its_return_is_said(
 ) -> None:
     # Nothing answers: every attempt of every row warmed it up again, and each failed warm-up
     # logged the same warning (41 lines for 10 rows in 12 s).
-    caplog.set_level(logging.INFO, logger="service.processing.processor")
+    caplog.set_level(logging.INFO, logger="service.processing.warmup")
     port = free_port()
     async with service_factory(base_url=f"http://127.0.0.1:{port}") as service:
         down = (await service.upload(csv_of(3)))["batch_id"]
