@@ -36,7 +36,7 @@ class UpstreamBatches:
     def __init__(self, client: DirectoryClient, settings: DirectorySettings) -> None:
         self._client, self._settings = client, settings
 
-    async def patiently(
+    async def _patiently(
         self, call: Callable[[], Awaitable[Answer]], repeat_ambiguous: bool = True
     ) -> Answer:
         """Repeat a call while it provably was not processed, and, for a read or a delete,
@@ -57,7 +57,7 @@ class UpstreamBatches:
 
     async def members(self, creation_batch_id: str) -> Answer:
         """An upstream batch's records, read again while unsent, rate-limited or unclear."""
-        return await self.patiently(
+        return await self._patiently(
             functools.partial(self._client.batch_members, creation_batch_id)
         )
 
@@ -108,12 +108,12 @@ class UpstreamBatches:
                 return Activation(False, error="a rollback was asked for; not activated")
             # Activation is not idempotent: it is repeated only while provably not done.
             activate = functools.partial(self._client.activate, batch_id)
-            answer = await self.patiently(activate, repeat_ambiguous=False)
+            answer = await self._patiently(activate, repeat_ambiguous=False)
             count = answer.body.get("activated_count") if isinstance(answer.body, dict) else None
             if answer.ok and count == total:
                 return Activation(True, total)
             if answer.outcome in (Outcome.RATE_LIMITED, Outcome.NOT_SENT):
-                break  # refused or not sent on each of `patiently`'s tries: the budget is spent
+                break  # refused or not sent on each of `_patiently`'s tries: the budget is spent
             # A 400 (some already active), a timeout, a 5xx or an odd count: the batch tells.
             members = await self.members(batch_id)
             if not members.ok:
@@ -146,13 +146,13 @@ class UpstreamBatches:
     async def delete(self, state: b.BatchState) -> ev.BatchRolledBack | ev.BatchRollbackFailed:
         """Delete every upstream batch; a 404 means its hospitals are already gone.
 
-        A delete still refused after `patiently`'s tries ends the round with a failure,
+        A delete still refused after `_patiently`'s tries ends the round with a failure,
         not a new round at once: the user asks again when the cause is gone.
         """
         deleted, gone = 0, []
         for upstream in state.upstream:
             batch_id = upstream.creation_batch_id
-            answer = await self.patiently(functools.partial(self._client.delete_batch, batch_id))
+            answer = await self._patiently(functools.partial(self._client.delete_batch, batch_id))
             if answer.ok or answer.outcome is Outcome.NOT_FOUND:
                 count = answer.body.get("deleted_count") if isinstance(answer.body, dict) else 0
                 deleted += count if isinstance(count, int) else 0
