@@ -301,6 +301,30 @@ async def test_a_lost_later_upstream_batch_fails_activation_and_says_to_reload(
     assert sum(h["active"] for h in standin.all_hospitals()) == 40  # the other two went ahead
 
 
+async def test_a_lost_upstream_batch_says_to_reload_though_another_failed_before_it(
+    service: Service, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    standin = directory.standin
+
+    def spoil_the_others_on_first_activation(endpoint: str, n: int) -> None:
+        if endpoint == "batch_activate" and n == 1:  # the lead's, created first
+            by_id = standin.store.all()
+            lead, newest = by_id[0].creation_batch_id, by_id[-1].creation_batch_id
+            middle = next(h for h in by_id if h.creation_batch_id not in (lead, newest))
+            middle.active = True  # found partly active: no new upload would help it
+            assert newest is not None
+            standin.store.delete_batch(newest)  # lost: only a new upload brings it back
+
+    on_request(monkeypatch, standin, spoil_the_others_on_first_activation)
+    batch = (await service.upload(csv_of(45)))["batch_id"]  # upstream batches of 20, 20, 5
+    final = await service.wait_finished(batch)
+
+    error = final["activation_error"]
+    assert final["processing_status"] == "failed"
+    assert "only partly active (1 of 20)" in error and "(and 1 more upstream batches)" in error
+    assert error.endswith(upstream.RELOAD)  # said for the lost one, though it failed second
+
+
 async def test_an_activation_rate_limited_every_time_is_sent_max_attempts_times_in_all(
     service_factory: ServiceFactory, directory: RunningDirectory
 ) -> None:

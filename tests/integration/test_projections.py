@@ -207,6 +207,14 @@ REFUSED: list[ev.Event] = [ev.BatchRollbackFailed("HTTP 503", ())]
 
 
 @example(story(1, [REQUEST_1, CREATE_1], [ev.BatchActivationFailed("ko"), ev.BatchResumed(())]))
+# A resume that only clears a failed activation reopens its batch within the append too.
+@example(
+    story(
+        1,
+        [REQUEST_1, CREATE_1, ev.BatchActivationFailed("ko")],
+        [ev.BatchResumed(()), ev.BatchActivated(1, ("s",))],
+    )
+)
 @example(story(1, [REQUEST_1, CREATE_1, ev.BatchActivated(1, ("s",))], ROLLBACK))
 # A refused rollback fails the batch; asked again, it reopens and finishes anew.
 @example(story(1, [REQUEST_1, CREATE_1, ev.BatchRollbackRequested()], REFUSED, ROLLBACK))

@@ -6,6 +6,8 @@ import pytest
 
 from service.domain import batch as b
 from service.domain import events as ev
+from service.domain.matching import pair
+from service.processing.upstream import _stored_first
 
 BATCH_ID = "6f1d4c1e-3b7a-4a53-9a39-0d6c2f0e8b11"
 
@@ -96,6 +98,14 @@ def test_the_row_created_first_stays_first_through_a_resume() -> None:
     assert history(3, failed(1)).first_created is None
 
 
+def test_without_created_at_the_row_recorded_first_leads_activation() -> None:
+    stamped = ev.HospitalCreated(1, 1001, created_at="2025-09-20T10:30:00.123456")
+
+    # Records kept before created_at was: the row recorded first stands for the oldest.
+    assert _stored_first(history(2, created(2), created(1))) == 2
+    assert _stored_first(history(2, created(2), stamped)) == 2
+
+
 @pytest.mark.parametrize(
     ("events", "status"),
     [
@@ -127,6 +137,30 @@ def test_resume_returns_failed_rows_to_pending_and_reconciles_them_first() -> No
     # A failed create may still have reached the directory.
     assert numbers(state.to_reconcile()) == [2, 3]
     assert state.to_create() == []
+
+
+def test_resume_gives_a_row_that_gave_up_its_whole_budget_of_attempts_again() -> None:
+    retry = ev.HospitalRetryScheduled(1, 1, b.UNREACHABLE, "cannot connect")
+    gave_up = ev.HospitalFailed(1, b.UNREACHABLE, "gave up", retryable=True)
+    state = history(1, requested(1), retry, requested(1, 2), gave_up)
+    assert state.rows[1].failures == 1
+
+    b.apply(state, ev.BatchResumed((1,)))
+
+    # Else the resumed row would give up at its first failure, and wait its last backoff.
+    assert state.rows[1].failures == 0
+
+
+def test_a_row_recorded_without_created_at_holds_only_the_record_of_its_id() -> None:
+    mine = history(1, requested(1), created(1)).rows[1].record  # no created_at: an old record
+    hospital = {"name": "Hospital 1", "address": "1 Main St", "phone": None}
+    restarted = {"id": 1, **hospital, "created_at": "2025-09-20T10:30:00.123456"}
+    its_own = {**restarted, "id": 1001}
+
+    # An identical hospital under another id (a restarted directory's) is left for a check
+    # to claim for an identical row, not taken as this one's.
+    assert pair([mine], [restarted]) == ([None], [restarted])
+    assert pair([mine], [restarted, its_own]) == ([its_own], [restarted])
 
 
 def test_rollback_request_stops_creates_and_activation() -> None:

@@ -254,6 +254,14 @@ def test_the_quote_the_results_export_puts_before_formulas_is_taken_off() -> Non
     )
 
 
+@pytest.mark.parametrize("value", ["\t=1+1", "\r=1+1"], ids=["tab", "cr"])
+def test_a_value_starting_with_a_tab_or_cr_is_exported_inert_and_read_back(value: str) -> None:
+    # A spreadsheet trims the tab or CR and computes the rest; unquoted, an upload of the
+    # export would also trim it off.
+    assert escaped(value) == "'" + value
+    assert accepted(HEADER + f'"{escaped(value)}",1 Main St,\n').rows[0].name == value
+
+
 @given(st.text())
 def test_an_exported_value_comes_back_from_an_upload_as_it_was(value: str) -> None:
     assert unescaped(escaped(value)) == value

@@ -1,7 +1,9 @@
-"""DirectoryClient against a mocked session: what each answer or failure proves."""
+"""DirectoryClient against a mocked session, or the stand-in where connections count: what
+each answer or failure proves."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -14,6 +16,7 @@ from aiohttp.client_reqrep import ConnectionKey
 from aioresponses import aioresponses
 from yarl import URL
 
+from service.local_directory import RunningDirectory
 from service.processing.directory_client import NO_SUCH_BATCH, Answer, DirectoryClient, Outcome
 from service.settings import DirectorySettings
 
@@ -278,6 +281,36 @@ async def test_a_real_refused_connection_is_not_sent() -> None:
         answer = await DirectoryClient(session, settings).create("a", "b", None, BATCH_ID)
 
     assert answer.outcome is Outcome.NOT_SENT
+
+
+async def test_no_more_calls_than_concurrency_reach_the_directory_at_once(
+    directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The session's pool is the one cap on requests in flight (the directory asks for 20 at
+    # most), however many callers there are.
+    standin = directory.standin
+    standin.set_delay(0.05)
+    commit, in_flight, most = standin.commit_create, 0, 0
+
+    async def counted(new: Any) -> Any:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            return await commit(new)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(standin, "commit_create", counted)
+    settings = DirectorySettings(base_url=directory.url, concurrency=2)
+    async with DirectoryClient.new_session(settings) as session:
+        client = DirectoryClient(session, settings)
+        answers = await asyncio.gather(
+            *(client.create(f"Hospital {n}", "Main St", None, BATCH_ID) for n in range(6))
+        )
+
+    assert [answer.outcome for answer in answers] == [Outcome.OK] * 6
+    assert most == 2
 
 
 @pytest.mark.parametrize(
