@@ -69,7 +69,8 @@ async def test_rows_requested_once_an_intent_is_on_its_way_get_an_intent_of_thei
 ) -> None:
     outbox, sizes = await outbox_of(store)
     first = asyncio.create_task(outbox.request(1, 1))
-    await asyncio.sleep(0)  # the first intent is built and its append under way
+    while not sizes:  # until the first intent is built and its append under way
+        await asyncio.sleep(0)
 
     await asyncio.gather(first, outbox.request(2, 1))
     await outbox.request(3, 1)
