@@ -21,7 +21,7 @@ from service.settings import Settings
 from service.store.event_store import EventStore
 from service.store.lock import exclusive
 from service.web import batches as batch_routes
-from service.web import docs, events, health, presenters, websocket
+from service.web import docs, events, health, intake, presenters, websocket
 from service.web.errors import answer_expect_in_api_shape, error_middleware, webargs_error
 from service.web.feeds import Feeds
 from service.web.keys import (
@@ -143,6 +143,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(resources)
     app.on_startup.append(_tune_collector)
     app.on_shutdown.append(websocket.close_all)
+    app.add_routes(intake.routes)
     app.add_routes(batch_routes.routes)
     app.add_routes(events.routes)
     app.add_routes(health.routes)

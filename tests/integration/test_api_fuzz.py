@@ -37,7 +37,7 @@ from service.app import create_app
 from service.local_directory import DirectoryOptions, run_directory
 from service.settings import Settings
 from service.store.migrations import migrate
-from service.web.batches import MAX_KEY_LENGTH
+from service.web.intake import MAX_KEY_LENGTH
 from tests.support import SAMPLE_CSV, Service, fast_settings, running_service
 
 LONG = os.environ.get("CHAOS") == "long"
