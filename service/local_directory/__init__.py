@@ -1,8 +1,10 @@
 """A local stand-in of the Hospital Directory API, faithful to its quirks, for tests and demos."""
 
-from .app import RunningDirectory, create_directory_app, run_directory
-from .options import DirectoryOptions
-from .standin import STANDIN_KEY, StandIn
+from __future__ import annotations
+
+from service.local_directory.app import RunningDirectory, create_directory_app, run_directory
+from service.local_directory.options import DirectoryOptions
+from service.local_directory.standin import STANDIN_KEY, StandIn
 
 __all__ = [
     "STANDIN_KEY",

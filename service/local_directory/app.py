@@ -1,5 +1,7 @@
 """Building the stand-in application and serving it on a real socket."""
 
+from __future__ import annotations
+
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -7,11 +9,11 @@ from dataclasses import dataclass
 from aiohttp import web
 from yarl import URL
 
-from .control import add_control_routes
-from .handlers import add_directory_routes
-from .middleware import directory_conditions, fastapi_answers
-from .options import DirectoryOptions
-from .standin import STANDIN_KEY, StandIn
+from service.local_directory.control import add_control_routes
+from service.local_directory.handlers import add_directory_routes
+from service.local_directory.middleware import directory_conditions, fastapi_answers
+from service.local_directory.options import DirectoryOptions
+from service.local_directory.standin import STANDIN_KEY, StandIn
 
 _SHUTDOWN_TIMEOUT_SECONDS = 5.0
 

@@ -1,5 +1,7 @@
 """`python -m service local-directory`: serve the stand-in until SIGINT or SIGTERM."""
 
+from __future__ import annotations
+
 import argparse
 import asyncio
 import logging
@@ -7,8 +9,8 @@ import math
 import signal
 from collections.abc import Callable
 
-from .app import run_directory
-from .options import DirectoryOptions
+from service.local_directory.app import run_directory
+from service.local_directory.options import DirectoryOptions
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,15 @@
 """The stand-in's HTTP control surface under /_standin/ (only with `control` enabled)."""
 
+from __future__ import annotations
+
 import json
 import sys
 from typing import Any
 
 from aiohttp import web
 
-from .options import CONTROL_PREFIX
-from .standin import STANDIN_KEY
+from service.local_directory.options import CONTROL_PREFIX
+from service.local_directory.standin import STANDIN_KEY
 
 
 async def state(request: web.Request) -> web.Response:

@@ -1,10 +1,12 @@
 """Scripted and random failures injected in front of the directory's endpoints."""
 
+from __future__ import annotations
+
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from .options import ENDPOINTS
+from service.local_directory.options import ENDPOINTS
 
 STATUS_FAULTS = ("429", "500", "502", "503", "504")
 COMMIT_STATUS_FAULTS = ("commit_502", "commit_504")

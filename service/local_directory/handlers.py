@@ -1,12 +1,14 @@
 """The directory's endpoints: validation, then a worker slot and the rate limit, then the work."""
 
+from __future__ import annotations
+
 from aiohttp import web
 
-from .options import BATCH_CAP
-from .responses import DirectoryError, json_answer, not_found
-from .standin import STANDIN_KEY
-from .storage import Hospital, HospitalStore
-from .validation import (
+from service.local_directory.options import BATCH_CAP
+from service.local_directory.responses import DirectoryError, json_answer, not_found
+from service.local_directory.standin import STANDIN_KEY
+from service.local_directory.storage import Hospital, HospitalStore
+from service.local_directory.validation import (
     ErrorItem,
     ValidationFailed,
     hospital_changes,

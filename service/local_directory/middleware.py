@@ -1,5 +1,7 @@
 """What sits around the endpoints: Starlette's routing answers, cold starts and faults."""
 
+from __future__ import annotations
+
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -7,11 +9,11 @@ from http import HTTPStatus
 
 from aiohttp import web
 
-from .faults import COMMIT_STATUS_FAULTS, STATUS_FAULTS
-from .options import CONTROL_PREFIX, ENDPOINTS, rate_limit_of
-from .responses import DirectoryError, DirectoryRestarted, json_answer
-from .standin import STANDIN_KEY, StandIn
-from .validation import ValidationFailed
+from service.local_directory.faults import COMMIT_STATUS_FAULTS, STATUS_FAULTS
+from service.local_directory.options import CONTROL_PREFIX, ENDPOINTS, rate_limit_of
+from service.local_directory.responses import DirectoryError, DirectoryRestarted, json_answer
+from service.local_directory.standin import STANDIN_KEY, StandIn
+from service.local_directory.validation import ValidationFailed
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -1,5 +1,7 @@
 """Settings of the local stand-in and the fixed facts of the directory it imitates."""
 
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 BATCH_CAP = 20

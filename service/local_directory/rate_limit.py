@@ -1,5 +1,7 @@
 """Fixed-window rate limiting, as slowapi's default strategy counts."""
 
+from __future__ import annotations
+
 import time
 from collections.abc import Callable, Hashable
 

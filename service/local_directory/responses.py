@@ -1,5 +1,7 @@
 """Answers written the way FastAPI writes them: compact JSON, `detail` errors."""
 
+from __future__ import annotations
+
 import json
 from typing import Any
 

@@ -1,5 +1,7 @@
 """The stand-in's mutable state and its Python control API."""
 
+from __future__ import annotations
+
 import asyncio
 import random
 import time
@@ -11,11 +13,11 @@ from uuid import UUID
 
 from aiohttp import web
 
-from .faults import FaultPlan, FaultRule
-from .options import DirectoryOptions, rate_limit_of
-from .rate_limit import FixedWindowLimiter
-from .responses import DirectoryError, DirectoryRestarted
-from .storage import Hospital, HospitalStore, NewHospital
+from service.local_directory.faults import FaultPlan, FaultRule
+from service.local_directory.options import DirectoryOptions, rate_limit_of
+from service.local_directory.rate_limit import FixedWindowLimiter
+from service.local_directory.responses import DirectoryError, DirectoryRestarted
+from service.local_directory.storage import Hospital, HospitalStore, NewHospital
 
 
 class StandIn:

@@ -1,5 +1,7 @@
 """The directory's in-memory hospital table: global ids, FIFO eviction, batch lookups."""
 
+from __future__ import annotations
+
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime

@@ -1,5 +1,7 @@
 """UUID parsing with the error texts of the Rust `uuid` crate, which pydantic puts in 422s."""
 
+from __future__ import annotations
+
 from uuid import UUID
 
 _HEX = frozenset("0123456789abcdefABCDEF")

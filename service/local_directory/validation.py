@@ -1,5 +1,7 @@
 """Request validation that fails exactly as FastAPI and pydantic v2 fail (422 bodies)."""
 
+from __future__ import annotations
+
 import email.message
 import json
 import re
@@ -7,9 +9,9 @@ from typing import Any
 
 from aiohttp import web
 
-from .responses import DirectoryError
-from .storage import NewHospital
-from .uuid_parsing import parse_uuid
+from service.local_directory.responses import DirectoryError
+from service.local_directory.storage import NewHospital
+from service.local_directory.uuid_parsing import parse_uuid
 
 ErrorItem = dict[str, Any]
 Changes = dict[str, str | None]

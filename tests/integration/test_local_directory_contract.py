@@ -1,5 +1,7 @@
 """The stand-in answers every row of UPSTREAM.md's endpoint table as the directory does."""
 
+from __future__ import annotations
+
 import asyncio
 import io
 import json

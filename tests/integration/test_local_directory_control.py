@@ -1,5 +1,7 @@
 """The HTTP control surface and the command line, which both say they are the stand-in."""
 
+from __future__ import annotations
+
 import asyncio
 import re
 import socket

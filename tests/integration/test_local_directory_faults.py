@@ -1,5 +1,7 @@
 """Injected faults, restarts and the inspection API that proves exactly-once creation."""
 
+from __future__ import annotations
+
 import asyncio
 import random
 from collections.abc import AsyncIterator

@@ -1,5 +1,7 @@
 """Rate limits in fixed windows, the shared handler pool and cold starts."""
 
+from __future__ import annotations
+
 import asyncio
 import time
 from collections.abc import AsyncIterator

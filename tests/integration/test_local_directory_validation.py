@@ -1,5 +1,7 @@
 """The stand-in refuses bad requests with FastAPI's 422 bodies, before any delay or limit."""
 
+from __future__ import annotations
+
 from collections.abc import AsyncIterator
 from typing import Any
 

@@ -1,5 +1,7 @@
 """The stand-in's pure parts: UUID refusals, fixed windows, fault rules and storage."""
 
+from __future__ import annotations
+
 from typing import Any
 from uuid import UUID
 
