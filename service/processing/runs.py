@@ -70,8 +70,8 @@ class BatchRun:
     task: asyncio.Task[None] | None = None  # activation or rollback under way
     outbox: Outbox | None = None  # the facts its workers emit, appended together
     at_window: int = 0  # rows got ready and waiting for the rate window's room
-    # Told each change of status, and a rollback's end: after an activation failure or a
-    # failed rollback the batch reads `failed` already, and its rollback changes no status.
+    # Told each change of status, a rollback's end and each refused rollback: neither of the
+    # last two need change the status (a batch may read `failed` or `completed` already).
     on_status: Callable[[b.BatchState], object] | None = None
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     _early: dict[int, StoredEvent] = field(default_factory=dict)
