@@ -20,7 +20,7 @@ from service.domain import batch as b
 from service.domain import csv_intake
 from service.processing.processor import Refused
 from service.projections import queries
-from service.store.records import StoredEvent
+from service.store.records import from_row
 from service.web import presenters, schemas
 from service.web.errors import REQUEST_ID, ApiError, invalid
 from service.web.keys import CPU_WORK, PROCESSOR, STATUS_CACHE, STORE
@@ -137,19 +137,25 @@ async def status(request: web.Request) -> web.Response:
     as_of = request["querystring"].get("as_of")
     if as_of is None:
         return await status_response(request, batch_id)
-    history = await request.app[STORE].read_stream(b.stream_id(batch_id), limit=as_of + 1)
-    if not history:
+    store = request.app[STORE]
+    stream = b.stream_id(batch_id)
+    if (last := await store.stream_version(stream)) < 0:
         raise batch_not_found(batch_id)
-    if (last := history[-1].stream_version) < as_of:
+    if last < as_of:  # answered before the stream is read: it may hold 100,000 events
         raise invalid(
             ["query", "as_of"], f"batch {batch_id} has no version {as_of}; its last is {last}"
         )
-    body = await off_loop(request, _status_as_of, history)
+    # Decoding a large batch's events takes as long as folding them (0.7 s for 50,000 rows),
+    # so it is done off the loop too; and the lock bounds the undecoded rows held at once.
+    async with request.app[CPU_WORK]:
+        rows = await store.stream_rows(stream, limit=as_of + 1)
+        body = await asyncio.to_thread(_status_as_of, rows)
     return web.Response(body=body, content_type="application/json")
 
 
-def _status_as_of(history: list[StoredEvent]) -> bytes:
-    """The /status body of the batch as the events of `history` left it."""
+def _status_as_of(selected: list[tuple[Any, ...]]) -> bytes:
+    """The /status body of the batch as its events, selected as EVENT_COLUMNS, left it."""
+    history = [from_row(r) for r in selected]
     batch, rows = presenters.records_of(b.fold((e.decode(), e.recorded_at) for e in history))
     return orjson.dumps(presenters.status(batch, rows, until=history[-1].recorded_at))
 
@@ -217,8 +223,20 @@ RESULT_COLUMNS = ("row", "name", "address", "phone", "status", "hospital_id", "e
 @querystring_schema(schemas.ResultsQuery)
 async def results_csv(request: web.Request) -> web.Response:
     batch = await existing_batch(request)
-    rows = await queries.get_rows(request.app[STORE], batch["batch_id"])
+    values = await queries.get_row_values(request.app[STORE], batch["batch_id"])
     only_failed = request["querystring"].get("only_rows") == "failed"
+    text = await off_loop(request, _results_text, values, only_failed)  # 0.3 s at 50,000 rows
+    suffix = "failed" if only_failed else "results"
+    return web.Response(
+        text=text,
+        content_type="text/csv",
+        charset="utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{batch["batch_id"]}-{suffix}.csv"'},
+    )
+
+
+def _results_text(values: list[tuple[Any, ...]], only_failed: bool) -> str:
+    rows = queries.row_dicts(values)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
     if only_failed:
@@ -231,13 +249,7 @@ async def results_csv(request: web.Request) -> web.Response:
         for r in rows:
             result = presenters.row_result(r)
             writer.writerow([csv_intake.escaped(result[c]) for c in RESULT_COLUMNS])
-    suffix = "failed" if only_failed else "results"
-    return web.Response(
-        text=out.getvalue(),
-        content_type="text/csv",
-        charset="utf-8",
-        headers={"Content-Disposition": f'attachment; filename="{batch["batch_id"]}-{suffix}.csv"'},
-    )
+    return out.getvalue()
 
 
 # Lifecycle ------------------------------------------------------------------------------------

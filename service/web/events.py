@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
 from aiohttp import web
 from aiohttp_apispec import docs, querystring_schema, response_schema
 
 from service.domain import batch as b
+from service.store.records import from_row
 from service.web import schemas
 from service.web.batches import (
     BAD_ID_OR_QUERY,
@@ -14,6 +18,7 @@ from service.web.batches import (
     BATCH_ID_PARAMETER,
     NOT_FOUND,
     existing_batch,
+    off_loop,
 )
 from service.web.keys import STORE
 
@@ -33,11 +38,10 @@ async def batch_events(request: web.Request) -> web.Response:
     batch = await existing_batch(request)
     query = request["querystring"]
     after = -1 if query["after"] is None else query["after"]
-    events = await request.app[STORE].read_stream(
+    rows = await request.app[STORE].stream_rows(
         b.stream_id(batch["batch_id"]), after_version=after, limit=query["limit"]
     )
-    next_after = events[-1].stream_version if events else None
-    return web.json_response({"events": [e.to_json() for e in events], "next_after": next_after})
+    return await _page(request, rows, "stream_version")
 
 
 @routes.get("/events")
@@ -51,6 +55,19 @@ async def batch_events(request: web.Request) -> web.Response:
 async def all_events(request: web.Request) -> web.Response:
     query = request["querystring"]
     after = max(0, query["after"] or 0)
-    events = await request.app[STORE].read_all(after_position=after, limit=query["limit"])
-    next_after = events[-1].global_position if events else None
-    return web.json_response({"events": [e.to_json() for e in events], "next_after": next_after})
+    rows = await request.app[STORE].log_rows(after_position=after, limit=query["limit"])
+    return await _page(request, rows, "global_position")
+
+
+async def _page(request: web.Request, rows: list[tuple[Any, ...]], key: str) -> web.Response:
+    """A page of events, decoded and encoded off the loop: a page holding large batches'
+    BatchCreated events took seconds (1.7 s for six of 50,000 rows), /health waiting."""
+    body = await off_loop(request, _page_body, rows, key)
+    return web.Response(body=body, content_type="application/json")
+
+
+def _page_body(rows: list[tuple[Any, ...]], key: str) -> bytes:
+    # orjson: json.dumps holds the interpreter lock for the whole of a 30 MB page (0.6 s).
+    events = [from_row(r).to_json() for r in rows]
+    next_after = events[-1][key] if events else None
+    return orjson.dumps({"events": events, "next_after": next_after})

@@ -24,6 +24,7 @@ from service.local_directory import RunningDirectory
 from service.processing import processor
 from service.projections import queries
 from service.projections.rebuild import rebuild
+from service.store import records
 from service.store.event_store import EventStore
 from service.store.records import EVENT_COLUMNS, NewEvent, StoredEvent, from_row
 from service.web import presenters
@@ -482,6 +483,50 @@ async def test_status_as_of_folds_the_batch_off_the_event_loop(
 
     assert status == 200 and body["processing_status"] == "pending"
     assert folded_on and threading.get_ident() not in folded_on
+
+
+async def test_large_batch_readers_decode_and_encode_off_the_event_loop(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 50,000-row batch's BatchCreated takes 0.3 s to decode: on the loop, /health waited
+    # 0.7 s behind one ?as_of (also one past the last version, before its 422) and 1.7 s
+    # behind one /events page holding six large batches' BatchCreated; results.csv took
+    # 0.25 s, and eight at once held it 1.6 s.
+    accepted = await service.upload(SAMPLE_CSV)
+    batch_id = accepted["batch_id"]
+    await service.wait_finished(batch_id)
+    decoded_on: list[int] = []
+    decode = ev.decode
+
+    def noting_the_thread(*args: Any) -> ev.Event:
+        decoded_on.append(threading.get_ident())
+        return decode(*args)
+
+    monkeypatch.setattr(records, "decode", noting_the_thread)
+    status, body = await service.get(f"/batch/{batch_id}/status?as_of=99")
+    assert status == 422 and body["detail"][0]["loc"] == ["query", "as_of"]
+    assert decoded_on == []
+    status, body = await service.get(f"/batch/{batch_id}/status?as_of=1")
+    assert status == 200 and body["version"] == 1
+    status, page = await service.get(f"/batch/{batch_id}/events?after=-1&limit=2")
+    assert status == 200 and [e["stream_version"] for e in page["events"]] == [0, 1]
+    assert page["next_after"] == 1 and page["events"][0]["event_type"] == "BatchCreated"
+    status, log = await service.get("/events?after=0&limit=2")
+    assert status == 200 and log["events"] == page["events"] and log["next_after"] == 2
+    assert decoded_on and threading.get_ident() not in decoded_on
+
+    escaped_on: list[int] = []
+    escaped = csv_intake.escaped
+
+    def noting_where_escaped(value: Any) -> str:
+        escaped_on.append(threading.get_ident())
+        return escaped(value)
+
+    monkeypatch.setattr(csv_intake, "escaped", noting_where_escaped)
+    async with service.http.get(f"{service.url}/batch/{batch_id}/results.csv") as r:
+        assert r.status == 200
+        assert (await r.text()).startswith("row,name,address,phone,status,hospital_id,")
+    assert escaped_on and threading.get_ident() not in escaped_on
 
 
 def refuse_intents(
