@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench chaos demo demo-45 local-directory clean
+.PHONY: run test test-lowest lint bench chaos demo demo-45 local-directory clean
 
 # A venv that failed half-way is removed, so the next run creates it again.
 $(BIN)/python:
@@ -32,6 +32,10 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
+# The same lint and suite with every dependency at the lowest release pyproject.toml allows.
+test-lowest:
+	PIP_CONSTRAINT=$(CURDIR)/.ci/lowest.txt $(MAKE) test VENV=.venv-lowest
+
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q -s tests/bench
 
@@ -47,4 +51,4 @@ demo-45: $(STAMP)
 	$(BIN)/python -m service demo --file samples/hospitals-45.csv
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-lowest .pytest_cache .mypy_cache .ruff_cache
