@@ -5,6 +5,8 @@ encode it while the batch runs. A finished batch's body is reused until its vers
 moves. A running batch's is reused for `max_age` seconds while its status stays the same,
 and answered while its successor is built if younger than twice that (the body carries
 `version`, so the delay is visible); a change of status always waits for a fresh body.
+The bodies of the batches read last are kept, up to `size` of them and `max_bytes` in all:
+with `csv.max_rows` raised, one batch's body can be 10 MB.
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ class _Entry:
 class StatusCache:
     """The last encoded /status body of the most recently read batches."""
 
-    def __init__(self, max_age: float, size: int = 64) -> None:
-        self.max_age, self.size = max_age, size
+    def __init__(self, max_age: float, size: int = 64, max_bytes: int = 32 << 20) -> None:
+        self.max_age, self.size, self.max_bytes = max_age, size, max_bytes
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._bytes = 0  # of the bodies in _entries
         self._building: dict[tuple[str, str], asyncio.Future[bytes]] = {}
         self._warming: set[asyncio.Task[bytes | None]] = set()
 
@@ -127,8 +130,15 @@ class StatusCache:
         assert snapshot is not None, "a batch's read model is never deleted"
         read, rows = snapshot
         body = orjson.dumps(presenters.status_numbers(read))[:-1] + b',"hospitals":' + rows + b"}"
+        self._forget(batch_id)
         self._entries[batch_id] = _Entry(read["stream_version"], read["status"], now, body)
-        self._entries.move_to_end(batch_id)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        self._bytes += len(body)
+        while len(self._entries) > 1 and (
+            len(self._entries) > self.size or self._bytes > self.max_bytes
+        ):
+            self._forget(next(iter(self._entries)))  # the body read longest ago
         return body
+
+    def _forget(self, batch_id: str) -> None:
+        if (entry := self._entries.pop(batch_id, None)) is not None:
+            self._bytes -= len(entry.body)

@@ -97,6 +97,33 @@ async def test_pollers_arriving_together_share_one_build(
     assert len(set(bodies)) == 1
 
 
+async def test_bodies_are_kept_up_to_max_bytes_and_the_last_built_always(
+    store: EventStore, builds: list[str]
+) -> None:
+    # With csv.max_rows raised, one body can be 10 MB: 64 of them would hold 0.6 GB.
+    for batch_id in ("a", "b"):
+        await store.append(f"batch-{batch_id}", -1, new_batch(batch_id, rows=50))
+    sizes = {i: len(await StatusCache(max_age=60.0).body(store, i) or b"") for i in "ab"}
+    builds.clear()
+
+    roomy = StatusCache(max_age=60.0, max_bytes=sizes["a"] + sizes["b"])
+    for batch_id in "abba":
+        await roomy.body(store, batch_id)
+    assert builds == ["a", "b"]  # both kept
+
+    builds.clear()
+    tight = StatusCache(max_age=60.0, max_bytes=sizes["a"] + sizes["b"] - 1)
+    for batch_id in "abba":
+        await tight.body(store, batch_id)
+    assert builds == ["a", "b", "a"]  # b's build pushed a out, the last read stays
+
+    builds.clear()
+    tiny = StatusCache(max_age=60.0, max_bytes=1)
+    for _ in range(3):
+        await tiny.body(store, "a")
+    assert builds == ["a"]
+
+
 async def test_an_expired_body_is_answered_once_more_while_its_successor_is_built(
     store: EventStore,
 ) -> None:
