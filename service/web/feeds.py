@@ -18,8 +18,8 @@ from typing import Any
 import orjson
 
 from service.domain import batch as b
-from service.store.event_store import EventStore
-from service.store.records import StoredEvent
+from service.store.event_store import READ_PAGE, EventStore
+from service.store.records import StoredEvent, from_row
 from service.web import presenters
 
 BURST_BYTES = 1 << 16  # event frames a socket writes together, at most (and at least one)
@@ -71,11 +71,28 @@ def _event_message(event: StoredEvent, state: b.BatchState) -> bytes:
     return orjson.dumps(message)
 
 
-def _advance(state: b.BatchState | None, event: StoredEvent) -> b.BatchState:
-    """The state with one more event folded in; the first event starts it."""
+def _advance(state: b.BatchState | None, event: StoredEvent) -> tuple[b.BatchState, Message]:
+    """The state with one more event folded in (the first event starts it), and the message."""
     if state is None:
-        return b.fold([(event.decode(), event.recorded_at)])
-    return b.apply(state, event.decode(), event.recorded_at)
+        state = b.fold([(event.decode(), event.recorded_at)])
+    else:
+        state = b.apply(state, event.decode(), event.recorded_at)
+    settled = state.finished and not state.unsettled()
+    finished = _whole("finished", state) if settled else None
+    frame = text_frame(_event_message(event, state))
+    return state, Message(frame, event.global_position, state.status, finished)
+
+
+def _catch_up(rows: list[tuple[Any, ...]]) -> tuple[b.BatchState, list[Message], bytes]:
+    """The state, messages and snapshot of a stream's events so far, selected as
+    EVENT_COLUMNS: a 50,000-row batch takes most of a second to decode and fold, so a
+    feed does this in a thread before anyone else sees its state."""
+    state, messages = None, []
+    for row in rows:
+        state, message = _advance(state, from_row(row))
+        messages.append(message)
+    assert state is not None, "rows holds one event at least"
+    return state, messages, _whole("snapshot", state)
 
 
 class Feed:
@@ -152,19 +169,23 @@ class Feed:
 
     async def _read(self, store: EventStore, stream_id: str) -> None:
         try:
+            rows: list[tuple[Any, ...]] = []
+            while page := await store.stream_rows(stream_id, len(rows) - 1, READ_PAGE):
+                rows += page
+            if rows:
+                self.state, messages, snapshot = await asyncio.to_thread(_catch_up, rows)
+                self._snapshot = (len(rows) - 1, snapshot)
+                self._added(messages)
             # follow() is an async generator: close it with us, not when it is collected.
-            async with contextlib.aclosing(store.follow(stream_id)) as events:
+            async with contextlib.aclosing(store.follow(stream_id, self.version)) as events:
                 async for event in events:
-                    self._add(event)
+                    self.state, message = _advance(self.state, event)
+                    self._added([message])
         finally:
             self._moved.set()  # followers see the failure rather than wait forever
 
-    def _add(self, event: StoredEvent) -> None:
-        state = self.state = _advance(self.state, event)
-        settled = state.finished and not state.unsettled()
-        finished = _whole("finished", state) if settled else None
-        frame = text_frame(_event_message(event, state))
-        self.messages.append(Message(frame, event.global_position, state.status, finished))
+    def _added(self, messages: list[Message]) -> None:
+        self.messages += messages
         self._bursts.clear()
         # follow() hands over a commit's events together: followers wake once for all of them.
         moved, self._moved = self._moved, asyncio.Event()
