@@ -13,7 +13,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
 	$(BIN)/python -m pip install --quiet --upgrade pip || { rm -rf $(VENV); exit 1; }
 
-$(STAMP): pyproject.toml | $(BIN)/python
+# PIP_CONSTRAINT (test-lowest's pins) is part of what was installed: a changed pin reinstalls.
+$(STAMP): pyproject.toml $(PIP_CONSTRAINT) | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
@@ -32,7 +33,7 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
-# The same lint and suite with every dependency at the lowest release pyproject.toml allows.
+# The same lint and suite with each direct dependency at the lowest release pyproject.toml allows.
 test-lowest:
 	PIP_CONSTRAINT=$(CURDIR)/.ci/lowest.txt $(MAKE) test VENV=.venv-lowest
 

@@ -79,14 +79,9 @@ async def idempotency_namespace(store: EventStore) -> uuid.UUID:
     return uuid.UUID(hex=namespace)
 
 
-async def get_rows(store: EventStore, batch_id: str) -> list[dict[str, Any]]:
-    """Every row of a batch, in file order."""
-    return row_dicts(await get_row_values(store, batch_id))
-
-
 async def get_row_values(store: EventStore, batch_id: str) -> list[tuple[Any, ...]]:
-    """get_rows' rows as tuples in ROW_NAMES order: row_dicts makes them dicts, which for
-    50,000 rows belongs off the event loop."""
+    """Every row of a batch, in file order, as tuples in ROW_NAMES order: row_dicts makes
+    them dicts, which for 50,000 rows belongs off the event loop."""
     return await store.select(
         f"SELECT {ROW_COLUMNS} FROM batch_rows WHERE batch_id = ? ORDER BY row", (batch_id,)
     )

@@ -442,14 +442,11 @@ class EventStore:
             (stream_id, after_version, -1 if limit is None else limit),
         )
 
-    async def read_all(self, after_position: int = 0, limit: int = READ_PAGE) -> list[StoredEvent]:
-        """Events of every stream after `after_position`, in log order."""
-        return [from_row(r) for r in await self.log_rows(after_position, limit)]
-
     async def log_rows(
         self, after_position: int = 0, limit: int = READ_PAGE
     ) -> list[tuple[Any, ...]]:
-        """read_all's rows not yet decoded (see stream_rows)."""
+        """Events of every stream after `after_position`, in log order, not yet decoded (see
+        stream_rows)."""
         return await self.select(
             f"SELECT {EVENT_COLUMNS} FROM events WHERE global_position > ? "
             "ORDER BY global_position LIMIT ?",

@@ -63,7 +63,7 @@ async def _page(request: web.Request, rows: list[tuple[Any, ...]], key: str) -> 
     """A page of events, decoded and encoded off the loop: a page holding large batches'
     BatchCreated events took seconds (1.7 s for six of 50,000 rows), /health waiting."""
     body = await off_loop(request, _page_body, rows, key)
-    return web.Response(body=body, content_type="application/json")
+    return web.Response(body=body, content_type="application/json", charset="utf-8")
 
 
 def _page_body(rows: list[tuple[Any, ...]], key: str) -> bytes:

@@ -91,6 +91,9 @@ async def test_the_whole_log_pages_by_position_and_holds_every_batch(service: Se
         assert mine == own["events"]
     _, tail = await service.get(f"/events?after={positions[-2]}")
     assert tail["events"] == everything[-1:]
+    for path in ("/events?limit=1", f"/batch/{first['batch_id']}/events?limit=1"):
+        async with service.http.get(service.url + path) as answer:  # as json_response said
+            assert answer.headers["Content-Type"] == "application/json; charset=utf-8"
 
 
 async def test_pages_are_the_same_after_a_restart(service_factory: ServiceFactory) -> None:

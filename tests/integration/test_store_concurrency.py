@@ -43,7 +43,7 @@ async def test_same_expected_version_exactly_one_append_wins(store: EventStore) 
 
 async def test_a_thousand_concurrent_appends_all_commit_densely(store: EventStore) -> None:
     appends = [store.append(f"batch-{i}", -1, new_batch(str(i), rows=1)) for i in range(1000)]
-    reads = [store.read_all(limit=10) for _ in range(20)]
+    reads = [store.log_rows(limit=10) for _ in range(20)]
 
     outcomes = await asyncio.gather(*appends, *reads, return_exceptions=True)
 
@@ -51,7 +51,7 @@ async def test_a_thousand_concurrent_appends_all_commit_densely(store: EventStor
     assert failures == []
     stored = [events[0] for events in outcomes[:1000]]  # type: ignore[index]
     assert sorted(e.global_position for e in stored) == list(range(1, 1001))
-    assert len(await store.read_all(limit=2000)) == 1000
+    assert len(await store.log_rows(limit=2000)) == 1000
     assert store.head.position == 1000
 
 
