@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from service.domain import events as ev
 from service.projections import batches
+from service.store import records
 from service.store.event_store import EventStore
 from service.store.records import NewEvent
 
@@ -63,3 +66,18 @@ def new_batch(batch_id: str, rows: int = 2) -> list[NewEvent]:
 def requested(batch_id: str, count: int = 1) -> list[NewEvent]:
     """`count` create intents for row 1: valid any number of times, so good filler."""
     return [NewEvent(ev.HospitalRequested((1,), (attempt,))) for attempt in range(1, count + 1)]
+
+
+@pytest.fixture
+def decoded_on(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The thread of each event decoded from a stored row from here on (clear it to start
+    later): readers of large batches must decode off the event loop."""
+    threads: list[int] = []
+    decode = ev.decode
+
+    def noting_the_thread(*args: Any) -> ev.Event:
+        threads.append(threading.get_ident())
+        return decode(*args)
+
+    monkeypatch.setattr(records, "decode", noting_the_thread)
+    return threads

@@ -12,7 +12,6 @@ import orjson
 import pytest
 
 from service.domain import events as ev
-from service.store import records
 from service.store.event_store import EventStore
 from service.store.records import NewEvent, StoredEvent
 from service.web import feeds as feeds_module
@@ -154,19 +153,12 @@ async def test_followers_are_told_when_the_feed_cannot_read(failing_store: Event
 
 
 async def test_a_feed_reads_the_events_so_far_off_the_event_loop(
-    store: EventStore, monkeypatch: pytest.MonkeyPatch
+    store: EventStore, decoded_on: list[int]
 ) -> None:
     # A 50,000-row batch took 0.5-0.8 s to decode and fold for its first follower, and the
     # loop, with every other request, waited that long.
     await store.append("batch-b", -1, new_batch("b", rows=3) + requested("b", 2))
-    decoded_on: list[int] = []
-    decode = ev.decode
-
-    def noting_the_thread(*args: Any) -> ev.Event:
-        decoded_on.append(threading.get_ident())
-        return decode(*args)
-
-    monkeypatch.setattr(records, "decode", noting_the_thread)
+    decoded_on.clear()  # counted from the follow on
     async with Feeds().follow(store, "batch-b") as feed:
         await feed.wait_past(1)
         so_far = [payload(m.frame)["version"] for m in feed.messages]

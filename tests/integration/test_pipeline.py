@@ -24,7 +24,6 @@ from service.local_directory import RunningDirectory
 from service.processing import processor
 from service.projections import queries
 from service.projections.rebuild import rebuild
-from service.store import records
 from service.store.event_store import EventStore
 from service.store.records import EVENT_COLUMNS, NewEvent, StoredEvent, from_row
 from service.web import presenters
@@ -486,7 +485,7 @@ async def test_status_as_of_folds_the_batch_off_the_event_loop(
 
 
 async def test_large_batch_readers_decode_and_encode_off_the_event_loop(
-    service: Service, monkeypatch: pytest.MonkeyPatch
+    service: Service, decoded_on: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A 50,000-row batch's BatchCreated takes 0.3 s to decode: on the loop, /health waited
     # 0.7 s behind one ?as_of (also one past the last version, before its 422) and 1.7 s
@@ -495,14 +494,7 @@ async def test_large_batch_readers_decode_and_encode_off_the_event_loop(
     accepted = await service.upload(SAMPLE_CSV)
     batch_id = accepted["batch_id"]
     await service.wait_finished(batch_id)
-    decoded_on: list[int] = []
-    decode = ev.decode
-
-    def noting_the_thread(*args: Any) -> ev.Event:
-        decoded_on.append(threading.get_ident())
-        return decode(*args)
-
-    monkeypatch.setattr(records, "decode", noting_the_thread)
+    decoded_on.clear()  # from here on
     status, body = await service.get(f"/batch/{batch_id}/status?as_of=99")
     assert status == 422 and body["detail"][0]["loc"] == ["query", "as_of"]
     assert decoded_on == []
