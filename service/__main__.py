@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -268,9 +269,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C before the command took it over: its imports, say
         return 130
     except BrokenPipeError:  # our reader left (`events | head`): stop, as SIGPIPE would
-        # Python flushes stdout again at exit: point it where a write cannot fail.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _stdout_to_devnull()
         return 128 + signal.SIGPIPE
+    except OSError as exc:  # the output cannot be written: `> /dev/full`, a full disk
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+            raise
+        _stdout_to_devnull()
+        print(f"error: cannot write the output: {exc.strerror}", file=sys.stderr)
+        return 2
+
+
+def _stdout_to_devnull() -> None:
+    """Python flushes stdout again at exit: point it where a write cannot fail."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _run(argv: list[str]) -> int:

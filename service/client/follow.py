@@ -48,8 +48,10 @@ async def follow(
     while True:
         code: int | None = None
         try:
+            # The snapshot and `finished` messages carry the whole /status, which a large
+            # batch takes past aiohttp's default 4 MiB a message (closed 1009, forever).
             async with api.http.ws_connect(
-                api.socket_url(batch_id, after), heartbeat=HEARTBEAT_SECONDS
+                api.socket_url(batch_id, after), heartbeat=HEARTBEAT_SECONDS, max_msg_size=0
             ) as ws:
                 while True:
                     try:

@@ -664,6 +664,35 @@ async def test_results_into_a_reader_that_leaves_exits_141(
     assert status == 141, stderr.decode()
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("command", ["results", "follow", "events"])
+async def test_output_that_cannot_be_written_is_one_line_and_exit_2(
+    service: Service, command: str
+) -> None:
+    batch_id = (await service.upload(SAMPLE_CSV))["batch_id"]
+    await service.wait_finished(batch_id)
+    if command == "events":  # read from the database itself
+        argv, env = ["events", "--batch", batch_id], {"DATABASE_PATH": service.db_path}
+    else:
+        argv, env = [command, batch_id, "--url", service.url], {}
+    full = os.open("/dev/full", os.O_WRONLY)  # every write fails: no space left on device
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "service", *argv),
+            stdout=full,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=PROJECT,
+            env={**os.environ, **env},
+        )
+    finally:
+        os.close(full)
+    async with asyncio.timeout(20):
+        _, stderr = await process.communicate()
+
+    assert process.returncode == 2, stderr.decode()
+    assert stderr.decode() == "error: cannot write the output: No space left on device\n"
+
+
 @pytest.mark.parametrize("terminal", [False, True])
 async def test_a_refused_rollback_of_a_completed_batch_says_why(
     service: Service, directory: RunningDirectory, terminal: bool
@@ -680,3 +709,37 @@ async def test_a_refused_rollback_of_a_completed_batch_says_why(
     assert status == 1
     assert "Rollback failed: the directory did not delete upstream batch" in captured.stdout
     assert "roll back again to retry" in captured.stdout
+
+
+async def test_a_batch_whose_status_passes_4_mib_is_followed_to_its_end(
+    service: Service,
+) -> None:
+    # The snapshot and `finished` messages carry the whole /status: 20 rows of 110,000
+    # characters pass aiohttp's default limit of 4 MiB a message (as 9,000 rows with
+    # 400-character addresses do), which the client closed with 1009 and retried forever.
+    batch_id, long = str(uuid.uuid4()), "x" * 110_000
+    created = ev.BatchCreated(
+        batch_id=batch_id,
+        file_name="long.csv",
+        rows=tuple(
+            ev.Row(n, f"Hospital {n} {long}", f"{n} {long}", None, n + 1) for n in range(1, 21)
+        ),
+        upstream_batches=(ev.UpstreamBatch(batch_id, tuple(range(1, 21))),),
+    )
+    done = [
+        ev.HospitalRequested(tuple(range(1, 21)), (1,) * 20),
+        *(ev.HospitalCreated(n, 100 + n) for n in range(1, 21)),
+        ev.BatchActivated(20, (batch_id,)),
+    ]
+    await service.app[STORE].append(
+        b.stream_id(batch_id), -1, [NewEvent(e) for e in (created, *done)]
+    )
+    captured = Captured()
+    async with asyncio.timeout(15):
+        status = await client(
+            captured, "follow", batch_id, "--url", service.url, "--reconnect-timeout", "2"
+        )
+
+    assert status == 0, captured.stdout + captured.stderr
+    assert "code 1009" not in captured.stdout
+    assert "completed: 20 created, 0 failed" in captured.stdout
