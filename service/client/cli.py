@@ -218,7 +218,15 @@ async def _then_follow(
         )
         raise
     status: dict[str, Any] = final["status"]
-    print_table(out, result_table(status))
+    table, left_out = result_table(status)
+    if table.row_count:
+        print_table(out, table)
+    if left_out:
+        out.print(
+            f"{left_out} of the {status['total_hospitals']} rows are not listed above. "
+            f"All of them: python -m service results {batch_id} --url {args.url} "
+            "-o results.csv"
+        )
     out.print(summary(status))
     # Why, and what to do, off the bar: also for a completed batch whose rollback the
     # directory refused (it stays completed, and rollback exits 1).

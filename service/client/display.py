@@ -32,6 +32,7 @@ STATUS_STYLES = {
 
 
 UNWRAPPED = 10_000  # columns offered to a table that is not printed on a terminal
+TABLE_ROWS = 1_000  # rows a result table lists; a longer batch's lists its failed rows
 
 
 def rows_per_second(task: Task) -> float | None:
@@ -167,12 +168,16 @@ def _styled(value: str) -> Text:
     return Text(value, style=STATUS_STYLES.get(value, ""))
 
 
-def result_table(status: dict[str, Any]) -> Table:
-    """Every row's result."""
+def result_table(status: dict[str, Any]) -> tuple[Table, int]:
+    """Every row's result, and how many rows it leaves out: a batch of more than TABLE_ROWS
+    shows its failed rows alone (20,000 rows took the client 9 s and 180 MB to lay out)."""
+    rows = status["hospitals"]
+    if len(rows) > TABLE_ROWS:
+        rows = [r for r in rows if r["status"] == "failed"][:TABLE_ROWS]
     table = Table(box=box.SIMPLE_HEAD, title=f"Batch {status['batch_id']}", title_justify="left")
     for column in ("Row", "Name", "Address", "Phone", "Status", "Hospital ID", "Error"):
         table.add_column(column, overflow="fold")
-    for row in status["hospitals"]:
+    for row in rows:
         table.add_row(
             str(row["row"]),
             Text(row["name"]),
@@ -182,7 +187,7 @@ def result_table(status: dict[str, Any]) -> Table:
             "" if row["hospital_id"] is None else str(row["hospital_id"]),
             Text(row["error_message"] or "", style="red"),
         )
-    return table
+    return table, len(status["hospitals"]) - len(rows)
 
 
 def print_table(console: Console, table: Table) -> None:
