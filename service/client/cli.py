@@ -223,7 +223,7 @@ async def _then_follow(
         print_table(out, table)
     if left_out:
         out.print(
-            f"{left_out} of the {status['total_hospitals']} rows are not listed above. "
+            f"{left_out} of the {status['total_hospitals']} rows are not listed here. "
             f"All of them: python -m service results {batch_id} --url {args.url} "
             "-o results.csv"
         )

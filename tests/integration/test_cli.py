@@ -778,7 +778,7 @@ async def test_a_long_batch_lists_its_failed_rows_and_says_where_the_rest_are(
     listed = re.findall(r"Hospital (\d+) ", captured.stdout)
     assert listed == ["2", "500"]
     assert (
-        f"{total - 2} of the {total} rows are not listed above. All of them: python -m service "
+        f"{total - 2} of the {total} rows are not listed here. All of them: python -m service "
         f"results {batch_id} --url {service.url} -o results.csv"
     ) in " ".join(captured.stdout.split())
     assert "partially_completed: 999 created, 2 failed" in captured.stdout
