@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         _stdout_to_devnull()
         return 128 + signal.SIGPIPE
     except OSError as exc:  # the output cannot be written: `> /dev/full`, a full disk
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+        # One that names a file (the demo's database folder, a lock) is not the output's.
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO) or exc.filename:
             raise
         _stdout_to_devnull()
         print(f"error: cannot write the output: {exc.strerror}", file=sys.stderr)

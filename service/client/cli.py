@@ -203,8 +203,11 @@ async def _then_follow(
 
     A batch ends well when it completed, or for `rollback`, when it was rolled back.
     """
+    # The commands printed are never broken over lines (soft_wrap): pasted, they must run.
     if not args.follow:
-        out.print(f"Follow it: python -m service follow {batch_id} --url {args.url}")
+        out.print(
+            f"Follow it: python -m service follow {batch_id} --url {args.url}", soft_wrap=True
+        )
         return OK
     try:
         with Watch(out, await api.creates_per_minute()) as watch:
@@ -214,7 +217,8 @@ async def _then_follow(
     except asyncio.CancelledError:
         out.print(
             f"Stopped following batch {batch_id}; this does not stop the batch. "
-            f"Follow it again: python -m service follow {batch_id} --url {args.url}"
+            f"Follow it again: python -m service follow {batch_id} --url {args.url}",
+            soft_wrap=True,
         )
         raise
     status: dict[str, Any] = final["status"]
@@ -225,7 +229,8 @@ async def _then_follow(
         out.print(
             f"{left_out} of the {status['total_hospitals']} rows are not listed here. "
             f"All of them: python -m service results {batch_id} --url {args.url} "
-            "-o results.csv"
+            "-o results.csv",
+            soft_wrap=True,
         )
     out.print(summary(status))
     # Why, and what to do, off the bar: also for a completed batch whose rollback the

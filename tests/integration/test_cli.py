@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import io
 import os
 import re
@@ -49,9 +50,9 @@ PROJECT = Path(__file__).resolve().parents[2]
 class Captured:
     """Consoles that write into strings, a terminal or not."""
 
-    def __init__(self, terminal: bool = False) -> None:
+    def __init__(self, terminal: bool = False, width: int = 160) -> None:
         self.out_file, self.err_file = io.StringIO(), io.StringIO()
-        self.out = Console(file=self.out_file, force_terminal=terminal, width=160)
+        self.out = Console(file=self.out_file, force_terminal=terminal, width=width)
         self.err = Console(file=self.err_file, force_terminal=False, width=160)
 
     @property
@@ -100,14 +101,16 @@ async def test_upload_follow_prints_progress_lines_and_the_results(
 async def test_without_follow_an_upload_says_how_to_follow_and_returns(
     service: Service, sample: Path
 ) -> None:
-    captured = Captured()
+    captured = Captured(terminal=True, width=60)  # narrower than the command
     status = await client(captured, "upload", str(sample), "--url", service.url)
 
     assert status == 0, captured.stderr
-    batch_id = re.search(r"Batch (\S+) accepted", captured.stdout)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", captured.stdout)  # a terminal's colours off
+    batch_id = re.search(r"Batch (\S+) accepted", text)
     assert batch_id is not None
-    assert f"Follow it: python -m service follow {batch_id.group(1)}" in captured.stdout
-    assert " done, " not in captured.stdout and "completed:" not in captured.stdout
+    command = f"python -m service follow {batch_id.group(1)} --url {service.url}"
+    assert any(command in line for line in text.splitlines()), text  # pasted, it runs
+    assert " done, " not in text and "completed:" not in text
 
 
 @contextlib.asynccontextmanager
@@ -693,6 +696,18 @@ async def test_output_that_cannot_be_written_is_one_line_and_exit_2(
     assert stderr.decode() == "error: cannot write the output: No space left on device\n"
 
 
+def test_an_error_naming_a_file_is_not_reported_as_the_output(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The demo's database folder on a full disk is not the output that cannot be written.
+    def full_disk(argv: list[str]) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/full/data")
+
+    monkeypatch.setattr("service.demo.main", full_disk)
+    with pytest.raises(OSError, match="/full/data"):
+        main(["demo"])
+
+
 @pytest.mark.parametrize("terminal", [False, True])
 async def test_a_refused_rollback_of_a_completed_batch_says_why(
     service: Service, directory: RunningDirectory, terminal: bool
@@ -771,14 +786,16 @@ async def test_a_long_batch_lists_its_failed_rows_and_says_where_the_rest_are(
     await service.app[STORE].append(
         b.stream_id(batch_id), -1, [NewEvent(e) for e in (created, *done)]
     )
-    captured = Captured()
+    captured = Captured(terminal=True, width=100)  # narrower than the line
     status = await client(captured, "follow", batch_id, "--url", service.url)
 
     assert status == 1
-    listed = re.findall(r"Hospital (\d+) ", captured.stdout)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", captured.stdout)  # a terminal's colours off
+    listed = re.findall(r"Hospital (\d+) ", text)
     assert listed == ["2", "500"]
-    assert (
-        f"{total - 2} of the {total} rows are not listed here. All of them: python -m service "
-        f"results {batch_id} --url {service.url} -o results.csv"
-    ) in " ".join(captured.stdout.split())
-    assert "partially_completed: 999 created, 2 failed" in captured.stdout
+    assert f"{total - 2} of the {total} rows are not listed here." in text
+    # On one line: a command broken over lines does not run as pasted (its first line,
+    # `python -m service`, alone would start a service).
+    command = f"python -m service results {batch_id} --url {service.url} -o results.csv"
+    assert any(command in line for line in text.splitlines()), text[-600:]
+    assert "partially_completed: 999 created, 2 failed" in text
