@@ -105,7 +105,7 @@ async def test_without_follow_an_upload_says_how_to_follow_and_returns(
     status = await client(captured, "upload", str(sample), "--url", service.url)
 
     assert status == 0, captured.stderr
-    text = re.sub(r"\x1b\[[0-9;]*m", "", captured.stdout)  # a terminal's colours off
+    text = plain(captured.stdout)
     batch_id = re.search(r"Batch (\S+) accepted", text)
     assert batch_id is not None
     command = f"python -m service follow {batch_id.group(1)} --url {service.url}"
@@ -726,28 +726,45 @@ async def test_a_refused_rollback_of_a_completed_batch_says_why(
     assert "roll back again to retry" in captured.stdout
 
 
+async def finished_batch(
+    service: Service, rows: list[tuple[str, str]], failed: tuple[int, ...] = ()
+) -> str:
+    """The id of a batch written straight to the log: its rows (name, address) created,
+    but those numbered in `failed`, and activated when none failed."""
+    batch_id, numbers = str(uuid.uuid4()), tuple(range(1, len(rows) + 1))
+    created = ev.BatchCreated(
+        batch_id=batch_id,
+        file_name="long.csv",
+        rows=tuple(ev.Row(n, *row, None, n + 1) for n, row in zip(numbers, rows, strict=True)),
+        upstream_batches=(ev.UpstreamBatch(batch_id, numbers),),
+    )
+    outcomes = [
+        ev.HospitalFailed(n, "rejected", "refused by the directory", False)
+        if n in failed
+        else ev.HospitalCreated(n, 100 + n)
+        for n in numbers
+    ]
+    events: list[ev.Event] = [created, ev.HospitalRequested(numbers, (1,) * len(rows)), *outcomes]
+    if not failed:
+        events.append(ev.BatchActivated(len(rows), (batch_id,)))
+    await service.app[STORE].append(b.stream_id(batch_id), -1, [NewEvent(e) for e in events])
+    return batch_id
+
+
+def plain(text: str) -> str:
+    """A terminal's output without its colours."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
 async def test_a_batch_whose_status_passes_4_mib_is_followed_to_its_end(
     service: Service,
 ) -> None:
     # The snapshot and `finished` messages carry the whole /status: 20 rows of 110,000
     # characters pass aiohttp's default limit of 4 MiB a message (as 9,000 rows with
     # 400-character addresses do), which the client closed with 1009 and retried forever.
-    batch_id, long = str(uuid.uuid4()), "x" * 110_000
-    created = ev.BatchCreated(
-        batch_id=batch_id,
-        file_name="long.csv",
-        rows=tuple(
-            ev.Row(n, f"Hospital {n} {long}", f"{n} {long}", None, n + 1) for n in range(1, 21)
-        ),
-        upstream_batches=(ev.UpstreamBatch(batch_id, tuple(range(1, 21))),),
-    )
-    done = [
-        ev.HospitalRequested(tuple(range(1, 21)), (1,) * 20),
-        *(ev.HospitalCreated(n, 100 + n) for n in range(1, 21)),
-        ev.BatchActivated(20, (batch_id,)),
-    ]
-    await service.app[STORE].append(
-        b.stream_id(batch_id), -1, [NewEvent(e) for e in (created, *done)]
+    long = "x" * 110_000
+    batch_id = await finished_batch(
+        service, [(f"Hospital {n} {long}", f"{n} {long}") for n in range(1, 21)]
     )
     captured = Captured()
     async with asyncio.timeout(15):
@@ -764,33 +781,14 @@ async def test_a_long_batch_lists_its_failed_rows_and_says_where_the_rest_are(
     service: Service,
 ) -> None:
     # 20,000 rows took the client 9 s and 180 MB to lay out, for a table nobody reads.
-    total, failed = TABLE_ROWS + 1, (2, 500)
-    batch_id = str(uuid.uuid4())
-    created = ev.BatchCreated(
-        batch_id=batch_id,
-        file_name="long.csv",
-        rows=tuple(
-            ev.Row(n, f"Hospital {n}", f"{n} Main St", None, n + 1) for n in range(1, total + 1)
-        ),
-        upstream_batches=(ev.UpstreamBatch(batch_id, tuple(range(1, total + 1))),),
-    )
-    done = [
-        ev.HospitalRequested(tuple(range(1, total + 1)), (1,) * total),
-        *(
-            ev.HospitalFailed(n, "rejected", "refused by the directory", False)
-            if n in failed
-            else ev.HospitalCreated(n, 100 + n)
-            for n in range(1, total + 1)
-        ),
-    ]
-    await service.app[STORE].append(
-        b.stream_id(batch_id), -1, [NewEvent(e) for e in (created, *done)]
-    )
+    total = TABLE_ROWS + 1
+    rows = [(f"Hospital {n}", f"{n} Main St") for n in range(1, total + 1)]
+    batch_id = await finished_batch(service, rows, failed=(2, 500))
     captured = Captured(terminal=True, width=100)  # narrower than the line
     status = await client(captured, "follow", batch_id, "--url", service.url)
 
     assert status == 1
-    text = re.sub(r"\x1b\[[0-9;]*m", "", captured.stdout)  # a terminal's colours off
+    text = plain(captured.stdout)
     listed = re.findall(r"Hospital (\d+) ", text)
     assert listed == ["2", "500"]
     assert f"{total - 2} of the {total} rows are not listed here." in text
