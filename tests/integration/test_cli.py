@@ -26,7 +26,7 @@ from yarl import URL
 from service.__main__ import main
 from service.client import run
 from service.client.api import ServiceApi
-from service.client.display import TABLE_ROWS, Watch
+from service.client.display import TABLE_ROWS, Watch, result_table
 from service.domain import batch as b
 from service.domain import events as ev
 from service.local_directory import RunningDirectory
@@ -93,6 +93,7 @@ async def test_upload_follow_prints_progress_lines_and_the_results(
     for name in ("General Hospital", "City Medical Center", "Community Hospital"):
         assert name in captured.stdout
     assert captured.stdout.count("created_and_activated") == 3
+    assert "not listed here" not in captured.stdout  # a short batch lists every row
     assert "completed: 3 created, 0 failed" in lines[-1]
     final = await service.wait_finished(batch_id.group(1))
     assert final["processing_status"] == "completed"
@@ -708,6 +709,21 @@ def test_an_error_naming_a_file_is_not_reported_as_the_output(
         main(["demo"])
 
 
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO])
+def test_every_output_error_is_one_line_and_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], code: int
+) -> None:
+    # A full disk or quota, a file too large, a failing device: /dev/full gives ENOSPC only.
+    def unwritable(argv: list[str]) -> int:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr("service.demo.main", unwritable)
+    monkeypatch.setattr("service.__main__._stdout_to_devnull", lambda: None)  # not pytest's
+
+    assert main(["demo"]) == 2
+    assert capsys.readouterr().err == f"error: cannot write the output: {os.strerror(code)}\n"
+
+
 @pytest.mark.parametrize("terminal", [False, True])
 async def test_a_refused_rollback_of_a_completed_batch_says_why(
     service: Service, directory: RunningDirectory, terminal: bool
@@ -749,6 +765,22 @@ async def finished_batch(
         events.append(ev.BatchActivated(len(rows), (batch_id,)))
     await service.app[STORE].append(b.stream_id(batch_id), -1, [NewEvent(e) for e in events])
     return batch_id
+
+
+async def test_a_follow_stopped_says_how_to_follow_again_on_one_line(service: Service) -> None:
+    batch_id = str(uuid.uuid4())  # created and never worked on: the follow never ends
+    await service.app[STORE].append(b.stream_id(batch_id), -1, new_batch(batch_id))
+    captured = Captured(terminal=True, width=60)  # narrower than the command
+    following = asyncio.ensure_future(client(captured, "follow", batch_id, "--url", service.url))
+    await asyncio.sleep(0.5)
+    following.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await following
+
+    text = plain(captured.stdout)
+    command = f"python -m service follow {batch_id} --url {service.url}"
+    assert "Stopped following batch" in text
+    assert any(command in line for line in text.splitlines()), text
 
 
 def plain(text: str) -> str:
@@ -797,3 +829,53 @@ async def test_a_long_batch_lists_its_failed_rows_and_says_where_the_rest_are(
     command = f"python -m service results {batch_id} --url {service.url} -o results.csv"
     assert any(command in line for line in text.splitlines()), text[-600:]
     assert "partially_completed: 999 created, 2 failed" in text
+
+
+async def test_a_long_batch_with_no_failed_row_prints_no_table(service: Service) -> None:
+    total = TABLE_ROWS + 1
+    rows = [(f"Hospital {n}", f"{n} Main St") for n in range(1, total + 1)]
+    batch_id = await finished_batch(service, rows)
+    captured = Captured()
+    status = await client(captured, "follow", batch_id, "--url", service.url)
+
+    assert status == 0, captured.stderr
+    assert "Hospital ID" not in captured.stdout  # no table's header, with no row under it
+    assert f"{total} of the {total} rows are not listed here." in captured.stdout
+    assert f"completed: {total} created, 0 failed" in captured.stdout
+
+
+def status_with(statuses: list[str]) -> dict[str, Any]:
+    """A /status body whose rows have these statuses, in order."""
+    hospitals = [
+        {
+            "row": n,
+            "name": f"Hospital {n}",
+            "address": f"{n} Main St",
+            "phone": None,
+            "status": status,
+            "hospital_id": 100 + n if status in ("created", "deleted") else None,
+            "error_message": "refused by the directory" if status == "failed" else None,
+        }
+        for n, status in enumerate(statuses, start=1)
+    ]
+    return {"batch_id": "b", "hospitals": hospitals}
+
+
+def listed_rows(statuses: list[str]) -> tuple[list[str], int]:
+    table, left_out = result_table(status_with(statuses))
+    return [str(cell) for cell in table.columns[0].cells], left_out
+
+
+def test_a_batch_of_table_rows_lists_every_row() -> None:
+    listed, left_out = listed_rows(["failed"] + ["created"] * (TABLE_ROWS - 1))
+    assert (len(listed), left_out) == (TABLE_ROWS, 0)
+
+
+def test_a_long_batch_lists_its_failed_rows_alone_and_table_rows_of_them_at_most() -> None:
+    others = ["created", "created_and_activated", "pending", "deleted"] * (TABLE_ROWS // 4)
+    listed, left_out = listed_rows(["failed", *others, "failed"])
+    assert listed == ["1", str(len(others) + 2)]
+    assert left_out == len(others)
+
+    listed, left_out = listed_rows(["failed"] * (TABLE_ROWS + 1))
+    assert listed == [str(n) for n in range(1, TABLE_ROWS + 1)] and left_out == 1

@@ -212,6 +212,7 @@ async def test_read_stream_after_version_and_limit(store: EventStore) -> None:
 
     assert [e.stream_version for e in after_two] == [3, 4, 5]
     assert [e.stream_version for e in page] == [1, 2]
+    assert await store.stream_rows("batch-a", limit=0) == []  # none, not all: None is all
     assert await store.read_stream("batch-missing") == []
     assert await store.stream_version("batch-missing") == -1
 

@@ -23,6 +23,7 @@ from service.domain import batch as b
 from service.store.event_store import EventStore
 from service.store.records import StoredEvent
 from service.web import presenters
+from service.web.keys import CPU_WORK
 from tests.integration.conftest import new_batch, requested
 from tests.support import PROJECT, SAMPLE_CSV, Service, ServiceFactory, csv_of
 
@@ -130,6 +131,20 @@ async def test_as_of_equals_a_fold_of_the_first_events(service: Service) -> None
         assert as_of["processing_time_seconds"] == round((then - started).total_seconds(), 3)
     _, now = await service.get(f"/batch/{batch_id}/status")
     assert as_of == now
+
+
+async def test_as_of_reads_the_stream_only_in_its_turn_off_the_loop(service: Service) -> None:
+    # A large batch's undecoded events are tens of MB: reads holding them wait for the one
+    # CPU-bound job at a time, rather than each holding its rows while it waits.
+    accepted = await service.upload(SAMPLE_CSV)
+    await service.wait_finished(accepted["batch_id"])
+    async with service.app[CPU_WORK]:
+        answer = asyncio.ensure_future(service.get(f"/batch/{accepted['batch_id']}/status?as_of=0"))
+        await asyncio.sleep(0.3)
+        assert not answer.done()
+    status, body = await answer
+
+    assert status == 200 and body["version"] == 0
 
 
 async def test_refusals(service: Service) -> None:

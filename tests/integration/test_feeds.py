@@ -194,3 +194,25 @@ async def test_a_feed_keeps_the_events_it_read_so_far_only_as_messages(
         holders = [x for x in gc.get_referrers(read[0]) if x is not read]
 
     assert holders == []
+
+
+async def test_the_first_snapshot_is_the_one_built_off_the_event_loop(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The catch-up builds the snapshot in its thread: a socket asking for it then must not
+    # build it again on the loop (a 50,000-row batch's takes most of a second).
+    await store.append("batch-b", -1, new_batch("b", rows=3) + requested("b", 2))
+    built_on: list[int] = []
+    whole = feeds_module._whole
+
+    def noting_the_thread(kind: str, state: Any) -> bytes:
+        built_on.append(threading.get_ident())
+        return whole(kind, state)
+
+    monkeypatch.setattr(feeds_module, "_whole", noting_the_thread)
+    async with Feeds().follow(store, "batch-b") as feed:
+        await feed.wait_past(1)
+        snapshot = orjson.loads(feed.snapshot())
+
+    assert len(built_on) == 1 and threading.get_ident() not in built_on
+    assert snapshot["type"] == "snapshot" and snapshot["version"] == 2

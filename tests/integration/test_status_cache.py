@@ -228,3 +228,52 @@ async def test_a_caller_that_has_the_batch_row_saves_the_read(
 
     assert body is not None
     assert json.loads(body)["version"] == batch["stream_version"] == 1
+
+
+async def test_a_rebuilt_body_counts_once_against_max_bytes(
+    store: EventStore, builds: list[str]
+) -> None:
+    # Each new version of a batch replaces its body: counted again, the old ones would push
+    # out bodies that fit.
+    for batch_id in ("a", "b"):
+        await store.append(f"batch-{batch_id}", -1, new_batch(batch_id, rows=50))
+        await store.append(f"batch-{batch_id}", None, requested(batch_id))
+    sizes = {i: len(await StatusCache(max_age=60.0).body(store, i) or b"") for i in "ab"}
+    builds.clear()
+    slack = 16  # processing_time_seconds varies, as above
+    cache = StatusCache(max_age=0.0, max_bytes=sizes["a"] + sizes["b"] + slack)
+    await cache.body(store, "b")
+    for _ in range(3):
+        await store.append("batch-a", None, requested("a"))
+        await cache.body(store, "a")
+    await cache.body(store, "b")
+
+    assert builds == ["b", "a", "a", "a"]  # b kept all along
+
+
+async def test_bodies_that_fill_max_bytes_exactly_are_all_kept(
+    store: EventStore, builds: list[str]
+) -> None:
+    for batch_id in ("a", "b"):  # failed, so their bodies do not change
+        await store.append(f"batch-{batch_id}", -1, new_batch(batch_id, rows=1))
+        await store.append(f"batch-{batch_id}", None, requested(batch_id))
+        failed = NewEvent(ev.HospitalFailed(1, "rejected", "no", False))
+        await store.append(f"batch-{batch_id}", None, [failed])
+    sizes = {i: len(await StatusCache(max_age=60.0).body(store, i) or b"") for i in "ab"}
+    builds.clear()
+    cache = StatusCache(max_age=60.0, max_bytes=sizes["a"] + sizes["b"])
+    for batch_id in "abba":
+        await cache.body(store, batch_id)
+
+    assert builds == ["a", "b"]
+
+
+async def test_bodies_are_kept_up_to_size_of_them(store: EventStore, builds: list[str]) -> None:
+    for batch_id in "abc":
+        await store.append(f"batch-{batch_id}", -1, new_batch(batch_id))
+    cache = StatusCache(max_age=60.0, size=2)
+    for batch_id in "ababcb":
+        await cache.body(store, batch_id)
+    assert builds == ["a", "b", "c"]  # c pushed out a, read longest ago
+    await cache.body(store, "a")
+    assert builds == ["a", "b", "c", "a"]
