@@ -456,6 +456,19 @@ def test_long_and_formula_like_values_are_kept_as_text() -> None:
     assert row.phone == "+1 555 0100"
 
 
+def test_a_formula_like_value_at_the_length_limit_comes_back_from_its_export() -> None:
+    # The export's ' makes it one character longer than the limit it was accepted under.
+    value = "=" + "x" * (131_072 - 1)
+    assert accepted(HEADER + f"{value},1 Main St,\n").rows[0].name == value
+    assert accepted(HEADER + f"{escaped(value)},1 Main St,\n").rows[0].name == value
+    for longer in ("x" * 131_073, "'" + "x" * 131_072, escaped(value + "x")):
+        assert only(refused(HEADER + f"{longer},1 Main St,\n")) == {
+            "loc": ["file", "content"],
+            "msg": "line 2: a value is longer than 131,072 characters",
+            "type": "csv_parse_error",
+        }
+
+
 # Duplicates -----------------------------------------------------------------------------------
 
 
