@@ -23,7 +23,7 @@ from rich.markup import escape
 from yarl import URL
 
 from service.client.api import Refused, ServiceApi
-from service.client.display import Watch, print_table, result_table, summary
+from service.client.display import Watch, print_table, result_table, summary, visible
 from service.client.follow import LostContact, follow
 
 OK, BATCH_FAILED, REFUSED, LOST, INTERRUPTED = 0, 1, 2, 3, 130
@@ -144,9 +144,9 @@ async def run(argv: list[str], out: Console | None = None, err: Console | None =
             api = ServiceApi(http, URL(args.url))
             return await COMMAND_RUNNERS[args.command](api, args, out)
     except Refused as exc:
-        err.print(f"[red]error:[/] {escape(exc.summary)}")
+        err.print(f"[red]error:[/] {escape(visible(exc.summary))}")
         for problem in exc.problems:
-            err.print(f"  {escape(problem)}")
+            err.print(f"  {escape(visible(problem))}")
         return REFUSED
     except LostContact as exc:
         err.print(f"[red]error:[/] lost the live progress: {escape(str(exc))}")
@@ -171,7 +171,7 @@ async def _lifecycle(api: ServiceApi, args: argparse.Namespace, out: Console) ->
     """`resume` or `rollback`: ask, print where the batch is, and follow it if asked to."""
     ask = api.resume if args.command == "resume" else api.rollback
     progress = await ask(args.batch_id)
-    out.print(f"Batch {args.batch_id}: {escape(progress['current_message'])}")
+    out.print(f"Batch {args.batch_id}: {escape(visible(progress['current_message']))}")
     return await _then_follow(api, args.batch_id, args, out)
 
 
@@ -236,7 +236,7 @@ async def _then_follow(
     # Why, and what to do, off the bar: also for a completed batch whose rollback the
     # directory refused (it stays completed, and rollback exits 1).
     if status["processing_status"] != "completed" or status.get("rollback_error"):
-        out.print(escape(final["progress"]["current_message"]), highlight=False)
+        out.print(escape(visible(final["progress"]["current_message"])), highlight=False)
     if args.command == "rollback":
         return OK if status["rolled_back"] else BATCH_FAILED
     return OK if status["processing_status"] == "completed" else BATCH_FAILED

@@ -9,6 +9,7 @@ from typing import Any
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -33,6 +34,14 @@ STATUS_STYLES = {
 
 UNWRAPPED = 10_000  # columns offered to a table that is not printed on a terminal
 TABLE_ROWS = 1_000  # rows a result table lists; a longer batch's lists its failed rows
+# Control characters but tab and newline, as escapes: a value's ESC or CSI sequence, sent
+# to a terminal as it is, would clear the screen, move the cursor or retitle the window.
+CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if chr(c) not in "\t\n"}
+
+
+def visible(text: str) -> str:
+    """Text from the service (a row's values, a directory's answer) fit for a terminal."""
+    return text.translate(CONTROLS)
 
 
 def rows_per_second(task: Task) -> float | None:
@@ -140,8 +149,10 @@ class Watch:
         (and no longer, once it says that again: a wait that ended)."""
         if self.task is None:
             return
-        if self.live:
-            self.progress.update(self.task, aside="" if text == self.said else text)
+        if self.live:  # the column reads its text as markup: a "[/x]" in it would raise
+            self.progress.update(
+                self.task, aside="" if text == self.said else escape(visible(text))
+            )
         elif self.last_line is not None:
             self._line(*self.last_line[:-1], text)
 
@@ -154,7 +165,7 @@ class Watch:
         rate, eta = self.rate.render(task).plain, self.eta.render(task).plain
         self.console.print(
             f"{time.strftime('%H:%M:%S')} {status} {done}/{total} done, {failed} failed, "
-            f"{rate}, {eta} - {text}",
+            f"{rate}, {eta} - {visible(text)}",
             markup=False,
             highlight=False,
         )
@@ -166,6 +177,11 @@ class Watch:
 
 def _styled(value: str) -> Text:
     return Text(value, style=STATUS_STYLES.get(value, ""))
+
+
+def _shown(value: str | None, style: str = "") -> Text:
+    """A row's value as the table shows it: as it is, its control characters made visible."""
+    return Text(visible(value or ""), style=style)
 
 
 def result_table(status: dict[str, Any]) -> tuple[Table, int]:
@@ -180,12 +196,12 @@ def result_table(status: dict[str, Any]) -> tuple[Table, int]:
     for row in rows:
         table.add_row(
             str(row["row"]),
-            Text(row["name"]),
-            Text(row["address"]),
-            Text(row["phone"] or ""),
+            _shown(row["name"]),
+            _shown(row["address"]),
+            _shown(row["phone"]),
             _styled(row["status"]),
             "" if row["hospital_id"] is None else str(row["hospital_id"]),
-            Text(row["error_message"] or "", style="red"),
+            _shown(row["error_message"], style="red"),
         )
     return table, len(status["hospitals"]) - len(rows)
 

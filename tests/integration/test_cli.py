@@ -241,11 +241,12 @@ async def test_a_refused_upload_exits_2_with_the_servers_messages(
     service: Service, tmp_path: Path
 ) -> None:
     bad = tmp_path / "bad.csv"
-    bad.write_text("hospital,street\nA,B\n")
+    bad.write_text("hospital,str\x1b[2Jeet\nA,B\n")
     captured = Captured()
     assert await client(captured, "upload", str(bad), "--url", service.url, "--follow") == 2
     assert "HTTP 422" in captured.stderr
     assert "name" in captured.stderr  # the missing column, as the server names it
+    assert "found: hospital,str\\x1b[2Jeet" in captured.stderr  # not an escape sequence
     assert captured.stdout == ""
 
     missing = Captured()

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
-from service.client.display import TABLE_ROWS, result_table
+import pytest
+from rich.console import Console
+from rich.progress import TextColumn
+from rich.text import Text
+
+from service.client.display import TABLE_ROWS, Watch, result_table
 
 
 def status_with(statuses: list[str]) -> dict[str, Any]:
@@ -42,3 +48,48 @@ def test_a_long_batch_lists_its_failed_rows_alone_and_table_rows_of_them_at_most
 
     listed, left_out = listed_rows(["failed"] * (TABLE_ROWS + 1))
     assert listed == [str(n) for n in range(1, TABLE_ROWS + 1)] and left_out == 1
+
+
+def test_a_value_s_control_characters_reach_the_terminal_as_visible_escapes() -> None:
+    status = status_with(["failed"])
+    status["hospitals"][0].update(
+        name="Evil\x1b[2J\x1b[HHospital",  # clears the screen, then writes over it
+        address="1 Main St\x9b31m",  # C1 CSI: the same, in one byte
+        phone="\x1b]0;retitled\x07555",  # retitles the window, and hides what follows
+        error_message="Line1\r\nLine2\tend",
+    )
+    out = io.StringIO()
+    Console(file=out, width=200, color_system=None).print(result_table(status)[0])
+    shown = out.getvalue()
+    assert not set(shown) & {"\x1b", "\x9b", "\x07", "\r"}
+    assert "Evil\\x1b[2J\\x1b[HHospital" in shown
+    assert "1 Main St\\x9b31m" in shown
+    assert "\\x1b]0;retitled\\x07555" in shown
+    assert "Line1\\x0d" in shown and "Line2" in shown  # a newline stays a line break
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["bar", "lines"])
+def test_what_the_service_says_aside_is_shown_as_written(terminal: bool) -> None:
+    # A rollback's error carries the directory's answer: its brackets are not markup (a
+    # "[/x]" raised in the bar) and its escape sequences do not reach the terminal.
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=terminal, width=200, color_system=None)
+    numbers = {
+        "processed_hospitals": 3,
+        "total_hospitals": 5,
+        "processing_status": "processing",
+        "failed_hospitals": 0,
+        "current_message": "Processing hospital 3/5",
+    }
+    with Watch(console) as watch:
+        watch.show({"progress": numbers})
+        watch.aside("Rollback failed: HTTP 500: [/x] [bold]no\x1b[2J")
+        column = watch.progress.columns[-1]
+        assert isinstance(column, TextColumn)
+        shown = column(watch.progress.tasks[0])
+
+    expected = "Rollback failed: HTTP 500: [/x] [bold]no\\x1b[2J"
+    if terminal:
+        assert isinstance(shown, Text) and shown.plain == expected
+    else:
+        assert out.getvalue().splitlines()[-1].endswith(f" - {expected}")
