@@ -78,7 +78,7 @@ async def _sent_lately(store: EventStore, seconds: float) -> list[float]:
     """When each create of the last `seconds` was sent, on the monotonic clock, oldest first
     (from the newest LATELY_SCANNED events). An intent counts as sent, to be safe, unless
     its row was withdrawn after it: a stop withdraws the rows got ready and never sent."""
-    since = time.time() - seconds
+    now = time.time()
     rows = await store.select(
         f"SELECT {EVENT_COLUMNS} FROM events WHERE global_position > ? "
         "AND event_type IN (?, ?) ORDER BY global_position",
@@ -94,15 +94,26 @@ async def _sent_lately(store: EventStore, seconds: float) -> list[float]:
         for stored, event in events
         if isinstance(event, ev.HospitalRetryScheduled) and event.reason == b.WITHDRAWN
     }
-    sent = []
-    clock_gap = time.time() - time.monotonic()
-    for stored, intent in events:
-        at = datetime.fromisoformat(stored.recorded_at).timestamp()
-        if at >= since and isinstance(intent, ev.HospitalRequested):
-            pairs = zip(intent.rows, intent.attempts, strict=True)
-            taken = sum((stored.stream_id, n, a) not in withdrawn for n, a in pairs)
-            sent += [at - clock_gap] * taken
-    return sent
+    # The log's times are the wall clock's, which may have stepped since (an NTP correction
+    # between a crash and this start, a VM resumed). A create was sent before now, and each
+    # before the next in the log: read newest first, the newest is put no later than now (a
+    # log recorded ahead of the clock is moved back whole) and each no later than the next.
+    intents = [
+        (datetime.fromisoformat(stored.recorded_at).timestamp(), stored.stream_id, intent)
+        for stored, intent in events
+        if isinstance(intent, ev.HospitalRequested)
+    ]
+    ahead = max(0.0, intents[-1][0] - now) if intents else 0.0
+    sent: list[float] = []
+    clock_gap, latest = now - time.monotonic(), now
+    for at, stream_id, intent in reversed(intents):
+        latest = min(at - ahead, latest)
+        if latest < now - seconds:
+            break
+        pairs = zip(intent.rows, intent.attempts, strict=True)
+        taken = sum((stream_id, n, a) not in withdrawn for n, a in pairs)
+        sent += [latest - clock_gap] * taken
+    return sent[::-1]
 
 
 class Processor:

@@ -9,8 +9,9 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime, tzinfo
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import pytest
@@ -19,7 +20,12 @@ from rich.console import Console
 from service import client
 from service.client import follow
 from service.local_directory import DirectoryOptions, RunningDirectory, run_directory
+from service.processing.pacing import WindowPacer
+from service.processing.processor import _sent_lately
 from service.settings import Settings
+from service.store import event_store
+from service.store.event_store import EventStore
+from tests.integration.conftest import new_batch, requested
 from tests.support import Service, csv_of, fast_settings, running_service
 
 WINDOW = 3.0  # seconds of the stand-in's rate window, and of the service's pacing window
@@ -232,6 +238,74 @@ async def test_a_restart_inside_a_window_does_not_send_into_what_it_already_used
     assert final["processing_status"] == "completed"
     assert "rate_limited" not in {r["reason"] for r in retried}
     assert limited.standin.request_counts["create"] == 65
+
+
+class SetClock(datetime):
+    """The event store's wall clock, `at` seconds from the real one."""
+
+    at = 0.0
+
+    @classmethod
+    def now(cls, tz: tzinfo | None = None) -> Self:
+        return cls.fromtimestamp(time.time() + cls.at, tz)
+
+
+async def wait_after_replaying(store: EventStore, log: list[tuple[float, int]]) -> float:
+    """Seconds a restart's pacer (30 a minute) holds creates back after a log of, oldest
+    first, (`at` seconds from the real clock, that many intents recorded then)."""
+    await store.append("batch-x", -1, new_batch("x"))
+    for at, count in log:
+        SetClock.at = at
+        await store.append("batch-x", None, requested("x", count))
+    SetClock.at = 0.0
+    pacer = WindowPacer(30, 60.0, 0.5)
+    pacer.replay(await _sent_lately(store, 2 * 60.5))
+    return pacer.seconds_to_room()
+
+
+async def test_a_restart_after_the_wall_clock_stepped_back_waits_one_window_not_the_step(
+    limited: RunningDirectory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The log was written an hour ahead of the clock the next start reads (an NTP
+    # correction between a crash and the restart): its creates were sent moments ago, not
+    # an hour from now, and must not hold the next ones back for an hour.
+    settings = paced(tmp_path / "stepped.db", limited)
+    monkeypatch.setattr(event_store, "datetime", SetClock)
+    monkeypatch.setattr(SetClock, "at", 3600.0)
+    async with running_service(settings) as service:
+        first = (await service.upload(csv_of(30)))["batch_id"]
+        await service.wait_finished(first, within=10)
+    monkeypatch.setattr(SetClock, "at", 0.0)
+    async with running_service(settings) as service:
+        second = (await service.upload(csv_of(5, "Later")))["batch_id"]
+        final = await service.wait_finished(second, within=3 * WINDOW)
+        retried = await retries(service, second)
+
+    assert final["processing_status"] == "completed"
+    assert "rate_limited" not in {r["reason"] for r in retried}
+    assert limited.standin.request_counts["create"] == 35
+
+
+async def test_a_log_recorded_ahead_of_the_clock_holds_a_restart_back_as_long_as_it_was_sent(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An hour ahead: a window's worth two and one minute before the crash, 20 got ready at it
+    # (they take their places in the next window: 10 are left there).
+    monkeypatch.setattr(event_store, "datetime", SetClock)
+    log = [(3600.0 - 120.0, 30), (3600.0 - 60.0, 30), (3600.0, 20)]
+
+    assert 0.0 < await wait_after_replaying(store, log) <= 1.0
+
+
+async def test_a_clock_stepped_back_while_creates_were_sent_holds_a_restart_back_two_windows(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 40 intents, then the clock stepped back an hour, then 5 more and the crash: the 40 were
+    # sent before the 5, which bounds how long they can hold the restart back.
+    monkeypatch.setattr(event_store, "datetime", SetClock)
+    log = [(3600.0, 40), (-1.0, 5)]
+
+    assert 55.0 < await wait_after_replaying(store, log) <= 2 * 60.5
 
 
 async def test_rows_withdrawn_at_a_stop_leave_their_places_in_the_window(
