@@ -63,11 +63,12 @@ def progress(batch: Record, held: float = 0.0) -> Record:
 
 
 def _elapsed(batch: Record, until: str | None = None) -> float:
-    """From upload to the end, or to `until` (or now) while the batch runs."""
+    """From upload to the end, or to `until` (or now) while the batch runs; never below 0,
+    as the wall clock the times come from may have stepped back since the upload."""
     started = datetime.fromisoformat(batch["created_at"])
     end = batch["finished_at"] or until
     ended = datetime.fromisoformat(end) if end else datetime.now(UTC)
-    return round((ended - started).total_seconds(), 3)
+    return max(0.0, round((ended - started).total_seconds(), 3))
 
 
 def row_result(row: Record) -> Record:

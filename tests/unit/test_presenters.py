@@ -68,3 +68,19 @@ def test_the_rate_window_is_mentioned_only_while_the_batch_is_processing() -> No
     assert running["current_message"] == (
         "Processing hospital 0/3; the directory's rate limit holds the next creates for 13 s"
     )
+
+
+def test_processing_time_is_never_negative_when_the_clock_stepped_back() -> None:
+    rows = (ev.Row(1, "Hospital 1", "1 Main St", None, 2),)
+    created_ = b.plan(BATCH_ID, "f.csv", rows, batch_size=20, content_sha256="sha")
+    upstream = created_.upstream_batches[0].creation_batch_id
+    run = [ev.HospitalRequested((1,), (1,)), created(1), ev.BatchActivated(1, (upstream,))]
+
+    def seconds(finished_at: str) -> float:
+        state = b.fold([(created_, AT), *((e, finished_at) for e in run)])
+        assert state.status == b.COMPLETED
+        numbers = presenters.status_numbers(presenters.batch_record(state))
+        return float(numbers["processing_time_seconds"])
+
+    assert seconds("2024-05-01T12:00:02.5+00:00") == 2.5
+    assert seconds("2024-05-01T11:00:00+00:00") == 0.0  # an hour back, by NTP: not -3600
