@@ -265,7 +265,9 @@ def own_options_first(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return _run(sys.argv[1:] if argv is None else argv)
+        status = _run(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()  # what is still buffered fails here, not at exit (status 120)
+        return status
     except KeyboardInterrupt:  # Ctrl-C before the command took it over: its imports, say
         return 130
     except BrokenPipeError:  # our reader left (`events | head`): stop, as SIGPIPE would
