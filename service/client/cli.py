@@ -182,6 +182,8 @@ async def _follow_only(api: ServiceApi, args: argparse.Namespace, out: Console) 
 async def _results(api: ServiceApi, args: argparse.Namespace, out: Console) -> int:
     text = await api.results_csv(args.batch_id, only_failed=args.only == "failed")
     if args.output is None:
+        if sys.stdout.isatty():  # to be read there: a value's escape sequence must not act
+            text = visible(text.replace("\r\n", "\n"))
         # In pieces: a reader that leaves during one large write cuts it short unnoticed,
         # and the next piece says so (BrokenPipeError: 141, as for `events | head`).
         for start in range(0, len(text), PIECE):

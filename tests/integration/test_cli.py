@@ -7,6 +7,7 @@ import contextlib
 import errno
 import io
 import os
+import pty
 import re
 import signal
 import socket
@@ -667,6 +668,30 @@ async def test_results_into_a_reader_that_leaves_exits_141(
 
     assert stdout.startswith(b"row,name,address,phone,status")
     assert status == 141, stderr.decode()
+
+
+async def test_results_on_a_terminal_show_a_value_s_escape_sequence_as_text(
+    service: Service,
+) -> None:
+    accepted = await service.upload("name,address,phone\nEvil\x1b[2JHospital,1 Main St,\n")
+    await service.wait_finished(accepted["batch_id"])
+    argv = ["results", accepted["batch_id"], "--url", service.url]
+    terminal, screen = pty.openpty()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "service", *argv), stdout=screen, cwd=PROJECT
+        )
+    finally:
+        os.close(screen)
+    try:
+        async with asyncio.timeout(20):
+            await process.wait()
+        shown = os.read(terminal, 65536)
+    finally:
+        os.close(terminal)
+
+    assert process.returncode == 0
+    assert b"Evil\\x1b[2JHospital" in shown and b"\x1b" not in shown
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
