@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -194,6 +195,25 @@ async def test_a_feed_keeps_the_events_it_read_so_far_only_as_messages(
         holders = [x for x in gc.get_referrers(read[0]) if x is not read]
 
     assert holders == []
+
+
+async def test_a_feed_its_last_follower_left_goes_without_a_garbage_collection(
+    store: EventStore,
+) -> None:
+    # Its cancelled reading task kept the CancelledError, whose traceback held the reading
+    # frame and so the feed, with every message of its batch: a cycle that only a full
+    # collection frees, and none ran in a 36-minute soak of the service.
+    await store.append("batch-b", -1, new_batch("b") + requested("b", 2))
+    gc.collect()
+    gc.disable()
+    try:
+        async with Feeds().follow(store, "batch-b") as feed:
+            await feed.wait_past(1)
+        gone = weakref.ref(feed)
+        del feed
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 async def test_the_first_snapshot_is_the_one_built_off_the_event_loop(
