@@ -266,9 +266,11 @@ def own_options_first(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         status = _run(sys.argv[1:] if argv is None else argv)
-        sys.stdout.flush()  # what is still buffered fails here, not at exit (status 120)
+        if sys.stdout is not None:  # None when started with it closed (`>&-`)
+            sys.stdout.flush()  # what is still buffered fails here, not at exit (status 120)
         return status
-    except KeyboardInterrupt:  # Ctrl-C before the command took it over: its imports, say
+    except KeyboardInterrupt:  # Ctrl-C before the command took it over (its imports), or
+        _stdout_to_devnull()  # in the flush above, into a reader that does not read
         return 130
     except BrokenPipeError:  # our reader left (`events | head`): stop, as SIGPIPE would
         _stdout_to_devnull()

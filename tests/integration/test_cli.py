@@ -736,6 +736,34 @@ def test_an_error_naming_a_file_is_not_reported_as_the_output(
         main(["demo"])
 
 
+def test_a_command_started_with_its_output_closed_exits_with_its_status(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `events >&-`: Python leaves sys.stdout None, and flushing it was an AttributeError.
+    monkeypatch.setattr("service.demo.main", lambda argv: 0)
+    monkeypatch.setattr(sys, "stdout", None)
+
+    assert main(["demo"]) == 0
+
+
+def test_ctrl_c_in_the_last_flush_exits_130_without_flushing_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `events | less`, Ctrl-C: the flush into the full pipe is interrupted, and the one at
+    # exit would block again, then end in 120 once the reader left.
+    class Blocked(io.StringIO):
+        def flush(self) -> None:
+            raise KeyboardInterrupt
+
+    redirected = []
+    monkeypatch.setattr("service.demo.main", lambda argv: 0)
+    monkeypatch.setattr(sys, "stdout", Blocked())
+    monkeypatch.setattr("service.__main__._stdout_to_devnull", lambda: redirected.append(1))
+
+    assert main(["demo"]) == 130
+    assert redirected == [1]
+
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO])
 def test_every_output_error_is_one_line_and_exit_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], code: int
