@@ -13,11 +13,11 @@ from service.domain.events import Row
 
 REQUIRED = ("name", "address")
 MAX_BLANK_LINES = 10_000  # skipped lines a file may hold (spreadsheets export empty rows)
-MAX_VALUE = 131_072  # characters a value may hold, once trimmed and unescaped
-# The reader's own limit is the file's size (csv.max_bytes bounds that): a value is measured
-# as it will be sent, so the spaces around it and the ' an export puts before a
-# formula-like one do not count, and a value at the limit goes back in as it came out.
-csv.field_size_limit(2**31 - 1)  # the largest a C long holds on every platform
+MAX_VALUE = 131_072  # characters a value may hold (the csv module's default field limit)
+# The reader takes one character more, for the ' an export puts before a formula-like value:
+# a value at the limit goes back in as it came out. The reader stops at its limit, so a
+# file of one huge value (an unclosed quote, often) is not read and held whole.
+csv.field_size_limit(MAX_VALUE + 1)
 COLUMNS = ("name", "address", "phone")
 HEADERS_MESSAGE = "CSV headers must be exactly: name,address,phone"
 
@@ -147,12 +147,18 @@ def _records(text: str) -> Iterator[tuple[int, list[str]]]:
 
 def _parse_error(exc: csv.Error, first: int, last: int) -> str:
     """Place a parse error at the record's first line: an unclosed quote runs on to the end."""
+    if str(exc).startswith("field larger than field limit"):
+        return _too_long(first)
     if last <= first:
         return f"line {first}: {exc}"
     return (
         f"lines {first}-{last}: {exc}; the record starting on line {first} runs over "
         f"{last - first + 1} lines: check that its quotes are closed"
     )
+
+
+def _too_long(line: int) -> str:
+    return f"line {line}: a value is longer than {MAX_VALUE:,} characters"
 
 
 def _headers(cells: list[str]) -> tuple[str, ...]:
@@ -199,12 +205,8 @@ def parse(text: str, max_rows: int) -> ParsedCsv:
             if count > max_rows:  # refused whatever the rest holds: read no further
                 break
             cells = [unescaped(cell.strip()) for cell in raw]
-            if any(len(cell) > MAX_VALUE for cell in cells):  # ends the reading
-                raise _rejected(
-                    ["file", "content"],
-                    f"line {line}: a value is longer than {MAX_VALUE:,} characters",
-                    "csv_parse_error",
-                )
+            if any(len(cell) > MAX_VALUE for cell in cells):  # ends the reading, as csv's limit
+                raise _rejected(["file", "content"], _too_long(line), "csv_parse_error")
             if len(cells) != len(headers):
                 problems.append(
                     problem(

@@ -456,12 +456,11 @@ def test_long_and_formula_like_values_are_kept_as_text() -> None:
     assert row.phone == "+1 555 0100"
 
 
-def test_a_value_is_measured_as_it_is_sent_so_its_export_goes_back_in() -> None:
+def test_a_value_at_the_length_limit_goes_back_in_from_its_export() -> None:
     # The export's ' makes it one character longer than the limit it was accepted under.
     value = "=" + "x" * (131_072 - 1)
     assert accepted(HEADER + f"{value},1 Main St,\n").rows[0].name == value
     assert accepted(HEADER + f"{escaped(value)},1 Main St,\n").rows[0].name == value
-    assert accepted(HEADER + f"  {value}  ,1 Main St,\n").rows[0].name == value
     spread = HEADER + 'A,1 Main St,\n"a\nb\n' + "x" * 131_072 + '",1 Main St,\n'
     assert only(refused(spread))["msg"].startswith("line 3: a value is longer than")
     for longer in ("x" * 131_073, "'" + "x" * 131_072, escaped(value + "x")):
