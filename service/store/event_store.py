@@ -265,7 +265,13 @@ class EventStore:
             raise RuntimeError(NOT_OPEN)
         future: asyncio.Future[list[StoredEvent]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Append(stream_id, expected_version, events, future))
-        return await asyncio.shield(future)
+        try:
+            return await asyncio.shield(future)
+        finally:
+            # A refusal raised here holds this frame in its traceback, and the future holds
+            # the refusal: a cycle that kept the caller's frame (an upload's file and rows)
+            # until a full collection, which app.py makes rare.
+            del future
 
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -325,7 +331,9 @@ class EventStore:
                     if not self._writer.in_transaction:  # SQLite undid it all (a full disk)
                         raise
                     cur.execute("ROLLBACK TO append")
-                    outcomes.append(exc)
+                    # Without its traceback, which holds this frame and so `outcomes`: the
+                    # refusal would keep the whole group in a cycle.
+                    outcomes.append(exc.with_traceback(None))
                 cur.execute("RELEASE append")
             if self._projectors:
                 record_checkpoint(cur)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import sqlite3
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -77,6 +79,38 @@ async def test_wrong_expected_version_raises_and_writes_nothing(
 
     assert (caught.value.expected, caught.value.actual) == (expected, 1)
     assert await positions(store) == [1, 2]
+
+
+async def test_a_refused_append_and_its_caller_go_without_a_garbage_collection(
+    store: EventStore,
+) -> None:
+    # The refusal's traceback held the writer's frame, whose list of outcomes held the
+    # refusal, and the append's frame, whose future held it: two cycles that kept the
+    # refused events and the caller's frame (an upload's file and rows, when two uploads
+    # with one Idempotency-Key raced) until a full collection, which app.py makes rare.
+    await store.append("batch-a", -1, new_batch("a"))
+
+    class Upload:
+        """What the caller's frame holds."""
+
+    async def refused() -> tuple[bool, weakref.ref[Upload], weakref.ref[NewEvent]]:
+        upload, events, was_refused = Upload(), new_batch("a", rows=3), False
+        try:
+            await store.append("batch-a", -1, events)
+        except ConcurrencyError:  # as an upload that lost the race for its key
+            was_refused = True
+        return was_refused, weakref.ref(upload), weakref.ref(events[0])
+
+    gc.collect()
+    gc.disable()
+    try:
+        was_refused, upload, event = await refused()
+        await store.append("batch-b", -1, new_batch("b"))  # the writer's next group
+        assert was_refused
+        assert upload() is None
+        assert event() is None
+    finally:
+        gc.enable()
 
 
 async def test_expected_version_none_appends_at_the_end(store: EventStore) -> None:
