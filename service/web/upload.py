@@ -93,22 +93,32 @@ async def _read_upload(request: web.Request, max_bytes: int, seconds: float) -> 
     except (ValueError, AssertionError, RuntimeError, UnicodeDecodeError, BadHttpMessage) as exc:
         # A BadHttpMessage (a part's headers too long, or not headers): str() adds its status.
         said = exc.message if isinstance(exc, BadHttpMessage) else exc
-        raise invalid(["body"], f"malformed multipart body: {said}", "multipart_error") from exc
+        raise invalid(
+            ["body"], f"malformed multipart body: {said}", "multipart_error"
+        ) from _unframed(exc)
     except ConnectionResetError as exc:  # the client left before the body ended: no one reads
         raise ApiError(  # this answer, but the access log shows a 400, not a 500 and a traceback
             400, [problem(["body"], "the request body ended early: connection lost", "body_error")]
-        ) from exc
+        ) from _unframed(exc)
     except web.RequestPayloadError as exc:  # the body itself is broken, e.g. gzip that is not
         cause = exc.__cause__.message if isinstance(exc.__cause__, BadHttpMessage) else exc
         raise ApiError(
             400, [problem(["body"], f"the request body cannot be read: {cause}", "body_error")]
-        ) from exc
+        ) from _unframed(exc)
     if upload is None and len(extra) < MAX_EXTRA:  # else it may be in the part not read
         extra.insert(0, problem(["body", "file"], "Field required: the CSV file", "missing"))
     if extra:
         raise ApiError(422, extra)
     assert upload is not None
     return upload
+
+
+def _unframed(exc: BaseException) -> BaseException:
+    """`exc` without its traceback. aiohttp keeps an error of the body (the connection lost,
+    a broken chunk) on the request and raises that one object to every read: its traceback
+    held these frames, with the request and what they had read (up to csv.max_bytes), in a
+    reference cycle only a full collection frees, and app.py makes those rare."""
+    return exc.with_traceback(None)
 
 
 def _storable(filename: str | None) -> str | None:

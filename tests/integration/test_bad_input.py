@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import gc
 import gzip
 import io
 import json
 import logging
 import re
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ import pytest
 from yarl import URL
 
 from service.local_directory import RunningDirectory
+from service.web import upload as upload_module
 from tests.support import SAMPLE_CSV, Service, csv_of, fast_settings, form, running_service
 
 UNKNOWN = "0b7e4c3a-9f1d-4c2e-8a6b-5d4c3b2a1f00"
@@ -973,4 +976,36 @@ async def test_a_client_that_leaves_mid_upload_is_not_logged_as_an_error(
     await writer.wait_closed()
     await asyncio.sleep(0.3)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    await assert_nothing_stored(service)
+
+
+async def test_a_client_that_leaves_mid_upload_leaves_nothing_behind_in_a_cycle(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # aiohttp keeps the "connection lost" error on the request's body and raises that one
+    # object to the reader: its traceback held the reading frames, with the request and the
+    # file read so far (up to csv.max_bytes), in a cycle only a full collection frees.
+    requests: list[weakref.ref[Any]] = []
+    read_upload = upload_module._read_upload
+
+    async def noting_the_request(request: Any, *args: Any) -> upload_module.Upload:
+        requests.append(weakref.ref(request))
+        return await read_upload(request, *args)
+
+    monkeypatch.setattr(upload_module, "_read_upload", noting_the_request)
+    body = multipart(file_part(GOOD * 2000))
+    url = URL(service.url)
+    gc.collect()
+    gc.disable()
+    try:
+        _, writer = await asyncio.open_connection(url.host, url.port)
+        writer.write(raw_post("/batch/upload-csv", body)[: -len(body) // 2])
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.transport.abort()
+        await asyncio.sleep(0.3)
+        assert len(requests) == 1
+        assert requests[0]() is None
+    finally:
+        gc.enable()
     await assert_nothing_stored(service)
