@@ -11,6 +11,7 @@ import asyncio
 import bisect
 import contextlib
 import struct
+import traceback
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -173,6 +174,10 @@ class Feed:
         if self._reading.cancelled():
             with contextlib.suppress(asyncio.CancelledError):
                 self._reading.result()
+        elif (failure := self._reading.exception()) is not None:
+            # A failed task keeps its error whatever is asked of it: its frames keep where
+            # the read failed, for the log, but no longer this feed.
+            traceback.clear_frames(failure.__traceback__)
 
     async def _read(self, store: EventStore, stream_id: str) -> None:
         try:

@@ -236,3 +236,20 @@ async def test_the_first_snapshot_is_the_one_built_off_the_event_loop(
 
     assert len(built_on) == 1 and threading.get_ident() not in built_on
     assert snapshot["type"] == "snapshot" and snapshot["version"] == 2
+
+
+async def test_a_feed_that_could_not_read_goes_with_its_last_follower(
+    failing_store: EventStore,
+) -> None:
+    gc.collect()
+    gc.disable()
+    try:
+        async with Feeds().follow(failing_store, "batch-b") as feed:
+            await feed.wait_past(-1)
+            with pytest.raises(RuntimeError):
+                await feed.wait_past(0)
+        gone = weakref.ref(feed)
+        del feed
+        assert gone() is None
+    finally:
+        gc.enable()
