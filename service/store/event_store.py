@@ -331,9 +331,11 @@ class EventStore:
                     if not self._writer.in_transaction:  # SQLite undid it all (a full disk)
                         raise
                     cur.execute("ROLLBACK TO append")
-                    # Without its traceback, which holds this frame and so `outcomes`: the
-                    # refusal would keep the whole group in a cycle.
-                    outcomes.append(exc.with_traceback(None))
+                    # A refusal without its traceback, which holds this frame and so
+                    # `outcomes`: it would keep the whole group in a cycle. Any other error
+                    # is a real failure, logged with the caller's 500: it keeps where it was.
+                    refusal = isinstance(exc, ConcurrencyError)
+                    outcomes.append(exc.with_traceback(None) if refusal else exc)
                 cur.execute("RELEASE append")
             if self._projectors:
                 record_checkpoint(cur)

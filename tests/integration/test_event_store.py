@@ -113,6 +113,22 @@ async def test_a_refused_append_and_its_caller_go_without_a_garbage_collection(
         gc.enable()
 
 
+async def test_an_append_that_fails_in_the_writer_says_where(
+    store: EventStore, store_path: Path
+) -> None:
+    # A failure that is not a refusal (a read model's constraint, a projector's bug) is
+    # logged with the caller's 500: its traceback must still reach the line that failed.
+    run_sql(
+        store_path,
+        "CREATE TRIGGER no_rows BEFORE INSERT ON batch_rows "
+        "BEGIN SELECT RAISE(ABORT, 'no rows today'); END",
+    )
+    with pytest.raises(sqlite3.IntegrityError) as raised:
+        await store.append("batch-a", -1, new_batch("a"))
+
+    assert "_insert_batch" in [frame.name for frame in raised.traceback]
+
+
 async def test_expected_version_none_appends_at_the_end(store: EventStore) -> None:
     await store.append("batch-a", -1, new_batch("a") + requested("a"))
 
