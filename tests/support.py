@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -259,3 +260,15 @@ def creates_entered(directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(standin, "commit_create", noting)
     return entered
+
+
+@contextlib.contextmanager
+def without_collections() -> Iterator[None]:
+    """No garbage collection within: what only a reference cycle keeps stays, as it does in
+    the service, whose collector tuning (app.py) makes full collections rare."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import gc
 import gzip
 import io
 import json
@@ -25,7 +24,15 @@ from yarl import URL
 
 from service.local_directory import RunningDirectory
 from service.web import upload as upload_module
-from tests.support import SAMPLE_CSV, Service, csv_of, fast_settings, form, running_service
+from tests.support import (
+    SAMPLE_CSV,
+    Service,
+    csv_of,
+    fast_settings,
+    form,
+    running_service,
+    without_collections,
+)
 
 UNKNOWN = "0b7e4c3a-9f1d-4c2e-8a6b-5d4c3b2a1f00"
 HEADER = "name,address,phone\n"
@@ -995,9 +1002,7 @@ async def test_a_client_that_leaves_mid_upload_leaves_nothing_behind_in_a_cycle(
     monkeypatch.setattr(upload_module, "_read_upload", noting_the_request)
     body = multipart(file_part(GOOD * 2000))
     url = URL(service.url)
-    gc.collect()
-    gc.disable()
-    try:
+    with without_collections():
         _, writer = await asyncio.open_connection(url.host, url.port)
         writer.write(raw_post("/batch/upload-csv", body)[: -len(body) // 2])
         await writer.drain()
@@ -1006,6 +1011,4 @@ async def test_a_client_that_leaves_mid_upload_leaves_nothing_behind_in_a_cycle(
         await asyncio.sleep(0.3)
         assert len(requests) == 1
         assert requests[0]() is None
-    finally:
-        gc.enable()
     await assert_nothing_stored(service)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import sqlite3
 import threading
@@ -29,6 +28,7 @@ from service.store.records import (
     from_row,
 )
 from tests.integration.conftest import new_batch, requested, run_sql
+from tests.support import without_collections
 
 
 async def read_all(
@@ -101,16 +101,12 @@ async def test_a_refused_append_and_its_caller_go_without_a_garbage_collection(
             was_refused = True
         return was_refused, weakref.ref(upload), weakref.ref(events[0])
 
-    gc.collect()
-    gc.disable()
-    try:
+    with without_collections():
         was_refused, upload, event = await refused()
         await store.append("batch-b", -1, new_batch("b"))  # the writer's next group
         assert was_refused
         assert upload() is None
         assert event() is None
-    finally:
-        gc.enable()
 
 
 async def test_an_append_that_fails_in_the_writer_says_where(

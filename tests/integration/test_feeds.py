@@ -18,6 +18,7 @@ from service.store.records import NewEvent, StoredEvent
 from service.web import feeds as feeds_module
 from service.web.feeds import Feeds, Message
 from tests.integration.conftest import new_batch, requested
+from tests.support import without_collections
 
 
 def payload(frame: bytes) -> Any:
@@ -204,16 +205,12 @@ async def test_a_feed_its_last_follower_left_goes_without_a_garbage_collection(
     # frame and so the feed, with every message of its batch: a cycle that only a full
     # collection frees, and none ran in a 36-minute soak of the service.
     await store.append("batch-b", -1, new_batch("b") + requested("b", 2))
-    gc.collect()
-    gc.disable()
-    try:
+    with without_collections():
         async with Feeds().follow(store, "batch-b") as feed:
             await feed.wait_past(1)
         gone = weakref.ref(feed)
         del feed
         assert gone() is None
-    finally:
-        gc.enable()
 
 
 async def test_the_first_snapshot_is_the_one_built_off_the_event_loop(
@@ -241,9 +238,7 @@ async def test_the_first_snapshot_is_the_one_built_off_the_event_loop(
 async def test_a_feed_that_could_not_read_goes_with_its_last_follower(
     failing_store: EventStore,
 ) -> None:
-    gc.collect()
-    gc.disable()
-    try:
+    with without_collections():
         async with Feeds().follow(failing_store, "batch-b") as feed:
             await feed.wait_past(-1)
             with pytest.raises(RuntimeError):
@@ -251,5 +246,3 @@ async def test_a_feed_that_could_not_read_goes_with_its_last_follower(
         gone = weakref.ref(feed)
         del feed
         assert gone() is None
-    finally:
-        gc.enable()

@@ -39,6 +39,7 @@ from tests.support import (
     form,
     keyed_batch,
     running_service,
+    without_collections,
 )
 
 
@@ -281,8 +282,7 @@ async def test_progress_of_a_running_batch_is_its_fold_and_equals_the_read_model
 async def test_a_finished_batch_goes_from_memory_without_a_garbage_collection(
     service: Service,
 ) -> None:
-    gc.disable()  # what is left in a reference cycle stays until the test ends
-    try:
+    with without_collections():
         batch_id = (await service.upload(csv_of(30)))["batch_id"]
         state = service.app[PROCESSOR].live_state(batch_id)
         assert state is not None
@@ -292,8 +292,6 @@ async def test_a_finished_batch_goes_from_memory_without_a_garbage_collection(
         await asyncio.sleep(0)  # the last task's done callbacks
 
         assert fold() is None
-    finally:
-        gc.enable()
 
 
 async def test_start_up_leaves_its_heap_out_of_collections_and_collects_young_ones_less(
