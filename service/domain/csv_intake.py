@@ -123,7 +123,7 @@ def _records(text: str) -> Iterator[tuple[int, list[str]]]:
     """(first line of the record, cells) for each record, blank lines skipped (up to
     MAX_BLANK_LINES of them: a file of nothing else would otherwise be read to its end)."""
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    line, blank = 1, 0
+    line, blank, before_header = 1, 0, True
     while True:
         try:
             cells = next(reader)
@@ -134,8 +134,11 @@ def _records(text: str) -> Iterator[tuple[int, list[str]]]:
                 ["file", "content"], _parse_error(exc, line, reader.line_num), "csv_parse_error"
             ) from exc
         if any(cell.strip() for cell in cells):
+            before_header = False
             yield line, cells
         elif (blank := blank + 1) > MAX_BLANK_LINES:
+            if before_header:  # the allowance is for lines after the header
+                raise _missing_headers()
             raise _rejected(
                 ["file", "content"],
                 f"the file has more than {MAX_BLANK_LINES:,} lines without values "
@@ -143,6 +146,14 @@ def _records(text: str) -> Iterator[tuple[int, list[str]]]:
                 "too_many_blank_lines",
             )
         line = reader.line_num + 1
+
+
+def _missing_headers() -> CsvRejected:
+    return _rejected(
+        ["file", "headers"],
+        f"the first line must be the header {','.join(COLUMNS)}; the file starts with blank lines",
+        "missing_headers",
+    )
 
 
 def _parse_error(exc: csv.Error, first: int, last: int) -> str:
@@ -185,12 +196,7 @@ def parse(text: str, max_rows: int) -> ParsedCsv:
         raise _rejected(["file", "content"], "the file is empty: no header, no rows", "empty_file")
     header_line, header_cells = first
     if header_line != 1:
-        raise _rejected(
-            ["file", "headers"],
-            f"the first line must be the header {','.join(COLUMNS)}; "
-            "the file starts with blank lines",
-            "missing_headers",
-        )
+        raise _missing_headers()
     headers = _headers(header_cells)
     name, address = headers.index("name"), headers.index("address")
     phone = headers.index("phone") if "phone" in headers else None

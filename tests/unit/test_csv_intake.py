@@ -210,8 +210,11 @@ def test_a_header_of_ten_thousand_columns_is_summarised() -> None:
     assert len(problem["msg"]) < 400
 
 
-def test_a_file_starting_with_blank_lines_has_no_header() -> None:
-    problem = only(refused("\n\nname,address\nA,B\n"))
+@pytest.mark.parametrize("blank", [2, MAX_BLANK_LINES + 1], ids=["few", "past-the-allowance"])
+def test_a_file_starting_with_blank_lines_has_no_header(blank: int) -> None:
+    # The allowance of blank lines is for those after the header: before it, any number of
+    # them still means the header is missing.
+    problem = only(refused("\n" * blank + "name,address\nA,B\n"))
     assert problem["loc"] == ["file", "headers"]
     assert problem["type"] == "missing_headers"
     assert "starts with blank lines" in problem["msg"]
