@@ -67,13 +67,31 @@ def _message(body: Any, status: int) -> str:
         if isinstance(detail, str):
             return detail
         if isinstance(detail, list):
-            return "; ".join(
-                f"{'.'.join(map(str, d.get('loc', [])[1:]))}: {d.get('msg')}"
-                if isinstance(d, dict)
-                else str(d)
-                for d in detail
-            )
+            return "; ".join(map(_said, detail))
     return f"HTTP {status}"
+
+
+def _said(item: Any) -> str:
+    """One of FastAPI's validation errors, `field: msg`; whatever else as it reads, since a
+    proxy's or another server's `detail` need not have a list for `loc`."""
+    if not isinstance(item, dict):
+        return str(item)
+    loc = item.get("loc")
+    where = loc[1:] if isinstance(loc, list) else [] if loc is None else [loc]
+    return f"{'.'.join(map(str, where))}: {item.get('msg')}"
+
+
+def _one_each(listing: list[Any]) -> list[dict[str, Any]] | None:
+    """A batch listing's hospitals, each once; None when an entry is not a hospital with an
+    id, or one id stands for two different records. A record listed twice is one hospital:
+    counted twice, it would let two identical rows claim it."""
+    hospitals: dict[int, dict[str, Any]] = {}
+    for hospital in listing:
+        if not isinstance(hospital, dict) or type(hospital.get("id")) is not int:
+            return None
+        if hospitals.setdefault(hospital["id"], hospital) != hospital:
+            return None
+    return list(hospitals.values())
 
 
 def classify(status: int, body: Any) -> Answer:
@@ -132,9 +150,13 @@ class DirectoryClient:
         answer = _in_its_words(await self._call("GET", f"/hospitals/batch/{creation_batch_id}"))
         if answer.outcome is Outcome.NOT_FOUND:
             return Answer(Outcome.OK, answer.status, [], answer.message)
-        if answer.ok and not isinstance(answer.body, list):
-            return Answer(Outcome.AMBIGUOUS, answer.status, None, "batch listing is not a list")
-        return answer
+        if not answer.ok:
+            return answer
+        hospitals = _one_each(answer.body) if isinstance(answer.body, list) else None
+        if hospitals is None:
+            said = "the batch listing is not a list of hospitals, each with one record"
+            return Answer(Outcome.AMBIGUOUS, answer.status, None, said)
+        return Answer(Outcome.OK, answer.status, hospitals, answer.message)
 
     async def activate(self, creation_batch_id: str) -> Answer:
         """PATCH /hospitals/batch/{id}/activate: not idempotent, never repeat it blindly."""

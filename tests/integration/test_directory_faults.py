@@ -169,6 +169,25 @@ async def test_a_check_never_claims_the_record_of_an_identical_row_still_in_flig
     assert len(set(ids)) == 2
 
 
+async def test_a_record_listed_twice_is_claimed_by_one_identical_row_only(
+    service_factory: ServiceFactory, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two identical rows; one create is answered 502 and not stored. A listing that shows
+    # the other row's record twice must not let the unstored row claim it as well.
+    standin = directory.standin
+    standin.add_fault("create", "502", nth=[2])
+    listed = standin.store.batch
+    monkeypatch.setattr(standin.store, "batch", lambda batch_id: listed(batch_id) * 2)
+    identical = "name,address,phone\nSame,1 Main St,555\nSame,1 Main St,555\n"
+    async with service_factory(settle_seconds=0.3) as service:
+        final = await service.wait_finished((await service.upload(identical))["batch_id"])
+
+    assert final["processing_status"] == "completed"
+    ids = sorted(h["hospital_id"] for h in final["hospitals"])
+    assert ids == sorted(h["id"] for h in standin.all_hospitals())
+    assert len(set(ids)) == 2
+
+
 @pytest.mark.parametrize("seed", trials(quick=2, long=20))
 async def test_a_third_of_calls_failing_still_creates_each_row_exactly_once(
     seed: int, service_factory: ServiceFactory, directory: RunningDirectory

@@ -157,6 +157,21 @@ async def test_a_422_is_rejected_with_fastapi_details_flattened(
     )
 
 
+@pytest.mark.parametrize(
+    ("loc", "said"),
+    [(None, ": phone is bad"), (5, "5: phone is bad"), ("body", "body: phone is bad")],
+)
+async def test_a_refusal_whose_loc_is_not_a_list_is_rejected_in_its_words(
+    mocked: aioresponses, client: DirectoryClient, loc: Any, said: str
+) -> None:
+    # A proxy's or another server's 4xx in FastAPI's shape, but not to the letter.
+    mocked.post(HOSPITALS, status=422, payload={"detail": [{"loc": loc, "msg": "phone is bad"}]})
+
+    answer = await create(client)
+
+    assert (answer.outcome, answer.status, answer.message) == (Outcome.REJECTED, 422, said)
+
+
 async def test_a_full_batch_is_rejected_with_the_directory_message(
     mocked: aioresponses, client: DirectoryClient
 ) -> None:
@@ -397,6 +412,34 @@ async def test_batch_members_that_are_not_a_list_are_ambiguous(
     answer = await client.batch_members(BATCH_ID)
 
     assert (answer.outcome, answer.body) == (Outcome.AMBIGUOUS, None)
+
+
+async def test_batch_members_list_a_hospital_listed_twice_once(
+    mocked: aioresponses, client: DirectoryClient
+) -> None:
+    # Counted twice, one record would let two identical rows claim the same hospital.
+    other = {**HOSPITAL, "id": 13}
+    mocked.get(BATCH, payload=[HOSPITAL, other, dict(HOSPITAL)])
+
+    answer = await client.batch_members(BATCH_ID)
+
+    assert (answer.outcome, answer.body) == (Outcome.OK, [HOSPITAL, other])
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [None, "x", {**HOSPITAL, "id": None}, {**HOSPITAL, "id": "12"}, {**HOSPITAL, "name": "Other"}],
+)
+async def test_batch_members_with_an_entry_that_is_not_a_hospital_are_ambiguous(
+    mocked: aioresponses, client: DirectoryClient, entry: Any
+) -> None:
+    # Not a hospital with an id, or the same id as another record that differs from it.
+    mocked.get(BATCH, payload=[HOSPITAL, entry])
+
+    answer = await client.batch_members(BATCH_ID)
+
+    assert (answer.outcome, answer.body) == (Outcome.AMBIGUOUS, None)
+    assert "not a list of hospitals" in answer.message
 
 
 async def test_batch_members_passes_other_failures_through(
