@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -117,6 +118,7 @@ class DirectoryClient:
         self.reachability = Reachability()
         self._answered_at: float | None = None  # time.monotonic() of the last answer
         self._session = session
+        self._read_timeout = settings.read_timeout
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
         )
@@ -187,7 +189,9 @@ class DirectoryClient:
                 timeout=timeouts or self._timeout,
                 allow_redirects=False,
             ) as response:
-                raw = await response.read()
+                # sock_read bounds each wait for bytes; this bounds an answer that drips.
+                async with asyncio.timeout(self._read_timeout):
+                    raw = await response.read()
                 try:
                     body = orjson.loads(raw) if raw else None
                 except ValueError:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import math
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator
 from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.client_reqrep import ConnectionKey
 from aioresponses import aioresponses
 from yarl import URL
@@ -326,6 +328,37 @@ async def test_no_more_calls_than_concurrency_reach_the_directory_at_once(
 
     assert [answer.outcome for answer in answers] == [Outcome.OK] * 6
     assert most == 2
+
+
+async def test_an_answer_that_drips_past_the_read_timeout_is_ambiguous() -> None:
+    # Each byte comes well within the read timeout, the whole answer does not: held for as
+    # long as the drip lasts, the row and a rollback waiting for it would be held too.
+    async def drip(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=201)
+        await response.prepare(request)
+        for _ in range(100):
+            await response.write(b" ")
+            await asyncio.sleep(0.02)
+        return response
+
+    app = web.Application()
+    app.router.add_post("/hospitals/", drip)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    settings = DirectorySettings(base_url=f"http://127.0.0.1:{port}", read_timeout=0.3)
+    try:
+        async with DirectoryClient.new_session(settings) as session:
+            started = time.monotonic()
+            answer = await DirectoryClient(session, settings).create("a", "b", None, BATCH_ID)
+            waited = time.monotonic() - started
+    finally:
+        await runner.cleanup()
+
+    assert answer.outcome is Outcome.AMBIGUOUS
+    assert 0.3 <= waited < 1.5
 
 
 @pytest.mark.parametrize(
