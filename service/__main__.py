@@ -189,6 +189,9 @@ def rebuild(args: argparse.Namespace) -> int:
     except DatabaseInUse as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except sqlite3.DatabaseError as exc:  # pages past the log's first unreadable: corrupt
+        print(f"error: database {database.path}: {exc}", file=sys.stderr)
+        return 2
     print(report.to_json())
     return 0 if report.equal or report.replaced else 1
 

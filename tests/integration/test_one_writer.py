@@ -94,3 +94,21 @@ def test_audit_commands_read_a_database_whose_name_holds_uri_characters(tmp_path
     assert command(db, "events").returncode == 0
     assert command(db, "rebuild").returncode == 0
     assert sorted(tmp_path.iterdir()) == before  # no stray file beside it
+
+
+def test_rebuild_names_a_database_sqlite_cannot_read_and_exits_2(tmp_path: Path) -> None:
+    """A restored main file over a killed service's -wal reads at first and fails further in:
+    `rebuild` is what an operator checks it with, so it must say so, not end in a traceback."""
+    db = tmp_path / "restored.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        migrate(conn, discover())
+    page = 4096
+    with db.open("r+b") as f:  # the log's first pages read; the read models' do not
+        f.seek(6 * page)
+        f.write(b"\xab" * 8 * page)
+
+    done = command(db, "rebuild")
+
+    assert done.returncode == 2, done.stderr
+    assert f"error: database {db}: database disk image is malformed" in done.stderr
+    assert "Traceback" not in done.stderr
