@@ -134,13 +134,21 @@ def connect_writer(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
     return conn
 
 
+def rewrite_header(cur: sqlite3.Connection | sqlite3.Cursor) -> None:
+    """Write the database's first page again, unchanged, in the open transaction.
+
+    A transaction that changes nothing writes nothing (SQLite skips an UPDATE to the value
+    a row holds), so its COMMIT lands on a full disk or a read-only mount too."""
+    (version,) = cur.execute("PRAGMA user_version").fetchone()
+    cur.execute(f"PRAGMA user_version = {int(version)}")
+
+
 def check_writable(conn: sqlite3.Connection) -> None:
     """Raise sqlite3.OperationalError if the database can be read but not written (a
     read-only file or mount): a service on it would start, then fail every append."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        (version,) = conn.execute("PRAGMA user_version").fetchone()
-        conn.execute(f"PRAGMA user_version = {int(version)}")
+        rewrite_header(conn)
     finally:
         if conn.in_transaction:  # a full disk or an I/O error rolls back by itself
             conn.execute("ROLLBACK")
@@ -320,6 +328,8 @@ class EventStore:
             self._versions.clear()
         cur.execute("BEGIN IMMEDIATE")
         try:
+            if not group:  # the empty commit that tells whether commits land again
+                rewrite_header(cur)
             for item in group:
                 cur.execute("SAVEPOINT append")
                 try:

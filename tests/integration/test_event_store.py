@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import sqlite3
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -432,6 +434,45 @@ async def test_a_commit_error_clears_once_commits_land_again_with_none_asked(
             assert time.monotonic() < deadline, store.commit_error
             await asyncio.sleep(0.01)
         assert await read_all(store, 0) == []
+    finally:
+        await store.close()
+
+
+@contextlib.contextmanager
+def no_file_grows_past(path: Path) -> Iterator[None]:
+    """This process may not write any file past the size `path` has now while the block
+    runs: as on a full disk, a commit that adds a page to the WAL fails (SIGXFSZ is
+    ignored by Python, so the write fails instead of killing it)."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size, limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+
+
+async def test_a_commit_error_stays_while_the_disk_is_still_full(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(event_store, "COMMIT_RETRY_SECONDS", 0.05)
+    store = EventStore(store_path)
+    await store.open()
+    try:
+        await store.append("batch-a", -1, new_batch("a"))
+        with no_file_grows_past(Path(f"{store_path}-wal")):
+            with pytest.raises(sqlite3.OperationalError):
+                await store.append("batch-b", -1, new_batch("b"))
+            await asyncio.sleep(0.3)  # several empty commits tried meanwhile
+            # They wrote nothing, so they landed on the full disk: /health said 200 again
+            # a second after each failure while every append kept failing.
+            assert not store.writer_alive
+            with pytest.raises(sqlite3.OperationalError):
+                await store.append("batch-b", -1, new_batch("b"))
+        deadline = time.monotonic() + 5.0
+        while not store.writer_alive:  # room again: the next empty commit lands
+            assert time.monotonic() < deadline, store.commit_error
+            await asyncio.sleep(0.01)
+        await store.append("batch-b", -1, new_batch("b"))
     finally:
         await store.close()
 
