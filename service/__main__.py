@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EVENTS_PAGE = 500  # events the events command reads in one query
+FEW_OPEN_FILES = 1024  # a limit of open files below this is warned of at start
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -109,6 +110,14 @@ def _open_files_to_hard_limit() -> None:
         with contextlib.suppress(ValueError, OSError):  # macOS caps it below an infinite hard
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             log.info("open files allowed: %s (was %d)", hard, soft)
+            soft = hard
+    if soft != resource.RLIM_INFINITY and soft < FEW_OPEN_FILES:
+        # SQLite's error names the database, not the limit: say which it is beforehand.
+        log.warning(
+            "open files allowed: %d; each connection takes one, and past the limit requests "
+            "fail with 'unable to open database file': raise it (ulimit -n)",
+            soft,
+        )
 
 
 def _event_loop() -> asyncio.AbstractEventLoop:

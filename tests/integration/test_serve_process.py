@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import resource
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from service.__main__ import _open_files_to_hard_limit
 from service.local_directory import RunningDirectory
 from service.store.event_store import check_writable
 from service.store.migrations import migrate
@@ -298,3 +300,32 @@ async def test_the_service_raises_its_open_files_limit_to_the_hard_one(
 
     assert limits == (hard, hard)
     assert f"open files allowed: {hard} (was 256)" in service.log.read_text()
+
+
+@pytest.mark.parametrize(("limits", "warned"), [((64, 100), True), ((1024, 1024), False)])
+def test_a_low_limit_of_open_files_is_named_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    limits: tuple[int, int],
+    warned: bool,
+) -> None:
+    # Past the limit SQLite says "unable to open database file", which names the wrong
+    # culprit: the start says what the limit is, once the soft one is raised to the hard.
+    raised: list[tuple[int, int]] = []
+    monkeypatch.setattr(resource, "getrlimit", lambda _: limits)
+    monkeypatch.setattr(resource, "setrlimit", lambda _, new: raised.append(new))
+    with caplog.at_level(logging.INFO, logger="service.__main__"):
+        _open_files_to_hard_limit()
+
+    hard = limits[1]
+    assert raised == ([(hard, hard)] if limits[0] != hard else [])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == (
+        [
+            f"open files allowed: {hard}; each connection takes one, and past "
+            "the limit requests fail with 'unable to open database file': raise "
+            "it (ulimit -n)"
+        ]
+        if warned
+        else []
+    )
