@@ -38,6 +38,7 @@ from service.web.keys import (
     STOPPING,
     STORE,
 )
+from service.web.origins import same_origin_writes
 from service.web.status_cache import StatusCache
 
 YOUNG_COLLECTION_THRESHOLD = 20_000  # allocations between young collections (700 by default)
@@ -131,7 +132,14 @@ def create_app(settings: Settings) -> web.Application:
         merge_slashes=False,
         redirect_class=web.HTTPTemporaryRedirect,
     )
-    app = web.Application(middlewares=[error_middleware, trailing_slash, validation_middleware])
+    app = web.Application(
+        middlewares=[
+            error_middleware,
+            same_origin_writes,
+            trailing_slash,
+            validation_middleware,
+        ]
+    )
     app[SETTINGS] = settings
     app[STARTED_AT] = time.monotonic()
     app[SOCKETS] = weakref.WeakSet()

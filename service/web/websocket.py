@@ -16,7 +16,6 @@ import struct
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -35,6 +34,7 @@ from service.web.batches import (
 )
 from service.web.errors import REQUEST_ID, ApiError, invalid
 from service.web.keys import FEEDS, SETTINGS, SOCKETS, STOPPING, STORE
+from service.web.origins import origin_allowed
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -74,15 +74,8 @@ def check_origin(request: web.Request) -> None:
 
     Clients that send no Origin (command-line tools, servers) are not browsers and pass.
     """
-    origin = request.headers.get("Origin")
-    if origin is None:
-        return
-    allowed = request.app[SETTINGS].websocket.allowed_origins
-    try:
-        same_host = urlsplit(origin).netloc.lower() == request.host.lower()
-    except ValueError:  # "http://[::1": not an origin a browser sends, and not ours
-        same_host = False
-    if not (same_host or origin in allowed or "*" in allowed):
+    if not origin_allowed(request):
+        origin = request.headers["Origin"]
         raise ApiError(
             403,
             f"websocket origin {origin!r} is not allowed; add it to websocket.allowed_origins",

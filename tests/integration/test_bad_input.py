@@ -786,6 +786,32 @@ async def test_an_unknown_batch_is_not_found(service: Service, method: str, path
     await assert_nothing_stored(service)
 
 
+CHANGES = [
+    ("POST", "/batch/upload-csv"),
+    ("POST", "/hospitals/bulk"),
+    ("POST", f"/batch/{UNKNOWN}/resume"),
+    ("DELETE", f"/batch/{UNKNOWN}"),
+]
+
+
+async def test_a_change_sent_by_a_page_of_another_site_is_refused(service: Service) -> None:
+    """A page of any site can post a form here without asking first (no CORS preflight),
+    and a browser names that page in Origin: such a change is refused, nothing stored."""
+    for method, path in CHANGES:
+        for origin in ("https://evil.example", "null"):
+            headers = {"Origin": origin}
+            async with service.http.request(
+                method, service.url + path, data=form(GOOD), headers=headers
+            ) as r:
+                body = await r.json()
+            assert r.status == 403, (method, path, origin, body)
+            assert repr(origin) in body["detail"]
+    await assert_nothing_stored(service)
+    # The service's own pages (/docs) name its own origin; other clients send none.
+    accepted = await service.upload(GOOD, headers={"Origin": service.url})
+    assert accepted["total_hospitals"] == 1
+
+
 BAD_QUERIES = [
     ("/batch?limit=abc", "limit", "Not a valid integer."),
     ("/batch?limit=0", "limit", "greater than or equal to 1"),

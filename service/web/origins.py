@@ -1,0 +1,51 @@
+"""Browsers name the page a request comes from in `Origin`: a page of another site may not
+follow a batch over a websocket, nor change anything through this API."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from service.web.errors import ApiError, Handler
+from service.web.keys import SETTINGS
+
+# What a page of another site can send only after a CORS preflight, which this API never
+# grants, is everything but these; a POST of a form (multipart, as uploads are) needs none.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def origin_allowed(request: web.Request) -> bool:
+    """Whether the request names no origin, the host it was sent to, or one listed in
+    websocket.allowed_origins (`*` allows any). Clients that send no Origin (command-line
+    tools, servers) are not browsers and pass."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    allowed = request.app[SETTINGS].websocket.allowed_origins
+    try:
+        same_host = urlsplit(origin).netloc.lower() == request.host.lower()
+    except ValueError:  # "http://[::1": not an origin a browser sends, and not ours
+        same_host = False
+    return same_host or origin in allowed or "*" in allowed
+
+
+@web.middleware
+async def same_origin_writes(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse an upload, resume or rollback that a page of another site sent.
+
+    A browser posts a form from any page without asking first: any page that a user who
+    can reach the service opened could otherwise create hospitals in the directory.
+    """
+    if (
+        request.method not in SAFE_METHODS
+        and request.match_info.http_exception is None  # 404 and 405 answer as they did
+        and not origin_allowed(request)
+    ):
+        origin = request.headers["Origin"]
+        raise ApiError(
+            403,
+            f"{request.method} from origin {origin!r} refused: a page of another site may not "
+            "change anything here; add the origin to websocket.allowed_origins to allow it",
+        )
+    return await handler(request)
