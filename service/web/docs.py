@@ -12,7 +12,9 @@ STATIC = Path(__file__).parent / "static"
 SWAGGER_STATIC = Path(aiohttp_apispec.__file__).parent / "static"
 # aiohttp-apispec's own page leaves Swagger UI's validatorUrl at its default: a browser that
 # opens /docs on any host but localhost then loads a badge from validator.swagger.io, giving
-# it this service's spec address. This page is the same, with the validator off.
+# it this service's spec address. This page is the same, with the validator off. Swagger UI
+# 4.1.0 also takes its options from the query string (CVE-2018-25031: `?url=` shows another
+# spec on this origin, `?validatorUrl=` turns the validator back on): the page drops it first.
 SWAGGER_PAGE = """<!DOCTYPE html>
 <html lang="en">
   <head>
@@ -28,6 +30,9 @@ SWAGGER_PAGE = """<!DOCTYPE html>
     <script src="/static/swagger/swagger-ui-standalone-preset.js" charset="UTF-8"></script>
     <script>
       window.onload = function() {
+        if (window.location.search) {
+          history.replaceState(null, "", window.location.pathname + window.location.hash);
+        }
         window.ui = SwaggerUIBundle({
           url: "/openapi.json",
           dom_id: "#swagger-ui",
@@ -42,6 +47,9 @@ SWAGGER_PAGE = """<!DOCTYPE html>
   </body>
 </html>
 """
+# What the pages load. Not the bundle's own .html pages: its index.html takes the same
+# options from the query string, and the OAuth2 redirect page serves no flow of this API.
+ASSETS = frozenset({".js", ".css", ".png", ".map"})
 REDOC_PAGE = """<!DOCTYPE html>
 <html>
   <head>
@@ -68,14 +76,19 @@ async def redoc(request: web.Request) -> web.Response:
     return web.Response(text=REDOC_PAGE, content_type="text/html")
 
 
-def files_in(folder: Path) -> Callable[[web.Request], Awaitable[web.FileResponse]]:
-    """A handler serving the files `folder` holds at start, by name, and nothing else.
+def files_in(
+    folder: Path, suffixes: frozenset[str]
+) -> Callable[[web.Request], Awaitable[web.FileResponse]]:
+    """A handler serving the files `folder` holds at start whose names end in one of
+    `suffixes`, by name, and nothing else.
 
     aiohttp's static route answers a name it cannot open with an empty 404 of its own, and
     how far a name gets before that depends on the Python version; a fixed list needs no
     path resolved, and any other name gets this API's 404.
     """
-    files = {path.name: path for path in folder.iterdir() if path.is_file()}
+    files = {
+        path.name: path for path in folder.iterdir() if path.is_file() and path.suffix in suffixes
+    }
 
     async def serve(request: web.Request) -> web.FileResponse:
         path = files.get(request.match_info["name"])
@@ -89,6 +102,6 @@ def files_in(folder: Path) -> Callable[[web.Request], Awaitable[web.FileResponse
 def add_routes(app: web.Application) -> None:
     """Register /docs, /redoc and the static files they load."""
     app.router.add_get("/docs", swagger)
-    app.router.add_get("/static/swagger/{name}", files_in(SWAGGER_STATIC))
+    app.router.add_get("/static/swagger/{name}", files_in(SWAGGER_STATIC, ASSETS))
     app.router.add_get("/redoc", redoc)
-    app.router.add_get("/static/redoc/{name}", files_in(STATIC / "redoc"))
+    app.router.add_get("/static/redoc/{name}", files_in(STATIC / "redoc", ASSETS))

@@ -32,3 +32,16 @@ async def test_swagger_ui_does_not_send_the_spec_address_to_its_online_validator
     async with service.http.get(service.url + "/docs") as r:
         html = await r.text()
     assert re.search(r"validatorUrl:\s*null", html), "the online validator is not turned off"
+
+
+async def test_swagger_ui_takes_no_options_from_the_query_string(service: Service) -> None:
+    # Swagger UI 4.1.0 reads its options from the query (CVE-2018-25031): /docs?url=... would
+    # show another site's spec on this origin. The page drops the query before it starts,
+    # and the bundle's own index.html, which reads it too, is not served.
+    async with service.http.get(service.url + "/docs?url=https://evil.example/spec.json") as r:
+        html = await r.text()
+    dropped = html.find("history.replaceState(null")
+    assert 0 <= dropped < html.index("SwaggerUIBundle({")
+    for page in ("index.html", "oauth2-redirect.html"):
+        async with service.http.get(f"{service.url}/static/swagger/{page}") as r:
+            assert r.status == 404, page
