@@ -45,6 +45,10 @@ class Reachability:
     last_error: str | None = None
 
 
+# The most of an answer read: a hospital or a batch's 20 take a few KB. A proxy's or a
+# broken server's answer of gigabytes, 20 at a time, would end the service for want of memory.
+MAX_ANSWER_BYTES = 16 * 2**20
+
 # How the directory says a batch has no hospitals (GET, activate and delete of a batch).
 NO_SUCH_BATCH = "No hospitals found with the specified batch ID"
 
@@ -93,6 +97,20 @@ def _one_each(listing: list[Any]) -> list[dict[str, Any]] | None:
         if hospitals.setdefault(hospital["id"], hospital) != hospital:
             return None
     return list(hospitals.values())
+
+
+async def _body(response: aiohttp.ClientResponse) -> bytes:
+    """The answer's body, or ValueError past MAX_ANSWER_BYTES (read as unclear)."""
+    if response.content_length is not None:  # aiohttp reads no more than it says
+        if response.content_length > MAX_ANSWER_BYTES:
+            raise ValueError(f"an answer of {response.content_length:,} bytes")
+        return await response.read()
+    body = bytearray()
+    async for chunk in response.content.iter_any():
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            raise ValueError(f"an answer of more than {MAX_ANSWER_BYTES:,} bytes")
+    return bytes(body)
 
 
 def classify(status: int, body: Any) -> Answer:
@@ -191,7 +209,7 @@ class DirectoryClient:
             ) as response:
                 # sock_read bounds each wait for bytes; this bounds an answer that drips.
                 async with asyncio.timeout(self._read_timeout):
-                    raw = await response.read()
+                    raw = await _body(response)
                 try:
                     body = orjson.loads(raw) if raw else None
                 except ValueError:

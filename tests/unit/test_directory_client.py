@@ -4,10 +4,11 @@ each answer or failure proves."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,6 +20,7 @@ from aioresponses import aioresponses
 from yarl import URL
 
 from service.local_directory import RunningDirectory
+from service.processing import directory_client
 from service.processing.directory_client import NO_SUCH_BATCH, Answer, DirectoryClient, Outcome
 from service.settings import DirectorySettings
 
@@ -330,6 +332,25 @@ async def test_no_more_calls_than_concurrency_reach_the_directory_at_once(
     assert most == 2
 
 
+@contextlib.asynccontextmanager
+async def answering(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]], **settings: Any
+) -> AsyncIterator[DirectoryClient]:
+    """A client of a directory on loopback whose creates `handler` answers."""
+    app = web.Application()
+    app.router.add_post("/hospitals/", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port = runner.addresses[0][1]
+        config = DirectorySettings(base_url=f"http://127.0.0.1:{port}", **settings)
+        async with DirectoryClient.new_session(config) as session:
+            yield DirectoryClient(session, config)
+    finally:
+        await runner.cleanup()
+
+
 async def test_an_answer_that_drips_past_the_read_timeout_is_ambiguous() -> None:
     # Each byte comes well within the read timeout, the whole answer does not: held for as
     # long as the drip lasts, the row and a rollback waiting for it would be held too.
@@ -341,24 +362,36 @@ async def test_an_answer_that_drips_past_the_read_timeout_is_ambiguous() -> None
             await asyncio.sleep(0.02)
         return response
 
-    app = web.Application()
-    app.router.add_post("/hospitals/", drip)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    settings = DirectorySettings(base_url=f"http://127.0.0.1:{port}", read_timeout=0.3)
-    try:
-        async with DirectoryClient.new_session(settings) as session:
-            started = time.monotonic()
-            answer = await DirectoryClient(session, settings).create("a", "b", None, BATCH_ID)
-            waited = time.monotonic() - started
-    finally:
-        await runner.cleanup()
+    async with answering(drip, read_timeout=0.3) as client:
+        started = time.monotonic()
+        answer = await create(client)
+        waited = time.monotonic() - started
 
     assert answer.outcome is Outcome.AMBIGUOUS
     assert 0.3 <= waited < 1.5
+
+
+@pytest.mark.parametrize("sized", [True, False], ids=["content-length", "chunked"])
+async def test_an_answer_past_the_size_limit_is_ambiguous(
+    monkeypatch: pytest.MonkeyPatch, sized: bool
+) -> None:
+    # A proxy's or a broken server's answer of gigabytes would be held whole, 20 at a time.
+    monkeypatch.setattr(directory_client, "MAX_ANSWER_BYTES", 1000)
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=500)
+        if sized:
+            response.content_length = 100 * 1000
+        await response.prepare(request)
+        for _ in range(100):
+            await response.write(b"x" * 1000)
+        return response
+
+    async with answering(huge) as client:
+        answer = await create(client)
+
+    assert (answer.outcome, answer.status) == (Outcome.AMBIGUOUS, None)
+    assert "bytes" in answer.message
 
 
 @pytest.mark.parametrize(
