@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from service import logs
 from service.settings import Settings, SettingsError, load_settings
 from service.store.lock import DatabaseInUse, exclusive
 from service.store.migrations import MigrationError, discover
@@ -35,12 +36,6 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(Path(args.config) if args.config else None)
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-
-
 def serve(args: argparse.Namespace) -> int:
     """Run the HTTP service until interrupted."""
     from aiohttp import web
@@ -49,7 +44,7 @@ def serve(args: argparse.Namespace) -> int:
     from service.web.errors import RefusedRequests
 
     settings = _settings(args)
-    _logging(settings.app.log_level)
+    logs.configure(settings.app.log_level)
     logging.getLogger("aiohttp.server").addFilter(RefusedRequests())
     _open_files_to_hard_limit()
     log.info(

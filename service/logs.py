@@ -1,4 +1,5 @@
-"""Logging for faults that last: one traceback a minute, not one per row."""
+"""The service log: one line a record, whatever it quotes, and one traceback a minute for a
+fault that lasts, not one per row."""
 
 from __future__ import annotations
 
@@ -13,6 +14,32 @@ KINDS = 1_000  # kinds of error remembered at most; past it, every kind is new a
 # Where a lasting fault strikes once per row, commit or request: a full disk logged 29,000
 # lines in 20 s for one 1,000-row batch, and each upload meanwhile its 500's traceback.
 FLOODED = ("service.processing.processor", "service.store.event_store", "service.web.errors")
+
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Control characters but tab (C0, DEL, C1) and Unicode's line and paragraph separators, as
+# escapes: a directory's answer or a header quoted in a message could otherwise end the line
+# and forge the next ("...\n2026-11-30 ... CRITICAL ..."), or send a terminal escape.
+ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c != 0x09} | {
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+}
+
+
+class OneLine(logging.Formatter):
+    """Each record's message on one line, its control characters escaped; a traceback that
+    follows it keeps its own lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.translate(ESCAPES)
+        return super().formatMessage(record)
+
+
+def configure(level: str) -> None:
+    """Log to stderr, one line a record, from `level` up."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(OneLine(FORMAT))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 class RepeatedErrors(logging.Filter):
