@@ -121,6 +121,7 @@ class BatchState:
     created_at: str | None = None
     finished_at: str | None = None
     activated: bool = False
+    activated_upstream: set[str] = field(default_factory=set)  # took before a failure
     activation_failure: str | None = None
     rollback_requested: bool = False
     rollback_requests: int = 0
@@ -160,6 +161,11 @@ class BatchState:
     @property
     def finished(self) -> bool:
         return self.status in FINISHED
+
+    def row_activated(self, row: RowState) -> bool:
+        """Whether the row's hospital was activated: with its batch, or with its upstream
+        batch before the batch's activation failed."""
+        return self.activated or row.creation_batch_id in self.activated_upstream
 
     def rows_of(self, creation_batch_id: str) -> list[RowState]:
         """The rows sent under one upstream batch id."""
@@ -245,8 +251,9 @@ def apply(state: BatchState, event: ev.Event, recorded_at: str | None = None) ->
             row.error, row.reason, row.may_exist = message, reason, False
         case ev.BatchActivated():
             state.activated = True
-        case ev.BatchActivationFailed(reason=reason):
+        case ev.BatchActivationFailed(reason=reason, activated_upstream_batch_ids=took):
             state.activation_failure = reason
+            state.activated_upstream.update(took)
         case ev.BatchResumed(rows=rows):
             for n in rows:
                 # A failed row may still have reached the directory: check before re-sending.

@@ -139,8 +139,12 @@ class BatchActivated(Event):
 
 @dataclass(frozen=True)
 class BatchActivationFailed(Event):
+    """Activation did not complete. `activated_upstream_batch_ids` took before it failed:
+    their hospitals are active in the directory."""
+
     type_name = "BatchActivationFailed"
     reason: str
+    activated_upstream_batch_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

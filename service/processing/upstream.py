@@ -80,6 +80,7 @@ class UpstreamBatches:
         if (present := _found(state, lead, members.body)[0]) < len(lead.rows):
             missing = _missing(lead, present, "nothing was activated")
             return ev.BatchActivationFailed(f"{missing}; {RELOAD}")
+        tried = [lead]
         results = [await self._activate_one(state, lead)]
         if results[0].ok:
             slots = asyncio.Semaphore(self._settings.concurrency)
@@ -92,10 +93,12 @@ class UpstreamBatches:
             async with asyncio.TaskGroup() as group:
                 slices = [group.create_task(activate(u)) for u in rest]
             results += [task.result() for task in slices]
+            tried += rest
         if failures := [result for result in results if not result.ok]:
             more = f" (and {len(failures) - 1} more upstream batches)" if len(failures) > 1 else ""
             reload = f"; {RELOAD}" if any(result.lost for result in failures) else ""
-            return ev.BatchActivationFailed(failures[0].error + more + reload)
+            took = tuple(u.creation_batch_id for u, r in zip(tried, results, strict=True) if r.ok)
+            return ev.BatchActivationFailed(failures[0].error + more + reload, took)
         ids = tuple(u.creation_batch_id for u in state.upstream)
         return ev.BatchActivated(sum(result.activated for result in results), ids)
 

@@ -118,8 +118,10 @@ class _Batch:
             case ev.BatchActivated():
                 self._move_rows(b.ROW_CREATED, b.ROW_ACTIVE)
                 self.values["activated"] = 1
-            case ev.BatchActivationFailed(reason=reason):
+            case ev.BatchActivationFailed(reason=reason, activated_upstream_batch_ids=took):
                 self.values["activation_error"] = reason
+                if took:
+                    self._move_rows(b.ROW_CREATED, b.ROW_ACTIVE, of=took)
             case ev.BatchResumed(rows=rows):
                 for row in rows:
                     self._move_row(row, b.ROW_PENDING, "error_reason = NULL, error_message = NULL")
@@ -272,7 +274,7 @@ def write_fold(
                 r.row.address,
                 r.row.phone,
                 r.creation_batch_id,
-                b.row_status(r.status, state.activated),
+                b.row_status(r.status, state.row_activated(r)),
                 r.hospital_id,
                 r.reason,
                 r.error,

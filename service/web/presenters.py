@@ -154,7 +154,7 @@ def records_of(state: b.BatchState) -> tuple[Record, list[Record]]:
             "name": r.row.name,
             "address": r.row.address,
             "phone": r.row.phone,
-            "status": b.row_status(r.status, state.activated),
+            "status": b.row_status(r.status, state.row_activated(r)),
             "error_message": r.error,
         }
         for r in state.rows.values()

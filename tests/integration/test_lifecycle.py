@@ -267,6 +267,36 @@ async def test_resume_after_an_activation_failure_activates_the_batch(
     assert f"batch {batch_id} resumed: its activation is tried again" in said
 
 
+async def test_an_activation_that_fails_after_some_upstream_batches_took_says_which(
+    service_factory: ServiceFactory, directory: RunningDirectory
+) -> None:
+    # 45 rows, three upstream batches: the lead one is activated alone and takes, then the
+    # directory refuses the other two. Its hospitals are active: the log must say so, and
+    # their rows must read created_and_activated, from the log alone.
+    directory.standin.add_fault("batch_activate", "503", nth=[2, 3, 4, 5])
+    async with service_factory(max_attempts=2) as service:
+        batch_id = (await service.upload(csv_of(45)))["batch_id"]
+        final = await service.wait_finished(batch_id)
+        _, page = await service.get(f"/batch/{batch_id}/events?limit=1000")
+        await assert_fold_matches_read_model(service, batch_id)
+
+    assert final["processing_status"] == "failed" and not final["batch_activated"]
+    upstream = page["events"][0]["data"]["upstream_batches"]
+    stored = {
+        u["creation_batch_id"]: directory.standin.hospitals_in_batch(u["creation_batch_id"])
+        for u in upstream
+    }
+    active = sorted(u for u, hospitals in stored.items() if all(h["active"] for h in hospitals))
+    assert len(active) == 1
+    failed = page["events"][-1]
+    assert failed["event_type"] == "BatchActivationFailed"
+    assert failed["data"]["activated_upstream_batch_ids"] == active
+    active_ids = {h["id"] for hospitals in stored.values() for h in hospitals if h["active"]}
+    for row in final["hospitals"]:
+        expected = "created_and_activated" if row["hospital_id"] in active_ids else "created"
+        assert row["status"] == expected, row
+
+
 async def test_the_log_says_a_rollback_ended_also_when_the_batch_read_failed_before(
     service_factory: ServiceFactory, directory: RunningDirectory, caplog: pytest.LogCaptureFixture
 ) -> None:
