@@ -11,6 +11,7 @@ import aiohttp
 from yarl import URL
 
 JSON, CSV = "application/json", "text/csv"
+HEALTH_SECONDS = 5.0  # /health only sets the rate's cap: not worth waiting long for
 
 
 class Refused(Exception):
@@ -71,6 +72,12 @@ class ServiceApi:
                 return body
         except aiohttp.ClientError as exc:
             raise Refused(f"cannot reach the service at {self.base_url}: {exc}") from exc
+        except TimeoutError as exc:  # aiohttp's own timeout (not a ClientError): no answer
+            limit = kwargs.get("timeout", self.http.timeout).total
+            within = "" if limit is None else f" within {limit:g} s"
+            raise Refused(
+                f"{method} {path}: no answer from the service at {self.base_url}{within}"
+            ) from exc
 
     def _stranger(self, kind: str, body: Any) -> list[str]:
         """What to say of an answer that is not the service's JSON: a short plain-text
@@ -110,7 +117,9 @@ class ServiceApi:
     async def creates_per_minute(self) -> int:
         """The pace the service keeps to (0 when it does not, or cannot say)."""
         try:
-            body = await self._call("GET", "/health")
+            body = await self._call(
+                "GET", "/health", timeout=aiohttp.ClientTimeout(total=HEALTH_SECONDS)
+            )
         except Refused:  # unreachable, or unhealthy (503): the follow will say so
             return 0
         pace = body.get("directory", {}).get("creates_per_minute") if isinstance(body, dict) else 0

@@ -18,6 +18,7 @@ LONGEST_RETRY_SECONDS = 5.0
 QUIET_SECONDS = 10.0
 
 Message = dict[str, Any]
+KINDS = ("snapshot", "event", "finished")  # the messages of a batch's socket the client shows
 
 
 class LostContact(Exception):
@@ -47,12 +48,14 @@ async def follow(
     retry = FIRST_RETRY_SECONDS
     while True:
         code: int | None = None
+        began, opened = loop.time(), False
         try:
-            # The snapshot and `finished` messages carry the whole /status, which a large
-            # batch takes past aiohttp's default 4 MiB a message (closed 1009, forever).
-            async with api.http.ws_connect(
-                api.socket_url(batch_id, after), heartbeat=HEARTBEAT_SECONDS, max_msg_size=0
-            ) as ws:
+            # A handshake nobody answers (a proxy that holds upgrades) is contact lost too:
+            # it may take only what is left of the patience.
+            left = patience if lost_since is None else patience - (began - lost_since)
+            ws = await _handshake(api, batch_id, after, max(left, FIRST_RETRY_SECONDS))
+            opened = True
+            async with ws:
                 while True:
                     try:
                         msg = await ws.receive(timeout=QUIET_SECONDS)
@@ -62,6 +65,8 @@ async def follow(
                     if msg.type is not aiohttp.WSMsgType.TEXT:
                         break
                     message: Message = msg.json()
+                    if message.get("type") not in KINDS:  # a later service's: not ours
+                        continue
                     show(message)
                     after, lost_since, retry = message["version"], None, FIRST_RETRY_SECONDS
                     if message["type"] == "finished":
@@ -76,7 +81,8 @@ async def follow(
         except (aiohttp.ClientError, OSError) as exc:
             reason = f"connection lost ({exc or type(exc).__name__})"
         now = loop.time()
-        lost_since = now if lost_since is None else lost_since
+        if lost_since is None:  # a handshake that failed: contact was missing since it began
+            lost_since = now if opened else began
         if now - lost_since > patience:
             raise LostContact(f"{reason}; gave up after {patience:g}s")
         where = "from the start" if after is None else f"after version {after}"
@@ -84,6 +90,25 @@ async def follow(
         if code != RESYNC:
             await asyncio.sleep(retry)
             retry = min(retry * 2, LONGEST_RETRY_SECONDS)
+
+
+async def _handshake(
+    api: ServiceApi, batch_id: str, after: int | None, limit: float
+) -> aiohttp.ClientWebSocketResponse:
+    """The batch's websocket, opened within `limit` seconds."""
+    # The snapshot and `finished` messages carry the whole /status, which a large
+    # batch takes past aiohttp's default 4 MiB a message (closed 1009, forever).
+    opening = api.http.ws_connect(
+        api.socket_url(batch_id, after), heartbeat=HEARTBEAT_SECONDS, max_msg_size=0
+    )
+    try:
+        return await asyncio.wait_for(opening, limit)
+    except TimeoutError as exc:
+        if isinstance(exc, aiohttp.ClientError):  # aiohttp's own, which says what it was
+            raise
+        raise aiohttp.ServerTimeoutError(
+            f"no answer to the websocket handshake within {limit:g}s"
+        ) from exc
 
 
 async def _say_why_quiet(api: ServiceApi, batch_id: str, aside: Callable[[str], None]) -> None:

@@ -116,14 +116,19 @@ async def test_without_follow_an_upload_says_how_to_follow_and_returns(
 
 
 @contextlib.asynccontextmanager
-async def behind_a_proxy(service: Service, prefix: str) -> AsyncIterator[str]:
-    """A reverse proxy on loopback that serves the service under `prefix`, websocket too."""
+async def behind_a_proxy(
+    service: Service, prefix: str, first: str | None = None
+) -> AsyncIterator[str]:
+    """A reverse proxy on loopback that serves the service under `prefix`, websocket too;
+    `first`, when given, is sent on each websocket before the service's messages."""
 
     async def forward(request: web.Request) -> web.StreamResponse:
         target = URL(service.url + request.match_info["tail"]).with_query(request.query)
         if request.headers.get("Upgrade", "").lower() == "websocket":
             inward = web.WebSocketResponse()
             await inward.prepare(request)
+            if first is not None:
+                await inward.send_str(first)
             async with service.http.ws_connect(target) as outward:
                 async for message in outward:
                     await inward.send_str(message.data)
@@ -165,6 +170,20 @@ async def test_a_service_behind_a_path_prefix_is_reached_under_it(
         argv = ("results", batch_id.group(1), "--url", url + "/", "-o", str(output))
         assert await client(Captured(), *argv) == 0
         assert output.read_text().count("created_and_activated") == 3
+
+
+async def test_a_websocket_message_of_a_kind_the_client_does_not_know_is_ignored(
+    service: Service,
+) -> None:
+    accepted = await service.upload(SAMPLE_CSV)
+    await service.wait_finished(accepted["batch_id"])
+    notice = '{"type": "notice", "text": "maintenance at 22:00"}'  # a later service's
+    async with behind_a_proxy(service, "/loader", first=notice) as url:
+        captured = Captured()
+        status = await client(captured, "follow", accepted["batch_id"], "--url", url)
+
+    assert status == 0, captured.stderr
+    assert "completed: 3 created, 0 failed" in captured.stdout
 
 
 async def test_a_url_with_a_query_or_a_fragment_still_reaches_the_service(
@@ -625,6 +644,60 @@ async def test_a_url_that_is_not_the_service_exits_2_and_says_so(sample: Path) -
             assert await client(captured, *argv, "--url", url) == 2, argv
             assert f"is {url} the service's address?" in captured.stderr, argv
             assert captured.stdout == "", argv  # not the page, as if it were the results
+
+
+@contextlib.asynccontextmanager
+async def a_server_that_never_answers() -> AsyncIterator[str]:
+    """What a hung service, or a proxy that holds requests (a websocket upgrade it buffers),
+    looks like: a connection accepted, and no answer to anything."""
+    released = asyncio.Event()
+
+    async def hold(request: web.Request) -> web.Response:
+        await released.wait()
+        return web.Response(status=504)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", hold)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        released.set()
+        await runner.cleanup()
+
+
+async def test_a_service_that_never_answers_is_one_line_and_exit_2(
+    sample: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # aiohttp's 5 minutes, shortened; what ends them is a TimeoutError, not a ClientError.
+    monkeypatch.setattr("aiohttp.client.DEFAULT_TIMEOUT", aiohttp.ClientTimeout(total=0.3))
+    batch_id = str(uuid.uuid4())
+    async with a_server_that_never_answers() as url:
+        for argv in (["upload", str(sample)], ["resume", batch_id], ["results", batch_id]):
+            captured = Captured()
+            assert await client(captured, *argv, "--url", url) == 2, argv
+            assert f"no answer from the service at {url} within 0.3 s" in captured.stderr, argv
+            assert captured.stdout == "", argv
+
+
+async def test_a_websocket_upgrade_nobody_answers_ends_at_the_reconnect_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("service.client.api.HEALTH_SECONDS", 0.2, raising=False)
+    loop = asyncio.get_running_loop()
+    async with a_server_that_never_answers() as url:
+        captured, started = Captured(), loop.time()
+        async with asyncio.timeout(10):  # not aiohttp's 5 minutes a handshake
+            status = await client(
+                captured, "follow", str(uuid.uuid4()), "--url", url, "--reconnect-timeout", "0.5"
+            )
+
+    assert status == 3, captured.stderr
+    assert "no answer to the websocket handshake within 0.5s" in captured.stderr
+    assert loop.time() - started < 3
 
 
 async def test_an_empty_idempotency_key_is_sent_not_dropped(service: Service, sample: Path) -> None:
