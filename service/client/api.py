@@ -15,11 +15,15 @@ HEALTH_SECONDS = 5.0  # /health only sets the rate's cap: not worth waiting long
 
 
 class Refused(Exception):
-    """The service refused the request, or could not be reached: nothing was done."""
+    """The service refused the request or could not be reached, and nothing was done; or,
+    when `unclear`, the request was sent and its answer lost (a 5xx, a cut connection, no
+    answer, a proxy's page), so it may have been done all the same."""
 
-    def __init__(self, summary: str, problems: list[str] | None = None) -> None:
+    def __init__(
+        self, summary: str, problems: list[str] | None = None, unclear: bool = False
+    ) -> None:
         super().__init__(summary)
-        self.summary, self.problems = summary, problems or []
+        self.summary, self.problems, self.unclear = summary, problems or [], unclear
 
 
 def problems_of(body: Any) -> list[str]:
@@ -62,21 +66,29 @@ class ServiceApi:
                     raise Refused(
                         f"{method} {path} was refused (HTTP {response.status})",
                         problems_of(body) if kind == JSON else self._stranger(kind, body),
+                        unclear=response.status >= 500,
                     )
                 if kind != answer or (kind == JSON and not isinstance(body, dict)):
                     raise Refused(
                         f"{method} {path} got HTTP {response.status} with "
                         f"{kind or 'no content type'}, not the service's answer",
                         self._stranger(kind, None),
+                        unclear=True,
                     )
                 return body
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientConnectorError, aiohttp.InvalidURL) as exc:  # nothing was sent
             raise Refused(f"cannot reach the service at {self.base_url}: {exc}") from exc
+        except aiohttp.ClientError as exc:  # cut off once sent
+            raise Refused(
+                f"{method} {path}: lost the answer of the service at {self.base_url}: {exc}",
+                unclear=True,
+            ) from exc
         except TimeoutError as exc:  # aiohttp's own timeout (not a ClientError): no answer
             limit = kwargs.get("timeout", self.http.timeout).total
             within = "" if limit is None else f" within {limit:g} s"
             raise Refused(
-                f"{method} {path}: no answer from the service at {self.base_url}{within}"
+                f"{method} {path}: no answer from the service at {self.base_url}{within}",
+                unclear=True,
             ) from exc
 
     def _stranger(self, kind: str, body: Any) -> list[str]:
@@ -96,7 +108,21 @@ class ServiceApi:
         form = aiohttp.FormData()
         form.add_field("file", content, filename=path.name, content_type="text/csv")
         headers = {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
-        body = await self._call("POST", "/batch/upload-csv", data=form, headers=headers)
+        try:
+            body = await self._call("POST", "/batch/upload-csv", data=form, headers=headers)
+        except Refused as refused:
+            if refused.unclear:  # uploading again could load every hospital twice
+                refused.problems.append(
+                    "the file may have been accepted all the same: "
+                    + (
+                        "upload it again with the same --idempotency-key, which answers "
+                        "the batch it made if it was"
+                        if idempotency_key is not None
+                        else "look for it in GET /batch before uploading it again "
+                        "(--idempotency-key makes a retried upload safe)"
+                    )
+                )
+            raise
         return dict(body)
 
     async def resume(self, batch_id: str) -> dict[str, Any]:

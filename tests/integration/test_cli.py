@@ -280,6 +280,7 @@ async def test_a_refused_upload_exits_2_with_the_servers_messages(
     url = f"http://127.0.0.1:{closed_port}"
     assert await client(unreachable, "upload", str(bad), "--url", url) == 2
     assert "cannot reach the service" in unreachable.stderr
+    assert "may have been accepted" not in unreachable.stderr  # nothing was sent
 
 
 async def test_results_and_rollback(service: Service, sample: Path, tmp_path: Path) -> None:
@@ -644,6 +645,52 @@ async def test_a_url_that_is_not_the_service_exits_2_and_says_so(sample: Path) -
             assert await client(captured, *argv, "--url", url) == 2, argv
             assert f"is {url} the service's address?" in captured.stderr, argv
             assert captured.stdout == "", argv  # not the page, as if it were the results
+
+
+@contextlib.asynccontextmanager
+async def a_proxy_that_loses_the_answer(service: Service) -> AsyncIterator[str]:
+    """A proxy that hands each request to the service, then answers 504 with its own page,
+    as one whose wait for the service ran out does."""
+
+    async def forward(request: web.Request) -> web.Response:
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+        url = service.url + request.path
+        async with service.http.post(url, data=await request.read(), headers=headers) as r:
+            await r.read()
+        return web.Response(
+            status=504, text="<html>504 Gateway Time-out</html>", content_type="text/html"
+        )
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", forward)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_upload_whose_answer_was_lost_says_it_may_have_been_accepted(
+    service: Service, sample: Path
+) -> None:
+    # Uploaded again as if refused, it would load every hospital twice.
+    async with a_proxy_that_loses_the_answer(service) as url:
+        plain, keyed = Captured(), Captured()
+        assert await client(plain, "upload", str(sample), "--url", url) == 2
+        key = ["--idempotency-key", "nightly-load"]
+        assert await client(keyed, "upload", str(sample), "--url", url, *key) == 2
+
+    assert "HTTP 504" in plain.stderr
+    assert "may have been accepted all the same: look for it in GET /batch" in plain.stderr
+    assert "upload it again with the same --idempotency-key" in keyed.stderr
+    _, listing = await service.get("/batch")
+    assert len(listing["batches"]) == 2  # both reached the service
+    again = Captured()  # the retry the message advises: the batch it made, nothing new
+    assert await client(again, "upload", str(sample), "--url", service.url, *key) == 0
+    _, listing = await service.get("/batch")
+    assert len(listing["batches"]) == 2
 
 
 @contextlib.asynccontextmanager
