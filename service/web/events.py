@@ -23,6 +23,9 @@ from service.web.batches import (
 from service.web.keys import STORE
 
 routes = web.RouteTableDef()
+# Characters of event data and metadata a page holds at most (and always its first event),
+# whatever its limit: a page of the largest uploads' BatchCreated events would take GBs.
+PAGE_CHARS = 8 * 2**20
 
 
 @routes.get(f"{BATCH}/events")
@@ -39,7 +42,7 @@ async def batch_events(request: web.Request) -> web.Response:
     query = request["querystring"]
     after = -1 if query["after"] is None else query["after"]
     rows = await request.app[STORE].stream_rows(
-        b.stream_id(batch["batch_id"]), after_version=after, limit=query["limit"]
+        b.stream_id(batch["batch_id"]), after, query["limit"], PAGE_CHARS
     )
     return await _page(request, rows, "stream_version")
 
@@ -55,7 +58,7 @@ async def batch_events(request: web.Request) -> web.Response:
 async def all_events(request: web.Request) -> web.Response:
     query = request["querystring"]
     after = max(0, query["after"] or 0)
-    rows = await request.app[STORE].log_rows(after_position=after, limit=query["limit"])
+    rows = await request.app[STORE].log_rows(after, query["limit"], PAGE_CHARS)
     return await _page(request, rows, "global_position")
 
 

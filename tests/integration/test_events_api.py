@@ -21,9 +21,10 @@ from service import __main__ as service_main
 from service.__main__ import main
 from service.domain import batch as b
 from service.store.event_store import EventStore
-from service.store.records import StoredEvent
+from service.store.records import StoredEvent, from_row
+from service.web import events as events_api
 from service.web import presenters
-from service.web.keys import CPU_WORK
+from service.web.keys import CPU_WORK, STORE
 from tests.integration.conftest import new_batch, requested
 from tests.support import PROJECT, SAMPLE_CSV, Service, ServiceFactory, csv_of
 
@@ -95,6 +96,34 @@ async def test_the_whole_log_pages_by_position_and_holds_every_batch(service: Se
     for path in ("/events?limit=1", f"/batch/{first['batch_id']}/events?limit=1"):
         async with service.http.get(service.url + path) as answer:  # as json_response said
             assert answer.headers["Content-Type"] == "application/json; charset=utf-8"
+
+
+async def test_a_page_holds_events_up_to_its_size_in_characters_and_always_one(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Counted in events alone, a page of large uploads' BatchCreated events took GBs.
+    most = 2_000
+    monkeypatch.setattr(events_api, "PAGE_CHARS", most)
+    big = [await service.upload(csv_of(1, prefix="N" * 1_500)) for _ in range(2)]
+    huge = await service.upload(csv_of(1, prefix="H" * 5_000))  # past it alone
+    for accepted in (*big, huge):
+        await service.wait_finished(accepted["batch_id"])
+    everything = await service.app[STORE].log_rows(0, 1000)
+
+    found = await pages(service, "/events", limit=1000)
+
+    def size(event: dict[str, Any]) -> int:
+        return len(json.dumps(event["data"])) + len(json.dumps(event["metadata"]))
+
+    assert [e for page in found for e in page] == [from_row(r).to_json() for r in everything]
+    assert len(found) > 3 and all(len(page) <= 1000 for page in found)
+    for page in found:
+        assert len(page) == 1 or sum(map(size, page)) <= most * 1.1, page
+    created = [p for p in found if p[0]["event_type"] == "BatchCreated"]
+    assert len(created) == 3  # each starts a page: two of them do not fit together
+    stream = b.stream_id(huge["batch_id"])
+    (first, *_), *_ = await pages(service, f"/batch/{huge['batch_id']}/events", limit=1000)
+    assert (first["stream_id"], first["event_type"]) == (stream, "BatchCreated")
 
 
 async def test_pages_are_the_same_after_a_restart(service_factory: ServiceFactory) -> None:
