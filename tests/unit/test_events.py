@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -132,3 +134,39 @@ def test_derived_event_id_is_a_deterministic_uuid() -> None:
 
 def test_new_event_ids_are_unique() -> None:
     assert len({ev.new_event_id() for _ in range(100)}) == 100
+
+
+EVENTS_DOC = Path(__file__).resolve().parents[2] / "docs" / "events.md"
+
+
+def _documented_events() -> dict[str, str]:
+    """docs/events.md's event sections by heading (`### Name`), each up to the next heading."""
+    sections = re.split(r"^(#{2,3} .+)$", EVENTS_DOC.read_text(encoding="utf-8"), flags=re.M)
+    return {
+        heading.removeprefix("### ").strip(): body
+        for heading, body in zip(sections[1::2], sections[2::2], strict=True)
+        if heading.startswith("### ")
+    }
+
+
+def _expected_fields(cls: type[ev.Event]) -> set[str]:
+    """The event's fields, and for its rows and upstream batches theirs as `rows[].name`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    if cls is ev.BatchCreated:
+        names |= {f"rows[].{f.name}" for f in dataclasses.fields(ev.Row)}
+        names |= {f"upstream_batches[].{f.name}" for f in dataclasses.fields(ev.UpstreamBatch)}
+    return names
+
+
+def test_the_event_log_reference_has_a_section_for_each_event_type_and_no_other() -> None:
+    assert set(_documented_events()) == set(ev.EVENT_TYPES)
+
+
+@pytest.mark.parametrize("type_name", sorted(ev.EVENT_TYPES))
+def test_the_event_log_reference_documents_every_field_of_an_event(type_name: str) -> None:
+    cls = ev.EVENT_TYPES[type_name]
+    section = _documented_events().get(type_name, "")
+    documented = set(re.findall(r"^\| `([^`]+)` \|", section, flags=re.M))
+
+    assert documented == _expected_fields(cls), f"docs/events.md, section {type_name}"
+    assert f"Schema version {cls.schema_version}." in " ".join(section.split())
