@@ -141,7 +141,12 @@ class UpstreamBatches:
             # after a pause, as what failed at once (a proxy's 503) may fail again at once.
             if attempt < settings.max_attempts:
                 await asyncio.sleep(backoff(attempt, settings.backoff_base, settings.backoff_max))
-        message = answer.message if answer else "no answer"
+        if answer is None:
+            message = "no answer"
+        elif answer.ok:  # its own words would read "ok"
+            message = f"it answered {answer.status}, yet none of its hospitals is active"
+        else:
+            message = answer.message
         return Activation(
             False, error=f"activation of upstream batch {batch_id} did not take effect: {message}"
         )

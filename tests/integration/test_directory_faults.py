@@ -527,6 +527,25 @@ async def test_activation_looks_first_at_the_oldest_record_not_the_row_recorded_
     assert len(ours) == 24 and not any(h["active"] for h in ours)
 
 
+async def test_an_activation_answered_ok_that_activates_nothing_says_so(
+    service_factory: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A proxy that answers 200 {} and never passes the PATCH on: "did not take effect: ok"
+    # told nobody anything.
+    async def unheard(self: DirectoryClient, creation_batch_id: str) -> Answer:
+        return Answer(Outcome.OK, 200, {}, "ok")
+
+    monkeypatch.setattr(DirectoryClient, "activate", unheard)
+    monkeypatch.setattr(upstream, "backoff", lambda attempt, base, cap: 0.01)
+    async with service_factory(max_attempts=2) as service:
+        final = await service.wait_finished((await service.upload(csv_of(3)))["batch_id"])
+
+    assert final["processing_status"] == "failed"
+    assert final["activation_error"].endswith(
+        "did not take effect: it answered 200, yet none of its hospitals is active"
+    )
+
+
 async def test_an_activation_refused_at_once_is_asked_again_after_a_pause(
     service: Service, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
