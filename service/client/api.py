@@ -39,6 +39,12 @@ def problems_of(body: Any) -> list[str]:
     return [str(detail)] if detail else []
 
 
+def lacking(body: Any, fields: tuple[str, ...]) -> list[str]:
+    """The fields of an answer or message that are missing or null: what the client cannot
+    do without (a batch's id, a message's version); any other may be null."""
+    return [name for name in fields if body.get(name) is None]
+
+
 @dataclass(frozen=True)
 class ServiceApi:
     """Calls to one running service."""
@@ -52,27 +58,42 @@ class ServiceApi:
         base = self.base_url.with_query(None).with_fragment(None)
         return URL(str(base).rstrip("/") + path)
 
-    async def _call(self, method: str, path: str, answer: str = JSON, **kwargs: Any) -> Any:
-        """The body of a 2xx answer of the type `answer` names; Refused otherwise."""
+    async def _call(
+        self, method: str, path: str, answer: str = JSON, needs: tuple[str, ...] = (), **kwargs: Any
+    ) -> Any:
+        """The body of a 2xx answer of the type `answer` names, with the fields it `needs`
+        not null; Refused otherwise."""
         url = self._at(path)
         try:
             async with self.http.request(method, url, **kwargs) as response:
-                kind = response.content_type
+                if response.method != method:  # a 301, 302 or 303 made a POST a GET
+                    moved = str(response.url).removesuffix(path)
+                    raise Refused(
+                        f"{method} {path}: the service's address redirects to {moved} "
+                        f"(HTTP {response.history[0].status}): use that as --url"
+                    )
+                kind, status = response.content_type, response.status
                 try:
                     body = await (response.json() if kind == JSON else response.text())
                 except ValueError:  # not JSON after all, or not text
                     body = None
-                if response.status >= 400:
+                if status >= 400:
                     raise Refused(
-                        f"{method} {path} was refused (HTTP {response.status})",
-                        problems_of(body) if kind == JSON else self._stranger(kind, body),
-                        unclear=response.status >= 500,
+                        f"{method} {path} was refused (HTTP {status})",
+                        problems_of(body) if kind == JSON else self._stranger(kind, body, status),
+                        unclear=status >= 500,
                     )
                 if kind != answer or (kind == JSON and not isinstance(body, dict)):
                     raise Refused(
-                        f"{method} {path} got HTTP {response.status} with "
+                        f"{method} {path} got HTTP {status} with "
                         f"{kind or 'no content type'}, not the service's answer",
-                        self._stranger(kind, None),
+                        self._stranger(kind, None, status),
+                        unclear=True,
+                    )
+                if missing := lacking(body, needs):
+                    raise Refused(
+                        f"{method} {path}: the answer lacks {', '.join(missing)}",
+                        self._stranger(kind, None, status),
                         unclear=True,
                     )
                 return body
@@ -91,12 +112,15 @@ class ServiceApi:
                 unclear=True,
             ) from exc
 
-    def _stranger(self, kind: str, body: Any) -> list[str]:
+    def _stranger(self, kind: str, body: Any, status: int) -> list[str]:
         """What to say of an answer that is not the service's JSON: a short plain-text
-        reason as it is, anything else (a web page) as a hint that --url is wrong."""
+        reason as it is; a 5xx or 413 page as a proxy's (the service answers those in JSON);
+        anything else (a web page) as a hint that --url is wrong."""
         text = body.strip() if kind == "text/plain" and isinstance(body, str) else ""
         if text and len(text) <= 300:
             return [text]
+        if status >= 500 or status == 413:
+            return [f"a proxy or gateway in front of the service answered (HTTP {status})"]
         return [f"is {self.base_url} the service's address? (--url, or SERVICE_URL)"]
 
     async def upload(self, path: Path, idempotency_key: str | None = None) -> dict[str, Any]:
@@ -109,7 +133,9 @@ class ServiceApi:
         form.add_field("file", content, filename=path.name, content_type="text/csv")
         headers = {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
         try:
-            body = await self._call("POST", "/batch/upload-csv", data=form, headers=headers)
+            body = await self._call(
+                "POST", "/batch/upload-csv", needs=("batch_id",), data=form, headers=headers
+            )
         except Refused as refused:
             if refused.unclear:  # uploading again could load every hospital twice
                 refused.problems.append(
@@ -136,8 +162,8 @@ class ServiceApi:
         return dict(body)
 
     async def progress(self, batch_id: str) -> dict[str, Any]:
-        """GET /batch/{id}/progress."""
-        body = await self._call("GET", f"/batch/{batch_id}/progress")
+        """GET /batch/{id}/progress, with its message."""
+        body = await self._call("GET", f"/batch/{batch_id}/progress", needs=("current_message",))
         return dict(body)
 
     async def creates_per_minute(self) -> int:
@@ -157,8 +183,27 @@ class ServiceApi:
         body = await self._call("GET", f"/batch/{batch_id}/results.csv{query}", CSV)
         return str(body)
 
+    async def socket_refusal(self, batch_id: str, after: int | None, status: int) -> Refused:
+        """Why the batch's websocket handshake was refused with `status`: that answer has no
+        body, and the same request without the upgrade gets the service's reason."""
+        try:
+            await self._call("GET", f"/batch/{batch_id}/ws", params=_after(after))
+        except Refused as refused:
+            if status == 400:  # the service's answer to a handshake that lost its upgrade
+                refused.problems.append(
+                    "a proxy in front of the service must pass websocket upgrades on "
+                    "(the Upgrade and Connection headers)"
+                )
+            return refused
+        return Refused(f"websocket of batch {batch_id} refused (HTTP {status})")
+
     def socket_url(self, batch_id: str, after: int | None) -> URL:
         """The batch's websocket, resuming after a stream version when one is given."""
         scheme = "wss" if self.base_url.scheme == "https" else "ws"
         url = self._at(f"/batch/{batch_id}/ws").with_scheme(scheme)
-        return url if after is None else url.with_query(after=after)
+        return url.with_query(_after(after))
+
+
+def _after(version: int | None) -> dict[str, int]:
+    """The query that resumes a batch's websocket after a stream version, if one is given."""
+    return {} if version is None else {"after": version}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import math
 import os
 import signal
@@ -22,8 +23,8 @@ from rich.console import Console
 from rich.markup import escape
 from yarl import URL
 
-from service.client.api import Refused, ServiceApi
-from service.client.display import Watch, print_table, result_table, summary, visible
+from service.client.api import Refused, ServiceApi, problems_of
+from service.client.display import Watch, known, print_table, result_table, summary, visible
 from service.client.follow import LostContact, follow
 
 OK, BATCH_FAILED, REFUSED, LOST, INTERRUPTED = 0, 1, 2, 3, 130
@@ -156,14 +157,11 @@ async def run(argv: list[str], out: Console | None = None, err: Console | None =
 async def _upload(api: ServiceApi, args: argparse.Namespace, out: Console) -> int:
     batch = await api.upload(args.file, args.idempotency_key)
     out.print(
-        f"Batch [bold]{batch['batch_id']}[/] accepted: {batch['total_hospitals']} hospital(s) "
-        f"from {escape(args.file.name)}"
+        f"Batch [bold]{batch['batch_id']}[/] accepted: "
+        f"{escape(known(batch.get('total_hospitals')))} hospital(s) from {escape(args.file.name)}"
     )
-    for warning in batch.get("warnings", []):
-        out.print(
-            f"[yellow]warning:[/] {escape(' '.join(map(str, warning['loc'])))}: "
-            f"{escape(warning['msg'])}"
-        )
+    for warning in problems_of(batch.get("warnings")):  # each "loc: msg", as a refusal's
+        out.print(f"[yellow]warning:[/] {escape(visible(warning))}")
     return await _then_follow(api, batch["batch_id"], args, out)
 
 
@@ -171,7 +169,7 @@ async def _lifecycle(api: ServiceApi, args: argparse.Namespace, out: Console) ->
     """`resume` or `rollback`: ask, print where the batch is, and follow it if asked to."""
     ask = api.resume if args.command == "resume" else api.rollback
     progress = await ask(args.batch_id)
-    out.print(f"Batch {args.batch_id}: {escape(visible(progress['current_message']))}")
+    out.print(f"Batch {args.batch_id}: {escape(visible(known(progress.get('current_message'))))}")
     return await _then_follow(api, args.batch_id, args, out)
 
 
@@ -229,7 +227,7 @@ async def _then_follow(
         print_table(out, table)
     if left_out:
         out.print(
-            f"{left_out} of the {status['total_hospitals']} rows are not listed here. "
+            f"{left_out} of the {known(status.get('total_hospitals'))} rows are not listed here. "
             f"All of them: python -m service results {batch_id} --url {args.url} "
             "-o results.csv",
             soft_wrap=True,
@@ -237,11 +235,13 @@ async def _then_follow(
     out.print(summary(status))
     # Why, and what to do, off the bar: also for a completed batch whose rollback the
     # directory refused (it stays completed, and rollback exits 1).
-    if status["processing_status"] != "completed" or status.get("rollback_error"):
-        out.print(escape(visible(final["progress"]["current_message"])), highlight=False)
+    completed = status.get("processing_status") == "completed"
+    why = final["progress"].get("current_message")
+    if why and (not completed or status.get("rollback_error")):
+        out.print(escape(visible(why)), highlight=False)
     if args.command == "rollback":
-        return OK if status["rolled_back"] else BATCH_FAILED
-    return OK if status["processing_status"] == "completed" else BATCH_FAILED
+        return OK if status.get("rolled_back") else BATCH_FAILED
+    return OK if completed else BATCH_FAILED
 
 
 COMMAND_RUNNERS = {
@@ -255,6 +255,10 @@ COMMAND_RUNNERS = {
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the client commands."""
+    # An output encoding that cannot write a name (PYTHONIOENCODING=latin-1) shows what it
+    # cannot as escapes, as stderr does, rather than ending in a traceback.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         return asyncio.run(run(sys.argv[1:] if argv is None else argv))
     except KeyboardInterrupt:

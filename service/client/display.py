@@ -44,6 +44,11 @@ def visible(text: str) -> str:
     return text.translate(CONTROLS)
 
 
+def known(value: Any) -> str:
+    """A value the service sent as the client shows it: `?` for one missing or null."""
+    return "?" if value is None else str(value)
+
+
 def rows_per_second(task: Task) -> float | None:
     """Rows finished since following began over the time since: steady under bursts. At
     most the pace the service keeps to, as a paced file's first window goes out at once.
@@ -102,7 +107,7 @@ class Watch:
         )
         self.task: TaskID | None = None
         self.said = ""  # the current_message of the last websocket message
-        self.last_line: tuple[str, int, int, int, str] | None = None
+        self.last_line: tuple[str, int | None, int | None, int | None, str] | None = None
 
     def __enter__(self) -> Watch:
         self.progress.start()
@@ -117,17 +122,18 @@ class Watch:
         self.progress.stop()
 
     def show(self, message: dict[str, Any]) -> None:
-        """Take one websocket message's progress numbers."""
+        """Take one websocket message's progress numbers (a null one leaves the bar's as it
+        was, and shows as `?` in a line)."""
         numbers = message["progress"]
-        done, total = numbers["processed_hospitals"], numbers["total_hospitals"]
-        status, failed = numbers["processing_status"], numbers["failed_hospitals"]
+        done, total = numbers.get("processed_hospitals"), numbers.get("total_hospitals")
+        status, failed = known(numbers.get("processing_status")), numbers.get("failed_hospitals")
         if self.task is None:
             self.task = self.progress.add_task(
                 status,
                 total=total,
-                completed=done,
-                failed=failed,
-                initial=done,
+                completed=done or 0,
+                failed=known(failed),
+                initial=done or 0,
                 most_per_second=self.most_per_second,
                 aside="",
             )
@@ -137,10 +143,10 @@ class Watch:
                 description=status,
                 total=total,
                 completed=done,
-                failed=failed,
+                failed=known(failed),
                 aside="",
             )
-        self.said = numbers["current_message"]
+        self.said = numbers.get("current_message") or ""
         if not self.live:
             self._line(status, done, total, failed, self.said)
 
@@ -156,7 +162,9 @@ class Watch:
         elif self.last_line is not None:
             self._line(*self.last_line[:-1], text)
 
-    def _line(self, status: str, done: int, total: int, failed: int, text: str) -> None:
+    def _line(
+        self, status: str, done: int | None, total: int | None, failed: int | None, text: str
+    ) -> None:
         if (status, done, total, failed, text) == self.last_line:  # a new message is news too
             return
         self.last_line = (status, done, total, failed, text)
@@ -164,7 +172,8 @@ class Watch:
         task = next(t for t in self.progress.tasks if t.id == self.task)
         rate, eta = self.rate.render(task).plain, self.eta.render(task).plain
         self.console.print(
-            f"{time.strftime('%H:%M:%S')} {status} {done}/{total} done, {failed} failed, "
+            f"{time.strftime('%H:%M:%S')} {status} {known(done)}/{known(total)} done, "
+            f"{known(failed)} failed, "
             f"{rate}, {eta} - {visible(text)}",
             markup=False,
             highlight=False,
@@ -187,10 +196,11 @@ def _shown(value: str | None, style: str = "") -> Text:
 def result_table(status: dict[str, Any]) -> tuple[Table, int]:
     """Every row's result, and how many rows it leaves out: a batch of more than TABLE_ROWS
     shows its failed rows alone (20,000 rows took the client 9 s and 180 MB to lay out)."""
-    rows = status["hospitals"]
+    every = rows = status.get("hospitals") or []
     if len(rows) > TABLE_ROWS:
         rows = [r for r in rows if r["status"] == "failed"][:TABLE_ROWS]
-    table = Table(box=box.SIMPLE_HEAD, title=f"Batch {status['batch_id']}", title_justify="left")
+    title = f"Batch {known(status.get('batch_id'))}"
+    table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left")
     for column in ("Row", "Name", "Address", "Phone", "Status", "Hospital ID", "Error"):
         table.add_column(column, overflow="fold")
     for row in rows:
@@ -203,7 +213,7 @@ def result_table(status: dict[str, Any]) -> tuple[Table, int]:
             "" if row["hospital_id"] is None else str(row["hospital_id"]),
             _shown(row["error_message"], style="red"),
         )
-    return table, len(status["hospitals"]) - len(rows)
+    return table, len(every) - len(rows)
 
 
 def print_table(console: Console, table: Table) -> None:
@@ -220,15 +230,17 @@ def print_table(console: Console, table: Table) -> None:
 
 
 def summary(status: dict[str, Any]) -> Text:
-    """One line: how the batch ended."""
-    line = Text()
-    line.append(status["processing_status"], style=STATUS_STYLES.get(status["processing_status"]))
-    created = status["processed_hospitals"] - status["failed_hospitals"]
-    created -= status.get("deleted_hospitals", 0)
+    """One line: how the batch ended (`?` for what the service left null)."""
+    ended = known(status.get("processing_status"))
+    processed, failed = status.get("processed_hospitals"), status.get("failed_hospitals")
+    deleted, seconds = status.get("deleted_hospitals") or 0, status.get("processing_time_seconds")
+    created = None if processed is None or failed is None else processed - failed - deleted
+    activated = status.get("batch_activated")
+    line = Text(ended, style=STATUS_STYLES.get(ended, ""))
     line.append(
-        f": {created} created, {status['failed_hospitals']} failed, "
-        f"{status.get('deleted_hospitals', 0)} deleted of {status['total_hospitals']}; "
-        f"activated: {'yes' if status['batch_activated'] else 'no'}; "
-        f"{status['processing_time_seconds']:.1f} s"
+        f": {known(created)} created, {known(failed)} failed, {deleted} deleted of "
+        f"{known(status.get('total_hospitals'))}; "
+        f"activated: {'?' if activated is None else 'yes' if activated else 'no'}; "
+        f"{'?' if seconds is None else f'{seconds:.1f}'} s"
     )
     return line

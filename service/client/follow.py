@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 
-from service.client.api import Refused, ServiceApi
+from service.client.api import Refused, ServiceApi, lacking
 
 RESYNC = 4000  # the service says we fell behind: reconnect at once with ?after
 HEARTBEAT_SECONDS = 20.0  # ping the service; a silent one is dropped and reconnected
@@ -16,9 +17,17 @@ FIRST_RETRY_SECONDS = 0.2
 LONGEST_RETRY_SECONDS = 5.0
 # A socket quiet this long: /progress says why (the directory's rate window, most often).
 QUIET_SECONDS = 10.0
+# A socket open this long was contact, even without a message: a proxy may drop idle ones.
+CONTACT_SECONDS = 1.0
 
 Message = dict[str, Any]
-KINDS = ("snapshot", "event", "finished")  # the messages of a batch's socket the client shows
+# The messages of a batch's socket the client shows, and the fields it cannot show one
+# without; any other frame (a later service's kind, a proxy's page) is skipped.
+KINDS = {
+    "snapshot": ("version", "progress"),
+    "event": ("version", "progress"),
+    "finished": ("version", "progress", "status"),
+}
 
 
 class LostContact(Exception):
@@ -40,7 +49,8 @@ async def follow(
 
     A closed or dropped socket is reopened with ?after=<last version seen>, so no event is
     lost or shown twice. Once reopening has failed for `patience` seconds, LostContact; a
-    socket that is open but quiet is waited on for as long as it stays open.
+    socket that is open but quiet is waited on for as long as it stays open, and one that
+    stayed open CONTACT_SECONDS counts as contact when it closes.
     """
     after: int | None = None
     loop = asyncio.get_running_loop()
@@ -48,13 +58,13 @@ async def follow(
     retry = FIRST_RETRY_SECONDS
     while True:
         code: int | None = None
-        began, opened = loop.time(), False
+        began, opened = loop.time(), None
         try:
             # A handshake nobody answers (a proxy that holds upgrades) is contact lost too:
             # it may take only what is left of the patience.
             left = patience if lost_since is None else patience - (began - lost_since)
             ws = await _handshake(api, batch_id, after, max(left, FIRST_RETRY_SECONDS))
-            opened = True
+            opened = loop.time()
             async with ws:
                 while True:
                     try:
@@ -64,8 +74,8 @@ async def follow(
                         continue
                     if msg.type is not aiohttp.WSMsgType.TEXT:
                         break
-                    message: Message = msg.json()
-                    if message.get("type") not in KINDS:  # a later service's: not ours
+                    message = _message(msg.data)
+                    if message is None:
                         continue
                     show(message)
                     after, lost_since, retry = message["version"], None, FIRST_RETRY_SECONDS
@@ -75,14 +85,15 @@ async def follow(
             reason = f"the service closed the websocket (code {code})"
         except aiohttp.WSServerHandshakeError as exc:
             if 400 <= exc.status < 500:
-                await api.progress(batch_id)  # a handshake has no body: HTTP says why (Refused)
-                raise Refused(f"websocket of batch {batch_id} refused (HTTP {exc.status})") from exc
+                raise await api.socket_refusal(batch_id, after, exc.status) from exc
             reason = f"websocket handshake failed (HTTP {exc.status})"
         except (aiohttp.ClientError, OSError) as exc:
             reason = f"connection lost ({exc or type(exc).__name__})"
         now = loop.time()
-        if lost_since is None:  # a handshake that failed: contact was missing since it began
-            lost_since = now if opened else began
+        if opened is not None and now - opened >= CONTACT_SECONDS:  # quiet, not lost
+            lost_since, retry = now, FIRST_RETRY_SECONDS
+        elif lost_since is None:  # a handshake that failed: contact was missing since it began
+            lost_since = began if opened is None else now
         if now - lost_since > patience:
             raise LostContact(f"{reason}; gave up after {patience:g}s")
         where = "from the start" if after is None else f"after version {after}"
@@ -90,6 +101,16 @@ async def follow(
         if code != RESYNC:
             await asyncio.sleep(retry)
             retry = min(retry * 2, LONGEST_RETRY_SECONDS)
+
+
+def _message(frame: str) -> Message | None:
+    """A text frame as a message the client shows; None for any other."""
+    try:
+        message = json.loads(frame)
+    except ValueError:
+        return None
+    needs = KINDS.get(str(message.get("type"))) if isinstance(message, dict) else None
+    return None if needs is None or lacking(message, needs) else message
 
 
 async def _handshake(

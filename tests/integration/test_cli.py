@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import errno
 import io
+import json
 import os
 import pty
 import re
@@ -14,7 +15,7 @@ import socket
 import sys
 import types
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,23 +116,48 @@ async def test_without_follow_an_upload_says_how_to_follow_and_returns(
     assert " done, " not in text and "completed:" not in text
 
 
+Rewrite = Callable[[dict[str, Any]], dict[str, Any]]
+
+
 @contextlib.asynccontextmanager
 async def behind_a_proxy(
-    service: Service, prefix: str, first: str | None = None
+    service: Service,
+    prefix: str,
+    first: str | None = None,
+    rewrite: Rewrite | None = None,
+    idle: float | None = None,
+    upgrades: bool = True,
+    redirect: int | None = None,
 ) -> AsyncIterator[str]:
-    """A reverse proxy on loopback that serves the service under `prefix`, websocket too;
-    `first`, when given, is sent on each websocket before the service's messages."""
+    """A reverse proxy on loopback that serves the service under `prefix`, websocket too.
+
+    `first`, when given, is sent on each websocket before the service's messages;
+    `rewrite` changes each of the service's JSON answers and messages; `idle` cuts a
+    websocket quiet that many seconds (a proxy's read timeout); without `upgrades`, a
+    websocket handshake goes on as a plain GET (a proxy that drops Upgrade); `redirect`
+    answers every path outside `prefix` with that status and a Location under it."""
+
+    def rewritten(text: str) -> str:
+        return text if rewrite is None else json.dumps(rewrite(json.loads(text)))
 
     async def forward(request: web.Request) -> web.StreamResponse:
         target = URL(service.url + request.match_info["tail"]).with_query(request.query)
-        if request.headers.get("Upgrade", "").lower() == "websocket":
+        if upgrades and request.headers.get("Upgrade", "").lower() == "websocket":
             inward = web.WebSocketResponse()
             await inward.prepare(request)
             if first is not None:
                 await inward.send_str(first)
             async with service.http.ws_connect(target) as outward:
-                async for message in outward:
-                    await inward.send_str(message.data)
+                while True:
+                    try:
+                        message = await outward.receive(timeout=idle)
+                    except TimeoutError:
+                        assert request.transport is not None
+                        request.transport.close()  # no close frame: the connection is cut
+                        return inward
+                    if message.type is not aiohttp.WSMsgType.TEXT:
+                        break
+                    await inward.send_str(rewritten(message.data))
             await inward.close()
             return inward
         headers = {"Content-Type": request.headers.get("Content-Type", "")}
@@ -139,12 +165,19 @@ async def behind_a_proxy(
         async with service.http.request(
             request.method, target, data=body, headers=headers
         ) as answer:
-            return web.Response(
-                status=answer.status, body=await answer.read(), content_type=answer.content_type
-            )
+            body = await answer.read()
+            if answer.content_type == "application/json":
+                body = rewritten(body.decode()).encode()
+            return web.Response(status=answer.status, body=body, content_type=answer.content_type)
+
+    async def move(request: web.Request) -> web.Response:
+        assert redirect is not None
+        return web.Response(status=redirect, headers={"Location": prefix + request.path_qs})
 
     app = web.Application()
     app.router.add_route("*", prefix + "{tail:/.*}", forward)
+    if redirect is not None:
+        app.router.add_route("*", "/{tail:.*}", move)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -172,18 +205,70 @@ async def test_a_service_behind_a_path_prefix_is_reached_under_it(
         assert output.read_text().count("created_and_activated") == 3
 
 
-async def test_a_websocket_message_of_a_kind_the_client_does_not_know_is_ignored(
-    service: Service,
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"type": "notice", "text": "maintenance at 22:00"}',  # a later service's
+        "<html>502 Bad Gateway</html>",  # a proxy's, not JSON
+        '["event"]',
+        '{"type": "event", "progress": null}',  # no version to resume after
+    ],
+)
+async def test_a_websocket_frame_the_client_cannot_show_is_skipped(
+    service: Service, frame: str
 ) -> None:
     accepted = await service.upload(SAMPLE_CSV)
     await service.wait_finished(accepted["batch_id"])
-    notice = '{"type": "notice", "text": "maintenance at 22:00"}'  # a later service's
-    async with behind_a_proxy(service, "/loader", first=notice) as url:
+    async with behind_a_proxy(service, "/loader", first=frame) as url:
         captured = Captured()
         status = await client(captured, "follow", accepted["batch_id"], "--url", url)
 
     assert status == 0, captured.stderr
     assert "completed: 3 created, 0 failed" in captured.stdout
+
+
+def nulled(part: str | None, field: str, dropped: bool = False) -> Rewrite:
+    """A rewrite that makes `field` null (of a message's `part`, "progress" or "status",
+    when given), or leaves it out when `dropped`, wherever the service sends it."""
+
+    def rewrite(body: dict[str, Any]) -> dict[str, Any]:
+        inner = body.get(part) if part else body
+        if isinstance(inner, dict) and field in inner:
+            if dropped:
+                del inner[field]
+            else:
+                inner[field] = None
+        return body
+
+    return rewrite
+
+
+async def test_null_or_missing_fields_are_shown_as_unknown_or_refused_without_a_traceback(
+    service: Service, sample: Path
+) -> None:
+    # A proxy or a service of another version: each was a traceback and exit 1 ("failed").
+    batch_id = (await service.upload(SAMPLE_CSV))["batch_id"]
+    await service.wait_finished(batch_id)
+    follow, upload = ["follow", batch_id], ["upload", str(sample)]
+    cases: list[tuple[list[str], Rewrite, bool, int, str]] = [
+        (upload, nulled(None, "batch_id", dropped=True), False, 2, "the answer lacks batch_id"),
+        (upload, nulled(None, "warnings"), False, 0, "accepted: 3 hospital(s)"),
+        (follow, nulled("status", "processing_time_seconds"), False, 0, "activated: yes; ? s"),
+        (follow, nulled("status", "failed_hospitals"), False, 0, "completed: ? created, ? failed"),
+        (follow, nulled("status", "hospitals", dropped=True), False, 0, "completed: 3 created"),
+        (follow, nulled("progress", "current_message"), False, 0, "3/3 done, 0 failed"),
+        (follow, nulled("progress", "processed_hospitals"), False, 0, "?/3 done"),
+        (follow, nulled("progress", "processed_hospitals"), True, 0, "completed: 3 created"),
+        (["rollback", batch_id], nulled(None, "current_message"), False, 0, f"{batch_id}: ?"),
+    ]
+    for argv, rewrite, terminal, expected, says in cases:
+        async with behind_a_proxy(service, "/loader", rewrite=rewrite) as url:
+            captured = Captured(terminal=terminal)
+            status = await client(captured, *argv, "--url", url)
+        shown = plain(captured.stdout + captured.stderr)
+        assert (status, says in shown) == (expected, True), (argv, says, shown[-800:])
+        if status == 2:
+            assert f"is {url} the service's address?" in captured.stderr
 
 
 async def test_a_url_with_a_query_or_a_fragment_still_reaches_the_service(
@@ -343,6 +428,73 @@ async def test_follow_reconnects_after_a_resync_and_loses_nothing(
     assert status == 0, captured.stderr
     assert "code 4000" in captured.stdout and "reconnecting after version 1" in captured.stdout
     assert "completed: 2 created, 0 failed" in captured.stdout
+
+
+async def test_a_redirect_that_would_make_a_post_a_get_says_where_the_service_moved(
+    service: Service, sample: Path
+) -> None:
+    # aiohttp follows a 301 or 302 with a GET: the service answered 405, and nobody
+    # said the address had moved. 307 and 308 keep the POST and its body.
+    for code in (301, 302, 307, 308):
+        async with behind_a_proxy(service, "/new", redirect=code) as url:
+            captured = Captured()
+            status = await client(captured, "upload", str(sample), "--url", url[: -len("/new")])
+        if code in (307, 308):
+            assert status == 0, (code, captured.stderr)
+            assert "accepted: 3 hospital(s)" in captured.stdout
+        else:
+            assert status == 2, code
+            assert f"redirects to {url} (HTTP {code}): use that as --url" in captured.stderr
+            assert "405" not in captured.stderr
+
+
+async def test_a_proxy_that_drops_the_upgrade_header_gets_the_service_s_reason(
+    service: Service,
+) -> None:
+    batch_id = (await service.upload(SAMPLE_CSV))["batch_id"]
+    await service.wait_finished(batch_id)
+    async with behind_a_proxy(service, "/loader", upgrades=False) as url:
+        captured = Captured()
+        status = await client(captured, "follow", batch_id, "--url", url)
+
+    assert status == 2
+    assert "HTTP 400" in captured.stderr
+    assert "this route is a websocket: connect with a websocket client" in captured.stderr
+    assert "must pass websocket upgrades on" in captured.stderr
+
+
+@pytest.mark.parametrize(("idle", "expected"), [(0.3, 0), (0.05, 3)], ids=["idle", "at-once"])
+async def test_a_proxy_that_cuts_quiet_websockets_is_followed_but_one_that_cuts_at_once_is_not(
+    service: Service, monkeypatch: pytest.MonkeyPatch, idle: float, expected: int
+) -> None:
+    # A socket open CONTACT_SECONDS (1 s, here 0.2) was contact: with every reconnect
+    # made, a proxy's idle timeout ended the follow with 3 once the batch was quiet for
+    # --reconnect-timeout. A socket cut as soon as it opens still gives up then.
+    monkeypatch.setattr("service.client.follow.CONTACT_SECONDS", 0.2, raising=False)
+    batch_id = str(uuid.uuid4())
+    store, stream = service.app[STORE], b.stream_id(batch_id)
+    await store.append(stream, -1, new_batch(batch_id, rows=2))
+    async with behind_a_proxy(service, "/loader", idle=idle) as url:
+        captured = Captured()
+        argv = ("follow", batch_id, "--url", url, "--reconnect-timeout", "0.4")
+        following = asyncio.create_task(client(captured, *argv))
+        await asyncio.wait([following], timeout=1.2)  # cut three times, all quiet
+        done = [
+            ev.HospitalRequested((1, 2), (1, 1)),
+            ev.HospitalCreated(1, 101),
+            ev.HospitalCreated(2, 102),
+            ev.BatchActivated(1, (batch_id,)),
+        ]
+        await store.append(stream, 0, [NewEvent(e) for e in done])
+        async with asyncio.timeout(5):
+            status = await following
+
+    assert status == expected, captured.stdout + captured.stderr
+    if expected == 0:
+        assert captured.stdout.count("reconnecting after version 0") >= 2
+        assert "completed: 2 created, 0 failed" in captured.stdout
+    else:
+        assert "gave up after 0.4s" in captured.stderr
 
 
 async def test_the_command_line_runs_as_a_process(service: Service, sample: Path) -> None:
@@ -612,12 +764,13 @@ def progress_numbers(done: int, total: int) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def a_web_page_for_every_path() -> AsyncIterator[str]:
-    """What a wrong --url often reaches: a server that answers any request with a page."""
+async def a_web_page_for_every_path(status: int = 200) -> AsyncIterator[str]:
+    """What a wrong --url often reaches: a server that answers any request with a page;
+    or with an error `status`, a proxy in front of the service (a 502, a 413)."""
     from aiohttp import web
 
     async def page(request: web.Request) -> web.Response:
-        return web.Response(text="<html>welcome</html>", content_type="text/html")
+        return web.Response(status=status, text="<html>welcome</html>", content_type="text/html")
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", page)
@@ -645,6 +798,20 @@ async def test_a_url_that_is_not_the_service_exits_2_and_says_so(sample: Path) -
             assert await client(captured, *argv, "--url", url) == 2, argv
             assert f"is {url} the service's address?" in captured.stderr, argv
             assert captured.stdout == "", argv  # not the page, as if it were the results
+
+
+async def test_a_proxy_s_error_page_is_said_to_be_a_proxy_s(sample: Path) -> None:
+    # Its 502, 503, 504 or 413 page got "is URL the service's address?", with URL right.
+    for status, says in [
+        (413, "a proxy or gateway in front of the service answered (HTTP 413)"),
+        (502, "a proxy or gateway in front of the service answered (HTTP 502)"),
+        (404, "the service's address?"),
+    ]:
+        async with a_web_page_for_every_path(status) as url:
+            captured = Captured()
+            assert await client(captured, "upload", str(sample), "--url", url) == 2
+        assert says in captured.stderr, (status, captured.stderr)
+        assert f"HTTP {status}" in captured.stderr
 
 
 @contextlib.asynccontextmanager
@@ -982,6 +1149,34 @@ async def test_a_batch_whose_status_passes_4_mib_is_followed_to_its_end(
     assert status == 0, captured.stdout + captured.stderr
     assert "code 1009" not in captured.stdout
     assert "completed: 20 created, 0 failed" in captured.stdout
+
+
+@pytest.mark.parametrize("output", [False, True], ids=["follow", "results-o"])
+async def test_output_in_an_encoding_without_a_name_s_letters_shows_them_as_escapes(
+    service: Service, tmp_path: Path, output: bool
+) -> None:
+    # PYTHONIOENCODING=latin-1: a UnicodeEncodeError traceback and exit 1 ("failed").
+    batch_id = await finished_batch(service, [("東京病院", "1 Main St")])
+    saved = tmp_path / "results.csv"
+    argv = ["results", batch_id, "-o", str(saved)] if output else ["follow", batch_id]
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "service", *argv, "--url", service.url),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=PROJECT,
+        env=os.environ | {"PYTHONIOENCODING": "latin-1"},
+    )
+    async with asyncio.timeout(20):
+        stdout, stderr = await process.communicate()
+
+    assert process.returncode == 0, stderr.decode()
+    if output:  # the file is UTF-8, byte for byte what the service sent
+        async with service.http.get(f"{service.url}/batch/{batch_id}/results.csv") as r:
+            assert saved.read_bytes() == await r.read()
+        assert "東京病院" in saved.read_text(encoding="utf-8")
+    else:
+        assert b"\\u6771\\u4eac\\u75c5\\u9662" in stdout
+        assert b"completed: 1 created, 0 failed" in stdout
 
 
 async def test_a_long_batch_lists_its_failed_rows_and_says_where_the_rest_are(
