@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -63,6 +65,20 @@ def _in_its_words(answer: Answer) -> Answer:
 
 def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+def _resetting_socket(addr_info: aiohttp.AddrInfoType) -> socket.socket:
+    """A socket whose close resets the connection and drops what the peer has not acked.
+
+    A graceful close leaves a request the path has not delivered (a blackhole, heavy loss) to
+    the kernel, which keeps retransmitting it for minutes after the client gave up: a create
+    would then reach the directory long after the check that found no record of it, and
+    the row be stored twice. A reset takes it back instead.
+    """
+    family, kind, proto, _, _ = addr_info
+    sock = socket.socket(family=family, type=kind, proto=proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    return sock
 
 
 def _message(body: Any, status: int) -> str:
@@ -148,7 +164,9 @@ class DirectoryClient:
     def new_session(settings: DirectorySettings) -> aiohttp.ClientSession:
         """A session of `concurrency` connections: no more requests than that are ever in
         flight (the directory asks for 20 at most), creates, reads and activations together."""
-        connector = aiohttp.TCPConnector(limit=settings.concurrency)
+        connector = aiohttp.TCPConnector(
+            limit=settings.concurrency, socket_factory=_resetting_socket
+        )
         return aiohttp.ClientSession(
             connector=connector, raise_for_status=False, json_serialize=_json
         )

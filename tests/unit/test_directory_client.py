@@ -302,6 +302,30 @@ async def test_a_real_refused_connection_is_not_sent() -> None:
     assert answer.outcome is Outcome.NOT_SENT
 
 
+async def test_a_connection_given_up_on_is_reset_not_closed() -> None:
+    # Closed gracefully, a create the path has not delivered yet (a blackhole) stays in the
+    # kernel, which retransmits it until the path is back, long after the check that found
+    # no record of it: the row is then stored twice. A reset drops it.
+    ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read()  # to the end of the connection: never answered
+            ended.set_result("closed")
+        except ConnectionResetError:
+            ended.set_result("reset")
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = DirectorySettings(base_url=f"http://127.0.0.1:{port}", read_timeout=0.2)
+    async with server, DirectoryClient.new_session(settings) as session:
+        answer = await DirectoryClient(session, settings).create("a", "b", None, BATCH_ID)
+
+        assert answer.outcome is Outcome.AMBIGUOUS
+        assert await asyncio.wait_for(ended, 5) == "reset"
+
+
 async def test_no_more_calls_than_concurrency_reach_the_directory_at_once(
     directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
