@@ -736,7 +736,7 @@ class Processor:
             await gate.wait_idle()
             # Only rows whose creates ended before the read are checked against it.
             suspects = sorted(gate.suspects)
-            answer = await self._upstream.members(gate.creation_batch_id)
+            answer = await self._upstream.settled_members(gate.creation_batch_id)
             rows = run.state.rows
             # Rows whose own outcome got recorded meanwhile are settled: leave them be.
             unsettled = [

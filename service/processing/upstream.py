@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -28,6 +29,9 @@ class Activation(NamedTuple):
 # What to do about rows the log reads as created but the directory lost: only new creates
 # can bring them back.
 RELOAD = "roll the batch back, then upload the file again"
+# A batch read answered slower than this was queued or stalled (other calls take about
+# 0.3 s there): creates sent before it may still be waiting their turn.
+PROMPT_READ_SECONDS = 2.0
 
 
 class UpstreamBatches:
@@ -60,6 +64,30 @@ class UpstreamBatches:
         return await self._patiently(
             functools.partial(self._client.batch_members, creation_batch_id)
         )
+
+    async def settled_members(self, creation_batch_id: str) -> Answer:
+        """An upstream batch's records once the creates sent before the read have run.
+
+        The directory runs 40 requests at a time and queues the rest. A read answered
+        slowly waited in that queue, or the directory stalled: a create sent before it may
+        still be waiting its turn, and store its record seconds after this answer. A row is
+        taken as absent only from a read answered promptly; after a slow one the batch is
+        read again `settle_seconds` later, at most `max_attempts` times.
+        """
+        sent = 0.0
+
+        async def read() -> Answer:
+            nonlocal sent
+            sent = time.monotonic()
+            return await self._client.batch_members(creation_batch_id)
+
+        for _ in range(self._settings.max_attempts):
+            answer = await self._patiently(read)
+            if not answer.ok or time.monotonic() - sent <= PROMPT_READ_SECONDS:
+                return answer
+            await asyncio.sleep(self._settings.settle_seconds)
+        said = "the directory answered every read slowly; a create may still wait its turn"
+        return Answer(Outcome.AMBIGUOUS, None, None, said)
 
     async def activate(self, state: b.BatchState) -> ev.BatchActivated | ev.BatchActivationFailed:
         """Activate every upstream batch; after an unclear answer, look, and ask again only

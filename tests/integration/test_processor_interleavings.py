@@ -15,6 +15,7 @@ import pytest
 
 from service.domain import batch as b
 from service.domain import events as ev
+from service.processing import upstream
 from service.processing.directory_client import Answer, Outcome
 from service.processing.processor import Processor
 from service.settings import DirectorySettings
@@ -290,6 +291,52 @@ async def test_a_row_found_missing_by_a_check_is_sent_again_once(store: EventSto
     assert collections.Counter(r["name"] for r in directory.records)["H1"] == 1
     assert len(directory.records) == 22
     assert state.status == b.COMPLETED
+
+
+class QueueingDirectory(ScriptedDirectory):
+    """Row A's create waits its turn in the directory's queue and its answer is lost; the
+    check's first read waits in the same queue, then is answered before A's record is
+    stored, as the directory runs a read in 0.3 s and a create in 5."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: collections.Counter[str] = collections.Counter()
+        self.reads = 0
+
+    def idle_for(self) -> float:
+        return 0.0
+
+    async def create(self, name: str, address: str, phone: str | None, upstream: str) -> Answer:
+        self.sent[name] += 1
+        if self.sent[name] == 1:
+            return Answer(Outcome.AMBIGUOUS, None, None, "TimeoutError")  # still queued
+        return Answer(Outcome.OK, 201, self._store(name, address, phone, upstream), "ok")
+
+    async def batch_members(self, upstream: str) -> Answer:
+        self.reads += 1
+        listing = [dict(r) for r in self.records if r["creation_batch_id"] == upstream]
+        if self.reads == 1:  # slow: queued; the create ahead of it stores its record after
+            await asyncio.sleep(0.2)
+            asyncio.get_running_loop().call_later(
+                0.02, self._store, "A", "1 Main St", None, upstream
+            )
+        return Answer(Outcome.OK, 200, listing, "ok")
+
+
+async def test_a_row_missing_from_a_slow_read_is_looked_for_again_not_sent_again(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(upstream, "PROMPT_READ_SECONDS", 0.1)
+    directory = QueueingDirectory()
+    processor = await started(store, directory, settle_seconds=0.1, backoff_base=0.04)
+    await submit(store, processor, (ev.Row(1, "A", "1 Main St", None, 2),))
+    await run_to_end(processor)
+    state = await fold_of(store)
+
+    assert directory.sent["A"] == 1  # sent again, it would be stored twice
+    assert [r["name"] for r in directory.records] == ["A"]
+    assert directory.reads >= 2
+    assert state.status == b.COMPLETED and state.rows[1].hospital_id == directory.records[0]["id"]
 
 
 class BrokenClient(ScriptedDirectory):
