@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from aiohttp import hdrs
 
 from service.settings import DirectorySettings
 
@@ -117,10 +118,13 @@ def _one_each(listing: list[Any]) -> list[dict[str, Any]] | None:
 
 async def _body(response: aiohttp.ClientResponse) -> bytes:
     """The answer's body, or ValueError past MAX_ANSWER_BYTES (read as unclear)."""
-    if response.content_length is not None:  # aiohttp reads no more than it says
+    if response.content_length is not None:
         if response.content_length > MAX_ANSWER_BYTES:
             raise ValueError(f"an answer of {response.content_length:,} bytes")
-        return await response.read()
+        # aiohttp reads no more than the length says, unless it decompresses: a 200 KB
+        # gzip answer declares its 200 KB and expands to 200 MB.
+        if hdrs.CONTENT_ENCODING not in response.headers:
+            return await response.read()
     body = bytearray()
     async for chunk in response.content.iter_any():
         body += chunk

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import math
 import socket
 import time
@@ -395,16 +396,20 @@ async def test_an_answer_that_drips_past_the_read_timeout_is_ambiguous() -> None
     assert 0.3 <= waited < 1.5
 
 
-@pytest.mark.parametrize("sized", [True, False], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("how", ["content-length", "chunked", "gzip-with-length"])
 async def test_an_answer_past_the_size_limit_is_ambiguous(
-    monkeypatch: pytest.MonkeyPatch, sized: bool
+    monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
-    # A proxy's or a broken server's answer of gigabytes would be held whole, 20 at a time.
+    # A proxy's or a broken server's answer of gigabytes would be held whole, 20 at a time;
+    # compressed, its declared length is that of what comes, not of what it expands to.
     monkeypatch.setattr(directory_client, "MAX_ANSWER_BYTES", 1000)
 
     async def huge(request: web.Request) -> web.StreamResponse:
+        if how == "gzip-with-length":
+            headers = {"Content-Encoding": "gzip"}
+            return web.Response(status=500, body=gzip.compress(b"x" * 100_000), headers=headers)
         response = web.StreamResponse(status=500)
-        if sized:
+        if how == "content-length":
             response.content_length = 100 * 1000
         await response.prepare(request)
         for _ in range(100):
