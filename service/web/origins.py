@@ -17,10 +17,14 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 def origin_allowed(request: web.Request) -> bool:
     """Whether the request names no origin, the host it was sent to, or one listed in
-    websocket.allowed_origins (`*` allows any). Clients that send no Origin (command-line
-    tools, servers) are not browsers and pass."""
+    websocket.allowed_origins (`*` allows any), or the browser says it is same-origin.
+    Clients that send no Origin (command-line tools, servers) are not browsers and pass."""
     origin = request.headers.get("Origin")
     if origin is None:
+        return True
+    # A proxy that rewrites Host (nginx's default) makes the service's own pages look
+    # foreign; the browser's Sec-Fetch-Site, which no page can set, still tells.
+    if request.headers.get("Sec-Fetch-Site") == "same-origin":
         return True
     allowed = request.app[SETTINGS].websocket.allowed_origins
     try:
