@@ -40,7 +40,12 @@ def current_message(batch: Record) -> str:
         )
     if batch["activation_error"]:
         return f"Activation failed: {batch['activation_error']}"
-    return f"Failed: none of the {total} hospital(s) could be created"
+    # Not "could not be created": a row whose check could not read the directory may be
+    # there, and uploading the file again would create it twice.
+    return (
+        f"Failed: none of the {total} hospital(s) was confirmed created "
+        "(resume to retry the failed rows)"
+    )
 
 
 def progress(batch: Record, held: float = 0.0) -> Record:

@@ -60,6 +60,18 @@ def test_a_partly_completed_batch_says_how_many_rows_were_created_and_failed() -
     )
 
 
+def test_a_batch_of_failed_rows_points_to_resume_not_to_a_new_upload() -> None:
+    # A row that failed because the directory could not be read may be stored: a new
+    # upload would create it twice, a resume looks for it first.
+    unread = ev.HospitalFailed(1, b.UNCONFIRMED, "could not check the directory", retryable=True)
+    body = progress(unread, failed(2), failed(3))
+
+    assert body["processing_status"] == b.FAILED
+    assert body["current_message"] == (
+        "Failed: none of the 3 hospital(s) was confirmed created (resume to retry the failed rows)"
+    )
+
+
 def test_the_rate_window_is_mentioned_only_while_the_batch_is_processing() -> None:
     queued = progress(held=12.2)
     running = progress(ev.HospitalRequested((1,), (1,)), held=12.2)
