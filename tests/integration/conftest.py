@@ -63,6 +63,17 @@ def new_batch(batch_id: str, rows: int = 2) -> list[NewEvent]:
     return [NewEvent(batch_created(batch_id, rows))]
 
 
+def completing(batch_id: str) -> list[NewEvent]:
+    """The events that take a new_batch of 2 rows to completed: both created, activated."""
+    done = (
+        ev.HospitalRequested((1, 2), (1, 1)),
+        ev.HospitalCreated(1, 101),
+        ev.HospitalCreated(2, 102),
+        ev.BatchActivated(2, (batch_id,)),
+    )
+    return [NewEvent(e) for e in done]
+
+
 def requested(batch_id: str, count: int = 1) -> list[NewEvent]:
     """`count` create intents for row 1: valid any number of times, so good filler."""
     return [NewEvent(ev.HospitalRequested((1,), (attempt,))) for attempt in range(1, count + 1)]

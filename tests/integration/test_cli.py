@@ -34,7 +34,7 @@ from service.domain import events as ev
 from service.local_directory import RunningDirectory
 from service.store.records import NewEvent
 from service.web.keys import SOCKETS, STORE
-from tests.integration.conftest import new_batch
+from tests.integration.conftest import completing, new_batch
 from tests.support import (
     SAMPLE_CSV,
     Service,
@@ -415,13 +415,7 @@ async def test_follow_reconnects_after_a_resync_and_loses_nothing(
                 if service.app[SOCKETS]:
                     break
                 await asyncio.sleep(0.01)
-        burst = [
-            ev.HospitalRequested((1, 2), (1, 1)),
-            ev.HospitalCreated(1, 101),
-            ev.HospitalCreated(2, 102),
-            ev.BatchActivated(1, (batch_id,)),
-        ]
-        await store.append(stream, 0, [NewEvent(e) for e in burst])
+        await store.append(stream, 0, completing(batch_id))
         async with asyncio.timeout(10):
             status = await following
 
@@ -479,13 +473,7 @@ async def test_a_proxy_that_cuts_quiet_websockets_is_followed_but_one_that_cuts_
         argv = ("follow", batch_id, "--url", url, "--reconnect-timeout", "0.4")
         following = asyncio.create_task(client(captured, *argv))
         await asyncio.wait([following], timeout=1.2)  # cut three times, all quiet
-        done = [
-            ev.HospitalRequested((1, 2), (1, 1)),
-            ev.HospitalCreated(1, 101),
-            ev.HospitalCreated(2, 102),
-            ev.BatchActivated(1, (batch_id,)),
-        ]
-        await store.append(stream, 0, [NewEvent(e) for e in done])
+        await store.append(stream, 0, completing(batch_id))
         async with asyncio.timeout(5):
             status = await following
 

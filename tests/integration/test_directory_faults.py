@@ -140,6 +140,20 @@ async def test_a_row_given_up_after_unclear_answers_keeps_what_the_directory_ans
     assert said in row["error_message"], row["error_message"]
 
 
+async def assert_identical_rows_hold_a_record_each(
+    service_factory: ServiceFactory, standin: StandIn
+) -> None:
+    """Upload two identical rows: the batch completes, each row with a record of its own."""
+    identical = "name,address,phone\nSame,1 Main St,555\nSame,1 Main St,555\n"
+    async with service_factory(settle_seconds=0.3) as service:
+        final = await service.wait_finished((await service.upload(identical))["batch_id"])
+
+    assert final["processing_status"] == "completed"
+    ids = sorted(h["hospital_id"] for h in final["hospitals"])
+    assert ids == sorted(h["id"] for h in standin.all_hospitals())
+    assert len(set(ids)) == 2
+
+
 async def test_a_check_never_claims_the_record_of_an_identical_row_still_in_flight(
     service_factory: ServiceFactory, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -159,14 +173,7 @@ async def test_a_check_never_claims_the_record_of_an_identical_row_still_in_flig
         return hospital
 
     monkeypatch.setattr(standin, "_sleep_then_store", hold_the_first_answer)
-    identical = "name,address,phone\nSame,1 Main St,555\nSame,1 Main St,555\n"
-    async with service_factory(settle_seconds=0.3) as service:
-        final = await service.wait_finished((await service.upload(identical))["batch_id"])
-
-    assert final["processing_status"] == "completed"
-    ids = sorted(h["hospital_id"] for h in final["hospitals"])
-    assert ids == sorted(h["id"] for h in standin.all_hospitals())
-    assert len(set(ids)) == 2
+    await assert_identical_rows_hold_a_record_each(service_factory, standin)
 
 
 async def test_a_record_listed_twice_is_claimed_by_one_identical_row_only(
@@ -178,14 +185,7 @@ async def test_a_record_listed_twice_is_claimed_by_one_identical_row_only(
     standin.add_fault("create", "502", nth=[2])
     listed = standin.store.batch
     monkeypatch.setattr(standin.store, "batch", lambda batch_id: listed(batch_id) * 2)
-    identical = "name,address,phone\nSame,1 Main St,555\nSame,1 Main St,555\n"
-    async with service_factory(settle_seconds=0.3) as service:
-        final = await service.wait_finished((await service.upload(identical))["batch_id"])
-
-    assert final["processing_status"] == "completed"
-    ids = sorted(h["hospital_id"] for h in final["hospitals"])
-    assert ids == sorted(h["id"] for h in standin.all_hospitals())
-    assert len(set(ids)) == 2
+    await assert_identical_rows_hold_a_record_each(service_factory, standin)
 
 
 @pytest.mark.parametrize("seed", trials(quick=2, long=20))
