@@ -77,9 +77,10 @@ class ServiceApi:
                     body = await (response.json() if kind == JSON else response.text())
                 except ValueError:  # not JSON after all, or not text
                     body = None
-                if status >= 400:
+                if status >= 400:  # a 5xx is no refusal: the request may have been done
+                    refused = "got no clear answer" if status >= 500 else "was refused"
                     raise Refused(
-                        f"{method} {path} was refused (HTTP {status})",
+                        f"{method} {path} {refused} (HTTP {status})",
                         problems_of(body) if kind == JSON else self._stranger(kind, body, status),
                         unclear=status >= 500,
                     )
@@ -97,7 +98,12 @@ class ServiceApi:
                         unclear=True,
                     )
                 return body
-        except (aiohttp.ClientConnectorError, aiohttp.InvalidURL) as exc:  # nothing was sent
+        # Nothing was sent: refused, no route, or no answer to the SYN (sock_connect).
+        except (
+            aiohttp.ClientConnectorError,
+            aiohttp.ConnectionTimeoutError,
+            aiohttp.InvalidURL,
+        ) as exc:
             raise Refused(f"cannot reach the service at {self.base_url}: {exc}") from exc
         except aiohttp.ClientError as exc:  # cut off once sent
             raise Refused(

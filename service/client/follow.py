@@ -134,7 +134,10 @@ async def _handshake(
 
 async def _say_why_quiet(api: ServiceApi, batch_id: str, aside: Callable[[str], None]) -> None:
     try:
-        progress = await api.progress(batch_id)
+        # No longer than the quiet spell (its TimeoutError is an OSError): a service that
+        # stopped answering held the socket's watch, and so the reconnect timeout, 5 minutes.
+        async with asyncio.timeout(QUIET_SECONDS):
+            progress = await api.progress(batch_id)
     except (Refused, aiohttp.ClientError, OSError):  # the socket, not this, says if it is lost
         return
     aside(progress["current_message"])

@@ -128,6 +128,7 @@ async def behind_a_proxy(
     idle: float | None = None,
     upgrades: bool = True,
     redirect: int | None = None,
+    hangs: bool = False,
 ) -> AsyncIterator[str]:
     """A reverse proxy on loopback that serves the service under `prefix`, websocket too.
 
@@ -135,7 +136,9 @@ async def behind_a_proxy(
     `rewrite` changes each of the service's JSON answers and messages; `idle` cuts a
     websocket quiet that many seconds (a proxy's read timeout); without `upgrades`, a
     websocket handshake goes on as a plain GET (a proxy that drops Upgrade); `redirect`
-    answers every path outside `prefix` with that status and a Location under it."""
+    answers every path outside `prefix` with that status and a Location under it; `hangs`
+    holds every plain request unanswered (a service that stopped, its sockets cut by `idle`)."""
+    released = asyncio.Event()
 
     def rewritten(text: str) -> str:
         return text if rewrite is None else json.dumps(rewrite(json.loads(text)))
@@ -160,6 +163,8 @@ async def behind_a_proxy(
                     await inward.send_str(rewritten(message.data))
             await inward.close()
             return inward
+        if hangs:
+            await released.wait()
         headers = {"Content-Type": request.headers.get("Content-Type", "")}
         body = await request.read()
         async with service.http.request(
@@ -185,6 +190,7 @@ async def behind_a_proxy(
     try:
         yield f"http://127.0.0.1:{runner.addresses[0][1]}{prefix}"
     finally:
+        released.set()
         await runner.cleanup()
 
 
@@ -483,6 +489,25 @@ async def test_a_proxy_that_cuts_quiet_websockets_is_followed_but_one_that_cuts_
         assert "completed: 2 created, 0 failed" in captured.stdout
     else:
         assert "gave up after 0.4s" in captured.stderr
+
+
+async def test_a_service_that_stops_answering_while_followed_ends_at_the_reconnect_timeout(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The quiet socket's /progress waited aiohttp's 5 minutes: a service stopped (SIGSTOP,
+    # a hung host) in the middle of a batch ended `follow --reconnect-timeout 5` after 319 s.
+    monkeypatch.setattr("service.client.api.HEALTH_SECONDS", 0.2, raising=False)
+    monkeypatch.setattr("service.client.follow.QUIET_SECONDS", 0.2)
+    batch_id = str(uuid.uuid4())
+    await service.app[STORE].append(b.stream_id(batch_id), -1, new_batch(batch_id, rows=2))
+    async with behind_a_proxy(service, "/loader", idle=0.5, hangs=True) as url:
+        captured = Captured()
+        argv = ("follow", batch_id, "--url", url, "--reconnect-timeout", "0.5")
+        async with asyncio.timeout(10):
+            status = await client(captured, *argv)
+
+    assert status == 3, captured.stdout + captured.stderr
+    assert "gave up after 0.5s" in captured.stderr
 
 
 async def test_the_command_line_runs_as_a_process(service: Service, sample: Path) -> None:
@@ -838,6 +863,7 @@ async def test_an_upload_whose_answer_was_lost_says_it_may_have_been_accepted(
         assert await client(keyed, "upload", str(sample), "--url", url, *key) == 2
 
     assert "HTTP 504" in plain.stderr
+    assert "was refused" not in plain.stderr  # not refused: it reached the service
     assert "may have been accepted all the same: look for it in GET /batch" in plain.stderr
     assert "upload it again with the same --idempotency-key" in keyed.stderr
     _, listing = await service.get("/batch")
@@ -883,6 +909,29 @@ async def test_a_service_that_never_answers_is_one_line_and_exit_2(
             assert await client(captured, *argv, "--url", url) == 2, argv
             assert f"no answer from the service at {url} within 0.3 s" in captured.stderr, argv
             assert captured.stdout == "", argv
+
+
+async def test_a_connect_timeout_is_unreachable_not_an_upload_that_may_have_been_accepted(
+    sample: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A host that drops the SYN (a firewall; here a full accept queue): aiohttp's
+    # ConnectionTimeoutError after sock_connect. Nothing was sent, yet the upload read
+    # "lost the answer ... may have been accepted all the same".
+    timeout = aiohttp.ClientTimeout(total=10, sock_connect=0.3)
+    monkeypatch.setattr("aiohttp.client.DEFAULT_TIMEOUT", timeout)
+    with socket.socket() as listener, contextlib.ExitStack() as queued:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        for _ in range(3):  # fill the accept queue, which is never drained
+            waiting = queued.enter_context(socket.socket())
+            waiting.setblocking(False)
+            waiting.connect_ex(listener.getsockname())
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        captured = Captured()
+        assert await client(captured, "upload", str(sample), "--url", url) == 2
+
+    assert f"cannot reach the service at {url}" in captured.stderr
+    assert "may have been accepted" not in captured.stderr
 
 
 async def test_a_websocket_upgrade_nobody_answers_ends_at_the_reconnect_timeout(
