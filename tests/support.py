@@ -67,6 +67,18 @@ def csv_of(rows: int, prefix: str = "Hospital") -> str:
     return "\n".join(lines) + "\n"
 
 
+@contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """`app` served on a free loopback port while the block runs: its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
 def form(content: str | bytes, filename: str = "hospitals.csv") -> aiohttp.FormData:
     """The multipart body curl -F "file=@hospitals.csv" sends."""
     data = aiohttp.FormData()

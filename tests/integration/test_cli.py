@@ -44,6 +44,7 @@ from tests.support import (
     fill_upstream_batch,
     keyed_batch,
     running_service,
+    serving,
 )
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -183,15 +184,11 @@ async def behind_a_proxy(
     app.router.add_route("*", prefix + "{tail:/.*}", forward)
     if redirect is not None:
         app.router.add_route("*", "/{tail:.*}", move)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}{prefix}"
-    finally:
-        released.set()
-        await runner.cleanup()
+    async with serving(app) as url:
+        try:
+            yield url + prefix
+        finally:
+            released.set()
 
 
 async def test_a_service_behind_a_path_prefix_is_reached_under_it(
@@ -780,22 +777,14 @@ def progress_numbers(done: int, total: int) -> dict[str, Any]:
 async def a_web_page_for_every_path(status: int = 200) -> AsyncIterator[str]:
     """What a wrong --url often reaches: a server that answers any request with a page;
     or with an error `status`, a proxy in front of the service (a 502, a 413)."""
-    from aiohttp import web
 
     async def page(request: web.Request) -> web.Response:
         return web.Response(status=status, text="<html>welcome</html>", content_type="text/html")
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", page)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = runner.addresses[0][1]
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        yield url
 
 
 async def test_a_url_that_is_not_the_service_exits_2_and_says_so(sample: Path) -> None:
@@ -843,13 +832,8 @@ async def a_proxy_that_loses_the_answer(service: Service) -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_post("/{tail:.*}", forward)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        yield url
 
 
 async def test_an_upload_whose_answer_was_lost_says_it_may_have_been_accepted(
@@ -886,15 +870,11 @@ async def a_server_that_never_answers() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", hold)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        released.set()
-        await runner.cleanup()
+    async with serving(app) as url:
+        try:
+            yield url
+        finally:
+            released.set()
 
 
 async def test_a_service_that_never_answers_is_one_line_and_exit_2(

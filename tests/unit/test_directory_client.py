@@ -24,6 +24,7 @@ from service.local_directory import RunningDirectory
 from service.processing import directory_client
 from service.processing.directory_client import NO_SUCH_BATCH, Answer, DirectoryClient, Outcome
 from service.settings import DirectorySettings
+from tests.support import serving
 
 BASE = "https://directory.test"
 HOSPITALS = f"{BASE}/hospitals/"
@@ -364,16 +365,10 @@ async def answering(
     """A client of a directory on loopback whose creates `handler` answers."""
     app = web.Application()
     app.router.add_post("/hospitals/", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        port = runner.addresses[0][1]
-        config = DirectorySettings(base_url=f"http://127.0.0.1:{port}", **settings)
+    async with serving(app) as url:
+        config = DirectorySettings(base_url=url, **settings)
         async with DirectoryClient.new_session(config) as session:
             yield DirectoryClient(session, config)
-    finally:
-        await runner.cleanup()
 
 
 async def test_an_answer_that_drips_past_the_read_timeout_is_ambiguous() -> None:
