@@ -586,15 +586,18 @@ async def test_ctrl_c_stops_following_and_leaves_the_batch_running(
 
 
 def test_ctrl_c_while_a_command_loads_exits_130_without_a_traceback(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     class Loading(types.ModuleType):
         def __getattr__(self, name: str) -> object:
             raise KeyboardInterrupt  # as when Ctrl-C lands while the client's libraries load
 
     monkeypatch.setitem(sys.modules, "service.client", Loading("service.client"))
-
-    assert main(["upload", "hospitals.csv"]) == 130
+    # main points the stdout it was given at /dev/null: a file of this test's own, not
+    # the descriptor pytest captures output through.
+    with (tmp_path / "stdout").open("w") as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+        assert main(["upload", "hospitals.csv"]) == 130
 
 
 def _free_port() -> int:
