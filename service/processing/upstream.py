@@ -70,9 +70,10 @@ class UpstreamBatches:
 
         The directory runs 40 requests at a time and queues the rest. A read answered
         slowly waited in that queue, or the directory stalled: a create sent before it may
-        still be waiting its turn, and store its record seconds after this answer. A row is
-        taken as absent only from a read answered promptly; after a slow one the batch is
-        read again `settle_seconds` later, at most `max_attempts` times.
+        still be waiting its turn, and store its record seconds after this answer. So after
+        a slow read the batch is read again `settle_seconds` later, and the last of
+        `max_attempts` reads is taken however slow: a far directory answers every read
+        slowly, and its rows must still be found, or sent again.
         """
         sent = 0.0
 
@@ -81,13 +82,13 @@ class UpstreamBatches:
             sent = time.monotonic()
             return await self._client.batch_members(creation_batch_id)
 
-        for _ in range(self._settings.max_attempts):
-            answer = await self._patiently(read)
+        answer = await self._patiently(read)
+        for _ in range(1, self._settings.max_attempts):
             if not answer.ok or time.monotonic() - sent <= PROMPT_READ_SECONDS:
-                return answer
+                break
             await asyncio.sleep(self._settings.settle_seconds)
-        said = "the directory answered every read slowly; a create may still wait its turn"
-        return Answer(Outcome.AMBIGUOUS, None, None, said)
+            answer = await self._patiently(read)
+        return answer
 
     async def activate(self, state: b.BatchState) -> ev.BatchActivated | ev.BatchActivationFailed:
         """Activate every upstream batch; after an unclear answer, look, and ask again only
