@@ -6,7 +6,7 @@ import asyncio
 import socket
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
@@ -32,6 +32,7 @@ class Answer:
     status: int | None
     body: Any
     message: str
+    seconds: float = 0.0  # from the call's turn among the `concurrency` to its answer
 
     @property
     def ok(self) -> bool:
@@ -60,7 +61,7 @@ def _in_its_words(answer: Answer) -> Answer:
     """A batch's 404 proves it empty only in the directory's own words: any other 404 (a
     wrong path, a proxy's page) proves nothing, so it is read as unclear."""
     if answer.outcome is Outcome.NOT_FOUND and answer.message != NO_SUCH_BATCH:
-        return Answer(Outcome.AMBIGUOUS, answer.status, answer.body, f"404: {answer.message}")
+        return replace(answer, outcome=Outcome.AMBIGUOUS, message=f"404: {answer.message}")
     return answer
 
 
@@ -156,6 +157,9 @@ class DirectoryClient:
         self.reachability = Reachability()
         self._answered_at: float | None = None  # time.monotonic() of the last answer
         self._session = session
+        # The connector's limit, taken here too, so that a call's time starts when it has a
+        # connection: a read that waited behind creates in this pool is not the directory's.
+        self._turns = asyncio.Semaphore(settings.concurrency)
         self._read_timeout = settings.read_timeout
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
@@ -191,14 +195,14 @@ class DirectoryClient:
         """GET /hospitals/batch/{id}; the directory's 404 for an empty batch reads as []."""
         answer = _in_its_words(await self._call("GET", f"/hospitals/batch/{creation_batch_id}"))
         if answer.outcome is Outcome.NOT_FOUND:
-            return Answer(Outcome.OK, answer.status, [], answer.message)
+            return replace(answer, outcome=Outcome.OK, body=[])
         if not answer.ok:
             return answer
         hospitals = _one_each(answer.body) if isinstance(answer.body, list) else None
         if hospitals is None:
             said = "the batch listing is not a list of hospitals, each with one record"
-            return Answer(Outcome.AMBIGUOUS, answer.status, None, said)
-        return Answer(Outcome.OK, answer.status, hospitals, answer.message)
+            return replace(answer, outcome=Outcome.AMBIGUOUS, body=None, message=said)
+        return replace(answer, body=hospitals)
 
     async def activate(self, creation_batch_id: str) -> Answer:
         """PATCH /hospitals/batch/{id}/activate: not idempotent, never repeat it blindly."""
@@ -220,6 +224,20 @@ class DirectoryClient:
         path: str,
         json: dict[str, Any] | None = None,
         timeouts: aiohttp.ClientTimeout | None = None,
+    ) -> Answer:
+        async with self._turns:
+            began = time.monotonic()
+            answer = await self._exchange(method, path, json, timeouts)
+            answer = replace(answer, seconds=time.monotonic() - began)
+        self._record(answer)
+        return answer
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        json: dict[str, Any] | None,
+        timeouts: aiohttp.ClientTimeout | None,
     ) -> Answer:
         try:
             async with self._session.request(
@@ -244,7 +262,6 @@ class DirectoryClient:
         except (OSError, aiohttp.ClientError, ValueError) as exc:
             # Sent, then the answer timed out, was cut off or unreadable: it may have run.
             answer = Answer(Outcome.AMBIGUOUS, None, None, f"{type(exc).__name__}: {exc}")
-        self._record(answer)
         return answer
 
     def _record(self, answer: Answer) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -75,19 +74,12 @@ class UpstreamBatches:
         `max_attempts` reads is taken however slow: a far directory answers every read
         slowly, and its rows must still be found, or sent again.
         """
-        sent = 0.0
-
-        async def read() -> Answer:
-            nonlocal sent
-            sent = time.monotonic()
-            return await self._client.batch_members(creation_batch_id)
-
-        answer = await self._patiently(read)
+        answer = await self.members(creation_batch_id)
         for _ in range(1, self._settings.max_attempts):
-            if not answer.ok or time.monotonic() - sent <= PROMPT_READ_SECONDS:
+            if not answer.ok or answer.seconds <= PROMPT_READ_SECONDS:
                 break
             await asyncio.sleep(self._settings.settle_seconds)
-            answer = await self._patiently(read)
+            answer = await self.members(creation_batch_id)
         return answer
 
     async def activate(self, state: b.BatchState) -> ev.BatchActivated | ev.BatchActivationFailed:
