@@ -32,7 +32,6 @@ class Answer:
     status: int | None
     body: Any
     message: str
-    seconds: float = 0.0  # from the call's turn among the `concurrency` to its answer
 
     @property
     def ok(self) -> bool:
@@ -157,9 +156,6 @@ class DirectoryClient:
         self.reachability = Reachability()
         self._answered_at: float | None = None  # time.monotonic() of the last answer
         self._session = session
-        # The connector's limit, taken here too, so that a call's time starts when it has a
-        # connection: a read that waited behind creates in this pool is not the directory's.
-        self._turns = asyncio.Semaphore(settings.concurrency)
         self._read_timeout = settings.read_timeout
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
@@ -225,20 +221,6 @@ class DirectoryClient:
         json: dict[str, Any] | None = None,
         timeouts: aiohttp.ClientTimeout | None = None,
     ) -> Answer:
-        async with self._turns:
-            began = time.monotonic()
-            answer = await self._exchange(method, path, json, timeouts)
-            answer = replace(answer, seconds=time.monotonic() - began)
-        self._record(answer)
-        return answer
-
-    async def _exchange(
-        self,
-        method: str,
-        path: str,
-        json: dict[str, Any] | None,
-        timeouts: aiohttp.ClientTimeout | None,
-    ) -> Answer:
         try:
             async with self._session.request(
                 method,
@@ -262,6 +244,7 @@ class DirectoryClient:
         except (OSError, aiohttp.ClientError, ValueError) as exc:
             # Sent, then the answer timed out, was cut off or unreadable: it may have run.
             answer = Answer(Outcome.AMBIGUOUS, None, None, f"{type(exc).__name__}: {exc}")
+        self._record(answer)
         return answer
 
     def _record(self, answer: Answer) -> None:

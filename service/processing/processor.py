@@ -736,7 +736,15 @@ class Processor:
             await gate.wait_idle()
             # Only rows whose creates ended before the read are checked against it.
             suspects = sorted(gate.suspects)
-            answer = await self._upstream.settled_members(gate.creation_batch_id)
+            answer = await self._upstream.members(gate.creation_batch_id)
+            if answer.ok and None in self._claims(run, gate, suspects, answer.body)[0].values():
+                # A row missing may be in a create the directory has started but not stored:
+                # it serves requests in turn, so once this read is answered every create sent
+                # before it has started, and stores within 5 s. A read settle_seconds later
+                # shows them all (a create of it queued past its client's timeout, or
+                # stalled with the directory, came back to store twice).
+                await asyncio.sleep(self._settings.settle_seconds)
+                answer = await self._upstream.members(gate.creation_batch_id)
             rows = run.state.rows
             # Rows whose own outcome got recorded meanwhile are settled: leave them be.
             unsettled = [
@@ -762,22 +770,32 @@ class Processor:
             if gate.suspects and not self._stopping:  # suspected during the read: look again
                 self._reconcile_soon(run, gate)
 
-    async def _match(
-        self, run: BatchRun, gate: Gate, suspects: list[int], records: list[dict[str, Any]]
-    ) -> None:
+    @staticmethod
+    def _claims(
+        run: BatchRun, gate: Gate, suspects: list[int], records: list[dict[str, Any]]
+    ) -> tuple[dict[int, HospitalRecord | None], dict[tuple[Any, ...], list[HospitalRecord]]]:
+        """Each suspect's record among those no row holds (None: not there, by name, address
+        and phone), and the records left that no row claims."""
         rows = run.state.rows
         upstream = run.state.rows_of(gate.creation_batch_id)
         claimed = [r.record for r in upstream if r.hospital_id is not None]
         _, left = pair(claimed, sorted(records, key=lambda r: r.get("id", 0)))
-        # By name, address and phone: the records no row holds.
         unclaimed: defaultdict[tuple[Any, ...], list[HospitalRecord]] = defaultdict(list)
         for record in map(HospitalRecord.of, left):
             unclaimed[record.values].append(record)
-        for n in suspects:
-            row, attempt = rows[n].row, rows[n].attempts
-            found = unclaimed.get(row.values)
-            if found:
-                record = found.pop(0)
+        found = {
+            n: (same.pop(0) if (same := unclaimed.get(rows[n].row.values)) else None)
+            for n in suspects
+        }
+        return found, unclaimed
+
+    async def _match(
+        self, run: BatchRun, gate: Gate, suspects: list[int], records: list[dict[str, Any]]
+    ) -> None:
+        found, unclaimed = self._claims(run, gate, suspects, records)
+        for n, record in found.items():
+            attempt = run.state.rows[n].attempts
+            if record is not None:
                 created = ev.HospitalCreated(
                     n, record.id, reconciled=True, created_at=record.created_at
                 )

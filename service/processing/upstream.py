@@ -28,9 +28,6 @@ class Activation(NamedTuple):
 # What to do about rows the log reads as created but the directory lost: only new creates
 # can bring them back.
 RELOAD = "roll the batch back, then upload the file again"
-# A batch read answered slower than this was queued or stalled (other calls take about
-# 0.3 s there): creates sent before it may still be waiting their turn.
-PROMPT_READ_SECONDS = 2.0
 
 
 class UpstreamBatches:
@@ -63,24 +60,6 @@ class UpstreamBatches:
         return await self._patiently(
             functools.partial(self._client.batch_members, creation_batch_id)
         )
-
-    async def settled_members(self, creation_batch_id: str) -> Answer:
-        """An upstream batch's records once the creates sent before the read have run.
-
-        The directory runs 40 requests at a time and queues the rest. A read answered
-        slowly waited in that queue, or the directory stalled: a create sent before it may
-        still be waiting its turn, and store its record seconds after this answer. So after
-        a slow read the batch is read again `settle_seconds` later, and the last of
-        `max_attempts` reads is taken however slow: a far directory answers every read
-        slowly, and its rows must still be found, or sent again.
-        """
-        answer = await self.members(creation_batch_id)
-        for _ in range(1, self._settings.max_attempts):
-            if not answer.ok or answer.seconds <= PROMPT_READ_SECONDS:
-                break
-            await asyncio.sleep(self._settings.settle_seconds)
-            answer = await self.members(creation_batch_id)
-        return answer
 
     async def activate(self, state: b.BatchState) -> ev.BatchActivated | ev.BatchActivationFailed:
         """Activate every upstream batch; after an unclear answer, look, and ask again only
