@@ -59,6 +59,12 @@ class Ready:
         return self.run.batch_id
 
 
+def _unsettled(run: BatchRun, rows: list[int]) -> list[int]:
+    """The rows still waiting for a check: pending, their create maybe stored."""
+    state = run.state.rows
+    return [n for n in rows if state[n].status == b.ROW_PENDING and state[n].may_exist]
+
+
 def _outcome_id(row: int, attempt: int) -> tuple[object, ...]:
     """The id parts of the one outcome an attempt of a row may have."""
     return (row, "outcome", attempt)
@@ -735,21 +741,25 @@ class Processor:
                 await gate.wait_idle()
             await gate.wait_idle()
             # Only rows whose creates ended before the read are checked against it.
-            suspects = sorted(gate.suspects)
+            suspects = checking = sorted(gate.suspects)
             answer = await self._upstream.members(gate.creation_batch_id)
-            if answer.ok and None in self._claims(run, gate, suspects, answer.body)[0].values():
+            found: dict[int, HospitalRecord | None] = {}
+            if answer.ok:
+                found = self._claims(run, gate, _unsettled(run, suspects), answer.body)[0]
+            if None in found.values():
                 # A row missing may be in a create the directory has started but not stored:
                 # it serves requests in turn, so once this read is answered every create sent
                 # before it has started, and stores within 5 s. A read settle_seconds later
                 # shows them all (a create of it queued past its client's timeout, or
-                # stalled with the directory, came back to store twice).
+                # stalled with the directory, came back to store twice). The rows this read
+                # found are recorded now: a second read that fails cannot unfind them.
+                seen = [n for n, record in found.items() if record is not None]
+                await self._match(run, gate, seen, answer.body, tell_extra=False)
+                checking = [n for n, record in found.items() if record is None]
                 await asyncio.sleep(self._settings.settle_seconds)
                 answer = await self._upstream.members(gate.creation_batch_id)
-            rows = run.state.rows
             # Rows whose own outcome got recorded meanwhile are settled: leave them be.
-            unsettled = [
-                n for n in suspects if rows[n].status == b.ROW_PENDING and rows[n].may_exist
-            ]
+            unsettled = _unsettled(run, checking)
             if not answer.ok:
                 for n in unsettled:
                     message = (
@@ -790,7 +800,12 @@ class Processor:
         return found, unclaimed
 
     async def _match(
-        self, run: BatchRun, gate: Gate, suspects: list[int], records: list[dict[str, Any]]
+        self,
+        run: BatchRun,
+        gate: Gate,
+        suspects: list[int],
+        records: list[dict[str, Any]],
+        tell_extra: bool = True,
     ) -> None:
         found, unclaimed = self._claims(run, gate, suspects, records)
         for n, record in found.items():
@@ -807,7 +822,7 @@ class Processor:
                     message += f" after an unclear answer ({unclear})"
                 await self._retry_later(run, n, attempt, b.NOT_STORED, message)
         extra = sum(map(len, unclaimed.values()))
-        if extra:
+        if extra and tell_extra:
             log.warning(
                 "upstream batch %s holds %d record(s) that match no row of batch %s",
                 gate.creation_batch_id,

@@ -336,6 +336,47 @@ async def test_a_row_missing_from_the_check_s_read_is_looked_for_again_not_sent_
     assert state.status == b.COMPLETED and state.rows[1].hospital_id == directory.records[0]["id"]
 
 
+class LostSecondReadDirectory(ScriptedDirectory):
+    """Rows A and B lose their answers; only A is stored. The check's first read lists A,
+    and every read after it fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def idle_for(self) -> float:
+        return 0.0
+
+    async def create(self, name: str, address: str, phone: str | None, upstream: str) -> Answer:
+        if name == "A":
+            self._store(name, address, phone, upstream)
+        return Answer(Outcome.AMBIGUOUS, None, None, "TimeoutError")
+
+    async def batch_members(self, upstream: str) -> Answer:
+        self.reads += 1
+        if self.reads > 1:
+            return Answer(Outcome.AMBIGUOUS, 500, None, "HTTP 500")
+        listing = [dict(r) for r in self.records if r["creation_batch_id"] == upstream]
+        return Answer(Outcome.OK, 200, listing, "ok")
+
+
+async def test_a_row_the_first_read_found_stays_found_when_the_second_read_fails(
+    store: EventStore,
+) -> None:
+    directory = LostSecondReadDirectory()
+    processor = await started(
+        store, directory, settle_seconds=0.05, backoff_base=0.01, max_attempts=2
+    )
+    rows = (ev.Row(1, "A", "1 Main St", None, 2), ev.Row(2, "B", "2 Main St", None, 3))
+    await submit(store, processor, rows)
+    await run_to_end(processor)
+    state = await fold_of(store)
+
+    assert directory.reads >= 3  # the check's first, then its second, tried twice
+    assert (state.rows[1].hospital_id, state.rows[1].reconciled) == (1, True)
+    assert (state.rows[2].status, state.rows[2].reason) == (b.ROW_FAILED, b.UNCONFIRMED)
+
+
 class BrokenClient(ScriptedDirectory):
     """A client with a bug that strikes a worker before its first create."""
 
