@@ -742,34 +742,29 @@ class Processor:
             await gate.wait_idle()
             # Only rows whose creates ended before the read are checked against it.
             suspects = checking = sorted(gate.suspects)
-            answer = await self._upstream.members(gate.creation_batch_id)
-            found: dict[int, HospitalRecord | None] = {}
-            if answer.ok:
-                found = self._claims(run, gate, _unsettled(run, suspects), answer.body)[0]
-            if None in found.values():
+            for last in (False, True):
+                answer = await self._upstream.members(gate.creation_batch_id)
+                # Rows whose own outcome got recorded meanwhile are settled: leave them be.
+                checking = _unsettled(run, checking)
+                if not answer.ok:
+                    for n in checking:
+                        message = (
+                            "could not check the directory for this row; it may be there, "
+                            f"so resume rather than upload it again: {answer.message}"
+                        )
+                        failed = ev.HospitalFailed(n, b.UNCONFIRMED, message, retryable=True)
+                        await self._emit(run, failed, *_outcome_id(n, run.state.rows[n].attempts))
+                    return
+                checking = await self._match(run, gate, checking, answer.body, last)
+                if not checking:
+                    return
                 # A row missing may be in a create the directory has started but not stored:
                 # it serves requests in turn, so once this read is answered every create sent
                 # before it has started, and stores within 5 s. A read settle_seconds later
                 # shows them all (a create of it queued past its client's timeout, or
                 # stalled with the directory, came back to store twice). The rows this read
-                # found are recorded now: a second read that fails cannot unfind them.
-                seen = [n for n, record in found.items() if record is not None]
-                await self._match(run, gate, seen, answer.body, tell_extra=False)
-                checking = [n for n, record in found.items() if record is None]
+                # found are recorded already: a second read that fails cannot unfind them.
                 await asyncio.sleep(self._settings.settle_seconds)
-                answer = await self._upstream.members(gate.creation_batch_id)
-            # Rows whose own outcome got recorded meanwhile are settled: leave them be.
-            unsettled = _unsettled(run, checking)
-            if not answer.ok:
-                for n in unsettled:
-                    message = (
-                        "could not check the directory for this row; it may be there, "
-                        f"so resume rather than upload it again: {answer.message}"
-                    )
-                    failed = ev.HospitalFailed(n, b.UNCONFIRMED, message, retryable=True)
-                    await self._emit(run, failed, *_outcome_id(n, run.state.rows[n].attempts))
-                return
-            await self._match(run, gate, unsettled, answer.body)
         finally:
             for n in suspects:
                 gate.suspects.pop(n, None)
@@ -780,12 +775,17 @@ class Processor:
             if gate.suspects and not self._stopping:  # suspected during the read: look again
                 self._reconcile_soon(run, gate)
 
-    @staticmethod
-    def _claims(
-        run: BatchRun, gate: Gate, suspects: list[int], records: list[dict[str, Any]]
-    ) -> tuple[dict[int, HospitalRecord | None], dict[tuple[Any, ...], list[HospitalRecord]]]:
-        """Each suspect's record among those no row holds (None: not there, by name, address
-        and phone), and the records left that no row claims."""
+    async def _match(
+        self,
+        run: BatchRun,
+        gate: Gate,
+        suspects: list[int],
+        records: list[dict[str, Any]],
+        last: bool,
+    ) -> list[int]:
+        """Record the suspects found among the records no row holds (by name, address and
+        phone); the rest are sent again after the `last` read, or returned to be looked for
+        in the next."""
         rows = run.state.rows
         upstream = run.state.rows_of(gate.creation_batch_id)
         claimed = [r.record for r in upstream if r.hospital_id is not None]
@@ -793,28 +793,17 @@ class Processor:
         unclaimed: defaultdict[tuple[Any, ...], list[HospitalRecord]] = defaultdict(list)
         for record in map(HospitalRecord.of, left):
             unclaimed[record.values].append(record)
-        found = {
-            n: (same.pop(0) if (same := unclaimed.get(rows[n].row.values)) else None)
-            for n in suspects
-        }
-        return found, unclaimed
-
-    async def _match(
-        self,
-        run: BatchRun,
-        gate: Gate,
-        suspects: list[int],
-        records: list[dict[str, Any]],
-        tell_extra: bool = True,
-    ) -> None:
-        found, unclaimed = self._claims(run, gate, suspects, records)
-        for n, record in found.items():
-            attempt = run.state.rows[n].attempts
-            if record is not None:
+        missing: list[int] = []
+        for n in suspects:
+            attempt = rows[n].attempts
+            if found := unclaimed.get(rows[n].row.values):
+                record = found.pop(0)
                 created = ev.HospitalCreated(
                     n, record.id, reconciled=True, created_at=record.created_at
                 )
                 await self._emit(run, created, *_outcome_id(n, attempt), cause="reconciliation")
+            elif not last:
+                missing.append(n)
             else:
                 # The unclear answer is what an operator can act on: keep it in the message.
                 message = "not in the directory when looked up"
@@ -822,13 +811,14 @@ class Processor:
                     message += f" after an unclear answer ({unclear})"
                 await self._retry_later(run, n, attempt, b.NOT_STORED, message)
         extra = sum(map(len, unclaimed.values()))
-        if extra and tell_extra:
+        if extra and not missing:  # the records a row still missing may yet claim are not
             log.warning(
                 "upstream batch %s holds %d record(s) that match no row of batch %s",
                 gate.creation_batch_id,
                 extra,
                 run.batch_id,
             )
+        return missing
 
     # Activating and rolling back --------------------------------------------------------------
 

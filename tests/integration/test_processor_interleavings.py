@@ -22,6 +22,7 @@ from service.store.event_store import EventStore
 from service.store.records import NewEvent
 
 BATCH = "00000000-0000-4000-8000-000000000001"
+A_AND_B = (ev.Row(1, "A", "1 Main St", None, 2), ev.Row(2, "B", "2 Main St", None, 3))
 
 
 class ScriptedDirectory:
@@ -113,17 +114,23 @@ async def fold_of(store: EventStore) -> b.BatchState:
     return b.fold((e.decode(), e.recorded_at) for e in history)
 
 
+async def processed(
+    store: EventStore, directory: ScriptedDirectory, rows: tuple[ev.Row, ...], **settings: Any
+) -> b.BatchState:
+    """BATCH of `rows` run to its end by a processor on `directory`; its fold."""
+    processor = await started(store, directory, **settings)
+    await submit(store, processor, rows)
+    await run_to_end(processor)
+    return await fold_of(store)
+
+
 async def test_a_create_waits_for_the_check_of_its_upstream_batch_after_a_warm_up(
     store: EventStore,
 ) -> None:
     directory = ScriptedDirectory()
-    processor = await started(
-        store, directory, concurrency=2, settle_seconds=0.0, backoff_base=0.05
+    state = await processed(
+        store, directory, A_AND_B, concurrency=2, settle_seconds=0.0, backoff_base=0.05
     )
-    rows = (ev.Row(1, "A", "1 Main St", None, 2), ev.Row(2, "B", "2 Main St", None, 3))
-    await submit(store, processor, rows)
-    await run_to_end(processor)
-    state = await fold_of(store)
 
     assert directory.creates_during_read == []
     assert sorted(r["name"] for r in directory.records) == ["A", "B"]
@@ -280,11 +287,9 @@ async def test_a_row_found_missing_by_a_check_is_sent_again_once(store: EventSto
 
     store.append = on_a_busy_disk  # type: ignore[method-assign]
     directory = RetriedAfterACheckDirectory()
-    processor = await started(store, directory, settle_seconds=0.05, backoff_base=0.04)
     rows = tuple(ev.Row(n, f"H{n}", f"{n} Main St", None, n + 1) for n in range(1, 23))
-    await submit(store, processor, rows)  # upstream batches: rows 1-20 and 21-22
-    await run_to_end(processor)
-    state = await fold_of(store)
+    # Upstream batches: rows 1-20 and 21-22.
+    state = await processed(store, directory, rows, settle_seconds=0.05, backoff_base=0.04)
 
     assert directory.sent["H1"] == 2  # the lost one, then once more
     assert collections.Counter(r["name"] for r in directory.records)["H1"] == 1
@@ -325,10 +330,7 @@ async def test_a_row_missing_from_the_check_s_read_is_looked_for_again_not_sent_
     store: EventStore,
 ) -> None:
     directory = QueueingDirectory()
-    processor = await started(store, directory, settle_seconds=0.1, backoff_base=0.04)
-    await submit(store, processor, (ev.Row(1, "A", "1 Main St", None, 2),))
-    await run_to_end(processor)
-    state = await fold_of(store)
+    state = await processed(store, directory, A_AND_B[:1], settle_seconds=0.1, backoff_base=0.04)
 
     assert directory.sent["A"] == 1  # sent again, it would be stored twice
     assert [r["name"] for r in directory.records] == ["A"]
@@ -364,13 +366,9 @@ async def test_a_row_the_first_read_found_stays_found_when_the_second_read_fails
     store: EventStore,
 ) -> None:
     directory = LostSecondReadDirectory()
-    processor = await started(
-        store, directory, settle_seconds=0.05, backoff_base=0.01, max_attempts=2
+    state = await processed(
+        store, directory, A_AND_B, settle_seconds=0.05, backoff_base=0.01, max_attempts=2
     )
-    rows = (ev.Row(1, "A", "1 Main St", None, 2), ev.Row(2, "B", "2 Main St", None, 3))
-    await submit(store, processor, rows)
-    await run_to_end(processor)
-    state = await fold_of(store)
 
     assert directory.reads >= 3  # the check's first, then its second, tried twice
     assert (state.rows[1].hospital_id, state.rows[1].reconciled) == (1, True)
@@ -388,7 +386,7 @@ async def test_a_worker_that_dies_says_why_in_the_log(
     store: EventStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     processor = await started(store, BrokenClient(), concurrency=1)
-    await submit(store, processor, (ev.Row(1, "A", "1 Main St", None, 2),))
+    await submit(store, processor, A_AND_B[:1])
     async with asyncio.timeout(5):
         while processor.workers_alive:
             await asyncio.sleep(0.01)
@@ -406,7 +404,7 @@ async def test_background_work_that_fails_names_itself_and_its_batch(
 
     monkeypatch.setattr(Processor, "_match", a_bug)  # row A's answer is lost: it is checked
     processor = await started(store, ScriptedDirectory(), concurrency=1, settle_seconds=0.0)
-    await submit(store, processor, (ev.Row(1, "A", "1 Main St", None, 2),))
+    await submit(store, processor, A_AND_B[:1])
     async with asyncio.timeout(5):
         while not any(r.levelno == logging.ERROR for r in caplog.records):
             await asyncio.sleep(0.01)
