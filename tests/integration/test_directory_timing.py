@@ -153,7 +153,7 @@ async def test_with_pacing_off_a_429_still_pauses_creates_for_a_window(
     assert len(limited.standin.all_hospitals()) == 40 and limited.standin.duplicates() == []
     # The operator hears of the pause once, not once per create the 429s came back for.
     said = [(r.levelname, r.getMessage()) for r in caplog.records]
-    pauses = [m for level, m in said if level == "WARNING" and "429" in m]
+    pauses = [m for level, m in said if level == "WARNING" and "with 429" in m]
     assert len(pauses) == 1 and "creates pause 3 s" in pauses[0]
     assert ("INFO", f"batch {batch_id} accepted: 40 rows of 'hospitals.csv'") in said
     done = f"batch {batch_id} completed: 40 created, 0 failed, 0 deleted of 40 rows"
