@@ -38,7 +38,7 @@ from service.web.keys import (
     STOPPING,
     STORE,
 )
-from service.web.origins import same_origin_writes
+from service.web.origins import known_hosts, same_origin_writes
 from service.web.status_cache import StatusCache
 
 YOUNG_COLLECTION_THRESHOLD = 20_000  # allocations between young collections (700 by default)
@@ -135,6 +135,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         middlewares=[
             error_middleware,
+            known_hosts,
             same_origin_writes,
             trailing_slash,
             validation_middleware,

@@ -33,6 +33,7 @@ class AppSettings:
     port: int = 8000
     log_level: str = "INFO"
     shutdown_timeout: float = 10.0
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -106,9 +106,9 @@ class Service:
             assert r.status == 202, body
             return dict(body)
 
-    async def get(self, path: str) -> tuple[int, Any]:
+    async def get(self, path: str, **kwargs: Any) -> tuple[int, Any]:
         """GET a path; (status, JSON body)."""
-        async with self.http.get(self.url + path) as r:
+        async with self.http.get(self.url + path, **kwargs) as r:
             return r.status, await r.json()
 
     async def wait_finished(self, batch_id: str, within: float = 20.0) -> dict[str, Any]:

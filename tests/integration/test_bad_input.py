@@ -817,6 +817,41 @@ async def test_a_change_sent_by_a_page_of_another_site_is_refused(service: Servi
     assert accepted["total_hospitals"] == 1
 
 
+async def test_a_browser_sent_to_a_name_the_service_does_not_know_is_refused(
+    directory: RunningDirectory, db_path: Path
+) -> None:
+    """DNS rebinding: a site points its own name at the service after its page loaded; the
+    page's requests are then same-origin, Origin matching Host, and would pass as ours."""
+    settings = fast_settings(db_path, directory.url).replace(
+        app={"allowed_hosts": ("Hospitals.Example.org",)}
+    )
+    async with running_service(settings) as service:
+        port = URL(service.url).port
+
+        def browser(host: str) -> dict[str, str]:
+            return {"Host": host, "Origin": f"http://{host}", "Sec-Fetch-Site": "same-origin"}
+
+        rebound = browser(f"evil.example:{port}")
+        for method, path in [*CHANGES, ("GET", "/batch"), ("GET", "/ws")]:
+            async with service.http.request(
+                method, service.url + path, data=form(GOOD), headers=rebound
+            ) as r:
+                body = await r.json()
+            assert r.status == 403, (method, path, body)
+            assert f"host 'evil.example:{port}' refused" in body["detail"]
+            assert "app.allowed_hosts" in body["detail"]
+        await assert_nothing_stored(service)
+        # Addresses, localhost and the names the operator lists are the service's own.
+        for host in ("127.0.0.1", "localhost", "app.localhost", "hospitals.example.org."):
+            status, _ = await service.get("/batch", headers=browser(f"{host}:{port}"))
+            assert status == 200, host
+        accepted = await service.upload(GOOD, headers=browser(f"[::1]:{port}"))
+        assert accepted["total_hospitals"] == 1
+        # A client that is not a browser (curl --resolve, a proxy) may use any name.
+        status, _ = await service.get("/batch", headers={"Host": f"evil.example:{port}"})
+        assert status == 200
+
+
 BAD_QUERIES = [
     ("/batch?limit=abc", "limit", "Not a valid integer."),
     ("/batch?limit=0", "limit", "greater than or equal to 1"),
