@@ -226,7 +226,11 @@ def apply(state: BatchState, event: ev.Event, recorded_at: str | None = None) ->
     was_finished = state.finished
     state.derived_status = ""
     match event:
-        case ev.HospitalRequested(rows=rows, attempts=attempts):
+        # After a loss, rows the log reads as unsent may have been sent: as after an intent.
+        case (
+            ev.HospitalRequested(rows=rows, attempts=attempts)
+            | ev.LogLossDetected(rows=rows, attempts=attempts)
+        ):
             for n, attempt in zip(rows, attempts, strict=True):
                 row = state.rows[n]
                 row.may_exist, row.attempts = True, attempt

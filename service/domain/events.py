@@ -99,6 +99,19 @@ class HospitalRequested(Event):
 
 
 @dataclass(frozen=True)
+class LogLossDetected(Event):
+    """At start, the log ended at `log_position`, though `committed_position` had been
+    committed to it: creates of `rows`, unsent as far as it knows, may be among what it
+    lost. Each counts as attempt `attempts[i]`, and is looked for before it is sent."""
+
+    type_name = "LogLossDetected"
+    rows: tuple[int, ...]
+    attempts: tuple[int, ...]
+    log_position: int
+    committed_position: int
+
+
+@dataclass(frozen=True)
 class HospitalCreated(Event):
     type_name = "HospitalCreated"
     row: int
@@ -182,6 +195,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
     for cls in (
         BatchCreated,
         HospitalRequested,
+        LogLossDetected,
         HospitalCreated,
         HospitalFailed,
         HospitalRetryScheduled,

@@ -26,6 +26,7 @@ from service.processing.warmup import WarmUp
 from service.projections import queries
 from service.settings import DirectorySettings
 from service.store.event_store import EventStore
+from service.store.head_mark import Lost
 from service.store.records import EVENT_COLUMNS, ConcurrencyError, NewEvent, StoredEvent, from_row
 from service.tasks import log_failure
 
@@ -168,20 +169,44 @@ class Processor:
         ]
         for worker in self._workers:
             worker.add_done_callback(log_failure)
+        if (lost := self._store.lost) is not None:
+            log.warning(
+                "the log ends at position %d, but was committed up to %d: it is an older copy, "
+                "or lost its last commits; the rows of unfinished batches it reads as unsent "
+                "are looked for in the directory before any create",
+                *lost,
+            )
         for batch_id in await queries.unfinished_batch_ids(self._store):
             run = await self._load(batch_id)
-            if run is not None:
-                state, c = run.state, run.state.counts()
-                log.info(
-                    "recovering batch %s: %d created, %d failed of %d rows; %d to send, "
-                    "%d to check with the directory",
-                    batch_id,
-                    c.created,
-                    c.failed,
-                    c.total,
-                    len(state.to_create()),
-                    len(state.to_reconcile()),
-                )
+            if run is None:
+                continue
+            if lost is not None:
+                await self._record_loss(run, lost)
+            self._runs[batch_id] = run
+            self._schedule(run)
+            state, c = run.state, run.state.counts()
+            log.info(
+                "recovering batch %s: %d created, %d failed of %d rows; %d to send, "
+                "%d to check with the directory",
+                batch_id,
+                c.created,
+                c.failed,
+                c.total,
+                len(state.to_create()),
+                len(state.to_reconcile()),
+            )
+        if lost is not None:
+            await self._store.loss_recorded()
+
+    async def _record_loss(self, run: BatchRun, lost: Lost) -> None:
+        """Record that the rows to send may have been sent by commits the log lost: from
+        then on they are looked for before being sent, after any later restart too."""
+        rows = tuple(r.row.row for r in run.state.to_create())
+        if rows:
+            attempts = tuple(run.state.rows[n].attempts + 1 for n in rows)
+            fact = ev.LogLossDetected(rows, attempts, *lost)
+            # A later loss of a log that holds this fact ends past it: its id is its own.
+            await self._emit(run, fact, "log-loss", lost.log_position)
 
     async def stop(self, grace: float) -> None:
         """Stop taking rows, give calls in flight `grace` seconds, then cancel the rest.
@@ -338,7 +363,7 @@ class Processor:
 
     async def _current(self, batch_id: str) -> BatchRun:
         """The batch as it is being worked on, or else as the log folds it (not yet registered)."""
-        run = self._runs.get(batch_id) or await self._load(batch_id, register=False)
+        run = self._runs.get(batch_id) or await self._load(batch_id)
         if run is None:
             raise KeyError(batch_id)
         return run
@@ -361,17 +386,14 @@ class Processor:
 
     # Scheduling ---------------------------------------------------------------------------
 
-    async def _load(self, batch_id: str, register: bool = True) -> BatchRun | None:
+    async def _load(self, batch_id: str) -> BatchRun | None:
+        """The batch as the log folds it, not registered."""
         history = await self._store.read_stream(b.stream_id(batch_id))
         if not history:
             return None
-        run = BatchRun(
+        return BatchRun(
             b.fold((e.decode(), e.recorded_at) for e in history), on_status=self._status_changed
         )
-        if register:
-            self._runs[batch_id] = run
-            self._schedule(run)
-        return run
 
     def _schedule(self, run: BatchRun) -> None:
         """Give a batch whatever work its fold calls for next."""

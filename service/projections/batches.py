@@ -90,7 +90,10 @@ class _Batch:
 
     def apply(self, event: ev.Event) -> None:
         match event:
-            case ev.HospitalRequested(rows=rows, attempts=attempts):
+            case (
+                ev.HospitalRequested(rows=rows, attempts=attempts)
+                | ev.LogLossDetected(rows=rows, attempts=attempts)
+            ):
                 self.cur.executemany(
                     "UPDATE batch_rows SET attempts = ? WHERE batch_id = ? AND row = ?",
                     [

@@ -19,6 +19,7 @@ import aiosqlite
 import orjson
 
 from service.settings import DatabaseSettings
+from service.store.head_mark import HeadMark, Lost
 from service.store.migrations import check_sqlite_version, migrate
 from service.store.records import (
     EVENT_COLUMNS,
@@ -193,6 +194,12 @@ class EventStore:
         # Why the last group commit failed (a full disk, an I/O error, a lock held past
         # busy_timeout); None once a commit lands.
         self.commit_error: Exception | None = None
+        self._mark: HeadMark | None = None
+        self._marked = -1  # the position last marked beside the database (writer thread)
+        # Set by open when the log ends before the position marked beside it: it lost
+        # commits. The mark then says so until `loss_recorded`, so a start cut off before
+        # the loss is recorded in the log finds it again, however far the log grew meanwhile.
+        self.lost: Lost | None = None
 
     async def open(self) -> None:
         """Migrate the database, then start the writer and open the readers."""
@@ -208,6 +215,11 @@ class EventStore:
                 await conn.execute("PRAGMA query_only=ON")
                 self._readers.give(conn)
             self.head.advance(await self.last_position())
+            assert self._mark is not None
+            marked = await loop.run_in_executor(self._executor, self._mark.read)
+            if marked is not None and (marked.lost or marked.position > self.head.position):
+                self.lost = Lost(self.head.position, marked.position)
+                await loop.run_in_executor(self._executor, self._mark.write, marked.position, True)
         except BaseException:  # leave no connection or thread behind
             await self.close()
             raise
@@ -219,9 +231,11 @@ class EventStore:
         try:
             migrate(conn)
             check_writable(conn)
+            (instance,) = conn.execute("SELECT idempotency_namespace FROM instance").fetchone()
         except BaseException:
             conn.close()
             raise
+        self._mark = HeadMark(self.path, instance)
         return conn
 
     async def close(self) -> None:
@@ -245,6 +259,8 @@ class EventStore:
             writer, self._writer = self._writer, None
             await asyncio.get_running_loop().run_in_executor(self._executor, writer.close)
         self._executor.shutdown(wait=True)
+        if self._mark is not None:
+            self._mark.close()
 
     @property
     def writer_alive(self) -> bool:
@@ -355,7 +371,28 @@ class EventStore:
             if self._writer.in_transaction:
                 self._writer.rollback()
             raise
+        # Positions rise within an append: each one's last event is its highest.
+        ends = (o[-1].global_position for o in outcomes if isinstance(o, list) and o)
+        self._mark_head(max(ends, default=0))
         return outcomes
+
+    def _mark_head(self, position: int) -> None:
+        """Run in the writer thread, after a commit: mark `position` beside the database,
+        unless a loss found at open is not recorded yet."""
+        if self.lost is not None or position <= self._marked or self._mark is None:
+            return
+        try:
+            self._mark.write(position)
+        except OSError:  # the commit stands; a mark left older can only miss a loss
+            log.exception("marking position %d beside the database failed", position)
+            return
+        self._marked = position
+
+    async def loss_recorded(self) -> None:
+        """The loss found at open is recorded where it counts: mark the log's head again."""
+        self.lost = None
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._mark_head, self.head.position)
 
     def _stored(self, cur: sqlite3.Cursor, item: _Append) -> list[StoredEvent] | Exception:
         """What an append whose event ids are already in the log stored the first time."""

@@ -31,6 +31,7 @@ from service.domain import batch as b
 from service.domain import events as ev
 from service.projections import batches
 from service.store.event_store import EventStore
+from service.store.head_mark import SUFFIX as MARK
 from service.store.records import NewEvent
 
 ROWS = 20
@@ -38,6 +39,7 @@ KINDS = {"completed": 42_481, "partially_completed": 20, "rolled_back": 7_499}
 EVENTS = {"completed": 3 + ROWS, "partially_completed": 2 + ROWS, "rolled_back": 3}
 TOTAL_BATCHES = sum(KINDS.values())
 TOTAL_EVENTS = sum(KINDS[k] * EVENTS[k] for k in KINDS)
+SIDECARS = ("-wal", "-shm", MARK)  # the files that go with the database when it is renamed
 IN_FLIGHT = 1024  # appends handed to the store at once: several group commits' worth
 METADATA = {"actor": "processor", "cause": "processing"}
 
@@ -106,7 +108,7 @@ def main(argv: list[str]) -> int:
         return 2
     # Built under another name and renamed at the end: a cut-off build is never reused.
     partial = path.with_name(path.name + ".partial")
-    for leftover in (partial, *(partial.with_name(partial.name + s) for s in ("-wal", "-shm"))):
+    for leftover in (partial, *(partial.with_name(partial.name + s) for s in SIDECARS)):
         leftover.unlink(missing_ok=True)
     started = time.perf_counter()
     count = asyncio.run(seed(partial))
@@ -114,7 +116,7 @@ def main(argv: list[str]) -> int:
     if count != TOTAL_EVENTS:
         print(f"error: {count} events stored, {TOTAL_EVENTS} planned", file=sys.stderr)
         return 1
-    for suffix in ("", "-wal", "-shm"):  # closing the store normally leaves no -wal behind
+    for suffix in ("", *SIDECARS):  # closing the store normally leaves no -wal behind
         built = partial.with_name(partial.name + suffix)
         if built.exists():
             built.rename(path.with_name(path.name + suffix))

@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 import logging
 import resource
+import shutil
 import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -683,3 +684,55 @@ async def test_the_writer_forgets_old_streams_versions_and_reads_them_again(
     assert [e.stream_version for e in stored] == [1]
     with pytest.raises(ConcurrencyError):
         await store.append("batch-b", -1, requested("b"))
+
+
+@contextlib.asynccontextmanager
+async def opened(path: Path) -> AsyncIterator[EventStore]:
+    store = EventStore(path)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def test_a_log_behind_its_mark_has_lost_commits_until_the_loss_is_recorded(
+    store_path: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "copy.db"
+    async with opened(store_path) as store:
+        await store.append("batch-a", -1, new_batch("a"))
+    shutil.copyfile(store_path, copy)
+    async with opened(store_path) as store:
+        assert store.lost is None
+        await store.append("batch-a", 0, requested("a", 2))
+    shutil.copyfile(copy, store_path)  # an older copy put in place
+
+    async with opened(store_path) as store:
+        assert store.lost == (1, 3)
+        await store.append("batch-a", 0, requested("a", 2))  # back at 3: still lost
+    async with opened(store_path) as store:
+        assert store.lost == (3, 3)
+        await store.loss_recorded()
+    async with opened(store_path) as store:
+        assert store.lost is None
+
+
+def move(path: Path, to: Path) -> None:
+    """Move the database file alone: its mark stays where it was."""
+    to.parent.mkdir()
+    path.rename(to)
+
+
+async def test_a_new_database_at_the_path_or_a_copy_at_another_is_not_behind(
+    store_path: Path, tmp_path: Path
+) -> None:
+    async with opened(store_path) as store:
+        await store.append("batch-a", -1, new_batch("a") + requested("a", 2))
+    moved = tmp_path / "elsewhere" / "events.db"
+    move(store_path, moved)  # no mark beside it there, and a new database where it was
+
+    async with opened(store_path) as store:
+        assert store.lost is None
+    async with opened(moved) as store:
+        assert store.lost is None

@@ -68,8 +68,10 @@ class Model:
             requests.append(
                 ev.HospitalRequested(tuple(new), tuple(self.attempts[n] + 1 for n in new))
             )
+        loss = ev.LogLossDetected(tuple(new), tuple(self.attempts[n] + 1 for n in new), 5, 9)
         options: dict[str, list[ev.Event]] = {
             "request": requests,
+            "loss": [loss] if new else [],
             "create": [
                 ev.HospitalCreated(n, 1000 + n, reconciled=n % 2 == 0) for n in rows_in["sent"]
             ],
@@ -92,7 +94,7 @@ class Model:
 
     def apply(self, event: ev.Event) -> None:
         match event:
-            case ev.HospitalRequested(rows=rows):
+            case ev.HospitalRequested(rows=rows) | ev.LogLossDetected(rows=rows):
                 for n in rows:
                     self.rows[n] = "sent"
                     self.attempts[n] += 1
@@ -122,6 +124,7 @@ STATES = ("new", "sent", "created", "failed")
 # Kinds repeated to make them likelier: batches should often get far enough to finish.
 KIND_WEIGHTS = (("request",) * 6 + ("create",) * 6 + ("fail",) * 2 + ("activate",) * 2) + (
     "retry",
+    "loss",
     "resume",
     "activation_failed",
     "activation_failed",

@@ -26,6 +26,7 @@ ONE_OF_EACH: list[ev.Event] = [
         idempotency_key="key-1",
     ),
     ev.HospitalRequested(rows=(1, 2), attempts=(2, 1)),
+    ev.LogLossDetected(rows=(2,), attempts=(1,), log_position=7, committed_position=9),
     ev.HospitalCreated(row=1, hospital_id=42, reconciled=True),
     ev.HospitalFailed(row=2, reason="rejected", message="name is required", retryable=False),
     ev.HospitalRetryScheduled(row=2, attempt=1, reason="server_error", message="503"),
