@@ -156,11 +156,15 @@ async def running_service(settings: Settings) -> AsyncIterator[Service]:
 ServiceFactory = Callable[..., contextlib.AbstractAsyncContextManager[Service]]
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port(other_than: int = 0) -> int:
+    """A loopback port nobody listens on right now; not `other_than`, which the kernel may
+    hand out twice running."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port != other_than:
+            return port
 
 
 class ServiceProcess:

@@ -42,6 +42,7 @@ from tests.support import (
     csv_of,
     fast_settings,
     fill_upstream_batch,
+    free_port,
     keyed_batch,
     running_service,
     serving,
@@ -600,12 +601,6 @@ def test_ctrl_c_while_a_command_loads_exits_130_without_a_traceback(
         assert main(["upload", "hospitals.csv"]) == 130
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -628,7 +623,7 @@ async def running_demo(
         "--port",
         str(port),
         "--directory-port",
-        str(_free_port()),
+        str(free_port(other_than=port)),
         "--create-delay",
         "0.05",
         "--database",
@@ -668,7 +663,7 @@ async def lines_until_ctrl_c(process: asyncio.subprocess.Process) -> list[str]:
 
 
 async def test_the_demo_runs_both_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     async with running_demo(tmp_path, port) as process:
         lines = await lines_until_ctrl_c(process)
         directory_port = re.search(r"local directory: http://127.0.0.1:(\d+)", "\n".join(lines))
@@ -707,7 +702,7 @@ async def test_the_demo_will_not_start_on_a_port_another_program_listens_on(
 
 async def test_a_demo_whose_upload_failed_exits_with_the_uploads_status(tmp_path: Path) -> None:
     missing = str(tmp_path / "missing.csv")
-    async with running_demo(tmp_path, _free_port(), "--file", missing) as process:
+    async with running_demo(tmp_path, free_port(), "--file", missing) as process:
         lines = await lines_until_ctrl_c(process)
         await interrupt(process)
 
@@ -718,7 +713,7 @@ async def test_a_demo_whose_upload_failed_exits_with_the_uploads_status(tmp_path
 
 
 async def test_a_demo_stopped_before_its_upload_ended_exits_130(tmp_path: Path) -> None:
-    async with running_demo(tmp_path, _free_port(), "--create-delay", "60") as process:
+    async with running_demo(tmp_path, free_port(), "--create-delay", "60") as process:
         assert process.stdout is not None
         async with asyncio.timeout(40):
             while b"local directory: http" not in await process.stdout.readline():

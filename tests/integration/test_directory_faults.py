@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +17,7 @@ from service.local_directory.storage import Hospital, NewHospital
 from service.processing import upstream
 from service.processing.directory_client import Answer, DirectoryClient, Outcome
 from tests.integration.chaos import TALLY, assert_exactly_once, trials
-from tests.support import Service, ServiceFactory, csv_of, free_port
+from tests.support import Service, ServiceFactory, csv_of
 
 FAULTS = (
     "429",
@@ -262,14 +263,19 @@ async def test_a_directory_down_is_warned_of_once_and_its_return_is_said(
     # Nothing answers: every attempt of every row warmed it up again, and each failed warm-up
     # logged the same warning (41 lines for 10 rows in 12 s).
     caplog.set_level(logging.INFO, logger="service.processing.warmup")
-    port = free_port()
-    async with service_factory(base_url=f"http://127.0.0.1:{port}") as service:
-        down = (await service.upload(csv_of(3)))["batch_id"]
-        assert (await service.wait_finished(down))["processing_status"] == "failed"
-        options = DirectoryOptions(create_delay=0.0, rate_limit=False)
-        async with run_directory(options, port=port):
-            up = (await service.upload(csv_of(2, prefix="Later")))["batch_id"]
-            assert (await service.wait_finished(up))["processing_status"] == "completed"
+    # Bound and not listening until the directory takes it: connections are refused, and the
+    # service's own bind to port 0 cannot be handed the port meanwhile.
+    with socket.socket() as reserved:
+        reserved.bind(("127.0.0.1", 0))
+        port = reserved.getsockname()[1]
+        async with service_factory(base_url=f"http://127.0.0.1:{port}") as service:
+            down = (await service.upload(csv_of(3)))["batch_id"]
+            assert (await service.wait_finished(down))["processing_status"] == "failed"
+            options = DirectoryOptions(create_delay=0.0, rate_limit=False)
+            reserved.close()
+            async with run_directory(options, port=port):
+                up = (await service.upload(csv_of(2, prefix="Later")))["batch_id"]
+                assert (await service.wait_finished(up))["processing_status"] == "completed"
 
     said = [(r.levelname, m) for r in caplog.records if "directory at" in (m := r.getMessage())]
     assert [level for level, _ in said] == ["WARNING", "INFO"], said
