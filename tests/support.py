@@ -225,13 +225,14 @@ class ServiceProcess:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait()
 
-    def stop(self) -> None:
-        """SIGTERM and wait; kill after 10 s."""
+    async def stop(self) -> None:
+        """SIGTERM and wait; kill after 10 s. The wait leaves the loop free: the service may
+        be waiting on a directory that this loop serves."""
         if self.process is None or self.process.poll() is not None:
             return
         self.process.terminate()
         try:
-            self.process.wait(10)
+            await asyncio.to_thread(self.process.wait, 10)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()

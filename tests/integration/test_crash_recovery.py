@@ -41,7 +41,7 @@ async def test_sigkill_at_a_random_moment_loses_and_duplicates_nothing(
         TALLY["SIGKILLs at random moments"] += 1
         await service.start(http)
         finals = await wait_settled(http, service.url, batches)
-        service.stop()
+        await service.stop()
     assert [f["processing_status"] for f in finals] == ["completed", "completed"]
     assert_exactly_once(directory.standin, finals)
     assert rebuild(str(db)).equal
@@ -61,7 +61,7 @@ async def test_sigkill_during_activation(directory: RunningDirectory, tmp_path: 
         directory.standin.clear_faults()
         await service.start(http)
         finals = await wait_settled(http, service.url, [batch])
-        service.stop()
+        await service.stop()
     assert finals[0]["processing_status"] == "completed"
     assert_exactly_once(directory.standin, finals)
     recovered = f"recovering batch {batch}: 30 created, 0 failed of 30 rows; 0 to send, 0 to"
@@ -89,7 +89,7 @@ async def test_sigkill_during_rollback(directory: RunningDirectory, tmp_path: Pa
             if final["rolled_back"]:
                 break
             await asyncio.sleep(0.1)
-        service.stop()
+        await service.stop()
     assert final["rolled_back"] is True
     assert {h["status"] for h in final["hospitals"]} == {"deleted"}
     assert directory.standin.all_hospitals() == []

@@ -58,7 +58,7 @@ async def test_a_second_service_on_the_same_database_is_refused_until_the_first_
         finally:
             first.kill()  # SIGKILL: the kernel lets go of the lock with the process
         await second.start(http)
-        second.stop()
+        await second.stop()
 
 
 def test_audit_commands_name_a_missing_or_foreign_database(tmp_path: Path) -> None:

@@ -52,7 +52,7 @@ async def test_the_log_says_when_the_service_listens_and_when_it_stopped(
     directory: RunningDirectory, tmp_path: Path
 ) -> None:
     service = await three_creates_in_flight(directory, tmp_path, shutdown_timeout=0.5)
-    service.stop()
+    await service.stop()
     said = service.log.read_text()
 
     assert service.process is not None and service.process.returncode == 0
@@ -127,7 +127,7 @@ async def sent_to_a_child(
         answer = await asyncio.wait_for(reader.read(), 10)
         writer.close()
         await writer.wait_closed()
-        service.stop()
+        await service.stop()
     return answer, service.log.read_text()
 
 
@@ -296,7 +296,7 @@ async def test_the_service_raises_its_open_files_limit_to_the_hard_one(
             await service.ready(http)
         limits = open_files(service.process.pid)
     finally:
-        service.stop()
+        await service.stop()
 
     assert limits == (hard, hard)
     assert f"open files allowed: {hard} (was 256)" in service.log.read_text()
