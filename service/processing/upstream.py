@@ -12,7 +12,7 @@ from service.domain import batch as b
 from service.domain import events as ev
 from service.domain.matching import pair
 from service.processing.directory_client import Answer, DirectoryClient, Outcome
-from service.processing.pacing import backoff
+from service.processing.pacing import WindowPacer, backoff
 from service.settings import DirectorySettings
 
 
@@ -28,6 +28,7 @@ class Activation(NamedTuple):
 # What to do about rows the log reads as created but the directory lost: only new creates
 # can bring them back.
 RELOAD = "roll the batch back, then upload the file again"
+READS_PER_WINDOW = 50  # the directory's limit on GET /hospitals/batch/{id} (UPSTREAM.md)
 
 
 class UpstreamBatches:
@@ -35,6 +36,13 @@ class UpstreamBatches:
 
     def __init__(self, client: DirectoryClient, settings: DirectorySettings) -> None:
         self._client, self._settings = client, settings
+        # Paced when creates are: a start after a lost log looks at every unfinished upstream
+        # batch at once, and reads past the limit would each spend a try on a 429.
+        self._reads = WindowPacer(
+            READS_PER_WINDOW if settings.creates_per_minute else 0,
+            settings.rate_window_seconds,
+            settings.rate_window_margin,
+        )
 
     async def _patiently(
         self, call: Callable[[], Awaitable[Answer]], repeat_ambiguous: bool = True
@@ -57,9 +65,15 @@ class UpstreamBatches:
 
     async def members(self, creation_batch_id: str) -> Answer:
         """An upstream batch's records, read again while unsent, rate-limited or unclear."""
-        return await self._patiently(
-            functools.partial(self._client.batch_members, creation_batch_id)
-        )
+
+        async def read() -> Answer:
+            await self._reads.acquire()
+            answer = await self._client.batch_members(creation_batch_id)
+            if answer.outcome is Outcome.RATE_LIMITED:
+                self._reads.refused()  # others' reads share the window: every read waits it out
+            return answer
+
+        return await self._patiently(read)
 
     async def activate(self, state: b.BatchState) -> ev.BatchActivated | ev.BatchActivationFailed:
         """Activate every upstream batch; after an unclear answer, look, and ask again only

@@ -4,10 +4,12 @@ a short window) and creates that are stored after the client stopped waiting."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import logging
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, tzinfo
 from pathlib import Path
@@ -20,8 +22,10 @@ from rich.console import Console
 from service import client
 from service.client import follow
 from service.local_directory import DirectoryOptions, RunningDirectory, run_directory
+from service.processing.directory_client import DirectoryClient
 from service.processing.pacing import WindowPacer
 from service.processing.processor import _sent_lately
+from service.processing.upstream import READS_PER_WINDOW, UpstreamBatches
 from service.settings import Settings
 from service.store import event_store
 from service.store.event_store import EventStore
@@ -351,3 +355,28 @@ async def test_creates_stored_after_the_read_timeout_are_found_not_sent_again(
     assert final["processing_status"] == "completed"
     assert {h["status"] for h in final["hospitals"]} == {"created_and_activated"}
     assert creates == 3 and len(stored) == 3
+
+
+async def test_reads_of_upstream_batches_keep_to_the_directory_s_limit_too(
+    db_path: Path,
+) -> None:
+    # A start after a lost log looks at every unfinished upstream batch at once: past the
+    # directory's 50 reads a window, every refused read tried again at the same moment, and
+    # reads refused max_attempts times failed their rows as unconfirmed.
+    window = 0.5
+    options = DirectoryOptions(create_delay=0.0, window_seconds=window)
+    async with run_directory(options) as directory:
+        settings = paced(db_path, directory, window).directory
+        settings = dataclasses.replace(settings, max_attempts=3)
+        creation_batch_id = str(uuid.uuid4())
+        async with DirectoryClient.new_session(settings) as session:
+            client = DirectoryClient(session, settings)
+            assert (await client.create("General", "1 Main St", None, creation_batch_id)).ok
+            reads = UpstreamBatches(client, settings)
+            answers = await asyncio.gather(
+                *(reads.members(creation_batch_id) for _ in range(4 * READS_PER_WINDOW))
+            )
+        counts = directory.standin.request_counts
+
+    assert [a.outcome for a in answers if not a.ok] == []
+    assert counts["batch_get"] == 4 * READS_PER_WINDOW  # none refused, so none sent twice
