@@ -28,7 +28,6 @@ class Activation(NamedTuple):
 # What to do about rows the log reads as created but the directory lost: only new creates
 # can bring them back.
 RELOAD = "roll the batch back, then upload the file again"
-READS_PER_WINDOW = 50  # the directory's limit on GET /hospitals/batch/{id} (UPSTREAM.md)
 
 
 class UpstreamBatches:
@@ -36,12 +35,10 @@ class UpstreamBatches:
 
     def __init__(self, client: DirectoryClient, settings: DirectorySettings) -> None:
         self._client, self._settings = client, settings
-        # Paced when creates are: a start after a lost log looks at every unfinished upstream
-        # batch at once, and reads past the limit would each spend a try on a 429.
+        # A start after a lost log looks at every unfinished upstream batch at once, and
+        # reads past the limit would each spend a try on a 429.
         self._reads = WindowPacer(
-            READS_PER_WINDOW if settings.creates_per_minute else 0,
-            settings.rate_window_seconds,
-            settings.rate_window_margin,
+            settings.reads_per_minute, settings.rate_window_seconds, settings.rate_window_margin
         )
 
     async def _patiently(

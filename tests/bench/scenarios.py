@@ -389,6 +389,7 @@ def overhead_settings() -> dict[str, str]:
     """Pacing off, 20 workers, files of OVERHEAD_ROWS rows allowed."""
     return {
         "DIRECTORY_CREATES_PER_MINUTE": "0",
+        "DIRECTORY_READS_PER_MINUTE": "0",
         "DIRECTORY_CONCURRENCY": str(OVERHEAD_WORKERS),
         "CSV_MAX_ROWS": str(OVERHEAD_ROWS),
     }
@@ -542,7 +543,11 @@ async def fan_out(workdir: Path, report: Report) -> None:
     A message's receipt is when its bytes reached the client: the clients decode what they
     got after the run, so that one process parsing 550,000 messages does not add to the lag.
     """
-    settings = {"DIRECTORY_CREATES_PER_MINUTE": "0", "CSV_MAX_ROWS": str(FAN_OUT_ROWS)}
+    settings = {
+        "DIRECTORY_CREATES_PER_MINUTE": "0",
+        "DIRECTORY_READS_PER_MINUTE": "0",
+        "CSV_MAX_ROWS": str(FAN_OUT_ROWS),
+    }
     async with (
         harness.directory(workdir, 0.0, rate_limit=False, name="s5-directory") as d,
         harness.service(workdir, d.url, workdir / "s5.db", name="s5-service", **settings) as s,

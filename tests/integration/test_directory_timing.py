@@ -25,7 +25,7 @@ from service.local_directory import DirectoryOptions, RunningDirectory, run_dire
 from service.processing.directory_client import DirectoryClient
 from service.processing.pacing import WindowPacer
 from service.processing.processor import _sent_lately
-from service.processing.upstream import READS_PER_WINDOW, UpstreamBatches
+from service.processing.upstream import UpstreamBatches
 from service.settings import Settings
 from service.store import event_store
 from service.store.event_store import EventStore
@@ -367,16 +367,16 @@ async def test_reads_of_upstream_batches_keep_to_the_directory_s_limit_too(
     options = DirectoryOptions(create_delay=0.0, window_seconds=window)
     async with run_directory(options) as directory:
         settings = paced(db_path, directory, window).directory
-        settings = dataclasses.replace(settings, max_attempts=3)
+        settings = dataclasses.replace(settings, reads_per_minute=50, max_attempts=3)
         creation_batch_id = str(uuid.uuid4())
         async with DirectoryClient.new_session(settings) as session:
             client = DirectoryClient(session, settings)
             assert (await client.create("General", "1 Main St", None, creation_batch_id)).ok
             reads = UpstreamBatches(client, settings)
             answers = await asyncio.gather(
-                *(reads.members(creation_batch_id) for _ in range(4 * READS_PER_WINDOW))
+                *(reads.members(creation_batch_id) for _ in range(4 * settings.reads_per_minute))
             )
         counts = directory.standin.request_counts
 
     assert [a.outcome for a in answers if not a.ok] == []
-    assert counts["batch_get"] == 4 * READS_PER_WINDOW  # none refused, so none sent twice
+    assert counts["batch_get"] == 4 * settings.reads_per_minute  # none refused, none sent twice
