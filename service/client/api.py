@@ -172,12 +172,12 @@ class ServiceApi:
         body = await self._call("GET", f"/batch/{batch_id}/progress", needs=("current_message",))
         return dict(body)
 
-    async def creates_per_minute(self) -> int:
-        """The pace the service keeps to (0 when it does not, or cannot say)."""
+    async def creates_per_minute(self, within: float = HEALTH_SECONDS) -> int:
+        """The pace the service keeps to (0 when it does not, or cannot say within `within`
+        seconds, or HEALTH_SECONDS if sooner)."""
+        timeout = aiohttp.ClientTimeout(total=min(within, HEALTH_SECONDS))
         try:
-            body = await self._call(
-                "GET", "/health", timeout=aiohttp.ClientTimeout(total=HEALTH_SECONDS)
-            )
+            body = await self._call("GET", "/health", timeout=timeout)
         except Refused:  # unreachable, or unhealthy (503): the follow will say so
             return 0
         pace = body.get("directory", {}).get("creates_per_minute") if isinstance(body, dict) else 0

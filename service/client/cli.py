@@ -210,7 +210,7 @@ async def _then_follow(
         )
         return OK
     try:
-        with Watch(out, await api.creates_per_minute()) as watch:
+        with Watch(out, await api.creates_per_minute(args.reconnect_timeout)) as watch:
             final = await follow(
                 api, batch_id, watch.show, watch.note, args.reconnect_timeout, watch.aside
             )
