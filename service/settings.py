@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import tomllib
@@ -250,9 +251,26 @@ def _is_directory_url(text: str) -> bool:
     )
 
 
+def _not_a_name(entry: str) -> bool:
+    """Whether an app.allowed_hosts entry holds more than a name (a port, a scheme, a path):
+    the browser's Host is matched by its name alone, so such an entry would never match."""
+    try:
+        ipaddress.ip_address(entry)
+    except ValueError:
+        return ":" in entry or "/" in entry
+    return False
+
+
 def _validate(s: Settings) -> None:
     d = s.directory
+    not_names = [entry for entry in s.app.allowed_hosts if _not_a_name(entry)]
     checks = [
+        (
+            not not_names,
+            "app.allowed_hosts",
+            "must list names alone, without a scheme, port or path: "
+            + ", ".join(map(repr, not_names)),
+        ),
         (1 <= s.app.port <= 65535, "app.port", "must be between 1 and 65535"),
         (s.app.log_level.upper() in LOG_LEVELS, "app.log_level", f"must be one of {LOG_LEVELS}"),
         (s.app.shutdown_timeout >= 0, "app.shutdown_timeout", "must be >= 0"),

@@ -134,6 +134,10 @@ def test_dotenv_skips_comments_and_strips_export_and_quotes(tmp_path: Path) -> N
         ({"DIRECTORY_BACKOFF_MAX": "0.01"}, "directory.backoff_max"),
         ({"CSV_UPLOAD_SECONDS": "0"}, "csv.upload_seconds"),
         ({"CSV_CONCURRENT_UPLOADS": "0"}, "csv.concurrent_uploads"),
+        ({"DIRECTORY_READS_PER_MINUTE": "-1"}, "directory.reads_per_minute"),
+        # The browser's Host is matched by name: a listed port or scheme never matches.
+        ({"APP_ALLOWED_HOSTS": "h.example, h.example:8000"}, "app.allowed_hosts"),
+        ({"APP_ALLOWED_HOSTS": "https://h.example"}, "app.allowed_hosts"),
     ],
 )
 def test_bad_environment_values_name_the_setting(
@@ -159,6 +163,11 @@ def test_bad_environment_values_name_the_setting(
 def test_bad_config_values_name_the_setting(tmp_path: Path, toml: str, named: str) -> None:
     with pytest.raises(SettingsError, match=named):
         load(tmp_path, toml=toml)
+
+
+def test_allowed_hosts_are_names_or_addresses(tmp_path: Path) -> None:
+    settings = load(tmp_path, APP_ALLOWED_HOSTS="H.example, ::1, *,")
+    assert settings.app.allowed_hosts == ("H.example", "::1", "*")
 
 
 def test_malformed_dotenv_line_names_file_and_line(tmp_path: Path) -> None:
