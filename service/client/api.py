@@ -173,8 +173,8 @@ class ServiceApi:
         return dict(body)
 
     async def creates_per_minute(self, within: float = HEALTH_SECONDS) -> int:
-        """The pace the service keeps to (0 when it does not, or cannot say within `within`
-        seconds, or HEALTH_SECONDS if sooner)."""
+        """The pace the service keeps to; 0 when it does not, or cannot say within the
+        shorter of `within` and HEALTH_SECONDS seconds."""
         timeout = aiohttp.ClientTimeout(total=min(within, HEALTH_SECONDS))
         try:
             body = await self._call("GET", "/health", timeout=timeout)

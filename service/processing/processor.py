@@ -201,9 +201,8 @@ class Processor:
     async def _record_loss(self, run: BatchRun, lost: Lost) -> None:
         """Record that the rows to send may have been sent by commits the log lost: from
         then on they are looked for before being sent, after any later restart too."""
-        rows = tuple(r.row.row for r in run.state.to_create())
-        if rows:
-            attempts = tuple(run.state.rows[n].attempts + 1 for n in rows)
+        if unsent := run.state.to_create():
+            rows, attempts = tuple(r.row.row for r in unsent), tuple(r.attempts + 1 for r in unsent)
             fact = ev.LogLossDetected(rows, attempts, *lost)
             # A later loss of a log that holds this fact ends past it: its id is its own.
             await self._emit(run, fact, "log-loss", lost.log_position)

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Any
 import aiohttp
 
 from service.local_directory import DirectoryOptions
+from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 WINDOW_SECONDS = DirectoryOptions().window_seconds  # the directory's rate-limit window
@@ -30,13 +30,6 @@ READY_WITHIN = 30.0
 # The service reads these from the environment; the benchmark sets them, nothing inherited.
 _SETTING_PREFIXES = ("APP_", "DATABASE_", "DIRECTORY_", "CSV_", "API_", "WEBSOCKET_")
 _SETTING_NAMES = ("EXTERNAL_API_BASE_URL", "LOG_LEVEL", "CONFIG_PATH")
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)
