@@ -506,6 +506,7 @@ async def test_activation_looks_first_at_the_upstream_batch_created_first(
 ) -> None:
     standin = directory.standin
     standin.set_delay(0.1)
+    standin.cold_start(0.5)  # rows 1-20 all arrive before the first answer lets row 21 go
     standin.add_fault("create", "500", nth=range(1, 21))  # rows 1-20 wait to be checked
 
     def restart_before_the_first_retry(endpoint: str, n: int) -> None:
