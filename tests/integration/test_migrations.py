@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,7 +95,7 @@ def test_a_rollback_refused_before_the_upgrade_is_found_in_the_log(
             (f"e{n}", f"batch-{batch_id}", event_type),
         )
 
-    assert migrate(conn) == [5]
+    assert migrate(conn, [m for m in discover() if m.version <= 5]) == [5]
     refused = dict(conn.execute("SELECT batch_id, rollback_refused FROM batches"))
     assert refused == {"refused": 1, "rolled-back": 0}
 
@@ -167,9 +168,51 @@ def test_the_upgrade_gives_a_refused_batch_the_status_and_end_its_log_gives(
         (*state.counts()[1:4], old_status, state.version, state.version + 1, old_finished),
     )
 
-    assert migrate(conn) == [5]
+    assert migrate(conn, [m for m in discover() if m.version <= 5]) == [5]
     live = conn.execute("SELECT status, finished_at FROM batches").fetchone()
     assert live == (state.status, state.finished_at)
+
+
+# Each event type's payload version and fields as of the newest migration. Code refuses a
+# database at a schema version newer than its own, yet would start on one that merely holds
+# events it cannot read (a new type, or a new field its dataclass refuses) and fail on them
+# later: a change to the catalogue comes with a migration, and this with it.
+CATALOGUE = (
+    6,
+    {
+        "BatchCreated": (
+            1,
+            (
+                "batch_id",
+                "file_name",
+                "rows",
+                "upstream_batches",
+                "content_sha256",
+                "idempotency_key",
+            ),
+        ),
+        "HospitalRequested": (2, ("rows", "attempts")),
+        "LogLossDetected": (1, ("rows", "attempts", "log_position", "committed_position")),
+        "HospitalCreated": (1, ("row", "hospital_id", "reconciled", "created_at")),
+        "HospitalFailed": (1, ("row", "reason", "message", "retryable")),
+        "HospitalRetryScheduled": (1, ("row", "attempt", "reason", "message")),
+        "BatchActivated": (1, ("activated_count", "upstream_batch_ids")),
+        "BatchActivationFailed": (1, ("reason", "activated_upstream_batch_ids")),
+        "BatchResumed": (1, ("rows",)),
+        "BatchRollbackRequested": (1, ()),
+        "BatchRollbackFailed": (1, ("reason", "deleted_upstream_batch_ids")),
+        "BatchRolledBack": (1, ("deleted_count", "upstream_batch_ids")),
+    },
+)
+
+
+def test_a_change_to_the_event_catalogue_comes_with_a_migration() -> None:
+    catalogue = {
+        name: (cls.schema_version, tuple(f.name for f in dataclasses.fields(cls)))
+        for name, cls in ev.EVENT_TYPES.items()
+    }
+
+    assert (len(discover()), catalogue) == CATALOGUE
 
 
 def test_database_newer_than_the_code_is_refused(conn: sqlite3.Connection) -> None:
