@@ -10,13 +10,25 @@ from typing import Any
 import pytest
 
 from service.local_directory import DirectoryOptions, RunningDirectory, run_directory
+from tests.integration.chaos import TALLY
 from tests.support import Service, ServiceFactory, fast_settings, running_service
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In a pytest-xdist worker, hand the chaos tally to the controller, which prints it."""
+    worker_output = getattr(session.config, "workeroutput", None)
+    if worker_output is not None:
+        worker_output["chaos_tally"] = dict(TALLY)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """Add a finished pytest-xdist worker's chaos tally to the controller's."""
+    TALLY.update(node.workeroutput.get("chaos_tally", {}))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Print what the chaos suites did (faults injected, kills, duplicates found)."""
-    from tests.integration.chaos import TALLY
-
     if TALLY:
         terminalreporter.section("chaos tally")
         for what, count in sorted(TALLY.items()):
