@@ -255,11 +255,14 @@ async def test_progress_of_a_running_batch_is_its_fold_and_equals_the_read_model
 ) -> None:
     directory.standin.set_delay(1.0)
     batch_id = (await service.upload(csv_of(30)))["batch_id"]  # 20 in flight, then 10
-    store = service.app[STORE]
-    async with asyncio.timeout(10):
-        while (batch := await queries.get_batch(store, batch_id)) is None or batch[
-            "created_rows"
-        ] < 20:
+    store, processor = service.app[STORE], service.app[PROCESSOR]
+    async with asyncio.timeout(10):  # the fold takes in a commit just after the read model
+        while (
+            (batch := await queries.get_batch(store, batch_id)) is None
+            or batch["created_rows"] < 20
+            or (state := processor.live_state(batch_id)) is None
+            or state.version != batch["stream_version"]
+        ):
             await asyncio.sleep(0.05)
     reads: list[object] = []
     real = queries.get_batch
