@@ -49,7 +49,7 @@ class DirectorySettings:
     batch_size: int = 20
     concurrency: int = 20
     creates_per_minute: int = 30
-    reads_per_minute: int = 50
+    batch_calls_per_minute: int = 50
     rate_window_seconds: float = 60.0
     rate_window_margin: float = 0.5
     max_attempts: int = 5
@@ -298,7 +298,7 @@ def _validate(s: Settings) -> None:
             "must be between 1 and 20: the directory asks for 20 requests in flight at most",
         ),
         (d.creates_per_minute >= 0, "directory.creates_per_minute", "must be >= 0"),
-        (d.reads_per_minute >= 0, "directory.reads_per_minute", "must be >= 0"),
+        (d.batch_calls_per_minute >= 0, "directory.batch_calls_per_minute", "must be >= 0"),
         (
             d.max_attempts >= 2,
             "directory.max_attempts",

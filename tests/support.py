@@ -44,7 +44,7 @@ def fast_settings(db: Path, directory_url: str, **directory: Any) -> Settings:
     defaults: dict[str, Any] = {
         "base_url": directory_url,
         "creates_per_minute": 0,
-        "reads_per_minute": 0,
+        "batch_calls_per_minute": 0,
         "settle_seconds": 0.3,
         "backoff_base": 0.05,
         "backoff_max": 0.2,
@@ -182,7 +182,7 @@ class ServiceProcess:
             "EXTERNAL_API_BASE_URL": directory_url,
             "LOG_LEVEL": "WARNING",
             "DIRECTORY_CREATES_PER_MINUTE": "0",
-            "DIRECTORY_READS_PER_MINUTE": "0",
+            "DIRECTORY_BATCH_CALLS_PER_MINUTE": "0",
             "DIRECTORY_SETTLE_SECONDS": "0.3",
             "DIRECTORY_BACKOFF_BASE": "0.05",
             "DIRECTORY_BACKOFF_MAX": "0.2",

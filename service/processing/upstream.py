@@ -35,10 +35,17 @@ class UpstreamBatches:
 
     def __init__(self, client: DirectoryClient, settings: DirectorySettings) -> None:
         self._client, self._settings = client, settings
-        # A start after a lost log looks at every unfinished upstream batch at once, and
-        # reads past the limit would each spend a try on a 429.
-        self._reads = WindowPacer(
-            settings.reads_per_minute, settings.rate_window_seconds, settings.rate_window_margin
+        # A start after a lost log looks at every unfinished upstream batch at once, and many
+        # batches rolled back (or finished) together delete (or activate) theirs at once:
+        # calls past the limit would each spend a try on a 429. The directory counts each
+        # endpoint apart, 50 a window each.
+        self._reads, self._activations, self._deletes = (
+            WindowPacer(
+                settings.batch_calls_per_minute,
+                settings.rate_window_seconds,
+                settings.rate_window_margin,
+            )
+            for _ in range(3)
         )
 
     async def _patiently(
@@ -60,17 +67,26 @@ class UpstreamBatches:
             answer = await call()
         return answer
 
-    async def members(self, creation_batch_id: str) -> Answer:
-        """An upstream batch's records, read again while unsent, rate-limited or unclear."""
+    @staticmethod
+    def _paced(
+        pacer: WindowPacer, call: Callable[[], Awaitable[Answer]]
+    ) -> Callable[[], Awaitable[Answer]]:
+        """`call`, sent once `pacer`'s window has room; after a 429 (others' calls share the
+        window) every later call waits it out."""
 
-        async def read() -> Answer:
-            await self._reads.acquire()
-            answer = await self._client.batch_members(creation_batch_id)
+        async def paced() -> Answer:
+            await pacer.acquire()
+            answer = await call()
             if answer.outcome is Outcome.RATE_LIMITED:
-                self._reads.refused()  # others' reads share the window: every read waits it out
+                pacer.refused()
             return answer
 
-        return await self._patiently(read)
+        return paced
+
+    async def members(self, creation_batch_id: str) -> Answer:
+        """An upstream batch's records, read again while unsent, rate-limited or unclear."""
+        read = functools.partial(self._client.batch_members, creation_batch_id)
+        return await self._patiently(self._paced(self._reads, read))
 
     async def activate(self, state: b.BatchState) -> ev.BatchActivated | ev.BatchActivationFailed:
         """Activate every upstream batch; after an unclear answer, look, and ask again only
@@ -121,7 +137,9 @@ class UpstreamBatches:
             if state.rollback_requested:  # the fold is live: asked for while this one ran
                 return Activation(False, error="a rollback was asked for; not activated")
             # Activation is not idempotent: it is repeated only while provably not done.
-            activate = functools.partial(self._client.activate, batch_id)
+            activate = self._paced(
+                self._activations, functools.partial(self._client.activate, batch_id)
+            )
             answer = await self._patiently(activate, repeat_ambiguous=False)
             count = answer.body.get("activated_count") if isinstance(answer.body, dict) else None
             if answer.ok and count == total:
@@ -171,7 +189,8 @@ class UpstreamBatches:
         deleted, gone = 0, []
         for upstream in state.upstream:
             batch_id = upstream.creation_batch_id
-            answer = await self._patiently(functools.partial(self._client.delete_batch, batch_id))
+            delete = functools.partial(self._client.delete_batch, batch_id)
+            answer = await self._patiently(self._paced(self._deletes, delete))
             if answer.ok or answer.outcome is Outcome.NOT_FOUND:
                 count = answer.body.get("deleted_count") if isinstance(answer.body, dict) else 0
                 deleted += count if isinstance(count, int) else 0

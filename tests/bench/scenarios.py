@@ -389,7 +389,7 @@ def overhead_settings() -> dict[str, str]:
     """Pacing off, 20 workers, files of OVERHEAD_ROWS rows allowed."""
     return {
         "DIRECTORY_CREATES_PER_MINUTE": "0",
-        "DIRECTORY_READS_PER_MINUTE": "0",
+        "DIRECTORY_BATCH_CALLS_PER_MINUTE": "0",
         "DIRECTORY_CONCURRENCY": str(OVERHEAD_WORKERS),
         "CSV_MAX_ROWS": str(OVERHEAD_ROWS),
     }
@@ -545,7 +545,7 @@ async def fan_out(workdir: Path, report: Report) -> None:
     """
     settings = {
         "DIRECTORY_CREATES_PER_MINUTE": "0",
-        "DIRECTORY_READS_PER_MINUTE": "0",
+        "DIRECTORY_BATCH_CALLS_PER_MINUTE": "0",
         "CSV_MAX_ROWS": str(FAN_OUT_ROWS),
     }
     async with (

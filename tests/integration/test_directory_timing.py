@@ -21,6 +21,8 @@ from rich.console import Console
 
 from service import client
 from service.client import follow
+from service.domain import batch as b
+from service.domain import events as ev
 from service.local_directory import DirectoryOptions, RunningDirectory, run_directory
 from service.processing.directory_client import DirectoryClient
 from service.processing.pacing import WindowPacer
@@ -29,7 +31,7 @@ from service.processing.upstream import UpstreamBatches
 from service.settings import Settings
 from service.store import event_store
 from service.store.event_store import EventStore
-from tests.integration.conftest import new_batch, requested
+from tests.integration.conftest import batch_created, new_batch, requested
 from tests.support import Service, csv_of, fast_settings, running_service
 
 WINDOW = 3.0  # seconds of the stand-in's rate window, and of the service's pacing window
@@ -357,26 +359,34 @@ async def test_creates_stored_after_the_read_timeout_are_found_not_sent_again(
     assert creates == 3 and len(stored) == 3
 
 
-async def test_reads_of_upstream_batches_keep_to_the_directory_s_limit_too(
-    db_path: Path,
-) -> None:
-    # A start after a lost log looks at every unfinished upstream batch at once: past the
-    # directory's 50 reads a window, every refused read tried again at the same moment, and
-    # reads refused max_attempts times failed their rows as unconfirmed.
+async def test_calls_on_upstream_batches_keep_to_the_directory_s_limits(db_path: Path) -> None:
+    # Past the directory's 50 calls a window on an endpoint, every refused call was tried
+    # again at the same moment, until max_attempts refusals failed it: a start after a lost
+    # log reads every unfinished upstream batch at once (their rows failed as unconfirmed),
+    # and many batches finishing or rolled back together activate or delete theirs at once
+    # ("Rate limit exceeded": 50 of 300 one-row batches rolled back together).
     window = 0.5
     options = DirectoryOptions(create_delay=0.0, window_seconds=window)
     async with run_directory(options) as directory:
         settings = paced(db_path, directory, window).directory
-        settings = dataclasses.replace(settings, reads_per_minute=50, max_attempts=3)
-        creation_batch_id = str(uuid.uuid4())
+        settings = dataclasses.replace(settings, batch_calls_per_minute=50, max_attempts=2)
+        states = [b.start(batch_created(str(uuid.uuid4()), rows=1)) for _ in range(100)]
+        first = states[0].upstream[0].creation_batch_id
+        counts = directory.standin.request_counts
         async with DirectoryClient.new_session(settings) as session:
             client = DirectoryClient(session, settings)
-            assert (await client.create("General", "1 Main St", None, creation_batch_id)).ok
-            reads = UpstreamBatches(client, settings)
-            answers = await asyncio.gather(
-                *(reads.members(creation_batch_id) for _ in range(4 * settings.reads_per_minute))
+            assert (await client.create("General", "1 Main St", None, first)).ok
+            upstream = UpstreamBatches(client, settings)
+            reads = await asyncio.gather(*(upstream.members(first) for _ in states))
+            sent = [counts["batch_get"]]
+            # Only the first has a hospital: the others' activations are answered 404.
+            activations = await asyncio.gather(
+                *(upstream._activate_one(s, s.upstream[0]) for s in states)
             )
-        counts = directory.standin.request_counts
+            rollbacks = await asyncio.gather(*(upstream.delete(s) for s in states))
+        sent += [counts["batch_activate"], counts["batch_delete"]]
 
-    assert [a.outcome for a in answers if not a.ok] == []
-    assert counts["batch_get"] == 4 * settings.reads_per_minute  # none refused, none sent twice
+    assert [r.outcome for r in reads if not r.ok] == []
+    assert [a.error for a in activations if "Rate limit" in a.error] == []
+    assert [f for f in rollbacks if not isinstance(f, ev.BatchRolledBack)] == []
+    assert sent == [len(states)] * 3  # none refused, none sent twice

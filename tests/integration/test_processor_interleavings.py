@@ -88,7 +88,7 @@ class ScriptedDirectory:
 
 async def started(store: EventStore, directory: ScriptedDirectory, **settings: Any) -> Processor:
     """A processor on `directory`, pacing off, started."""
-    config = DirectorySettings(creates_per_minute=0, reads_per_minute=0, **settings)
+    config = DirectorySettings(creates_per_minute=0, batch_calls_per_minute=0, **settings)
     processor = Processor(store, directory, config)  # type: ignore[arg-type]
     await processor.start()
     return processor

@@ -134,7 +134,7 @@ def test_dotenv_skips_comments_and_strips_export_and_quotes(tmp_path: Path) -> N
         ({"DIRECTORY_BACKOFF_MAX": "0.01"}, "directory.backoff_max"),
         ({"CSV_UPLOAD_SECONDS": "0"}, "csv.upload_seconds"),
         ({"CSV_CONCURRENT_UPLOADS": "0"}, "csv.concurrent_uploads"),
-        ({"DIRECTORY_READS_PER_MINUTE": "-1"}, "directory.reads_per_minute"),
+        ({"DIRECTORY_BATCH_CALLS_PER_MINUTE": "-1"}, "directory.batch_calls_per_minute"),
         # The browser's Host is matched by name: a listed port or scheme never matches.
         ({"APP_ALLOWED_HOSTS": "h.example, h.example:8000"}, "app.allowed_hosts"),
         ({"APP_ALLOWED_HOSTS": "https://h.example"}, "app.allowed_hosts"),
