@@ -1,23 +1,19 @@
-"""Pacing calls to the directory's rate limits, and retry backoff."""
+"""Pacing creates to the directory's fixed rate-limit window, and retry backoff."""
 
 from __future__ import annotations
 
 import asyncio
 import random
 import time
-from collections import deque
 from collections.abc import Callable
 
 
 class WindowPacer:
-    """Lets at most `per_window` creates start in any `window + margin` seconds.
+    """Lets at most `per_window` creates start in each fixed window, like the directory counts.
 
-    The directory counts fixed windows of `window` seconds, each opened by the first request
-    it sees after the last one closed. Every such window fits in one of our sliding
-    windows, wherever it began, so keeping to ours keeps to the directory's without knowing
-    where its windows begin, which a restart cannot know. The margin covers the time a
-    request takes to arrive. A full window's worth can leave at once: a 20-row file goes
-    out as one burst.
+    The directory's window starts at the first request it sees and lasts `window`
+    seconds; ours starts when we send, a little earlier, so each of ours lasts `margin`
+    longer. A full window's worth can leave at once: a 20-row file goes out as one burst.
     """
 
     def __init__(
@@ -29,25 +25,31 @@ class WindowPacer:
     ) -> None:
         self.per_window, self.window, self.margin = per_window, window, margin
         self._clock = clock
-        self._sent: deque[float] = deque()  # when the creates of the last window started
+        self._window_start: float | None = None
+        self._used = 0
         self._blocked_until = 0.0
 
     async def acquire(self) -> None:
         """Wait until one more create may be sent, and count it. With per_window 0 (pacing
         off) nothing is counted, but a 429 still holds creates back a whole window."""
         await self.room()
-        if self.per_window > 0:
-            self._sent.append(self._clock())
+        if self.per_window <= 0:
+            return
+        now = self._clock()
+        if self._window_start is None or now >= self._window_end():
+            self._window_start, self._used = now, 0
+        self._used += 1
 
     def replay(self, sent: list[float]) -> None:
         """Count creates sent before this pacer existed (their times on its clock, oldest
-        first): after a restart the directory's window may still be open, and what it
-        already took is no longer ours to send. A time is when the create's intent was
-        recorded; one past a full window's worth waited for room, as `_deliver` does."""
+        first) as they were counted then: after a restart the directory's window may still
+        be open, and what it already took is no longer ours to send."""
         for at in sent:
-            if len(self._sent) >= self.per_window > 0:
-                at = max(at, self._sent[-self.per_window] + self.window + self.margin)
-            self._sent.append(at)
+            if self._window_start is not None and self._used >= self.per_window:
+                at = max(at, self._window_end())  # it waited for the next window, as _deliver does
+            if self._window_start is None or at >= self._window_end():
+                self._window_start, self._used = at, 0
+            self._used += 1
 
     async def room(self) -> None:
         """Wait until one more create could be sent, without counting it."""
@@ -71,13 +73,14 @@ class WindowPacer:
             return self._blocked_until - now
         if self.per_window <= 0:
             return 0.0
-        span = self.window + self.margin
-        while self._sent and self._sent[0] <= now - span:
-            self._sent.popleft()
-        # Replayed times may lie ahead of now; counting them as in the window is safe.
-        if len(self._sent) < self.per_window:
+        if self._window_start is not None and now < self._window_start:  # replayed: not yet
+            return self._window_start - now
+        if self._window_start is None or now >= self._window_end() or self._used < self.per_window:
             return 0.0
-        return self._sent[-self.per_window] + span - now
+        return self._window_end() - now
+
+    def _window_end(self) -> float:
+        return (self._window_start or 0.0) + self.window + self.margin
 
     def refused(self) -> bool:
         """A 429 came back: someone else's traffic shares our window; wait a whole one.
@@ -85,6 +88,7 @@ class WindowPacer:
         now = self._clock()
         fresh = self._blocked_until <= now
         self._blocked_until = now + self.window + self.margin
+        self._window_start = None
         return fresh
 
 

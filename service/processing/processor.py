@@ -160,8 +160,7 @@ class Processor:
     async def start(self) -> None:
         """Start the workers, then pick up every batch the log says is unfinished."""
         if self._settings.creates_per_minute:
-            # Two windows back: a create of the last window may have waited for a place that
-            # one of the window before it held.
+            # Two windows back: where the window open now began depends on the one before it.
             lately = 2 * (self._settings.rate_window_seconds + self._settings.rate_window_margin)
             self._pacer.replay(await _sent_lately(self._store, lately))
         self._workers = [

@@ -324,22 +324,3 @@ async def test_creates_replayed_from_a_window_long_over_leave_a_whole_one(
     pacer.replay([10.0] * PER_WINDOW)
 
     assert await grants_in_turn(pacer, clock, PER_WINDOW) == [100.0] * PER_WINDOW
-
-
-async def test_a_replay_that_begins_inside_a_window_keeps_to_the_directory_s_windows(
-    pacer: WindowPacer, clock: VirtualTime
-) -> None:
-    # Each window took 20 creates, then 10 more 5 s later (20 workers, 5 s a create). A
-    # restart at 184 replays two windows' worth of the log, which begins after the first 20
-    # creates of the window at 60.5. The old replay guessed from the log where the
-    # directory's windows began: it put the last one at 126, full, and sent a whole window
-    # at 186.5 into the one the directory had opened at 181.5 and had 10 places left in.
-    sent = [start + lag for start in (0.0, NEXT, 2 * NEXT) for lag in [0.0] * 20 + [5.0] * 10]
-    sent += [3 * NEXT] * 20
-    clock.now = 3 * NEXT + 2.5
-    pacer.replay([at for at in sent if at > clock.now - 2 * NEXT])
-
-    times = await grants_in_turn(pacer, clock, 11)
-
-    assert times == [3 * NEXT + 5.0] * 10 + [4 * NEXT]
-    assert directory_counts(sent + times) == [30, 30, 30, 30, 1]
