@@ -324,3 +324,36 @@ async def test_creates_replayed_from_a_window_long_over_leave_a_whole_one(
     pacer.replay([10.0] * PER_WINDOW)
 
     assert await grants_in_turn(pacer, clock, PER_WINDOW) == [100.0] * PER_WINDOW
+
+
+async def test_a_20_row_file_goes_out_whole_into_a_window_the_directory_opens_afresh(
+    pacer: WindowPacer, clock: VirtualTime
+) -> None:
+    # A create at 0 opens the directory's window, a 20-row file goes out at 50 into it (21
+    # there), and at 61 another 20-row file comes, in a window that opens with it: all 20
+    # places are free there. A pacer that freed each place a window after its own create
+    # (a sliding window) held 10 of them until 110.5: a window lost.
+    await grants_in_turn(pacer, clock, 1)
+    clock.now = 50.0
+    before = await grants_in_turn(pacer, clock, 20)
+    clock.now = 61.0
+
+    times = await grants_in_turn(pacer, clock, 20)
+
+    assert times == [61.0] * 20
+    assert directory_counts([0.0, *before, *times]) == [21, 20]
+
+
+async def test_a_65_row_file_takes_three_windows_after_an_earlier_create_too(
+    pacer: WindowPacer, clock: VirtualTime
+) -> None:
+    # One create at 0, then a 65-row file at 50: 29 fit in the window opened at 0, 30 in the
+    # next, 6 in the one after. A sliding window sent the last 5 at 171 (1 at 60.5, 29 at
+    # 110.5, 1 at 121, 5 at 171): a window later.
+    await grants_in_turn(pacer, clock, 1)
+    clock.now = 50.0
+
+    times = await grants_in_turn(pacer, clock, 65)
+
+    assert times[-1] == 2 * NEXT
+    assert directory_counts([0.0, *times]) == [30, 30, 6]
