@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 
 
@@ -14,6 +15,11 @@ class WindowPacer:
     The directory's window starts at the first request it sees and lasts `window`
     seconds; ours starts when we send, a little earlier, so each of ours lasts `margin`
     longer. A full window's worth can leave at once: a 20-row file goes out as one burst.
+
+    After a restart, where the directory's open window began is not known: any of the
+    creates replayed from the log may have opened it. Until a window and margin pass with
+    no create, at most `per_window` start in any window and margin, which keeps to every
+    window the directory may count, wherever it began.
     """
 
     def __init__(
@@ -28,6 +34,7 @@ class WindowPacer:
         self._window_start: float | None = None
         self._used = 0
         self._blocked_until = 0.0
+        self._since_replay: deque[float] = deque()  # creates while windows are not known
 
     async def acquire(self) -> None:
         """Wait until one more create may be sent, and count it. With per_window 0 (pacing
@@ -36,20 +43,23 @@ class WindowPacer:
         if self.per_window <= 0:
             return
         now = self._clock()
+        if self._since_replay:
+            self._since_replay.append(now)
+            return
         if self._window_start is None or now >= self._window_end():
             self._window_start, self._used = now, 0
         self._used += 1
 
     def replay(self, sent: list[float]) -> None:
-        """Count creates sent before this pacer existed (their times on its clock, oldest
-        first) as they were counted then: after a restart the directory's window may still
-        be open, and what it already took is no longer ours to send."""
+        """Count creates sent before this pacer existed (times no earlier than each was
+        sent, on its clock, oldest first): after a restart the directory's window may
+        still be open, and what it already took is no longer ours to send."""
+        if self.per_window <= 0:
+            return
         for at in sent:
-            if self._window_start is not None and self._used >= self.per_window:
-                at = max(at, self._window_end())  # it waited for the next window, as _deliver does
-            if self._window_start is None or at >= self._window_end():
-                self._window_start, self._used = at, 0
-            self._used += 1
+            if len(self._since_replay) >= self.per_window:  # it waited for a place
+                at = max(at, self._since_replay[-self.per_window] + self.window + self.margin)
+            self._since_replay.append(at)
 
     async def room(self) -> None:
         """Wait until one more create could be sent, without counting it."""
@@ -73,8 +83,13 @@ class WindowPacer:
             return self._blocked_until - now
         if self.per_window <= 0:
             return 0.0
-        if self._window_start is not None and now < self._window_start:  # replayed: not yet
-            return self._window_start - now
+        recent = self._since_replay
+        while recent and recent[0] <= now - self.window - self.margin:
+            recent.popleft()
+        if len(recent) >= self.per_window:  # replayed times may lie ahead of now
+            return recent[-self.per_window] + self.window + self.margin - now
+        if recent:
+            return 0.0
         if self._window_start is None or now >= self._window_end() or self._used < self.per_window:
             return 0.0
         return self._window_end() - now

@@ -81,46 +81,61 @@ async def _collect_ready(
     return pending
 
 
+# Outcomes of a create that was never sent: it takes no place in the directory's window.
+NEVER_SENT = frozenset({b.WITHDRAWN, b.ROLLBACK_ASKED, b.ROLLED_BACK})
+
+
 async def _sent_lately(store: EventStore, seconds: float) -> list[float]:
-    """When each create of the last `seconds` was sent, on the monotonic clock, oldest first
-    (from the newest LATELY_SCANNED events). An intent counts as sent, to be safe, unless
-    its row was withdrawn after it: a stop withdraws the rows got ready and never sent."""
+    """Times no earlier than each create of the last `seconds` was sent, on the monotonic
+    clock, oldest first (from the newest LATELY_SCANNED events).
+
+    A create is dated by its outcome, recorded after its answer: its intent is recorded
+    before it, and before the row waited for room in the window. One whose intent has no
+    outcome (in flight at a crash) is dated now; one withdrawn or never sent is not counted.
+    """
     now = time.time()
     rows = await store.select(
         f"SELECT {EVENT_COLUMNS} FROM events WHERE global_position > ? "
-        "AND event_type IN (?, ?) ORDER BY global_position",
+        "AND event_type IN (?, ?, ?, ?) ORDER BY global_position",
         (
             store.head.position - LATELY_SCANNED,
             ev.HospitalRequested.type_name,
+            ev.HospitalCreated.type_name,
+            ev.HospitalFailed.type_name,
             ev.HospitalRetryScheduled.type_name,
         ),
     )
-    events = [(stored, stored.decode()) for stored in map(from_row, rows)]
-    withdrawn = {
-        (stored.stream_id, event.row, event.attempt)
-        for stored, event in events
-        if isinstance(event, ev.HospitalRetryScheduled) and event.reason == b.WITHDRAWN
-    }
+    answered: list[float] = []  # wall-clock times, in log order
+    unanswered: dict[tuple[str, int], float] = {}
+    for stored in map(from_row, rows):
+        at = datetime.fromisoformat(stored.recorded_at).timestamp()
+        match stored.decode():
+            case ev.HospitalRequested(rows=requested):
+                unanswered.update(((stored.stream_id, n), at) for n in requested)
+            case ev.HospitalCreated(row=n) | ev.HospitalFailed(row=n) as outcome:
+                unanswered.pop((stored.stream_id, n), None)
+                if getattr(outcome, "reason", None) not in NEVER_SENT:
+                    answered.append(at)
+            case ev.HospitalRetryScheduled(row=n, reason=reason):
+                unanswered.pop((stored.stream_id, n), None)
+                if reason not in NEVER_SENT:
+                    answered.append(at)
     # The log's times are the wall clock's, which may have stepped since (an NTP correction
-    # between a crash and this start, a VM resumed). A create was sent before now, and each
+    # between a crash and this start, a VM resumed). An answer came before now, and each
     # before the next in the log: read newest first, the newest is put no later than now (a
     # log recorded ahead of the clock is moved back whole) and each no later than the next.
-    intents = [
-        (datetime.fromisoformat(stored.recorded_at).timestamp(), stored.stream_id, intent)
-        for stored, intent in events
-        if isinstance(intent, ev.HospitalRequested)
-    ]
-    ahead = max(0.0, intents[-1][0] - now) if intents else 0.0
+    ahead = max(0.0, answered[-1] - now) if answered else 0.0
     sent: list[float] = []
-    clock_gap, latest = now - time.monotonic(), now
-    for at, stream_id, intent in reversed(intents):
+    latest = now
+    for at in reversed(answered):
         latest = min(at - ahead, latest)
         if latest < now - seconds:
             break
-        pairs = zip(intent.rows, intent.attempts, strict=True)
-        taken = sum((stream_id, n, a) not in withdrawn for n, a in pairs)
-        sent += [latest - clock_gap] * taken
-    return sent[::-1]
+        sent.append(latest)
+    sent.reverse()
+    sent += [now for at in unanswered.values() if at - ahead >= now - seconds]
+    clock_gap = now - time.monotonic()
+    return [at - clock_gap for at in sent]
 
 
 class Processor:

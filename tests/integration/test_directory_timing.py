@@ -31,7 +31,8 @@ from service.processing.upstream import UpstreamBatches
 from service.settings import Settings
 from service.store import event_store
 from service.store.event_store import EventStore
-from tests.integration.conftest import batch_created, new_batch, requested
+from service.store.records import NewEvent
+from tests.integration.conftest import batch_created, new_batch
 from tests.support import Service, csv_of, fast_settings, running_service
 
 WINDOW = 3.0  # seconds of the stand-in's rate window, and of the service's pacing window
@@ -246,6 +247,19 @@ async def test_a_restart_inside_a_window_does_not_send_into_what_it_already_used
     assert limited.standin.request_counts["create"] == 65
 
 
+def sent_and_answered(count: int) -> list[NewEvent]:
+    """`count` creates of row 1, each its intent and its outcome: stored nothing, found by
+    a check (so row 1 can be sent any number of times)."""
+    return [
+        NewEvent(event)
+        for attempt in range(1, count + 1)
+        for event in (
+            ev.HospitalRequested((1,), (attempt,)),
+            ev.HospitalRetryScheduled(1, attempt, b.NOT_STORED, "not found"),
+        )
+    ]
+
+
 class SetClock(datetime):
     """The event store's wall clock, `at` seconds from the real one."""
 
@@ -258,11 +272,11 @@ class SetClock(datetime):
 
 async def wait_after_replaying(store: EventStore, log: list[tuple[float, int]]) -> float:
     """Seconds a restart's pacer (30 a minute) holds creates back after a log of, oldest
-    first, (`at` seconds from the real clock, that many intents recorded then)."""
+    first, (`at` seconds from the real clock, that many creates sent and answered then)."""
     await store.append("batch-x", -1, new_batch("x"))
     for at, count in log:
         SetClock.at = at
-        await store.append("batch-x", None, requested("x", count))
+        await store.append("batch-x", None, sent_and_answered(count))
     SetClock.at = 0.0
     pacer = WindowPacer(30, 60.0, 0.5)
     pacer.replay(await _sent_lately(store, 2 * 60.5))
@@ -312,6 +326,41 @@ async def test_a_clock_stepped_back_while_creates_were_sent_holds_a_restart_back
     log = [(3600.0, 40), (-1.0, 5)]
 
     assert 55.0 < await wait_after_replaying(store, log) <= 2 * 60.5
+
+
+async def test_a_restart_dates_the_creates_it_replays_by_their_answers(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The directory opened windows at -70 and -9.5, 30 creates each, answered 3 s later; 13
+    # rows of the second had got ready at -40 and waited for room. Dated by their intents,
+    # they were counted in a window put at -14.5, which ended at 46: the restart sent a
+    # window's worth at 46 into the directory's, open until 50.5, and all were refused.
+    monkeypatch.setattr(event_store, "datetime", SetClock)
+    await store.append("batch-x", -1, new_batch("x"))
+
+    async def log(at: float, count: int, outcome: str | None = None) -> None:
+        """`count` intents, or with `outcome` their outcomes, recorded `at` s from now."""
+        SetClock.at = at
+        events: list[ev.Event] = [
+            ev.HospitalRequested((1,), (n,))
+            if outcome is None
+            else ev.HospitalRetryScheduled(1, n, outcome, "")
+            for n in range(count)
+        ]
+        await store.append("batch-x", None, [NewEvent(e) for e in events])
+
+    await log(-75.0, 30)
+    await log(-67.0, 30, b.NOT_STORED)
+    await log(-40.0, 13)
+    await log(-9.5, 17)
+    await log(-6.5, 30, b.NOT_STORED)
+    await log(-6.5, 13)  # got ready, then withdrawn at the stop: never sent
+    await log(-5.0, 13, b.WITHDRAWN)
+    SetClock.at = 0.0
+    pacer = WindowPacer(30, 60.0, 0.5)
+    pacer.replay(await _sent_lately(store, 2 * 60.5))
+
+    assert 50.5 < pacer.seconds_to_room() <= 54.0
 
 
 async def test_rows_withdrawn_at_a_stop_leave_their_places_in_the_window(

@@ -357,3 +357,43 @@ async def test_a_65_row_file_takes_three_windows_after_an_earlier_create_too(
 
     assert times[-1] == 2 * NEXT
     assert directory_counts([0.0, *times]) == [30, 30, 6]
+
+
+async def test_a_replay_that_begins_inside_a_window_keeps_to_the_directory_s_windows(
+    pacer: WindowPacer, clock: VirtualTime
+) -> None:
+    # Each window took 20 creates, then 10 more 5 s later (20 workers, 5 s a create). A
+    # restart at 184 replays two windows' worth of the log, which begins after the first 20
+    # creates of the window at 60.5. Rebuilding the directory's windows from it put the
+    # last one at 126, full, and sent a whole window at 186.5 into the one the directory
+    # had opened at 181.5 with 10 places left.
+    sent = [start + lag for start in (0.0, NEXT, 2 * NEXT) for lag in [0.0] * 20 + [5.0] * 10]
+    sent += [3 * NEXT] * 20
+    clock.now = 3 * NEXT + 2.5
+    pacer.replay([at for at in sent if at > clock.now - 2 * NEXT])
+
+    times = await grants_in_turn(pacer, clock, 11)
+
+    assert times == [3 * NEXT + 5.0] * 10 + [4 * NEXT]
+    assert directory_counts(sent + times) == [30, 30, 30, 30, 1]
+
+
+async def test_after_a_window_with_no_create_the_replay_is_over(
+    pacer: WindowPacer, clock: VirtualTime
+) -> None:
+    # Until then each place comes back a window after its own create; from then on a window
+    # is opened by a create, as the directory's are, and a file that comes as one opens
+    # goes out whole.
+    clock.now = 100.0
+    pacer.replay([90.0] * 20)
+    first = await grants_in_turn(pacer, clock, 11)
+    quiet = clock.now = first[-1] + NEXT + 1.0
+    await grants_in_turn(pacer, clock, 1)
+    clock.now = quiet + 50.0
+    await grants_in_turn(pacer, clock, 20)
+    clock.now = quiet + 61.0
+
+    times = await grants_in_turn(pacer, clock, 20)
+
+    assert first == [100.0] * 10 + [90.0 + NEXT]
+    assert times == [quiet + 61.0] * 20
