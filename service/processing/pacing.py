@@ -54,12 +54,8 @@ class WindowPacer:
         """Count creates sent before this pacer existed (times no earlier than each was
         sent, on its clock, oldest first): after a restart the directory's window may
         still be open, and what it already took is no longer ours to send."""
-        if self.per_window <= 0:
-            return
-        for at in sent:
-            if len(self._since_replay) >= self.per_window:  # it waited for a place
-                at = max(at, self._since_replay[-self.per_window] + self.window + self.margin)
-            self._since_replay.append(at)
+        if self.per_window > 0:
+            self._since_replay.extend(sent)
 
     async def room(self) -> None:
         """Wait until one more create could be sent, without counting it."""
@@ -86,7 +82,7 @@ class WindowPacer:
         recent = self._since_replay
         while recent and recent[0] <= now - self.window - self.margin:
             recent.popleft()
-        if len(recent) >= self.per_window:  # replayed times may lie ahead of now
+        if len(recent) >= self.per_window:
             return recent[-self.per_window] + self.window + self.margin - now
         if recent:
             return 0.0

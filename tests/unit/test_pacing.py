@@ -305,16 +305,17 @@ async def test_creates_replayed_from_before_a_restart_use_up_their_window(
     assert times == [100.0] * 5 + [80.0 + NEXT]
 
 
-async def test_intents_beyond_a_full_window_are_replayed_into_the_next(
+async def test_each_replayed_create_holds_its_place_a_window_after_its_answer(
     pacer: WindowPacer, clock: VirtualTime
 ) -> None:
-    # 35 rows got their intents at once: 30 went out, the last 5 waited and opened window 2.
-    pacer.replay([0.0] * 35)
+    # 35 creates answered within 5 s, so sent across two of the directory's windows, where
+    # each began unknown: each place is free again a window and margin after its answer.
+    pacer.replay([0.0] * 20 + [5.0] * 15)
     clock.now = 10.0
 
-    times = await grants_in_turn(pacer, clock, 26)
+    times = await grants_in_turn(pacer, clock, 16)
 
-    assert times == [NEXT] * 25 + [2 * NEXT]  # window 2 had 25 places left, not 30
+    assert times == [NEXT] * 15 + [5.0 + NEXT]
 
 
 async def test_creates_replayed_from_a_window_long_over_leave_a_whole_one(
@@ -397,3 +398,19 @@ async def test_after_a_window_with_no_create_the_replay_is_over(
 
     assert first == [100.0] * 10 + [90.0 + NEXT]
     assert times == [quiet + 61.0] * 20
+
+
+async def test_a_replay_holds_nothing_back_past_the_directory_s_windows(
+    pacer: WindowPacer, clock: VirtualTime
+) -> None:
+    # Sent: 1 at 0, 29 at 50, 30 at 60.5 as the next window opened, each answered 3 s later;
+    # a restart at 70. Moving answers past a window's worth a window later held 29 of the
+    # next 30 until 174, though the directory's window ended at 120.5.
+    sent = [0.0] + [50.0] * 29 + [NEXT] * 30
+    clock.now = 70.0
+    pacer.replay([at + 3.0 for at in sent])
+
+    times = await grants_in_turn(pacer, clock, 30)
+
+    assert times == [NEXT + 3.0 + NEXT] * 30
+    assert directory_counts(sent + times) == [30, 30, 30]
