@@ -112,11 +112,13 @@ async def _sent_lately(store: EventStore, seconds: float) -> list[float]:
         match stored.decode():
             case ev.HospitalRequested(rows=requested):
                 unanswered.update(((stored.stream_id, n), at) for n in requested)
-            case ev.HospitalCreated(row=n) | ev.HospitalFailed(row=n) as outcome:
+            case ev.HospitalCreated(row=n):
                 unanswered.pop((stored.stream_id, n), None)
-                if getattr(outcome, "reason", None) not in NEVER_SENT:
-                    answered.append(at)
-            case ev.HospitalRetryScheduled(row=n, reason=reason):
+                answered.append(at)
+            case (
+                ev.HospitalFailed(row=n, reason=reason)
+                | ev.HospitalRetryScheduled(row=n, reason=reason)
+            ):
                 unanswered.pop((stored.stream_id, n), None)
                 if reason not in NEVER_SENT:
                     answered.append(at)

@@ -84,6 +84,12 @@ async def grants_in_turn(pacer: WindowPacer, clock: VirtualTime, count: int) -> 
     return times
 
 
+async def grants_at(pacer: WindowPacer, clock: VirtualTime, at: float, count: int) -> list[float]:
+    """Move the clock to `at`, then acquire `count` times one after the other."""
+    clock.now = at
+    return await grants_in_turn(pacer, clock, count)
+
+
 def directory_counts(times: list[float]) -> list[int]:
     """Sends per window, counted as the directory counts: each opens at its first request."""
     counts: list[int] = []
@@ -334,12 +340,10 @@ async def test_a_20_row_file_goes_out_whole_into_a_window_the_directory_opens_af
     # there), and at 61 another 20-row file comes, in a window that opens with it: all 20
     # places are free there. A pacer that freed each place a window after its own create
     # (a sliding window) held 10 of them until 110.5: a window lost.
-    await grants_in_turn(pacer, clock, 1)
-    clock.now = 50.0
-    before = await grants_in_turn(pacer, clock, 20)
-    clock.now = 61.0
+    await grants_at(pacer, clock, 0.0, 1)
+    before = await grants_at(pacer, clock, 50.0, 20)
 
-    times = await grants_in_turn(pacer, clock, 20)
+    times = await grants_at(pacer, clock, 61.0, 20)
 
     assert times == [61.0] * 20
     assert directory_counts([0.0, *before, *times]) == [21, 20]
@@ -351,10 +355,9 @@ async def test_a_65_row_file_takes_three_windows_after_an_earlier_create_too(
     # One create at 0, then a 65-row file at 50: 29 fit in the window opened at 0, 30 in the
     # next, 6 in the one after. A sliding window sent the last 5 at 171 (1 at 60.5, 29 at
     # 110.5, 1 at 121, 5 at 171): a window later.
-    await grants_in_turn(pacer, clock, 1)
-    clock.now = 50.0
+    await grants_at(pacer, clock, 0.0, 1)
 
-    times = await grants_in_turn(pacer, clock, 65)
+    times = await grants_at(pacer, clock, 50.0, 65)
 
     assert times[-1] == 2 * NEXT
     assert directory_counts([0.0, *times]) == [30, 30, 6]
@@ -385,16 +388,13 @@ async def test_after_a_window_with_no_create_the_replay_is_over(
     # Until then each place comes back a window after its own create; from then on a window
     # is opened by a create, as the directory's are, and a file that comes as one opens
     # goes out whole.
-    clock.now = 100.0
     pacer.replay([90.0] * 20)
-    first = await grants_in_turn(pacer, clock, 11)
-    quiet = clock.now = first[-1] + NEXT + 1.0
-    await grants_in_turn(pacer, clock, 1)
-    clock.now = quiet + 50.0
-    await grants_in_turn(pacer, clock, 20)
-    clock.now = quiet + 61.0
+    first = await grants_at(pacer, clock, 100.0, 11)
+    quiet = first[-1] + NEXT + 1.0
+    await grants_at(pacer, clock, quiet, 1)
+    await grants_at(pacer, clock, quiet + 50.0, 20)
 
-    times = await grants_in_turn(pacer, clock, 20)
+    times = await grants_at(pacer, clock, quiet + 61.0, 20)
 
     assert first == [100.0] * 10 + [90.0 + NEXT]
     assert times == [quiet + 61.0] * 20
