@@ -247,17 +247,14 @@ async def test_a_restart_inside_a_window_does_not_send_into_what_it_already_used
     assert limited.standin.request_counts["create"] == 65
 
 
-def sent_and_answered(count: int) -> list[NewEvent]:
-    """`count` creates of row 1, each its intent and its outcome: stored nothing, found by
-    a check (so row 1 can be sent any number of times)."""
-    return [
-        NewEvent(event)
-        for attempt in range(1, count + 1)
-        for event in (
-            ev.HospitalRequested((1,), (attempt,)),
-            ev.HospitalRetryScheduled(1, attempt, b.NOT_STORED, "not found"),
-        )
-    ]
+def intents(count: int) -> list[ev.Event]:
+    """`count` create intents of row 1 (valid any number of times, so good filler)."""
+    return [ev.HospitalRequested((1,), (n,)) for n in range(count)]
+
+
+def outcomes(count: int, reason: str = b.NOT_STORED) -> list[ev.Event]:
+    """`count` outcomes of row 1's creates: by default sent, and not found by a check."""
+    return [ev.HospitalRetryScheduled(1, n, reason, "") for n in range(count)]
 
 
 class SetClock(datetime):
@@ -270,13 +267,13 @@ class SetClock(datetime):
         return cls.fromtimestamp(time.time() + cls.at, tz)
 
 
-async def wait_after_replaying(store: EventStore, log: list[tuple[float, int]]) -> float:
+async def wait_after_replaying(store: EventStore, log: list[tuple[float, list[ev.Event]]]) -> float:
     """Seconds a restart's pacer (30 a minute) holds creates back after a log of, oldest
-    first, (`at` seconds from the real clock, that many creates sent and answered then)."""
+    first, (`at` seconds from the real clock, the events recorded then)."""
     await store.append("batch-x", -1, new_batch("x"))
-    for at, count in log:
+    for at, events in log:
         SetClock.at = at
-        await store.append("batch-x", None, sent_and_answered(count))
+        await store.append("batch-x", None, [NewEvent(event) for event in events])
     SetClock.at = 0.0
     pacer = WindowPacer(30, 60.0, 0.5)
     pacer.replay(await _sent_lately(store, 2 * 60.5))
@@ -312,7 +309,8 @@ async def test_a_log_recorded_ahead_of_the_clock_holds_a_restart_back_as_long_as
     # An hour ahead: a window's worth two and one minute before the crash, 20 got ready at it
     # (they take their places in the next window: 10 are left there).
     monkeypatch.setattr(event_store, "datetime", SetClock)
-    log = [(3600.0 - 120.0, 30), (3600.0 - 60.0, 30), (3600.0, 20)]
+    counts = [(3600.0 - 120.0, 30), (3600.0 - 60.0, 30), (3600.0, 20)]
+    log = [(at, intents(count) + outcomes(count)) for at, count in counts]
 
     assert 0.0 < await wait_after_replaying(store, log) <= 1.0
 
@@ -320,10 +318,10 @@ async def test_a_log_recorded_ahead_of_the_clock_holds_a_restart_back_as_long_as
 async def test_a_clock_stepped_back_while_creates_were_sent_holds_a_restart_back_two_windows(
     store: EventStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # 40 intents, then the clock stepped back an hour, then 5 more and the crash: the 40 were
-    # sent before the 5, which bounds how long they can hold the restart back.
+    # 40 creates answered, then the clock stepped back an hour, then 5 more and the crash:
+    # the 40 were sent before the 5, which bounds how long they can hold the restart back.
     monkeypatch.setattr(event_store, "datetime", SetClock)
-    log = [(3600.0, 40), (-1.0, 5)]
+    log = [(3600.0, intents(40) + outcomes(40)), (-1.0, intents(5) + outcomes(5))]
 
     assert 55.0 < await wait_after_replaying(store, log) <= 2 * 60.5
 
@@ -336,31 +334,16 @@ async def test_a_restart_dates_the_creates_it_replays_by_their_answers(
     # they were counted in a window put at -14.5, which ended at 46: the restart sent a
     # window's worth at 46 into the directory's, open until 50.5, and all were refused.
     monkeypatch.setattr(event_store, "datetime", SetClock)
-    await store.append("batch-x", -1, new_batch("x"))
+    log = [
+        (-75.0, intents(30)),
+        (-67.0, outcomes(30)),
+        (-40.0, intents(13)),
+        (-9.5, intents(17)),
+        (-6.5, outcomes(30) + intents(13)),  # 13 got ready, then withdrawn at the stop
+        (-5.0, outcomes(13, b.WITHDRAWN)),
+    ]
 
-    async def log(at: float, count: int, outcome: str | None = None) -> None:
-        """`count` intents, or with `outcome` their outcomes, recorded `at` s from now."""
-        SetClock.at = at
-        events: list[ev.Event] = [
-            ev.HospitalRequested((1,), (n,))
-            if outcome is None
-            else ev.HospitalRetryScheduled(1, n, outcome, "")
-            for n in range(count)
-        ]
-        await store.append("batch-x", None, [NewEvent(e) for e in events])
-
-    await log(-75.0, 30)
-    await log(-67.0, 30, b.NOT_STORED)
-    await log(-40.0, 13)
-    await log(-9.5, 17)
-    await log(-6.5, 30, b.NOT_STORED)
-    await log(-6.5, 13)  # got ready, then withdrawn at the stop: never sent
-    await log(-5.0, 13, b.WITHDRAWN)
-    SetClock.at = 0.0
-    pacer = WindowPacer(30, 60.0, 0.5)
-    pacer.replay(await _sent_lately(store, 2 * 60.5))
-
-    assert 50.5 < pacer.seconds_to_room() <= 54.0
+    assert 50.5 < await wait_after_replaying(store, log) <= 54.0
 
 
 async def test_rows_withdrawn_at_a_stop_leave_their_places_in_the_window(
