@@ -32,7 +32,7 @@ from service.tasks import log_failure
 
 log = logging.getLogger(__name__)
 
-MOST_AHEAD = 3  # rows a worker gets ready ahead at most: 12 was faster, and slowed the reads
+MOST_AHEAD = 12  # rows a worker gets ready ahead at most (docs/performance.md)
 AHEAD_WAIT = 0.05  # seconds a later batch may wait behind the rows got ready ahead
 WANTED_CHECK = 0.5  # seconds between looks at a row waiting for the window: still wanted?
 LATELY_SCANNED = 10_000  # newest events read at start for creates the window still counts
