@@ -332,28 +332,31 @@ async def process_file(
     """Upload OVERHEAD_ROWS rows and time them to the end, with or without the readers."""
     await d.control(http, "restart")
     content = csv_of(OVERHEAD_ROWS, prefix)
-    service_from, directory_from = s.process.cpu(), d.process.cpu()
-    started = time.perf_counter()
-    batch_id = await upload(http, s.url, content)
-    stop = asyncio.Event()
-    latencies: dict[str, list[float]] = {"progress": [], "status": []}
-    pollers = [
-        asyncio.create_task(_poll(http, f"{s.url}/batch/{batch_id}/{path}", stop, latencies[path]))
-        for path, count in (("progress", PROGRESS_POLLERS), ("status", STATUS_POLLERS))
-        for _ in range(count if readers else 0)
-    ]
-    try:
-        while True:
-            progress = await get_json(http, f"{s.url}/batch/{batch_id}/progress")
-            if progress["processing_status"] in FINISHED:
-                break
-            await asyncio.sleep(0.05)
-        seconds = time.perf_counter() - started
-        service_cpu = s.process.cpu() - service_from
-        directory_cpu = (d.process.cpu() - directory_from).process
-    finally:
-        stop.set()
-        await asyncio.gather(*pollers)
+    with harness.own_collector_paused():
+        service_from, directory_from = s.process.cpu(), d.process.cpu()
+        started = time.perf_counter()
+        batch_id = await upload(http, s.url, content)
+        stop = asyncio.Event()
+        latencies: dict[str, list[float]] = {"progress": [], "status": []}
+        pollers = [
+            asyncio.create_task(
+                _poll(http, f"{s.url}/batch/{batch_id}/{path}", stop, latencies[path])
+            )
+            for path, count in (("progress", PROGRESS_POLLERS), ("status", STATUS_POLLERS))
+            for _ in range(count if readers else 0)
+        ]
+        try:
+            while True:
+                progress = await get_json(http, f"{s.url}/batch/{batch_id}/progress")
+                if progress["processing_status"] in FINISHED:
+                    break
+                await asyncio.sleep(0.05)
+            seconds = time.perf_counter() - started
+            service_cpu = s.process.cpu() - service_from
+            directory_cpu = (d.process.cpu() - directory_from).process
+        finally:
+            stop.set()
+            await asyncio.gather(*pollers)
     status = await get_json(http, f"{s.url}/batch/{batch_id}/status")
     state = await d.state(http)
     return Processed(
@@ -556,20 +559,21 @@ async def fan_out(workdir: Path, report: Report) -> None:
         # The service's first call wakes the directory: hold it until every client follows.
         await d.control(http, "cold-start", {"seconds": FAN_OUT_HOLD})
         batch_id = await upload(http, s.url, csv_of(FAN_OUT_ROWS, "Fan-out"))
-        clients = [Follower() for _ in range(FAN_OUT_CLIENTS)]
-        started = time.perf_counter()
-        tasks = [asyncio.create_task(client.follow(s.url, batch_id)) for client in clients]
-        all_connected = asyncio.gather(*(client.connected.wait() for client in clients))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(all_connected, 2 * FAN_OUT_HOLD)
-        live_from = time.time()
-        connect_seconds = time.perf_counter() - started
-        connected_clients = sum(client.connected.is_set() for client in clients)
-        done, cut_off = await asyncio.wait(tasks, timeout=FAN_OUT_WITHIN)
-        ended = time.time()
-        for task in cut_off:
-            task.cancel()
-        await asyncio.gather(*cut_off, return_exceptions=True)
+        with harness.own_collector_paused():
+            clients = [Follower() for _ in range(FAN_OUT_CLIENTS)]
+            started = time.perf_counter()
+            tasks = [asyncio.create_task(client.follow(s.url, batch_id)) for client in clients]
+            all_connected = asyncio.gather(*(client.connected.wait() for client in clients))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(all_connected, 2 * FAN_OUT_HOLD)
+            live_from = time.time()
+            connect_seconds = time.perf_counter() - started
+            connected_clients = sum(client.connected.is_set() for client in clients)
+            done, cut_off = await asyncio.wait(tasks, timeout=FAN_OUT_WITHIN)
+            ended = time.time()
+            for task in cut_off:
+                task.cancel()
+            await asyncio.gather(*cut_off, return_exceptions=True)
         for task in done:
             task.result()
         status = await get_json(http, f"{s.url}/batch/{batch_id}/status")
