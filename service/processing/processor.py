@@ -478,7 +478,9 @@ class Processor:
         task.add_done_callback(done)
         return task
 
-    async def _next_row(self) -> tuple[BatchRun, int] | None:
+    async def _next_row(self, wait: bool = True) -> tuple[BatchRun, int] | None:
+        """The next queued row, round robin over the batches; None once the pool stops, or
+        without `wait` when no row is queued."""
         while not self._stopping:
             while self._line:
                 run = self._line.popleft()
@@ -491,6 +493,8 @@ class Processor:
                         run.scheduled = False
                     return run, row
                 run.scheduled = False
+            if not wait:
+                return None
             self._work.clear()
             await self._work.wait()
         return None
@@ -503,18 +507,22 @@ class Processor:
         they get ready (a row of an upstream batch being checked is set aside, not waited
         for). Once the pool stops, the rows already got ready are withdrawn rather than sent.
         """
-        getting: set[asyncio.Task[Ready | None]] = {asyncio.create_task(self._next_ready())}
+        getting: set[asyncio.Task[Ready | None]] = set()
         ready_rows: deque[Ready] = deque()
         try:
-            while ready_rows or getting:
+            while ready_rows or getting or not self._stopping:
                 if not ready_rows:
+                    if not getting:  # idle: one row waited for, so a new batch is spread
+                        getting.add(asyncio.create_task(self._next_ready()))
                     getting = await _collect_ready(getting, ready_rows)
                     continue
                 ready = ready_rows.popleft()
                 while not self._stopping and (
                     len(getting) + len(ready_rows) < self._lookahead.depth()
                 ):
-                    getting.add(asyncio.create_task(self._next_ready()))
+                    # Rows ahead are only taken while some are queued: one that waited for
+                    # the next batch would line its rows up here while other workers had none.
+                    getting.add(asyncio.create_task(self._next_ready(wait=False)))
                 await self._send(ready)
                 del ready  # an idle worker must not keep its last batch's fold alive
         finally:
@@ -538,8 +546,9 @@ class Processor:
         # its outcome is in the log.
         self._spawn(self._record(ready, answer))
 
-    async def _next_ready(self) -> Ready | None:
-        """The next row with its intent in the log, or None once the pool stops.
+    async def _next_ready(self, wait: bool = True) -> Ready | None:
+        """The next row with its intent in the log, or None once the pool stops (or, without
+        `wait`, once no row is queued).
 
         A row is only taken while the window has room, as an intent that waits for the next
         window holds a check of its upstream batch back and, after a crash, costs the row
@@ -548,7 +557,7 @@ class Processor:
         """
         while True:
             await self._room()
-            if (job := await self._next_row()) is None:
+            if (job := await self._next_row(wait)) is None:
                 return None
             run, row = job
             await self._warm_up.ensure_awake()

@@ -395,6 +395,36 @@ async def test_a_clean_stop_withdraws_every_row_got_ready_ahead_of_a_quick_direc
     assert len(withdrawn) > 20  # more than one row ahead per worker
 
 
+def rows_sought() -> int:
+    """Tasks of the pool looking for a row to get ready (each takes the next one queued)."""
+    return sum(
+        getattr(task.get_coro(), "__qualname__", "") == "Processor._next_ready"
+        for task in asyncio.all_tasks()
+    )
+
+
+@pytest.mark.usefixtures("most_rows_ahead")
+async def test_idle_workers_wait_for_one_row_each_so_a_new_batch_is_spread_over_them(
+    service_factory: ServiceFactory, directory: RunningDirectory
+) -> None:
+    # A worker with nothing to send that waits for 12 rows takes up to 12 of the next batch,
+    # which it then sends one after another while other workers have none.
+    directory.standin.set_delay(0.002)
+    async with service_factory() as service:
+        quick = (await service.upload(csv_of(200, "Quick")))["batch_id"]
+        await service.wait_finished(quick)
+        idle = rows_sought()
+        directory.standin.set_delay(0.5)
+        started = time.monotonic()
+        slow = (await service.upload(csv_of(20, "Slow")))["batch_id"]
+        final = await service.wait_finished(slow)
+        took = time.monotonic() - started
+
+    assert idle == 20  # one per worker: the rows ahead are sought while a create is out
+    assert final["processing_status"] == "completed"
+    assert took < 2.0  # one create, one activation: not creates queued behind each other
+
+
 @pytest.mark.usefixtures("most_rows_ahead")
 # Pacing off, a worker gets rows ready ahead; pacing on (with room enough not to wait for a
 # window), one row ahead: either way a row of an upstream batch being checked waits aside.
