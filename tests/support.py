@@ -283,8 +283,9 @@ def creates_entered(directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
 
 @contextlib.contextmanager
 def without_collections() -> Iterator[None]:
-    """No garbage collection within: what only a reference cycle keeps stays, as it does in
-    the service, whose collector tuning (app.py) makes full collections rare."""
+    """No garbage collection of this process within: what only a reference cycle keeps
+    stays, as it does in the service, whose collector tuning (app.py) makes full collections
+    rare; and a benchmark's own pauses stay out of what it times."""
     gc.collect()
     gc.disable()
     try:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,22 +226,6 @@ class Command(Process):
         if self.popen.returncode != 0:
             raise RuntimeError(f"{self.name} failed ({self.popen.returncode}):\n{self.log_tail()}")
         return self.log.read_text()
-
-
-@contextlib.contextmanager
-def own_collector_paused() -> Iterator[None]:
-    """The benchmark's own garbage collector off while it times the service.
-
-    A full collection of this process takes 20-35 ms here and stops every client it runs
-    (120 pollers, 500 followers): counted as the service's latency, one such pause is the
-    p99 of a poller. The service's own collector runs as always.
-    """
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def cpus() -> int:
