@@ -1,4 +1,4 @@
-"""Pacing creates to the directory's fixed rate-limit window, and retry backoff."""
+"""Pacing calls to the directory's fixed rate-limit windows, and retry backoff."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 
 class WindowPacer:
-    """Lets at most `per_window` creates start in each fixed window, like the directory counts.
+    """Lets at most `per_window` calls start in each fixed window, as the directory counts
+    an endpoint's calls (creates, or one kind of call on upstream batches).
 
     The directory's window starts at the first request it sees and lasts `window`
     seconds; ours starts when we send, a little earlier, so each of ours lasts `margin`
@@ -37,8 +38,8 @@ class WindowPacer:
         self._since_replay: deque[float] = deque()  # creates while windows are not known
 
     async def acquire(self) -> None:
-        """Wait until one more create may be sent, and count it. With per_window 0 (pacing
-        off) nothing is counted, but a 429 still holds creates back a whole window."""
+        """Wait until one more call may be sent, and count it. With per_window 0 (pacing
+        off) nothing is counted, but a 429 still holds calls back a whole window."""
         await self.room()
         if self.per_window <= 0:
             return
@@ -58,7 +59,7 @@ class WindowPacer:
             self._since_replay.extend(sent)
 
     async def room(self) -> None:
-        """Wait until one more create could be sent, without counting it."""
+        """Wait until one more call could be sent, without counting it."""
         while True:
             wait = self._until_room()
             if wait <= 0:
@@ -66,11 +67,11 @@ class WindowPacer:
             await asyncio.sleep(wait)
 
     def has_room(self) -> bool:
-        """Whether one more create could be sent now."""
+        """Whether one more call could be sent now."""
         return self._until_room() <= 0
 
     def seconds_to_room(self) -> float:
-        """How long until one more create could be sent (0: now)."""
+        """How long until one more call could be sent (0: now)."""
         return max(0.0, self._until_room())
 
     def _until_room(self) -> float:
@@ -95,7 +96,7 @@ class WindowPacer:
 
     def refused(self) -> bool:
         """A 429 came back: someone else's traffic shares our window; wait a whole one.
-        False when creates were held back already (by a 429 of the same burst)."""
+        False when calls were held back already (by a 429 of the same burst)."""
         now = self._clock()
         fresh = self._blocked_until <= now
         self._blocked_until = now + self.window + self.margin

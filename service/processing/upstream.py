@@ -133,13 +133,13 @@ class UpstreamBatches:
         batch_id, total = upstream.creation_batch_id, len(upstream.rows)
         answer = None
         settings = self._settings
+        activate = self._paced(
+            self._activations, functools.partial(self._client.activate, batch_id)
+        )
         for attempt in range(1, settings.max_attempts + 1):
             if state.rollback_requested:  # the fold is live: asked for while this one ran
                 return Activation(False, error="a rollback was asked for; not activated")
             # Activation is not idempotent: it is repeated only while provably not done.
-            activate = self._paced(
-                self._activations, functools.partial(self._client.activate, batch_id)
-            )
             answer = await self._patiently(activate, repeat_ambiguous=False)
             count = answer.body.get("activated_count") if isinstance(answer.body, dict) else None
             if answer.ok and count == total:

@@ -32,7 +32,7 @@ from service.settings import Settings
 from service.store import event_store
 from service.store.event_store import EventStore
 from service.store.records import NewEvent
-from tests.integration.conftest import batch_created, new_batch
+from tests.integration.conftest import batch_created, new_batch, requested
 from tests.support import Service, csv_of, fast_settings, running_service
 
 WINDOW = 3.0  # seconds of the stand-in's rate window, and of the service's pacing window
@@ -247,14 +247,9 @@ async def test_a_restart_inside_a_window_does_not_send_into_what_it_already_used
     assert limited.standin.request_counts["create"] == 65
 
 
-def intents(count: int) -> list[ev.Event]:
-    """`count` create intents of row 1 (valid any number of times, so good filler)."""
-    return [ev.HospitalRequested((1,), (n,)) for n in range(count)]
-
-
-def outcomes(count: int, reason: str = b.NOT_STORED) -> list[ev.Event]:
-    """`count` outcomes of row 1's creates: by default sent, and not found by a check."""
-    return [ev.HospitalRetryScheduled(1, n, reason, "") for n in range(count)]
+def outcomes(count: int, reason: str = b.NOT_STORED) -> list[NewEvent]:
+    """Outcomes of row 1's first `count` creates: by default sent, and not found by a check."""
+    return [NewEvent(ev.HospitalRetryScheduled(1, n, reason, "")) for n in range(1, count + 1)]
 
 
 class SetClock(datetime):
@@ -267,13 +262,13 @@ class SetClock(datetime):
         return cls.fromtimestamp(time.time() + cls.at, tz)
 
 
-async def wait_after_replaying(store: EventStore, log: list[tuple[float, list[ev.Event]]]) -> float:
+async def wait_after_replaying(store: EventStore, log: list[tuple[float, list[NewEvent]]]) -> float:
     """Seconds a restart's pacer (30 a minute) holds creates back after a log of, oldest
     first, (`at` seconds from the real clock, the events recorded then)."""
     await store.append("batch-x", -1, new_batch("x"))
     for at, events in log:
         SetClock.at = at
-        await store.append("batch-x", None, [NewEvent(event) for event in events])
+        await store.append("batch-x", None, events)
     SetClock.at = 0.0
     pacer = WindowPacer(30, 60.0, 0.5)
     pacer.replay(await _sent_lately(store, 2 * 60.5))
@@ -310,7 +305,7 @@ async def test_a_log_recorded_ahead_of_the_clock_holds_a_restart_back_as_long_as
     # (they take their places in the next window: 10 are left there).
     monkeypatch.setattr(event_store, "datetime", SetClock)
     counts = [(3600.0 - 120.0, 30), (3600.0 - 60.0, 30), (3600.0, 20)]
-    log = [(at, intents(count) + outcomes(count)) for at, count in counts]
+    log = [(at, requested("x", count) + outcomes(count)) for at, count in counts]
 
     assert 0.0 < await wait_after_replaying(store, log) <= 1.0
 
@@ -321,7 +316,7 @@ async def test_a_clock_stepped_back_while_creates_were_sent_holds_a_restart_back
     # 40 creates answered, then the clock stepped back an hour, then 5 more and the crash:
     # the 40 were sent before the 5, which bounds how long they can hold the restart back.
     monkeypatch.setattr(event_store, "datetime", SetClock)
-    log = [(3600.0, intents(40) + outcomes(40)), (-1.0, intents(5) + outcomes(5))]
+    log = [(3600.0, requested("x", 40) + outcomes(40)), (-1.0, requested("x", 5) + outcomes(5))]
 
     assert 55.0 < await wait_after_replaying(store, log) <= 2 * 60.5
 
@@ -335,11 +330,11 @@ async def test_a_restart_dates_the_creates_it_replays_by_their_answers(
     # window's worth at 46 into the directory's, open until 50.5, and all were refused.
     monkeypatch.setattr(event_store, "datetime", SetClock)
     log = [
-        (-75.0, intents(30)),
+        (-75.0, requested("x", 30)),
         (-67.0, outcomes(30)),
-        (-40.0, intents(13)),
-        (-9.5, intents(17)),
-        (-6.5, outcomes(30) + intents(13)),  # 13 got ready, then withdrawn at the stop
+        (-40.0, requested("x", 13)),
+        (-9.5, requested("x", 17)),
+        (-6.5, outcomes(30) + requested("x", 13)),  # 13 got ready, then withdrawn at the stop
         (-5.0, outcomes(13, b.WITHDRAWN)),
     ]
 
