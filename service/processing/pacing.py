@@ -1,12 +1,15 @@
-"""Pacing calls to the directory's fixed rate-limit windows, and retry backoff."""
+"""Pacing calls to the directory's fixed rate-limit windows, retry backoff, and the waits
+a stop cuts short."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 
 class WindowPacer:
@@ -135,3 +138,39 @@ class Lookahead:
 def backoff(attempt: int, base: float, cap: float) -> float:
     """Exponential delay with full jitter for retry number `attempt` (1, 2, ...)."""
     return random.uniform(0, min(cap, base * 2 ** min(attempt - 1, 32)))
+
+
+class Pauses:
+    """Waits between calls to the directory (a window, a back-off, a settle): a stop ends
+    them at once, where a call in flight gets the grace to be answered and recorded.
+
+    Whatever a stop cuts off here has sent nothing yet, and the next start picks the work
+    up from the log.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: set[asyncio.Task[Any]] = set()
+        self._stopped = False
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Around a wait: the task is cancelled if the pool stops during it, and once it
+        has stopped no wait (and so no call after one) begins."""
+        if self._stopped:
+            raise asyncio.CancelledError("the pool is stopping")
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting.add(task)
+        try:
+            yield
+        finally:
+            self._waiting.discard(task)
+
+    async def sleep(self, seconds: float) -> None:
+        with self.held():
+            await asyncio.sleep(seconds)
+
+    def stop(self) -> None:
+        self._stopped = True
+        for task in self._waiting:
+            task.cancel()

@@ -19,7 +19,7 @@ from service.domain import events as ev
 from service.domain.matching import HospitalRecord, pair
 from service.processing.directory_client import Answer, DirectoryClient, Outcome
 from service.processing.outbox import Outbox
-from service.processing.pacing import Lookahead, WindowPacer, backoff
+from service.processing.pacing import Lookahead, Pauses, WindowPacer, backoff
 from service.processing.runs import BatchRun, Gate
 from service.processing.upstream import UpstreamBatches
 from service.processing.warmup import WarmUp
@@ -153,7 +153,8 @@ class Processor:
         """`on_status(state)` is called when a batch being worked on changes status, is
         rolled back, or has a rollback refused (either may leave its status as it was)."""
         self._store, self._client, self._settings = store, client, settings
-        self._upstream = UpstreamBatches(client, settings)
+        self._pauses = Pauses()
+        self._upstream = UpstreamBatches(client, settings, self._pauses)
         self._on_status = on_status
         self._pacer = WindowPacer(
             settings.creates_per_minute, settings.rate_window_seconds, settings.rate_window_margin
@@ -232,6 +233,7 @@ class Processor:
         """
         self._stopping = True
         self._work.set()
+        self._pauses.stop()
         log.info("stopping: no new row is sent; calls in flight get up to %.1f s", grace)
         # Work spawned during the grace (the record of an answer that came in it) gets the
         # rest of the grace, then is cancelled like the rest, not left behind.
@@ -784,7 +786,7 @@ class Processor:
             # A create whose answer was lost can still be stored seconds later: let it settle,
             # and let every create in flight for this upstream batch end first.
             while (wait := gate.settle_left(self._settings.settle_seconds)) > 0:
-                await asyncio.sleep(wait)
+                await self._pauses.sleep(wait)
                 await gate.wait_idle()
             await gate.wait_idle()
             # Only rows whose creates ended before the read are checked against it.
@@ -811,7 +813,7 @@ class Processor:
                 # shows them all (a create of it queued past its client's timeout, or
                 # stalled with the directory, came back to store twice). The rows this read
                 # found are recorded already: a second read that fails cannot unfind them.
-                await asyncio.sleep(self._settings.settle_seconds)
+                await self._pauses.sleep(self._settings.settle_seconds)
         finally:
             for n in suspects:
                 gate.suspects.pop(n, None)

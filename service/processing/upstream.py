@@ -12,7 +12,7 @@ from service.domain import batch as b
 from service.domain import events as ev
 from service.domain.matching import pair
 from service.processing.directory_client import Answer, DirectoryClient, Outcome
-from service.processing.pacing import WindowPacer, backoff
+from service.processing.pacing import Pauses, WindowPacer, backoff
 from service.settings import DirectorySettings
 
 
@@ -33,8 +33,10 @@ RELOAD = "roll the batch back, then upload the file again"
 class UpstreamBatches:
     """Calls on whole upstream batches; each method answers with the fact to record."""
 
-    def __init__(self, client: DirectoryClient, settings: DirectorySettings) -> None:
-        self._client, self._settings = client, settings
+    def __init__(
+        self, client: DirectoryClient, settings: DirectorySettings, pauses: Pauses
+    ) -> None:
+        self._client, self._settings, self._pauses = client, settings, pauses
         # A start after a lost log looks at every unfinished upstream batch at once, and many
         # batches rolled back (or finished) together delete (or activate) theirs at once:
         # calls past the limit would each spend a try on a 429. The directory counts each
@@ -63,19 +65,19 @@ class UpstreamBatches:
             wait = backoff(attempt, self._settings.backoff_base, self._settings.backoff_max)
             if answer.outcome is Outcome.RATE_LIMITED:
                 wait = self._settings.rate_window_seconds
-            await asyncio.sleep(wait)
+            await self._pauses.sleep(wait)
             answer = await call()
         return answer
 
-    @staticmethod
     def _paced(
-        pacer: WindowPacer, call: Callable[[], Awaitable[Answer]]
+        self, pacer: WindowPacer, call: Callable[[], Awaitable[Answer]]
     ) -> Callable[[], Awaitable[Answer]]:
         """`call`, sent once `pacer`'s window has room; after a 429 (others' calls share the
         window) every later call waits it out."""
 
         async def paced() -> Answer:
-            await pacer.acquire()
+            with self._pauses.held():
+                await pacer.acquire()
             answer = await call()
             if answer.outcome is Outcome.RATE_LIMITED:
                 pacer.refused()
@@ -169,7 +171,9 @@ class UpstreamBatches:
             # None of ours is active: the activation did not happen, so asking again is safe,
             # after a pause, as what failed at once (a proxy's 503) may fail again at once.
             if attempt < settings.max_attempts:
-                await asyncio.sleep(backoff(attempt, settings.backoff_base, settings.backoff_max))
+                await self._pauses.sleep(
+                    backoff(attempt, settings.backoff_base, settings.backoff_max)
+                )
         if answer is None:
             message = "no answer"
         elif answer.ok:  # its own words would read "ok"

@@ -25,7 +25,7 @@ from service.domain import batch as b
 from service.domain import events as ev
 from service.local_directory import DirectoryOptions, RunningDirectory, run_directory
 from service.processing.directory_client import DirectoryClient
-from service.processing.pacing import WindowPacer
+from service.processing.pacing import Pauses, WindowPacer
 from service.processing.processor import _sent_lately
 from service.processing.upstream import UpstreamBatches
 from service.settings import Settings
@@ -228,6 +228,35 @@ async def test_a_stop_while_creates_wait_for_the_window_is_prompt(
     assert limited.standin.request_counts["create"] == 30
 
 
+async def test_a_stop_while_an_activation_waits_for_the_window_is_prompt(
+    limited: RunningDirectory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One call on upstream batches a minute: the second of the file's two waits for it.
+    settings = fast_settings(
+        tmp_path / "activation.db", limited.url, batch_calls_per_minute=1, rate_window_seconds=60
+    )
+    settings = settings.replace(app={"shutdown_timeout": 5.0})
+    counts = limited.standin.request_counts
+    async with running_service(settings) as service:
+        batch_id = (await service.upload(csv_of(21)))["batch_id"]
+        async with asyncio.timeout(10):
+            while counts["batch_activate"] < 1:
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+        stopping = time.monotonic()
+    took = time.monotonic() - stopping
+    unpaced = settings.replace(directory={"batch_calls_per_minute": 0})
+    async with running_service(unpaced) as service:
+        final = await service.wait_finished(batch_id, within=15)
+
+    assert took < 2.0  # it waited out the whole shutdown timeout (5 s), then cut tasks off
+    assert "cut off" not in caplog.text
+    assert final["processing_status"] == "completed" and final["batch_activated"]
+    hospitals = limited.standin.all_hospitals()
+    assert counts["create"] == 21 and len(hospitals) == 21
+    assert all(h["active"] for h in hospitals)
+
+
 async def test_a_restart_inside_a_window_does_not_send_into_what_it_already_used(
     limited: RunningDirectory, tmp_path: Path
 ) -> None:
@@ -403,7 +432,7 @@ async def test_calls_on_upstream_batches_keep_to_the_directory_s_limits(db_path:
         async with DirectoryClient.new_session(settings) as session:
             client = DirectoryClient(session, settings)
             assert (await client.create("General", "1 Main St", None, first)).ok
-            upstream = UpstreamBatches(client, settings)
+            upstream = UpstreamBatches(client, settings, Pauses())
             reads = await asyncio.gather(*(upstream.members(first) for _ in states))
             sent = [counts["batch_get"]]
             # Only the first has a hospital: the others' activations are answered 404.

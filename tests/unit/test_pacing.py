@@ -414,3 +414,38 @@ async def test_a_replay_holds_nothing_back_past_the_directory_s_windows(
 
     assert times == [NEXT + 3.0 + NEXT] * 30
     assert directory_counts(sent + times) == [30, 30, 30]
+
+
+async def test_a_stop_cancels_the_tasks_in_a_wait_and_no_other() -> None:
+    pauses = pacing.Pauses()
+    between = asyncio.Event()
+
+    async def working() -> str:
+        await between.wait()  # not a wait of `pauses`: a call in flight, say
+        return "answered"
+
+    waiting = asyncio.create_task(pauses.sleep(60))
+    calling = asyncio.create_task(working())
+    await asyncio.sleep(0)
+    pauses.stop()
+    between.set()
+
+    assert await calling == "answered"
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiting, 1)
+
+
+async def test_once_stopped_no_wait_begins() -> None:
+    pauses = pacing.Pauses()
+    pauses.stop()
+    began = False
+
+    async def wait_then_call() -> None:
+        nonlocal began
+        with pauses.held():
+            began = True
+
+    task = asyncio.create_task(wait_then_call())
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelled() and not began
