@@ -54,7 +54,7 @@ def progress(batch: Record, held: float = 0.0) -> Record:
     total = batch["total_rows"]
     processed = _processed(batch)
     message = current_message(batch)
-    if held > 0 and batch["status"] == b.PROCESSING:
+    if held > 0 and batch["status"] in (b.PENDING, b.PROCESSING):
         message += f"; the directory's rate limit holds the next creates for {math.ceil(held)} s"
     return {
         "batch_id": batch["batch_id"],

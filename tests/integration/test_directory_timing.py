@@ -108,6 +108,27 @@ async def test_progress_says_when_the_rate_window_holds_the_next_creates_back(
     assert done["current_message"] == "Completed: 35 hospital(s) created and activated"
 
 
+async def test_progress_of_a_batch_queued_behind_a_full_window_says_it_is_held(
+    limited: RunningDirectory, tmp_path: Path
+) -> None:
+    settings = paced(tmp_path / "queued.db", limited)
+    async with running_service(settings) as service:
+        first = (await service.upload(csv_of(30)))["batch_id"]  # fills the window
+        async with asyncio.timeout(10):
+            await until_processed(service, first, 30)
+        second = (await service.upload(csv_of(3)))["batch_id"]
+        _, queued = await service.get(f"/batch/{second}/progress")
+        await service.wait_finished(second, within=30)
+
+    said = re.fullmatch(
+        r"Queued: 3 hospital\(s\) waiting to be created; "
+        r"the directory's rate limit holds the next creates for (\d+) s",
+        queued["current_message"],
+    )
+    assert said is not None, queued["current_message"]
+    assert 1 <= int(said[1]) <= WINDOW * 1.1 + 1
+
+
 async def test_a_follower_is_told_when_the_rate_window_holds_the_next_creates_back(
     limited: RunningDirectory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -72,11 +72,16 @@ def test_a_batch_of_failed_rows_points_to_resume_not_to_a_new_upload() -> None:
     )
 
 
-def test_the_rate_window_is_mentioned_only_while_the_batch_is_processing() -> None:
+def test_the_rate_window_is_mentioned_while_the_batch_is_queued_or_processing() -> None:
     queued = progress(held=12.2)
     running = progress(ev.HospitalRequested((1,), (1,)), held=12.2)
+    done = progress(ev.HospitalRequested((1,), (1,)), failed(1), failed(2), failed(3), held=9)
 
-    assert queued["current_message"] == "Queued: 3 hospital(s) waiting to be created"
+    assert queued["current_message"] == (
+        "Queued: 3 hospital(s) waiting to be created; "
+        "the directory's rate limit holds the next creates for 13 s"
+    )
+    assert "rate limit" not in done["current_message"]
     assert running["current_message"] == (
         "Processing hospital 0/3; the directory's rate limit holds the next creates for 13 s"
     )
