@@ -402,6 +402,7 @@ async def test_results_and_rollback(service: Service, sample: Path, tmp_path: Pa
     ] * 3
     assert "HTTP 404" in unknown.stderr and "not found" in unknown.stderr
     assert "HTTP 404" in unknown_follow.stderr and "not found" in unknown_follow.stderr
+    assert "the service's address?" not in unknown.stderr + unknown_follow.stderr
 
 
 async def test_follow_reconnects_after_a_resync_and_loses_nothing(
@@ -798,6 +799,16 @@ async def test_a_url_that_is_not_the_service_exits_2_and_says_so(sample: Path) -
             assert await client(captured, *argv, "--url", url) == 2, argv
             assert f"is {url} the service's address?" in captured.stderr, argv
             assert captured.stdout == "", argv  # not the page, as if it were the results
+
+
+async def test_the_directory_s_own_json_404_is_not_taken_for_the_service_s(
+    directory: RunningDirectory, sample: Path
+) -> None:
+    # Both are set as URLs: the directory answers the service's paths with its JSON 404.
+    captured = Captured()
+    assert await client(captured, "upload", str(sample), "--url", directory.url) == 2
+    assert "HTTP 404" in captured.stderr and "Not Found" in captured.stderr
+    assert f"is {directory.url} the service's address?" in captured.stderr
 
 
 async def test_a_proxy_s_error_page_is_said_to_be_a_proxy_s(sample: Path) -> None:
