@@ -108,6 +108,13 @@ async def _processor(app: web.Application) -> AsyncIterator[None]:
         await cache.close()
 
 
+async def _halt_processor(app: web.Application) -> None:
+    """No new call to the directory once a stop begins, though requests under way still
+    get up to the shutdown timeout before the processor's own stop."""
+    if (processor := app.get(PROCESSOR)) is not None:
+        processor.halt(app[SETTINGS].app.shutdown_timeout)
+
+
 async def _tune_collector(app: web.Application) -> None:
     """Leave what start-up built (modules, routes, schemas, recovered batches) out of every
     later garbage collection: with it, each full collection during a 5,000-row batch
@@ -151,6 +158,7 @@ def create_app(settings: Settings) -> web.Application:
     app[INTAKE] = asyncio.Semaphore(settings.csv.concurrent_uploads)
     app.cleanup_ctx.append(resources)
     app.on_startup.append(_tune_collector)
+    app.on_shutdown.append(_halt_processor)  # before aiohttp waits for requests under way
     app.on_shutdown.append(websocket.close_all)
     app.add_routes(intake.routes)
     app.add_routes(batch_routes.routes)

@@ -172,6 +172,7 @@ class Processor:
         # interleaved (two resumes) would both pass their checks on the same state.
         self._deciding = asyncio.Lock()
         self._stopping = False
+        self._halted_at = 0.0  # time.monotonic() when the stop began
 
     # Lifecycle of the pool ---------------------------------------------------------------
 
@@ -231,13 +232,10 @@ class Processor:
         Whatever is cut off is safe: its intent is in the log, and the next start
         reconciles it with the directory before sending anything again.
         """
-        self._stopping = True
-        self._work.set()
-        self._pauses.stop()
-        log.info("stopping: no new row is sent; calls in flight get up to %.1f s", grace)
+        self.halt(grace)
         # Work spawned during the grace (the record of an answer that came in it) gets the
         # rest of the grace, then is cancelled like the rest, not left behind.
-        deadline = time.monotonic() + grace
+        deadline = self._halted_at + grace
         while (left := self._unfinished()) and (rest := deadline - time.monotonic()) > 0:
             await asyncio.wait(left, timeout=rest)
         if left := self._unfinished():
@@ -257,6 +255,20 @@ class Processor:
             for task in left:
                 task.cancel()
             await asyncio.gather(*left, return_exceptions=True)
+
+    def halt(self, grace: float) -> None:
+        """Start nothing new with the directory from now on: the service begins to stop.
+
+        Called as soon as a stop begins, before the HTTP server waits for the requests under
+        way (up to the same timeout); `stop` then gives the calls in flight what is left of
+        `grace` from here.
+        """
+        if self._stopping:
+            return
+        self._stopping, self._halted_at = True, time.monotonic()
+        self._work.set()
+        self._pauses.stop()
+        log.info("stopping: no new row is sent; calls in flight get up to %.1f s", grace)
 
     def _status_changed(self, state: b.BatchState) -> None:
         """Tell the operator where a batch went, then whoever else wants to know."""

@@ -23,7 +23,7 @@ from service.__main__ import _open_files_to_hard_limit
 from service.local_directory import RunningDirectory
 from service.store.event_store import check_writable
 from service.store.migrations import migrate
-from tests.support import PROJECT, SAMPLE_CSV, ServiceProcess, form, free_port
+from tests.support import PROJECT, SAMPLE_CSV, ServiceProcess, csv_of, form, free_port
 
 PAGE = 4096
 
@@ -94,6 +94,41 @@ async def test_a_bulk_request_waiting_at_shutdown_is_answered_202_and_holds_no_o
     assert body["total_hospitals"] == 3
     assert service.process.returncode == 0
     assert took < 5.0  # the processor's 2 s grace, not 2 x 2 s of HTTP drain and then 2 s
+
+
+async def test_a_request_still_under_way_at_a_stop_lets_no_new_create_start(
+    directory: RunningDirectory, tmp_path: Path
+) -> None:
+    # aiohttp waits up to the shutdown timeout for a request under way (here an upload whose
+    # body is still coming) before it stops the processor: meanwhile it kept sending creates.
+    service = ServiceProcess(
+        tmp_path / "service.db", directory.url, DIRECTORY_CONCURRENCY="1", APP_SHUTDOWN_TIMEOUT="2"
+    )
+    counts = directory.standin.request_counts
+    async with aiohttp.ClientSession() as http:
+        await service.start(http)
+        async with http.post(f"{service.url}/batch/upload-csv", data=form(csv_of(40))) as r:
+            assert r.status == 202
+        while counts["create"] < 2:
+            await asyncio.sleep(0.02)
+        _, writer = await asyncio.open_connection("127.0.0.1", service.port)
+        writer.write(
+            b"POST /batch/upload-csv HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.csv"\r\n\r\n'
+        )
+        await writer.drain()
+        await asyncio.sleep(0.2)  # its handler is under way, reading the body
+        assert service.process is not None
+        service.process.terminate()
+        sent = counts["create"]
+        async with asyncio.timeout(10):
+            while service.process.poll() is None:
+                await asyncio.sleep(0.05)
+        writer.close()
+
+    assert service.process.returncode == 0
+    assert counts["create"] <= sent + 1  # the one in flight as the signal came, at most
 
 
 async def test_a_second_signal_while_stopping_says_so_in_the_log(
