@@ -376,14 +376,17 @@ async def process_file(
 async def under_readers(
     http: aiohttp.ClientSession, s: Service, d: Directory, prefix: str
 ) -> Processed:
-    """READ_RUNS files with the readers polling: the median file, every answer pooled.
+    """READ_RUNS files with the readers polling: the median file, with every file's answers
+    and statuses.
 
-    One file gives some 130 /progress and 26 /status answers, so its p99 is about its
-    slowest answer; pooled, a p99 is about the third slowest of some 1,000 and 200.
+    One file gives some 130 /progress and 26 /status answers, so each p99 was about its
+    slowest answer; pooled, the /status p99 is about the third slowest of some 200, and
+    the /progress p99 the eleventh of some 1,000.
     """
     runs = [await process_file(http, s, d, prefix, readers=True) for _ in range(READ_RUNS)]
     pooled = {path: [x for run in runs for x in run.latencies[path]] for path in runs[0].latencies}
-    return replace(median_run(runs), latencies=pooled)
+    statuses = ", ".join(sorted({run.status for run in runs}))
+    return replace(median_run(runs), latencies=pooled, status=statuses)
 
 
 def median_run(runs: list[Processed]) -> Processed:
