@@ -162,7 +162,10 @@ async def _close(
             await ws.close(code=closing.code, message=closing.reason.encode()[:123])
     except TimeoutError:
         if transport is not None and (sock := transport.get_extra_info("socket")) is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            # A peer that closed just as the wait ran out took the socket with it: uvloop's
+            # then has no descriptor (ValueError), a plain one a bad one (OSError).
+            with contextlib.suppress(OSError, ValueError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             transport.abort()
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import socket as pysocket
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from service.web.websocket import _write
+from service.web.websocket import Closing, _close, _write
 
 
 class Transport:
@@ -54,3 +55,19 @@ async def test_nothing_is_written_to_a_closing_socket() -> None:
     with pytest.raises(ConnectionResetError):
         await _write(request, ws, b"frames", seconds=1.0)
     assert transport.written == b""
+
+
+async def test_a_close_that_times_out_as_the_peer_goes_resets_without_an_error() -> None:
+    # The peer closed just as the wait ran out, and took the socket with it.
+    gone = pysocket.socket()
+    gone.close()
+    aborted: list[bool] = []
+    transport = SimpleNamespace(
+        get_extra_info=lambda name: gone if name == "socket" else None,
+        abort=lambda: aborted.append(True),
+    )
+    ws = SimpleNamespace(close=lambda **_: asyncio.Event().wait())  # never answered
+
+    await _close(ws, Closing(1000, "batch completed"), 0.01, transport)  # type: ignore[arg-type]
+
+    assert aborted == [True]
