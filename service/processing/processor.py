@@ -227,7 +227,8 @@ class Processor:
             await self._emit(run, fact, "log-loss", lost.log_position)
 
     async def stop(self, grace: float) -> None:
-        """Stop taking rows, give calls in flight `grace` seconds, then cancel the rest.
+        """Halt (if not yet), give calls in flight `grace` seconds from the halt, then cancel
+        the rest.
 
         Whatever is cut off is safe: its intent is in the log, and the next start
         reconciles it with the directory before sending anything again.
