@@ -79,12 +79,14 @@ class ServiceApi:
                     body = None
                 if status >= 400:  # a 5xx is no refusal: the request may have been done
                     refused = "got no clear answer" if status >= 500 else "was refused"
-                    if kind != JSON:
-                        said = self._stranger(kind, body, status)
-                    elif "X-Request-ID" in response.headers:  # on every answer of the service
-                        said = problems_of(body)
-                    else:  # another program's JSON: the directory's, say, at the wrong port
-                        said = problems_of(body) + self._stranger(kind, None, status)
+                    said = problems_of(body) if kind == JSON else self._stranger(kind, body, status)
+                    # Every answer of the service carries X-Request-ID, and only of a path it
+                    # does not serve does it say "Not Found": another program's JSON (the
+                    # directory's, at the wrong port) or a wrong prefix in --url.
+                    if kind == JSON and (
+                        "X-Request-ID" not in response.headers or said == ["Not Found"]
+                    ):
+                        said += self._stranger(kind, None, status)
                     raise Refused(
                         f"{method} {path} {refused} (HTTP {status})", said, unclear=status >= 500
                     )

@@ -811,6 +811,14 @@ async def test_the_directory_s_own_json_404_is_not_taken_for_the_service_s(
     assert f"is {directory.url} the service's address?" in captured.stderr
 
 
+async def test_a_wrong_prefix_in_the_url_is_said_to_be_one(service: Service, sample: Path) -> None:
+    # The service's own 404 for a path it does not serve, not one for an unknown batch.
+    url = f"{service.url}/loader"
+    captured = Captured()
+    assert await client(captured, "upload", str(sample), "--url", url) == 2
+    assert f"is {url} the service's address?" in captured.stderr
+
+
 async def test_a_proxy_s_error_page_is_said_to_be_a_proxy_s(sample: Path) -> None:
     # Its 502, 503, 504 or 413 page got "is URL the service's address?", with URL right.
     for status, says in [
