@@ -173,6 +173,9 @@ class Processor:
         self._deciding = asyncio.Lock()
         self._stopping = False
         self._halted_at = 0.0  # time.monotonic() when the stop began
+        # Rows whose intent is in the log that no worker has taken to send yet: one may sit
+        # behind a create that a stop cuts off, so the halt withdraws them itself.
+        self._got_ready: set[Ready] = set()
 
     # Lifecycle of the pool ---------------------------------------------------------------
 
@@ -269,6 +272,9 @@ class Processor:
         self._stopping, self._halted_at = True, time.monotonic()
         self._work.set()
         self._pauses.stop()
+        for ready in self._got_ready:  # never sent: recorded now, not looked for at next start
+            self._spawn(self._withdraw(ready, "the service is stopping"), ready.run)
+        self._got_ready.clear()
         log.info("stopping: no new row is sent; calls in flight get up to %.1f s", grace)
 
     def _status_changed(self, state: b.BatchState) -> None:
@@ -532,6 +538,9 @@ class Processor:
                     getting = await _collect_ready(getting, ready_rows)
                     continue
                 ready = ready_rows.popleft()
+                if ready not in self._got_ready:  # withdrawn by the halt
+                    continue
+                self._got_ready.discard(ready)
                 while not self._stopping and (
                     len(getting) + len(ready_rows) < self._lookahead.depth()
                 ):
@@ -589,6 +598,10 @@ class Processor:
                 asyncio.get_running_loop().call_later(pause, self._requeue, run, [row])
                 continue
             if ready is not None:
+                if self._stopping:  # got ready as the pool stopped: never to be sent
+                    self._spawn(self._withdraw(ready, "the service is stopping"), run)
+                    return None
+                self._got_ready.add(ready)
                 return ready
             self._release(run, row)
 

@@ -372,6 +372,32 @@ async def test_a_clean_stop_sends_nothing_new_and_leaves_no_row_to_check(
     assert all(r.failures == 0 for r in withdrawn)
 
 
+async def test_a_stop_that_cuts_off_creates_withdraws_the_rows_got_ready_behind_them(
+    directory: RunningDirectory, db_path: Path
+) -> None:
+    # A worker got its next row ready while its create was out; the stop cut that create off
+    # after the grace, and the row behind it, never sent, stayed an intent: the next start
+    # looked for it in the directory and counted a failed attempt against it.
+    directory.standin.set_delay(3.0)  # past the grace of 0.5 s
+    settings = fast_settings(db_path, directory.url, concurrency=2)
+    async with running_service(settings) as service:
+        batch_id = (await service.upload(csv_of(10)))["batch_id"]
+        async with asyncio.timeout(5):
+            while (
+                directory.standin.request_counts["create"] < 2
+                or (state := service.app[PROCESSOR].live_state(batch_id)) is None
+                or sum(r.attempts > 0 for r in state.rows.values()) < 4
+            ):
+                await asyncio.sleep(0.01)
+    state = fold_from_file(service.db_path, batch_id)
+    withdrawn = [r for r in state.rows.values() if r.reason == b.WITHDRAWN]
+
+    assert directory.standin.request_counts["create"] == 2
+    assert len(state.to_reconcile()) == 2  # the two sent, and only they, are looked for
+    assert len(withdrawn) == 2
+    assert {r.error for r in withdrawn} == {"not sent: the service is stopping"}
+
+
 @pytest.fixture
 def most_rows_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every worker gets MOST_AHEAD rows ready ahead, whatever the creates' answer time."""
