@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 MOST_AHEAD = 12  # rows a worker gets ready ahead at most (docs/performance.md)
 AHEAD_WAIT = 0.05  # seconds a later batch may wait behind the rows got ready ahead
 WANTED_CHECK = 0.5  # seconds between looks at a row waiting for the window: still wanted?
+STOPPING = "the service is stopping"  # why a row got ready is withdrawn at a stop
 LATELY_SCANNED = 10_000  # newest events read at start for creates the window still counts
 
 
@@ -273,7 +274,7 @@ class Processor:
         self._work.set()
         self._pauses.stop()
         for ready in self._got_ready:  # never sent: recorded now, not looked for at next start
-            self._spawn(self._withdraw(ready, "the service is stopping"), ready.run)
+            self._spawn(self._withdraw(ready, STOPPING), ready.run)
         self._got_ready.clear()
         log.info("stopping: no new row is sent; calls in flight get up to %.1f s", grace)
 
@@ -599,7 +600,7 @@ class Processor:
                 continue
             if ready is not None:
                 if self._stopping:  # got ready as the pool stopped: never to be sent
-                    self._spawn(self._withdraw(ready, "the service is stopping"), run)
+                    self._spawn(self._withdraw(ready, STOPPING), run)
                     return None
                 self._got_ready.add(ready)
                 return ready
@@ -704,7 +705,7 @@ class Processor:
         if ready.run.state.rollback_requested:
             raise Withdrawn("the batch is being rolled back")
         if self._stopping:
-            raise Withdrawn("the service is stopping")
+            raise Withdrawn(STOPPING)
 
     async def _withdraw(self, ready: Ready, why: str) -> None:
         """Record that a ready row was not sent after all, so it needs no check before

@@ -385,13 +385,17 @@ async def under_readers(
     """
     runs = [await process_file(http, s, d, prefix, readers=True) for _ in range(READ_RUNS)]
     pooled = {path: [x for run in runs for x in run.latencies[path]] for path in runs[0].latencies}
-    statuses = ", ".join(sorted({run.status for run in runs}))
-    return replace(median_run(runs), latencies=pooled, status=statuses)
+    return replace(median_run(runs), latencies=pooled, status=statuses_of(runs))
 
 
 def median_run(runs: list[Processed]) -> Processed:
     """The run of median throughput."""
     return sorted(runs, key=lambda run: run.rows_per_second)[len(runs) // 2]
+
+
+def statuses_of(runs: list[Processed]) -> str:
+    """Each status the runs ended in, once."""
+    return ", ".join(sorted({run.status for run in runs}))
 
 
 # Where scenario 3's time goes, median of its runs. Each loop runs on one thread, so when
@@ -463,7 +467,7 @@ async def overhead_bound(workdir: Path, report: Report) -> None:
         loaded = await under_readers(http, s, d, "Read")
         peak_with_readers = s.process.memory().peak_mb
     add = report.add
-    statuses = ", ".join(sorted({run.status for run in runs}))
+    statuses = statuses_of(runs)
     add(
         OVERHEAD,
         "overhead_bound.bare_rows_per_second",

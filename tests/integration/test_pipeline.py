@@ -351,6 +351,11 @@ async def second_wave_sent_and_the_rest_ready(
             await asyncio.sleep(0.01)
 
 
+def withdrawn_rows(state: b.BatchState) -> list[b.RowState]:
+    """The rows whose last attempt got ready and was not sent."""
+    return [r for r in state.rows.values() if r.reason == b.WITHDRAWN]
+
+
 async def test_a_clean_stop_sends_nothing_new_and_leaves_no_row_to_check(
     directory: RunningDirectory, db_path: Path
 ) -> None:
@@ -366,7 +371,7 @@ async def test_a_clean_stop_sends_nothing_new_and_leaves_no_row_to_check(
     assert len(directory.standin.all_hospitals()) == 40
     assert state.counts().created == 40
     assert state.to_reconcile() == []  # every intent has its outcome: nothing to look up
-    withdrawn = [r for r in state.rows.values() if r.reason == b.WITHDRAWN]
+    withdrawn = withdrawn_rows(state)
     assert [r.row.row for r in withdrawn] == [41, 42, 43, 44, 45]
     assert {r.error for r in withdrawn} == {"not sent: the service is stopping"}
     assert all(r.failures == 0 for r in withdrawn)
@@ -390,7 +395,7 @@ async def test_a_stop_that_cuts_off_creates_withdraws_the_rows_got_ready_behind_
             ):
                 await asyncio.sleep(0.01)
     state = fold_from_file(service.db_path, batch_id)
-    withdrawn = [r for r in state.rows.values() if r.reason == b.WITHDRAWN]
+    withdrawn = withdrawn_rows(state)
 
     assert directory.standin.request_counts["create"] == 2
     assert len(state.to_reconcile()) == 2  # the two sent, and only they, are looked for
@@ -413,7 +418,7 @@ async def test_a_clean_stop_withdraws_every_row_got_ready_ahead_of_a_quick_direc
         accepted = await service.upload(csv_of(1000))
         await asyncio.sleep(0.3)
     state = fold_from_file(service.db_path, accepted["batch_id"])
-    withdrawn = [r for r in state.rows.values() if r.reason == b.WITHDRAWN]
+    withdrawn = withdrawn_rows(state)
 
     assert state.to_reconcile() == []  # every intent has its outcome: nothing to look up
     assert len(directory.standin.all_hospitals()) == state.counts().created
