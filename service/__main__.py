@@ -24,11 +24,17 @@ from service.store.lock import DatabaseInUse, exclusive
 from service.store.migrations import MigrationError, discover
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from service.store.records import StoredEvent
 
 log = logging.getLogger(__name__)
 
 EVENTS_PAGE = 500  # events the events command reads in one query
+CUT_OFF = (
+    "stopped at once by a second signal: work under way was cut off; "
+    "the next start checks its rows with the directory"
+)
 FEW_OPEN_FILES = 1024  # a limit of open files below this is warned of at start
 
 
@@ -54,9 +60,11 @@ def serve(args: argparse.Namespace) -> int:
         settings.directory.base_url,
         settings.database.path,
     )
+    app = create_app(settings)
+    app.on_shutdown.insert(0, _exit_on_a_second_signal)
     try:
         web.run_app(
-            create_app(settings),
+            app,
             host=settings.app.host,
             port=settings.app.port,
             shutdown_timeout=settings.app.shutdown_timeout,
@@ -65,11 +73,8 @@ def serve(args: argparse.Namespace) -> int:
             ),
             loop=_event_loop(),
         )
-    except web.GracefulExit:  # a second SIGTERM or SIGINT while stopping: aiohttp gives up
-        log.warning(
-            "stopped at once by a second signal: work under way was cut off; "
-            "the next start checks its rows with the directory"
-        )
+    except web.GracefulExit:  # the second signal came before the stop's first step
+        log.warning(CUT_OFF)
         return 1
     except socket.gaierror as exc:  # an OSError too, but the message names no setting
         host = settings.app.host
@@ -87,6 +92,24 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     log.info("stopped")
     return 0
+
+
+async def _exit_on_a_second_signal(app: web.Application) -> None:
+    """Once a stop has begun, a second SIGTERM or Ctrl-C ends the process at once.
+
+    That is a crash, which the log is made to survive (the next start looks up whatever
+    was sent and not recorded). aiohttp's own answer, GracefulExit raised through its
+    cleanup, cancelled the cleanup half-way and logged tracebacks of what it left open.
+    """
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, _exit_at_once)
+
+
+def _exit_at_once() -> None:
+    log.warning(CUT_OFF)
+    logging.shutdown()  # the warning reaches the log before the process goes
+    os._exit(1)
 
 
 def _open_files_to_hard_limit() -> None:
