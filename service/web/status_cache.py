@@ -84,8 +84,9 @@ class StatusCache:
         entry = self._entries.get(batch_id)
         same_status = entry is not None and entry.status == batch["status"]
         running = batch["status"] not in b.FINISHED
+        # A running batch's body ages even at the same version: its processing time runs on.
         if entry is not None and (
-            entry.version == batch["stream_version"]
+            (not running and entry.version == batch["stream_version"])
             or (running and same_status and now - entry.built_at < self.max_age)
         ):
             self._entries.move_to_end(batch_id)

@@ -67,6 +67,24 @@ async def test_a_resumed_batch_does_not_answer_its_finished_status(store: EventS
     assert await status_of(cache, store, "b") == "processing"  # finished to running, too
 
 
+async def test_a_running_batch_without_new_events_still_counts_its_time(
+    store: EventStore,
+) -> None:
+    # While a batch runs its processing_time_seconds runs to now (docs/events.md), also
+    # when no event comes: a create takes 5 s, a wait for the rate window up to a minute.
+    await store.append("batch-b", -1, new_batch("b", rows=1))
+    await store.append("batch-b", None, requested("b"))
+    cache = StatusCache(max_age=0.1)
+    first = await cache.body(store, "b")
+    await asyncio.sleep(0.35)  # older than twice max_age: this poller waits for a new body
+    later = await cache.body(store, "b")
+
+    assert first is not None and later is not None
+    assert json.loads(later)["version"] == json.loads(first)["version"] == 1
+    elapsed = [json.loads(body)["processing_time_seconds"] for body in (first, later)]
+    assert elapsed[1] >= elapsed[0] + 0.3
+
+
 async def test_an_unknown_batch_has_no_body(store: EventStore) -> None:
     assert await StatusCache(max_age=1.0).body(store, "nope") is None
 
@@ -238,6 +256,9 @@ async def test_a_rebuilt_body_counts_once_against_max_bytes(
     for batch_id in ("a", "b"):
         await store.append(f"batch-{batch_id}", -1, new_batch(batch_id, rows=50))
         await store.append(f"batch-{batch_id}", None, requested(batch_id))
+    # b finished: its body stays good until its version moves (a running one's ages).
+    failed = [NewEvent(ev.HospitalFailed(n, "rejected", "no", False)) for n in range(1, 51)]
+    await store.append("batch-b", None, failed)
     sizes = {i: len(await StatusCache(max_age=60.0).body(store, i) or b"") for i in "ab"}
     builds.clear()
     slack = 16  # processing_time_seconds varies, as above
