@@ -210,19 +210,19 @@ def parse(text: str, max_rows: int) -> ParsedCsv:
             count += 1
             if count > max_rows:  # refused whatever the rest holds: read no further
                 break
-            cells = [unescaped(cell.strip()) for cell in raw]
-            if any(len(cell) > MAX_VALUE for cell in cells):  # ends the reading, as csv's limit
-                raise _rejected(["file", "content"], _too_long(line), "csv_parse_error")
-            if len(cells) != len(headers):
+            if len(raw) != len(headers):  # before its cells are copied: it may have millions
                 problems.append(
                     problem(
                         ["row", count],
-                        f"row {count} (line {line}) has {_values(len(cells))}, "
+                        f"row {count} (line {line}) has {_values(len(raw))}, "
                         f"expected {len(headers)} ({','.join(headers)})",
                         "wrong_column_count",
                     )
                 )
                 continue
+            cells = [unescaped(cell.strip()) for cell in raw]
+            if any(len(cell) > MAX_VALUE for cell in cells):  # ends the reading, as csv's limit
+                raise _rejected(["file", "content"], _too_long(line), "csv_parse_error")
             if not (cells[name] and cells[address]):
                 problems.extend(_missing(cells, headers, count, line))
             row = Row(
