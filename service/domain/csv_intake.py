@@ -173,18 +173,29 @@ def _too_long(line: int) -> str:
 
 
 def _headers(cells: list[str]) -> tuple[str, ...]:
-    names = tuple(cell.strip().lower() for cell in cells)
-    ok = (
-        len(set(names)) == len(names) and set(REQUIRED) <= set(names) and set(names) <= set(COLUMNS)
-    )
-    if not ok:
+    names = _names(cells)
+    if not _valid(names):
         shown = ",".join(cells[:10]) + (f",... ({len(cells)} columns)" if len(cells) > 10 else "")
-        raise _rejected(
-            ["file", "headers"],
-            f"{HEADERS_MESSAGE} (phone optional, any order); found: {shown[:300]}",
-            "invalid_headers",
-        )
+        said = f"{HEADERS_MESSAGE} (phone optional, any order); found: {shown[:300]}"
+        # A spreadsheet set to another locale saves "CSV" with semicolons or tabs.
+        if len(cells) == 1 and (sep := next(_other_separators(cells[0]), None)) is not None:
+            said += f" (values separated by {sep!r}: save the file with commas between them)"
+        raise _rejected(["file", "headers"], said, "invalid_headers")
     return names
+
+
+def _names(cells: list[str]) -> tuple[str, ...]:
+    return tuple(cell.strip().lower() for cell in cells)
+
+
+def _valid(names: tuple[str, ...]) -> bool:
+    unique = len(set(names)) == len(names)
+    return unique and set(REQUIRED) <= set(names) and set(names) <= set(COLUMNS)
+
+
+def _other_separators(header: str) -> Iterator[str]:
+    """The separators other than a comma that would make `header` a valid one."""
+    return (sep for sep in (";", "\t", "|") if _valid(_names(header.split(sep))))
 
 
 def parse(text: str, max_rows: int) -> ParsedCsv:

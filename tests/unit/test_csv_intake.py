@@ -188,7 +188,7 @@ def test_headers_are_trimmed_case_insensitive_and_in_any_order(
         pytest.param("name,address,phone,phone", id="duplicated-phone"),
         pytest.param("hospital,address,phone", id="renamed-column"),
         pytest.param("name,address,phone,", id="trailing-empty-column"),
-        pytest.param("name;address;phone", id="semicolon-separated"),
+        pytest.param("name;adress;phone", id="semicolons-around-a-wrong-name"),
         pytest.param("General Hospital,123 Main Street,555-0100", id="data-instead-of-header"),
         pytest.param("Name,Address,Phone Number", id="phone-number"),
         pytest.param(" name , address , fax ", id="padded-cells-shown-as-written"),
@@ -200,6 +200,17 @@ def test_any_other_header_is_refused_showing_what_was_found(header: str) -> None
     assert problem["type"] == "invalid_headers"
     assert problem["msg"].startswith(HEADERS_MESSAGE)
     assert problem["msg"].endswith(f"found: {header}")
+
+
+@pytest.mark.parametrize("sep", [";", "\t", "|"])
+def test_a_header_separated_otherwise_is_refused_naming_the_separator(sep: str) -> None:
+    # A spreadsheet set to a European locale saves its "CSV" with semicolons.
+    header = sep.join(["Name", "Address", "Phone"])
+    problem = only(refused(f"{header}\n{sep.join('ABC')}\n"))
+    assert problem["type"] == "invalid_headers"
+    assert problem["msg"].endswith(
+        f"found: {header} (values separated by {sep!r}: save the file with commas between them)"
+    )
 
 
 def test_a_header_of_ten_thousand_columns_is_summarised() -> None:
