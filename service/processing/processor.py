@@ -82,8 +82,9 @@ async def _collect_ready(
     return pending
 
 
-# Outcomes of a create that was never sent: it takes no place in the directory's window.
-NEVER_SENT = frozenset({b.WITHDRAWN, b.ROLLBACK_ASKED, b.ROLLED_BACK})
+# Outcomes of a create that was never sent (withdrawn, or no connection to the directory):
+# it takes no place in the directory's window.
+NEVER_SENT = frozenset({b.WITHDRAWN, b.UNREACHABLE})
 
 
 async def _sent_lately(store: EventStore, seconds: float) -> list[float]:

@@ -389,6 +389,20 @@ async def test_a_restart_dates_the_creates_it_replays_by_their_answers(
     assert 50.5 < await wait_after_replaying(store, log) <= 54.0
 
 
+async def test_creates_that_never_reached_the_directory_take_no_place_in_the_window(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The directory could not be connected to: 30 creates, each provably never sent, and
+    # one that was. Counted as sent, the 30 held the restart back for the rest of a window.
+    monkeypatch.setattr(event_store, "datetime", SetClock)
+    log = [
+        (-5.0, requested("x", 30) + outcomes(30, b.UNREACHABLE)),
+        (-4.0, [NewEvent(ev.HospitalFailed(1, b.UNREACHABLE, "gave up", retryable=True))]),
+    ]
+
+    assert await wait_after_replaying(store, log) == 0.0
+
+
 async def test_rows_withdrawn_at_a_stop_leave_their_places_in_the_window(
     limited: RunningDirectory, tmp_path: Path
 ) -> None:
