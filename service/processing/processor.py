@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 MOST_AHEAD = 12  # rows a worker gets ready ahead at most (docs/performance.md)
 AHEAD_WAIT = 0.05  # seconds a later batch may wait behind the rows got ready ahead
 WANTED_CHECK = 0.5  # seconds between looks at a row waiting for the window: still wanted?
-STOPPING = "the service is stopping"  # why a row got ready is withdrawn at a stop
+STOP_REASON = "the service is stopping"  # why a row got ready is withdrawn at a stop
 LATELY_SCANNED = 10_000  # newest events read at start for creates the window still counts
 
 
@@ -61,7 +61,7 @@ class Ready:
         return self.run.batch_id
 
 
-def _unsettled(run: BatchRun, rows: list[int]) -> list[int]:
+def _still_to_check(run: BatchRun, rows: list[int]) -> list[int]:
     """The rows still waiting for a check: pending, their create maybe stored."""
     state = run.state.rows
     return [n for n in rows if state[n].status == b.ROW_PENDING and state[n].may_exist]
@@ -275,7 +275,7 @@ class Processor:
         self._work.set()
         self._pauses.stop()
         for ready in self._got_ready:  # never sent: recorded now, not looked for at next start
-            self._spawn(self._withdraw(ready, STOPPING), ready.run)
+            self._spawn(self._withdraw(ready, STOP_REASON), ready.run)
         self._got_ready.clear()
         log.info("stopping: no new row is sent; calls in flight get up to %.1f s", grace)
 
@@ -601,7 +601,7 @@ class Processor:
                 continue
             if ready is not None:
                 if self._stopping:  # got ready as the pool stopped: never to be sent
-                    self._spawn(self._withdraw(ready, STOPPING), run)
+                    self._spawn(self._withdraw(ready, STOP_REASON), run)
                     return None
                 self._got_ready.add(ready)
                 return ready
@@ -706,7 +706,7 @@ class Processor:
         if ready.run.state.rollback_requested:
             raise Withdrawn("the batch is being rolled back")
         if self._stopping:
-            raise Withdrawn(STOPPING)
+            raise Withdrawn(STOP_REASON)
 
     async def _withdraw(self, ready: Ready, why: str) -> None:
         """Record that a ready row was not sent after all, so it needs no check before
@@ -822,7 +822,7 @@ class Processor:
             for last in (False, True):
                 answer = await self._upstream.members(gate.creation_batch_id)
                 # Rows whose own outcome got recorded meanwhile are settled: leave them be.
-                checking = _unsettled(run, checking)
+                checking = _still_to_check(run, checking)
                 if not answer.ok:
                     for n in checking:
                         message = (

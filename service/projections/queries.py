@@ -47,7 +47,7 @@ async def get_batches(store: EventStore, batch_ids: list[str]) -> list[dict[str,
     return [found[batch_id] for batch_id in batch_ids if batch_id in found]
 
 
-async def streams_moved(
+async def batches_moved(
     store: EventStore, after_position: int, limit: int
 ) -> tuple[list[str], int, int]:
     """The batches with events among the next `limit` of the log after `after_position`, in

@@ -85,12 +85,10 @@ async def _read_upload(request: web.Request, max_bytes: int, seconds: float) -> 
                     )
                     why = f"{what}: send exactly one field, 'file'"
                     extra.append(problem(["body", name], why, "extra_forbidden"))
-    except ApiError:
-        raise
     except TimeoutError as exc:
         why = f"the body did not arrive within {seconds:g} s (csv.upload_seconds); send it again"
         raise ApiError(408, [problem(["body"], why, "body_timeout")]) from exc
-    except (ValueError, AssertionError, RuntimeError, UnicodeDecodeError, BadHttpMessage) as exc:
+    except (ValueError, AssertionError, RuntimeError, BadHttpMessage) as exc:
         # A BadHttpMessage (a part's headers too long, or not headers): str() adds its status.
         said = exc.message if isinstance(exc, BadHttpMessage) else exc
         raise invalid(

@@ -345,19 +345,19 @@ async def dashboard_socket(request: web.Request) -> web.WebSocketResponse:
                 return _not_reading(seconds)
         while True:
             # A client that reads slowly gets larger pages, so its lag never grows a queue.
-            changed, last, read = await queries.streams_moved(store, position, settings.max_backlog)
+            changed, upto, read = await queries.batches_moved(store, position, settings.max_backlog)
             if not read:
                 await store.head.wait_past(position)
                 continue
             batches = await queries.get_batches(store, changed)
             message = {
                 "type": "progress",
-                "position": last,
+                "position": upto,
                 "batches": [presenters.summary(x) for x in batches],
             }
             if not await _send(ws, message, seconds):
                 return _not_reading(seconds)
-            position = last
+            position = upto
             if read < settings.max_backlog:  # caught up: let the next changes gather
                 await asyncio.sleep(DASHBOARD_PAUSE)
 
