@@ -106,11 +106,15 @@ class UpstreamBatches:
         if not members.ok:
             why = f"could not look at upstream batch {lead.creation_batch_id} before activating"
             return ev.BatchActivationFailed(f"{why} it: {members.message}")
-        if (present := _found(state, lead, members.body)[0]) < len(lead.rows):
+        present, active = _found(state, lead, members.body)
+        if present < len(lead.rows):
             missing = _missing(lead, present, "nothing was activated")
             return ev.BatchActivationFailed(f"{missing}; {RELOAD}")
         tried = [lead]
-        results = [await self._activate_one(state, lead)]
+        if active == len(lead.rows):  # activated before a crash could record it: no PATCH
+            results = [Activation(True, active)]
+        else:
+            results = [await self._activate_one(state, lead)]
         if results[0].ok:
             slots = asyncio.Semaphore(self._settings.concurrency)
 
@@ -133,6 +137,13 @@ class UpstreamBatches:
 
     async def _activate_one(self, state: b.BatchState, upstream: ev.UpstreamBatch) -> Activation:
         batch_id, total = upstream.creation_batch_id, len(upstream.rows)
+        # Activated in a round that failed on another upstream batch: a second PATCH is
+        # refused (400) and counts against the limit. Its records tell, unless none of them
+        # is active any more (a directory restart): then it is activated again.
+        if batch_id in state.activated_upstream:
+            seen = await self._seen_active(state, upstream, "activated before")
+            if seen is not None:
+                return seen
         answer = None
         settings = self._settings
         activate = self._paced(
@@ -149,25 +160,9 @@ class UpstreamBatches:
             if answer.outcome in (Outcome.RATE_LIMITED, Outcome.NOT_SENT):
                 break  # refused or not sent on each of `_patiently`'s tries: the budget is spent
             # A 400 (some already active), a timeout, a 5xx or an odd count: the batch tells.
-            members = await self.members(batch_id)
-            if not members.ok:
-                why = f"could not confirm activation of upstream batch {batch_id}: "
-                return Activation(False, error=why + members.message)
-            present, active = _found(state, upstream, members.body)
-            if active == total:
-                return Activation(True, total)
-            if present < total:
-                return Activation(
-                    False,
-                    error=_missing(upstream, present, f"activation answered: {answer.message}"),
-                    lost=True,
-                )
-            if active:
-                return Activation(
-                    False,
-                    error=f"upstream batch {batch_id} is only partly active "
-                    f"({active} of {total}) and cannot be activated again: {answer.message}",
-                )
+            said = f"activation answered: {answer.message}"
+            if (seen := await self._seen_active(state, upstream, said)) is not None:
+                return seen
             # None of ours is active: the activation did not happen, so asking again is safe,
             # after a pause, as what failed at once (a proxy's 503) may fail again at once.
             if attempt < settings.max_attempts:
@@ -183,6 +178,29 @@ class UpstreamBatches:
         return Activation(
             False, error=f"activation of upstream batch {batch_id} did not take effect: {message}"
         )
+
+    async def _seen_active(
+        self, state: b.BatchState, upstream: ev.UpstreamBatch, said: str
+    ) -> Activation | None:
+        """What the upstream batch's records say of its activation (`said`: what is known
+        of it so far); None when none of its hospitals is active, so activating is safe."""
+        batch_id, total = upstream.creation_batch_id, len(upstream.rows)
+        members = await self.members(batch_id)
+        if not members.ok:
+            why = f"could not confirm activation of upstream batch {batch_id}: "
+            return Activation(False, error=why + members.message)
+        present, active = _found(state, upstream, members.body)
+        if active == total:
+            return Activation(True, total)
+        if present < total:
+            return Activation(False, error=_missing(upstream, present, said), lost=True)
+        if active:
+            return Activation(
+                False,
+                error=f"upstream batch {batch_id} is only partly active ({active} of {total}) "
+                f"and cannot be activated again: {said}",
+            )
+        return None
 
     async def delete(self, state: b.BatchState) -> ev.BatchRolledBack | ev.BatchRollbackFailed:
         """Delete every upstream batch; a 404 means its hospitals are already gone.

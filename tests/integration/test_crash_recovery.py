@@ -68,6 +68,34 @@ async def test_sigkill_during_activation(directory: RunningDirectory, tmp_path: 
     assert recovered in service.log.read_text()
 
 
+async def test_a_restart_after_an_activation_took_effect_sends_it_no_more(
+    directory: RunningDirectory, tmp_path: Path
+) -> None:
+    # Killed after the directory activated the lead upstream batch, before the log said so:
+    # the restart's look finds it all active and sends no second PATCH, which the directory
+    # would refuse (400) and count against its limit.
+    directory.standin.set_delay(0.2)
+    directory.standin.add_fault("batch_activate", "hang", nth=[1])
+    db = tmp_path / "crash.db"
+    service = ServiceProcess(db, directory.url)
+    async with aiohttp.ClientSession() as http:
+        await service.start(http)
+        batch = await upload(http, service.url, csv_of(30))
+        while directory.standin.request_counts["batch_activate"] == 0:
+            await asyncio.sleep(0.02)
+        lead = directory.standin.all_hospitals()[0]["creation_batch_id"]
+        async with http.patch(f"{directory.url}/hospitals/batch/{lead}/activate") as r:
+            assert r.status == 200  # as the hung PATCH would have, just before the kill
+        service.kill()
+        await service.start(http)
+        finals = await wait_settled(http, service.url, [batch])
+        await service.stop()
+    assert finals[0]["processing_status"] == "completed"
+    assert_exactly_once(directory.standin, finals)
+    # The hung one, the test's, and the other upstream batch's: none of the lead again.
+    assert directory.standin.request_counts["batch_activate"] == 3
+
+
 async def test_sigkill_during_rollback(directory: RunningDirectory, tmp_path: Path) -> None:
     directory.standin.set_delay(0.2)
     db = tmp_path / "crash.db"

@@ -297,6 +297,32 @@ async def test_an_activation_that_fails_after_some_upstream_batches_took_says_wh
         assert row["status"] == expected, row
 
 
+async def test_resume_after_a_partial_activation_does_not_activate_an_upstream_batch_twice(
+    service_factory: ServiceFactory, directory: RunningDirectory
+) -> None:
+    # The lead upstream batch takes; the directory refuses the other two. A resume must
+    # activate those two only: the lead one is active, and a second PATCH of it is what
+    # UPSTREAM.md forbids (the directory answers 400 and counts it against the limit).
+    directory.standin.add_fault("batch_activate", "503", nth=[2, 3, 4, 5])
+    async with service_factory(max_attempts=2) as service:
+        batch_id = (await service.upload(csv_of(45)))["batch_id"]
+        first = await service.wait_finished(batch_id)
+        assert first["processing_status"] == "failed"
+        _, page = await service.get(f"/batch/{batch_id}/events?limit=1000")
+        (took,) = page["events"][-1]["data"]["activated_upstream_batch_ids"]
+        before = directory.standin.request_counts["batch_activate"]
+
+        status, _ = await post(service, f"/batch/{batch_id}/resume")
+        assert status == 202
+        final = await service.wait_finished(batch_id)
+        await assert_fold_matches_read_model(service, batch_id)
+
+    assert final["processing_status"] == "completed"
+    assert all(h["status"] == "created_and_activated" for h in final["hospitals"])
+    assert all(h["active"] for h in directory.standin.hospitals_in_batch(took))
+    assert directory.standin.request_counts["batch_activate"] - before == 2
+
+
 async def test_the_log_says_a_rollback_ended_also_when_the_batch_read_failed_before(
     service_factory: ServiceFactory, directory: RunningDirectory, caplog: pytest.LogCaptureFixture
 ) -> None:
