@@ -368,7 +368,10 @@ class Processor:
                 # Before the check of work under way: a rollback still running is work under
                 # way too, but resuming once it ends is refused, so that is not the advice.
                 done = "was rolled back" if state.rolled_back else "is being rolled back"
-                raise Refused(f"batch {batch_id} {done}; upload the file again instead")
+                again = "upload the file again instead"
+                if state.idempotency_key is not None:  # that key gives this batch back
+                    again = "upload the file again with a new Idempotency-Key instead"
+                raise Refused(f"batch {batch_id} {done}; {again}")
             if not run.idle or state.status in (b.PENDING, b.PROCESSING):
                 raise Refused(
                     f"batch {batch_id} is still processing; resume it once it has finished"

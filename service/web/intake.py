@@ -24,6 +24,10 @@ from service.web.upload import Upload, upload_of
 routes = web.RouteTableDef()
 
 UPLOAD_MESSAGE = "CSV upload initiated. Use batch_id to track progress."
+REPLAY_MESSAGE = (
+    "This file was uploaded with this Idempotency-Key before: no new batch was created. "
+    "Use batch_id to track progress."
+)
 FILE_PARAMETER = {
     "in": "formData",
     "name": "file",
@@ -123,12 +127,13 @@ def _status_location(batch_id: str) -> dict[str, str]:
     return {"Location": f"/batch/{batch_id}/status"}
 
 
-def accepted_body(batch: dict[str, Any]) -> dict[str, Any]:
-    """The upload answer users know, plus the validation warnings."""
+def accepted_body(batch: dict[str, Any], created: bool = True) -> dict[str, Any]:
+    """The upload answer users know, plus the validation warnings; a replay of a keyed
+    upload (`created` false) says that it started nothing."""
     return {
         "batch_id": batch["batch_id"],
         "total_hospitals": batch["total_rows"],
-        "message": UPLOAD_MESSAGE,
+        "message": UPLOAD_MESSAGE if created else REPLAY_MESSAGE,
         "status": batch["status"],
         "warnings": batch.get("warnings", []),
     }
@@ -158,7 +163,7 @@ def accepted_body(batch: dict[str, Any]) -> dict[str, Any]:
 async def upload_csv(request: web.Request) -> web.Response:
     batch, created = await accept_upload(request)
     return web.json_response(
-        accepted_body(batch),
+        accepted_body(batch, created),
         status=202 if created else 200,
         headers=_status_location(batch["batch_id"]),
     )
@@ -217,7 +222,7 @@ async def validate_csv(request: web.Request) -> web.Response:
 )
 @response_schema(schemas.Status, 200, description="the batch finished: its /status body")
 async def bulk(request: web.Request) -> web.Response:
-    batch, _ = await accept_upload(request)
+    batch, created = await accept_upload(request)
     batch_id = batch["batch_id"]
     try:
         async with asyncio.timeout(request.app[SETTINGS].api.bulk_wait_seconds):
@@ -226,7 +231,7 @@ async def bulk(request: web.Request) -> web.Response:
         finished = False
     if not finished:
         now = await queries.get_batch(request.app[STORE], batch_id) or batch
-        body = {**accepted_body(batch), "status": now["status"]}
+        body = {**accepted_body(batch, created), "status": now["status"]}
         return web.json_response(body, status=202, headers=_status_location(batch_id))
     return await status_response(request, batch_id)
 

@@ -24,6 +24,7 @@ from tests.support import (
     ServiceFactory,
     csv_of,
     fill_upstream_batch,
+    form,
     keyed_batch,
 )
 
@@ -207,6 +208,34 @@ async def test_resume_during_a_rollback_says_it_is_rolled_back_not_still_process
     status, body = await post(service, f"/batch/{batch_id}/resume")
     assert status == 409
     assert body["detail"] == f"batch {batch_id} was rolled back; upload the file again instead"
+
+
+async def test_a_rolled_back_keyed_batch_says_its_key_will_not_load_the_file_again(
+    service: Service, directory: RunningDirectory
+) -> None:
+    # "Upload the file again" with the same Idempotency-Key gives back the rolled-back
+    # batch and creates nothing: the refusal must say a new key is needed, and the replay
+    # must not claim that an upload was initiated.
+    key, batch_id = keyed_batch(service.db_path, "rolled-back")
+    await service.upload(SAMPLE_CSV, headers={"Idempotency-Key": key})
+    await service.wait_finished(batch_id)
+    status, _ = await delete(service, f"/batch/{batch_id}")
+    await wait_rolled_back(service, batch_id)
+
+    status, body = await post(service, f"/batch/{batch_id}/resume")
+    assert status == 409
+    assert "new Idempotency-Key" in body["detail"]
+    async with service.http.post(
+        f"{service.url}/batch/upload-csv",
+        data=form(SAMPLE_CSV),
+        headers={"Idempotency-Key": key},
+    ) as r:
+        status, again = r.status, await r.json()
+    assert status == 200
+    assert again["batch_id"] == batch_id and again["status"] == "failed"
+    assert "initiated" not in again["message"]
+    assert "no new batch" in again["message"]
+    assert directory.standin.all_hospitals() == []
 
 
 async def test_two_concurrent_resumes_exactly_one_is_accepted(
