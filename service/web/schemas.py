@@ -160,9 +160,11 @@ class EventRecord(Schema):
 class EventPage(Schema):
     events = fields.List(fields.Nested(EventRecord), required=True)
     next_after = fields.Integer(
-        allow_none=True,
         required=True,
-        metadata={"description": "pass as ?after= for the next page"},
+        metadata={
+            "description": "pass as ?after= for the next page; on an empty page (the end for "
+            "now) the after asked for, to ask again for events appended since"
+        },
     )
 
 

@@ -81,7 +81,7 @@ async def recorded_at(http: aiohttp.ClientSession, url: str) -> dict[int, float]
     while True:
         page = await get_json(http, f"{url}?after={after}&limit=1000")
         found.update((e["stream_version"], _timestamp(e["recorded_at"])) for e in page["events"])
-        if page["next_after"] is None:
+        if not page["events"]:
             return found
         after = page["next_after"]
 

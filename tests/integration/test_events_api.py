@@ -49,8 +49,8 @@ async def pages(service: Service, path: str, limit: int) -> list[list[dict[str, 
         query = f"?limit={limit}" + ("" if after is None else f"&after={after}")
         status, body = await service.get(path + query)
         assert status == 200, body
-        if not body["events"]:
-            assert body["next_after"] is None
+        if not body["events"]:  # the end for now: the same place to ask again
+            assert body["next_after"] == (-1 if after is None else after)
             return found
         found.append(body["events"])
         after = body["next_after"]
@@ -124,6 +124,24 @@ async def test_a_page_holds_events_up_to_its_size_in_characters_and_always_one(
     stream = b.stream_id(huge["batch_id"])
     (first, *_), *_ = await pages(service, f"/batch/{huge['batch_id']}/events", limit=1000)
     assert (first["stream_id"], first["event_type"]) == (stream, "BatchCreated")
+
+
+async def test_the_end_of_the_log_says_where_to_ask_for_what_comes_next(service: Service) -> None:
+    # A client tailing the log passes next_after on: at the end, null sent it back to the
+    # start of the log on its next read.
+    first = await service.upload(SAMPLE_CSV)
+    await service.wait_finished(first["batch_id"])
+    read = [e for page in await pages(service, "/events", limit=1000) for e in page]
+    status, end = await service.get(f"/events?after={read[-1]['global_position']}")
+    assert status == 200 and end["events"] == []
+    second = await service.upload(SAMPLE_CSV)
+    await service.wait_finished(second["batch_id"])
+
+    status, more = await service.get(f"/events?after={end['next_after']}&limit=1000")
+
+    assert status == 200 and more["events"]
+    assert more["events"][0]["global_position"] == read[-1]["global_position"] + 1
+    assert {e["stream_id"] for e in more["events"]} == {b.stream_id(second["batch_id"])}
 
 
 async def test_pages_are_the_same_after_a_restart(service_factory: ServiceFactory) -> None:
