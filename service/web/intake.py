@@ -63,19 +63,12 @@ def intake_errors(schema: type[Schema]) -> dict[int, dict[str, Any]]:
 async def accept_upload(request: web.Request) -> tuple[dict[str, Any], bool]:
     """Validate the upload and store its BatchCreated; (batch read model, newly created)."""
     settings = request.app[SETTINGS]
+    key = _idempotency_key(request)  # before the body: a bad one is answered without reading it
     async with upload_of(request) as upload:
         parsed = await _checked(request, upload)
         sha = await asyncio.to_thread(_digest, upload.data)  # hashlib lets the loop run meanwhile
-    key = request.headers.get("Idempotency-Key")
     store = request.app[STORE]
     if key is not None:
-        where: list[str | int] = ["header", "Idempotency-Key"]
-        if not 1 <= len(key) <= MAX_KEY_LENGTH:
-            raise invalid(where, f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters")
-        try:
-            key.encode()  # aiohttp keeps header bytes that are not UTF-8 as surrogates
-        except UnicodeEncodeError:
-            raise invalid(where, "Idempotency-Key must be UTF-8 text") from None
         # By the key, not the id: a batch from before the namespace was this database's has
         # an id derived in the one all deployments shared.
         batch_id = str(uuid.uuid5(request.app[KEY_NAMESPACE], key))
@@ -99,6 +92,20 @@ async def accept_upload(request: web.Request) -> tuple[dict[str, Any], bool]:
     assert batch is not None
     batch["warnings"] = parsed.warnings
     return batch, True
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    """The upload's Idempotency-Key header, if it has one that is fit to be a key."""
+    key = request.headers.get("Idempotency-Key")
+    if key is not None:
+        where: list[str | int] = ["header", "Idempotency-Key"]
+        if not 1 <= len(key) <= MAX_KEY_LENGTH:
+            raise invalid(where, f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters")
+        try:
+            key.encode()  # aiohttp keeps header bytes that are not UTF-8 as surrogates
+        except UnicodeEncodeError:
+            raise invalid(where, "Idempotency-Key must be UTF-8 text") from None
+    return key
 
 
 async def _checked(request: web.Request, upload: Upload) -> csv_intake.ParsedCsv:
