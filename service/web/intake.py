@@ -57,6 +57,7 @@ def intake_errors(schema: type[Schema]) -> dict[int, dict[str, Any]]:
         408: {"schema": schema, "description": "the body took longer than csv.upload_seconds"},
         413: {"schema": schema, "description": "file larger than csv.max_bytes"},
         422: {"schema": schema, "description": "every problem of the file, with places"},
+        503: {"schema": schema, "description": "the service began to stop before the body came"},
     }
 
 

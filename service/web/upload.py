@@ -12,7 +12,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 
 from service.domain.csv_intake import Problem, problem
 from service.web.errors import ApiError, invalid
-from service.web.keys import INTAKE, SETTINGS
+from service.web.keys import INTAKE, SETTINGS, STOPPING
 
 CHUNK = 64 * 1024
 FORM_OVERHEAD = 64 * 1024  # boundaries and part headers around the file itself
@@ -54,7 +54,25 @@ async def upload_of(request: web.Request) -> AsyncIterator[Upload]:
             "missing",
         )
     async with request.app[INTAKE]:  # bodies in memory at once, each up to csv.max_bytes
-        yield await _read_upload(request, settings.max_bytes, settings.upload_seconds)
+        watch = asyncio.ensure_future(_end_body_at_stop(request))
+        try:
+            upload = await _read_upload(request, settings.max_bytes, settings.upload_seconds)
+        finally:
+            watch.cancel()
+        yield upload
+
+
+class _Stopping(Exception):
+    """The service began to stop before the body had all arrived."""
+
+
+async def _end_body_at_stop(request: web.Request) -> None:
+    """End the body's reading once a stop begins before all of it came: from then on aiohttp
+    reads nothing more from the connection, so the rest would never come, and the upload
+    would hold the stop for the whole shutdown timeout and get no answer."""
+    await request.app[STOPPING].wait()
+    if not request.content.is_eof():
+        request.content.set_exception(_Stopping())
 
 
 async def _read_upload(request: web.Request, max_bytes: int, seconds: float) -> Upload:
@@ -85,6 +103,9 @@ async def _read_upload(request: web.Request, max_bytes: int, seconds: float) -> 
                     )
                     why = f"{what}: send exactly one field, 'file'"
                     extra.append(problem(["body", name], why, "extra_forbidden"))
+    except _Stopping as exc:
+        why = "the service is stopping: send the file again once it is back"
+        raise ApiError(503, [problem(["body"], why, "service_stopping")]) from _unframed(exc)
     except TimeoutError as exc:
         why = f"the body did not arrive within {seconds:g} s (csv.upload_seconds); send it again"
         raise ApiError(408, [problem(["body"], why, "body_timeout")]) from exc

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import re
 import resource
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -46,6 +48,28 @@ async def three_creates_in_flight(
         while directory.standin.request_counts["create"] < 3:
             await asyncio.sleep(0.05)
     return service
+
+
+async def an_answer_not_read(service: ServiceProcess) -> asyncio.StreamWriter:
+    """A request the stop waits for: the first event of an 8 MB upload, asked for by a
+    client that reads none of it, so that its handler waits to write the rest."""
+    async with aiohttp.ClientSession() as http:
+        big = aiohttp.FormData()
+        big.add_field(
+            "file", io.BytesIO(csv_of(400, prefix="N" * 20_000).encode()), filename="a.csv"
+        )
+        async with http.post(f"{service.url}/batch/upload-csv", data=big) as r:
+            assert r.status == 202
+            batch_id = (await r.json())["batch_id"]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", service.port))
+    _, writer = await asyncio.open_connection(sock=sock)
+    writer.write(f"GET /batch/{batch_id}/events?limit=1 HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+    await writer.drain()
+    await asyncio.sleep(0.5)  # its handler is under way, writing
+    return writer
 
 
 async def test_the_log_says_when_the_service_listens_and_when_it_stopped(
@@ -99,36 +123,69 @@ async def test_a_bulk_request_waiting_at_shutdown_is_answered_202_and_holds_no_o
 async def test_a_request_still_under_way_at_a_stop_lets_no_new_create_start(
     directory: RunningDirectory, tmp_path: Path
 ) -> None:
-    # aiohttp waits up to the shutdown timeout for a request under way (here an upload whose
-    # body is still coming) before it stops the processor: meanwhile it kept sending creates.
+    # aiohttp waits up to the shutdown timeout for a request under way (here an answer its
+    # client does not read) before it stops the processor: meanwhile it kept sending creates.
     service = ServiceProcess(
         tmp_path / "service.db", directory.url, DIRECTORY_CONCURRENCY="1", APP_SHUTDOWN_TIMEOUT="2"
     )
     counts = directory.standin.request_counts
     async with aiohttp.ClientSession() as http:
         await service.start(http)
-        async with http.post(f"{service.url}/batch/upload-csv", data=form(csv_of(40))) as r:
-            assert r.status == 202
-        while counts["create"] < 2:
-            await asyncio.sleep(0.02)
-        _, writer = await asyncio.open_connection("127.0.0.1", service.port)
-        writer.write(
-            b"POST /batch/upload-csv HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
-            b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.csv"\r\n\r\n'
-        )
-        await writer.drain()
-        await asyncio.sleep(0.2)  # its handler is under way, reading the body
-        assert service.process is not None
-        service.process.terminate()
-        sent = counts["create"]
-        async with asyncio.timeout(10):
-            while service.process.poll() is None:
-                await asyncio.sleep(0.05)
-        writer.close()
+    writer = await an_answer_not_read(service)
+    assert counts["create"] >= 2  # the upload's rows are being sent
+    assert service.process is not None
+    stopped_at = time.monotonic()
+    service.process.terminate()
+    sent = counts["create"]
+    async with asyncio.timeout(10):
+        while service.process.poll() is None:
+            await asyncio.sleep(0.05)
+    took = time.monotonic() - stopped_at
+    writer.close()
 
     assert service.process.returncode == 0
+    assert took > 1.5  # the stop did wait for the answer under way
     assert counts["create"] <= sent + 1  # the one in flight as the signal came, at most
+
+
+async def test_an_upload_whose_body_is_still_coming_at_a_stop_is_answered_503_at_once(
+    directory: RunningDirectory, tmp_path: Path
+) -> None:
+    # Once a stop begins, aiohttp reads nothing more from a connection: an upload whose body
+    # was still arriving waited for it the whole shutdown timeout, held the stop that long
+    # with nothing in flight, and its client got its connection dropped, no answer.
+    service = ServiceProcess(tmp_path / "service.db", directory.url, APP_SHUTDOWN_TIMEOUT="8")
+    async with aiohttp.ClientSession() as http:
+        await service.start(http)
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+    writer.write(
+        b"POST /batch/upload-csv HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.csv"\r\n\r\n'
+        b"name,address,phone\n"
+    )
+    await writer.drain()
+    await asyncio.sleep(0.3)  # its handler is under way, reading the body
+    assert service.process is not None
+    stopped_at = time.monotonic()
+    service.process.terminate()
+    async with asyncio.timeout(20):
+        answer = await reader.read()
+        answered = time.monotonic() - stopped_at
+        while service.process.poll() is None:
+            await asyncio.sleep(0.05)
+    took = time.monotonic() - stopped_at
+    writer.close()
+
+    assert answer.startswith(b"HTTP/1.1 503 "), answer
+    assert b"the service is stopping" in answer
+    assert answered < 3.0 and took < 3.0  # not the 8 s shutdown timeout
+    assert service.process.returncode == 0
+    async with aiohttp.ClientSession() as http:  # nothing of it was recorded
+        await service.start(http)
+        async with http.get(f"{service.url}/batch") as r:
+            assert (await r.json())["batches"] == []
+    await service.stop()
 
 
 async def test_a_second_signal_while_stopping_says_so_in_the_log(
@@ -152,20 +209,13 @@ async def test_a_second_signal_while_stopping_says_so_in_the_log(
 async def test_a_second_signal_while_a_request_is_under_way_exits_at_once(
     directory: RunningDirectory, tmp_path: Path
 ) -> None:
-    # aiohttp's GracefulExit, raised through its wait for an upload still coming, cut its
+    # aiohttp's GracefulExit, raised through its wait for a request under way, cut its
     # cleanup off half-way: 3-9 tracebacks of the resources it left open.
     service = await three_creates_in_flight(directory, tmp_path, shutdown_timeout=8)
     assert service.process is not None
-    _, writer = await asyncio.open_connection("127.0.0.1", service.port)
-    writer.write(
-        b"POST /batch/upload-csv HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
-        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.csv"\r\n\r\n'
-    )
-    await writer.drain()
-    await asyncio.sleep(0.2)  # its handler is under way, reading the body
+    writer = await an_answer_not_read(service)
     service.process.terminate()
-    await asyncio.sleep(0.5)  # the stop waits for the upload
+    await asyncio.sleep(0.5)  # the stop waits for the answer under way
     assert service.process.poll() is None
     signalled = time.monotonic()
     service.process.send_signal(signal.SIGINT)
@@ -175,7 +225,7 @@ async def test_a_second_signal_while_a_request_is_under_way_exits_at_once(
     said = service.log.read_text()
 
     assert service.process.returncode == 1
-    assert took < 2  # not the 8 s the upload and the creates in flight were given
+    assert took < 2  # not the 8 s the request and the creates in flight were given
     assert said.rstrip().endswith(
         "WARNING __main__: stopped at once by a second signal: work under way was cut off; "
         "the next start checks its rows with the directory"
