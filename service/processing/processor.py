@@ -36,6 +36,7 @@ MOST_AHEAD = 12  # rows a worker gets ready ahead at most (docs/performance.md)
 AHEAD_WAIT = 0.05  # seconds a later batch may wait behind the rows got ready ahead
 WANTED_CHECK = 0.5  # seconds between looks at a row waiting for the window: still wanted?
 STOP_REASON = "the service is stopping"  # why a row got ready is withdrawn at a stop
+WRONG_ADDRESS = "is directory.base_url (EXTERNAL_API_BASE_URL) the directory's address?"
 LATELY_SCANNED = 10_000  # newest events read at start for creates the window still counts
 
 
@@ -754,6 +755,8 @@ class Processor:
             )
         elif answer.outcome in (Outcome.REJECTED, Outcome.NOT_FOUND):
             message = f"the directory refused the row (HTTP {answer.status}): {answer.message}"
+            if answer.status in (404, 405):  # never the directory's answer to a create
+                message += f"; {WRONG_ADDRESS}"
             await self._emit(
                 run, ev.HospitalFailed(n, b.REJECTED, message, retryable=False), *outcome_id
             )

@@ -257,6 +257,22 @@ async def test_a_failed_warm_up_names_the_directory_it_tried(
     assert warned[0].startswith(f"the directory at {directory.url} (directory.base_url)")
 
 
+async def test_a_wrong_path_in_the_directory_s_address_is_named_in_each_row_s_error(
+    service_factory: ServiceFactory, directory: RunningDirectory
+) -> None:
+    # Another path on the directory's host answers, so nothing looks unreachable: each
+    # create is answered 404, which the directory never answers to one.
+    async with service_factory(base_url=f"{directory.url}/v1") as service:
+        final = await service.wait_finished((await service.upload(csv_of(2)))["batch_id"])
+
+    assert final["processing_status"] == "failed"
+    assert {h["error_message"] for h in final["hospitals"]} == {
+        "the directory refused the row (HTTP 404): Not Found; is directory.base_url "
+        "(EXTERNAL_API_BASE_URL) the directory's address?"
+    }
+    assert directory.standin.all_hospitals() == []
+
+
 async def test_a_directory_down_is_warned_of_once_and_its_return_is_said(
     service_factory: ServiceFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
