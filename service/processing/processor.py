@@ -253,7 +253,8 @@ class Processor:
             )
             log.warning(
                 "stopping: %d task(s) still under way after %.1f s are cut off (creates in "
-                "flight: %s); the next start checks their rows with the directory",
+                "flight: %s); the next start takes their work up from the log, and looks "
+                "for a create cut off in the directory before it sends it again",
                 len(left),
                 grace,
                 ", ".join(creating) or "none",
