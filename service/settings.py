@@ -328,4 +328,14 @@ def _validate(s: Settings) -> None:
     ]
     for ok, name, problem in checks:
         if not ok:
-            raise SettingsError(f"setting {name} {problem}")
+            section, key = name.split(".")
+            value = getattr(getattr(s, section), key)
+            raise SettingsError(
+                f"setting {name} ({_env_name(section, key)}) {problem}; got {value!r}"
+            )
+
+
+def _env_name(section: str, key: str) -> str:
+    """The environment variable that sets `section.key`."""
+    aliases = {where: name for name, where in ALIASES.items()}
+    return aliases.get((section, key), f"{section}_{key}".upper())

@@ -143,8 +143,10 @@ def test_dotenv_skips_comments_and_strips_export_and_quotes(tmp_path: Path) -> N
 def test_bad_environment_values_name_the_setting(
     tmp_path: Path, environ: dict[str, str], named: str
 ) -> None:
-    with pytest.raises(SettingsError, match=re.escape(f"setting {named}")):
+    with pytest.raises(SettingsError, match=re.escape(f"setting {named}")) as refused:
         load(tmp_path, **environ)
+    (variable,) = environ
+    assert variable in str(refused.value)  # where the operator set it, too
 
 
 @pytest.mark.parametrize(
