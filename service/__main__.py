@@ -84,7 +84,10 @@ def serve(args: argparse.Namespace) -> int:
         )
         return 2
     except (DatabaseInUse, OSError) as exc:  # the lock, the address, or the database's folder
-        print(f"error: the service could not start: {exc}", file=sys.stderr)
+        said = str(exc)
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+            said += " (app.port, APP_PORT: stop what listens there, or choose another port)"
+        print(f"error: the service could not start: {said}", file=sys.stderr)
         return 2
     except (MigrationError, sqlite3.DatabaseError) as exc:  # corrupt, newer, read-only
         path = settings.database.path

@@ -355,6 +355,28 @@ def test_a_database_the_service_cannot_use_is_named_and_it_exits_2(
     assert "Traceback" not in done.stderr
 
 
+def test_a_port_in_use_is_named_and_it_exits_2(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        done = subprocess.run(
+            [sys.executable, "-m", "service", "serve"],
+            env={
+                "PATH": "/usr/bin:/bin",
+                "DATABASE_PATH": str(tmp_path / "service.db"),
+                "APP_PORT": str(taken.getsockname()[1]),
+            },
+            cwd=PROJECT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    assert done.returncode == 2, done.stderr
+    assert "address already in use (app.port, APP_PORT: stop what listens there" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_a_host_that_does_not_resolve_is_named_and_it_exits_2(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "service", "serve"],
