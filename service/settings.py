@@ -315,6 +315,7 @@ def _validate(s: Settings) -> None:
         (d.rate_window_seconds > 0, "directory.rate_window_seconds", "must be > 0"),
         (s.csv.max_rows >= 1, "csv.max_rows", "must be at least 1"),
         (s.csv.max_bytes >= 1024, "csv.max_bytes", "must be at least 1024"),
+        (s.app.host.strip() != "", "app.host", "must not be empty (0.0.0.0: every interface)"),
         (s.csv.upload_seconds > 0, "csv.upload_seconds", "must be positive"),
         (s.csv.concurrent_uploads >= 1, "csv.concurrent_uploads", "must be at least 1"),
         (s.api.bulk_wait_seconds >= 0, "api.bulk_wait_seconds", "must be >= 0"),

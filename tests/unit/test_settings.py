@@ -118,6 +118,7 @@ def test_dotenv_skips_comments_and_strips_export_and_quotes(tmp_path: Path) -> N
             {"DIRECTORY_BACKOFF_BASE": "fast"},
             "directory.backoff_base (from DIRECTORY_BACKOFF_BASE)",
         ),
+        ({"APP_HOST": " "}, "app.host"),  # aiohttp took it for every interface
         ({"DIRECTORY_BATCH_SIZE": "21"}, "directory.batch_size"),
         ({"DIRECTORY_CONCURRENCY": "21"}, "directory.concurrency"),
         ({"LOG_LEVEL": "LOUD"}, "app.log_level"),
