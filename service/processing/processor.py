@@ -11,7 +11,6 @@ from asyncio import FIRST_COMPLETED
 from collections import defaultdict, deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from service.domain import batch as b
@@ -21,13 +20,14 @@ from service.processing.directory_client import Answer, DirectoryClient, Outcome
 from service.processing.outbox import Outbox
 from service.processing.pacing import Lookahead, Pauses, WindowPacer, backoff
 from service.processing.runs import BatchRun, Gate
+from service.processing.sent_lately import sent_lately
 from service.processing.upstream import UpstreamBatches
 from service.processing.warmup import WarmUp
 from service.projections import queries
 from service.settings import DirectorySettings
 from service.store.event_store import EventStore
 from service.store.head_mark import Lost
-from service.store.records import EVENT_COLUMNS, ConcurrencyError, NewEvent, StoredEvent, from_row
+from service.store.records import ConcurrencyError, NewEvent, StoredEvent
 from service.tasks import log_failure
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,6 @@ AHEAD_WAIT = 0.05  # seconds a later batch may wait behind the rows got ready ah
 WANTED_CHECK = 0.5  # seconds between looks at a row waiting for the window: still wanted?
 STOP_REASON = "the service is stopping"  # why a row got ready is withdrawn at a stop
 WRONG_ADDRESS = "is directory.base_url (EXTERNAL_API_BASE_URL) the directory's address?"
-LATELY_SCANNED = 10_000  # newest events read at start for creates the window still counts
 
 
 class Refused(Exception):
@@ -81,66 +80,6 @@ async def _collect_ready(
     done, pending = await asyncio.wait(getting, return_when=FIRST_COMPLETED)
     into.extend(ready for task in done if (ready := task.result()) is not None)
     return pending
-
-
-# Outcomes of a create that was never sent (withdrawn, or no connection to the directory):
-# it takes no place in the directory's window.
-NEVER_SENT = frozenset({b.WITHDRAWN, b.UNREACHABLE})
-
-
-async def _sent_lately(store: EventStore, seconds: float) -> list[float]:
-    """Times no earlier than each create of the last `seconds` was sent, on the monotonic
-    clock, oldest first (from the newest LATELY_SCANNED events).
-
-    A create is dated by its outcome, recorded after its answer: its intent is recorded
-    before it, and before the row waited for room in the window. One whose intent has no
-    outcome (in flight at a crash) is dated now; one withdrawn or never sent is not counted.
-    """
-    now = time.time()
-    rows = await store.select(
-        f"SELECT {EVENT_COLUMNS} FROM events WHERE global_position > ? "
-        "AND event_type IN (?, ?, ?, ?) ORDER BY global_position",
-        (
-            store.head.position - LATELY_SCANNED,
-            ev.HospitalRequested.type_name,
-            ev.HospitalCreated.type_name,
-            ev.HospitalFailed.type_name,
-            ev.HospitalRetryScheduled.type_name,
-        ),
-    )
-    answered: list[float] = []  # wall-clock times, in log order
-    unanswered: dict[tuple[str, int], float] = {}
-    for stored in map(from_row, rows):
-        at = datetime.fromisoformat(stored.recorded_at).timestamp()
-        match stored.decode():
-            case ev.HospitalRequested(rows=requested):
-                unanswered.update(((stored.stream_id, n), at) for n in requested)
-            case ev.HospitalCreated(row=n):
-                unanswered.pop((stored.stream_id, n), None)
-                answered.append(at)
-            case (
-                ev.HospitalFailed(row=n, reason=reason)
-                | ev.HospitalRetryScheduled(row=n, reason=reason)
-            ):
-                unanswered.pop((stored.stream_id, n), None)
-                if reason not in NEVER_SENT:
-                    answered.append(at)
-    # The log's times are the wall clock's, which may have stepped since (an NTP correction
-    # between a crash and this start, a VM resumed). An answer came before now, and each
-    # before the next in the log: read newest first, the newest is put no later than now (a
-    # log recorded ahead of the clock is moved back whole) and each no later than the next.
-    ahead = max(0.0, answered[-1] - now) if answered else 0.0
-    sent: list[float] = []
-    latest = now
-    for at in reversed(answered):
-        latest = min(at - ahead, latest)
-        if latest < now - seconds:
-            break
-        sent.append(latest)
-    sent.reverse()
-    sent += [now for at in unanswered.values() if at - ahead >= now - seconds]
-    clock_gap = now - time.monotonic()
-    return [at - clock_gap for at in sent]
 
 
 class Processor:
@@ -187,7 +126,7 @@ class Processor:
         if self._settings.creates_per_minute:
             # Two windows back: where the window open now began depends on the one before it.
             lately = 2 * (self._settings.rate_window_seconds + self._settings.rate_window_margin)
-            self._pacer.replay(await _sent_lately(self._store, lately))
+            self._pacer.replay(await sent_lately(self._store, lately))
         self._workers = [
             asyncio.create_task(self._worker(), name=f"worker-{i}")
             for i in range(self._settings.concurrency)

@@ -26,7 +26,7 @@ from service.domain import events as ev
 from service.local_directory import DirectoryOptions, RunningDirectory, run_directory
 from service.processing.directory_client import DirectoryClient
 from service.processing.pacing import Pauses, WindowPacer
-from service.processing.processor import _sent_lately
+from service.processing.sent_lately import sent_lately
 from service.processing.upstream import UpstreamBatches
 from service.settings import Settings
 from service.store import event_store
@@ -319,7 +319,7 @@ async def wait_after_replaying(store: EventStore, log: list[tuple[float, list[Ne
         await store.append("batch-x", None, events)
     SetClock.at = 0.0
     pacer = WindowPacer(30, 60.0, 0.5)
-    pacer.replay(await _sent_lately(store, 2 * 60.5))
+    pacer.replay(await sent_lately(store, 2 * 60.5))
     return pacer.seconds_to_room()
 
 
