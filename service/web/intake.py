@@ -135,7 +135,7 @@ def _status_location(batch_id: str) -> dict[str, str]:
     return {"Location": f"/batch/{batch_id}/status"}
 
 
-def accepted_body(batch: dict[str, Any], created: bool = True) -> dict[str, Any]:
+def accepted_body(batch: dict[str, Any], created: bool) -> dict[str, Any]:
     """The upload answer users know, plus the validation warnings; a replay of a keyed
     upload (`created` false) says that it started nothing."""
     return {
