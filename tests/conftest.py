@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,7 @@ import pytest
 
 from service.local_directory import DirectoryOptions, RunningDirectory, run_directory
 from tests.integration.chaos import TALLY
-from tests.support import Service, ServiceFactory, fast_settings, running_service
+from tests.support import CHILDREN, Service, ServiceFactory, fast_settings, running_service
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -33,6 +33,17 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("chaos tally")
         for what, count in sorted(TALLY.items()):
             terminalreporter.write_line(f"{what}: {count}")
+
+
+@pytest.fixture(autouse=True)
+def no_child_left() -> Iterator[None]:
+    """Kill any service child a test left running (one that failed before its stop)."""
+    yield
+    while CHILDREN:
+        child = CHILDREN.pop()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
 
 
 @pytest.fixture

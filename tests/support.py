@@ -168,6 +168,10 @@ def free_port(other_than: int = 0) -> int:
             return port
 
 
+# Every child started, so that one a failed test left running is killed after it.
+CHILDREN: list[subprocess.Popen[bytes]] = []
+
+
 class ServiceProcess:
     """`python -m service serve` as a child process, to be killed like a real crash."""
 
@@ -202,6 +206,7 @@ class ServiceProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+        CHILDREN.append(self.process)
 
     async def start(self, http: aiohttp.ClientSession, within: float = 20.0) -> None:
         """Start the service and wait until /health answers 200."""
