@@ -48,6 +48,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from service.app import create_app
     from service.web.errors import RefusedRequests
+    from service.web.health import QuietProbes
 
     settings = _settings(args)
     logs.configure(settings.app.log_level)
@@ -68,6 +69,7 @@ def serve(args: argparse.Namespace) -> int:
             host=settings.app.host,
             port=settings.app.port,
             shutdown_timeout=settings.app.shutdown_timeout,
+            access_log_class=QuietProbes,
             print=lambda _: log.info(
                 "listening on http://%s:%d", settings.app.host, settings.app.port
             ),

@@ -7,6 +7,8 @@ import time
 from datetime import UTC, datetime
 
 from aiohttp import web
+from aiohttp.web import BaseRequest, StreamResponse
+from aiohttp.web_log import AccessLogger
 from aiohttp_apispec import docs, response_schema
 
 from service import __version__
@@ -14,6 +16,15 @@ from service.web import schemas
 from service.web.keys import CLIENT, PROCESSOR, SETTINGS, STARTED_AT, STORE
 
 routes = web.RouteTableDef()
+
+
+class QuietProbes(AccessLogger):
+    """The access log, less the healthy answers of /health: an orchestrator's probe every
+    few seconds buries the requests an operator looks for (an unhealthy answer is kept)."""
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        if request.path != "/health" or response.status != 200:
+            super().log(request, response, time)
 
 
 def _iso(timestamp: float | None) -> str | None:

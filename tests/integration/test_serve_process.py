@@ -87,6 +87,23 @@ async def test_the_log_says_when_the_service_listens_and_when_it_stopped(
     assert said.rstrip().endswith("stopped")
 
 
+async def test_the_access_log_leaves_out_healthy_probes(
+    directory: RunningDirectory, tmp_path: Path
+) -> None:
+    service = ServiceProcess(tmp_path / "service.db", directory.url, LOG_LEVEL="INFO")
+    async with aiohttp.ClientSession() as http:
+        await service.start(http)  # probes /health until it answers 200
+        for path in ("/health", "/batch", "/batch/nope/status"):
+            async with http.get(f"{service.url}{path}") as r:
+                assert r.status in (200, 404, 422)
+        await service.stop()
+    said = service.log.read_text()
+
+    assert re.search(r" INFO aiohttp\.access: .*\"GET /batch HTTP/1\.1\" 200 ", said)
+    assert re.search(r"\"GET /batch/nope/status HTTP/1\.1\" 4\d\d ", said)
+    assert "GET /health" not in said
+
+
 async def test_a_bulk_request_waiting_at_shutdown_is_answered_202_and_holds_no_one(
     directory: RunningDirectory, tmp_path: Path
 ) -> None:
