@@ -65,7 +65,8 @@ class Figure:
             "name": self.name,
             "value": self.value,
             "unit": self.unit,
-            "target": None if self.target is None else str(self.target),
+            # A plain number, for a program to read: the table's `50,000` is for people.
+            "target": None if self.target is None else f"{self.target.op} {self.target.limit!r}",
             "ok": self.ok,
         }
 
@@ -102,6 +103,8 @@ class Report:
 def _number(value: float | None) -> str:
     if value is None:
         return "n/a"
+    if isinstance(value, int):  # a count
+        return f"{value:,}"
     if value == int(value) and abs(value) >= 100:
         return f"{int(value):,}"
     if abs(value) >= 100:
