@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 EVENTS_PAGE = 500  # events the events command reads in one query
 CUT_OFF = (
     "stopped at once by a second signal: work under way was cut off; "
-    "the next start checks its rows with the directory"
+    "the next start takes it up from the log"
 )
 FEW_OPEN_FILES = 1024  # a limit of open files below this is warned of at start
 

@@ -48,6 +48,12 @@ IDEMPOTENCY_PARAMETER = {
 
 # Where an accepted upload is followed: documented on every answer that sends it.
 LOCATION = {"Location": {"type": "string", "description": "the batch's /status path"}}
+REPLAYED = {
+    "Idempotent-Replayed": {
+        "type": "string",
+        "description": "true when the same Idempotency-Key and file came before: no new batch",
+    }
+}
 
 
 def intake_errors(schema: type[Schema]) -> dict[int, dict[str, Any]]:
@@ -130,9 +136,16 @@ def _same_upload(known: dict[str, Any], sha: str, parsed: csv_intake.ParsedCsv) 
     return {**known, "warnings": parsed.warnings}
 
 
-def _status_location(batch_id: str) -> dict[str, str]:
-    """The Location header of an accepted upload: the /status path it is followed at."""
-    return {"Location": f"/batch/{batch_id}/status"}
+def _replayed(created: bool) -> dict[str, str]:
+    """The header that tells an answer to a repeated keyed upload from a new batch's: the
+    bulk endpoint's /status body has no message to say so."""
+    return {} if created else {"Idempotent-Replayed": "true"}
+
+
+def _accepted_headers(batch_id: str, created: bool) -> dict[str, str]:
+    """The headers of an accepted upload: the /status path it is followed at, and whether
+    it is an earlier batch."""
+    return {"Location": f"/batch/{batch_id}/status", **_replayed(created)}
 
 
 def accepted_body(batch: dict[str, Any], created: bool) -> dict[str, Any]:
@@ -162,7 +175,7 @@ def accepted_body(batch: dict[str, Any], created: bool) -> dict[str, Any]:
         200: {
             "schema": schemas.UploadAccepted,
             "description": "same Idempotency-Key and file",
-            "headers": LOCATION,
+            "headers": {**LOCATION, **REPLAYED},
         },
         409: {"schema": schemas.Error, "description": "Idempotency-Key reused for another file"},
         **intake_errors(schemas.Error),
@@ -173,7 +186,7 @@ async def upload_csv(request: web.Request) -> web.Response:
     return web.json_response(
         accepted_body(batch, created),
         status=202 if created else 200,
-        headers=_status_location(batch["batch_id"]),
+        headers=_accepted_headers(batch["batch_id"], created),
     )
 
 
@@ -222,13 +235,18 @@ async def validate_csv(request: web.Request) -> web.Response:
         202: {
             "schema": schemas.UploadAccepted,
             "description": "still running: follow batch_id",
-            "headers": LOCATION,
+            "headers": {**LOCATION, **REPLAYED},
         },
         409: {"schema": schemas.Error, "description": "Idempotency-Key reused for another file"},
         **intake_errors(schemas.Error),
     },
 )
-@response_schema(schemas.Status, 200, description="the batch finished: its /status body")
+@response_schema(
+    schemas.Status,
+    200,
+    description="the batch finished: its /status body (Idempotent-Replayed: true when the "
+    "same Idempotency-Key and file came before)",
+)
 async def bulk(request: web.Request) -> web.Response:
     batch, created = await accept_upload(request)
     batch_id = batch["batch_id"]
@@ -240,8 +258,10 @@ async def bulk(request: web.Request) -> web.Response:
     if not finished:
         now = await queries.get_batch(request.app[STORE], batch_id) or batch
         body = {**accepted_body(batch, created), "status": now["status"]}
-        return web.json_response(body, status=202, headers=_status_location(batch_id))
-    return await status_response(request, batch_id)
+        return web.json_response(body, status=202, headers=_accepted_headers(batch_id, created))
+    response = await status_response(request, batch_id)
+    response.headers.update(_replayed(created))
+    return response
 
 
 async def _finished_before_stopping(app: web.Application, batch_id: str) -> bool:

@@ -227,8 +227,8 @@ async def test_idempotency_key_replays_the_same_file_and_refuses_another(
 ) -> None:
     key = "idem-" + uuid.uuid4().hex
     twice = SAMPLE_CSV + SAMPLE_CSV.splitlines(keepends=True)[1]  # row 4 repeats row 1
-    status, first, _ = await upload(service, twice, key)
-    assert status == 202
+    status, first, headers = await upload(service, twice, key)
+    assert status == 202 and "Idempotent-Replayed" not in headers
     batch_id = first["batch_id"]
     assert [w["type"] for w in first["warnings"]] == ["duplicate_row"]
     await service.wait_finished(batch_id)
@@ -238,6 +238,8 @@ async def test_idempotency_key_replays_the_same_file_and_refuses_another(
     assert again["batch_id"] == batch_id and again["status"] == "completed"
     assert again["warnings"] == first["warnings"]  # the same file, the same warnings
     assert headers["Location"] == f"/batch/{batch_id}/status"
+    assert headers["Idempotent-Replayed"] == "true"
+    assert "no new batch was created" in again["message"]
     status, refused, _ = await upload(service, csv_of(2), key)
     assert status == 409
     assert batch_id in refused["detail"] and "different file" in refused["detail"]
@@ -263,6 +265,21 @@ async def test_bulk_waits_for_the_batch_and_answers_its_status(
     _, now = await service.get(f"/batch/{body['batch_id']}/status")
     assert body == now
     assert len(directory.standin.hospitals_in_batch(body["batch_id"])) == 3
+
+
+async def test_bulk_says_when_its_answer_is_an_earlier_batch_of_the_same_key(
+    service: Service,
+) -> None:
+    # Its /status body has no message: without the header, a repeated upload of a batch
+    # since rolled back read as a new upload rolled back.
+    key = "bulk-" + uuid.uuid4().hex
+    status, first, headers = await upload(service, SAMPLE_CSV, key, path="/hospitals/bulk")
+    assert status == 200 and "Idempotent-Replayed" not in headers
+
+    status, again, headers = await upload(service, SAMPLE_CSV, key, path="/hospitals/bulk")
+
+    assert status == 200 and again["batch_id"] == first["batch_id"]
+    assert headers["Idempotent-Replayed"] == "true"
 
 
 async def test_bulk_answers_202_with_the_batch_id_when_the_wait_runs_out(

@@ -245,7 +245,7 @@ async def test_a_second_signal_while_a_request_is_under_way_exits_at_once(
     assert took < 2  # not the 8 s the request and the creates in flight were given
     assert said.rstrip().endswith(
         "WARNING __main__: stopped at once by a second signal: work under way was cut off; "
-        "the next start checks its rows with the directory"
+        "the next start takes it up from the log"
     )
     assert "Traceback" not in said and " ERROR " not in said
 
