@@ -530,7 +530,9 @@ async def test_activation_looks_first_at_the_upstream_batch_created_first(
             standin.restart()  # rows 21-25, created first, are gone
 
     on_request(monkeypatch, standin, restart_before_the_first_retry)
-    async with service_factory() as service:
+    # Rows 21-25 take 0.1 s; the first retry comes two settles after rows 1-20 were sent:
+    # 0.3 s each left too little room on a loaded machine (one of them stored in time).
+    async with service_factory(settle_seconds=1.0) as service:
         final = await service.wait_finished((await service.upload(csv_of(25)))["batch_id"])
 
     assert sorted(h["id"] for h in standin.all_hospitals()) == list(range(1, 21))  # rows 1-20
