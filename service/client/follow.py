@@ -66,11 +66,17 @@ async def follow(
             ws = await _handshake(api, batch_id, after, max(left, FIRST_RETRY_SECONDS))
             opened = loop.time()
             async with ws:
+                quiet_from = loop.time() + QUIET_SECONDS
                 while True:
                     try:
-                        msg = await ws.receive(timeout=QUIET_SECONDS)
+                        # A deadline, not receive()'s timeout: that starts again with every
+                        # ping and pong, so a service pinging more often than QUIET_SECONDS
+                        # (websocket.heartbeat_seconds) kept a quiet socket from counting.
+                        async with asyncio.timeout_at(quiet_from):
+                            msg = await ws.receive()
                     except TimeoutError:
                         await _say_why_quiet(api, batch_id, aside)
+                        quiet_from = loop.time() + QUIET_SECONDS
                         continue
                     if msg.type is not aiohttp.WSMsgType.TEXT:
                         break
@@ -78,6 +84,7 @@ async def follow(
                     if message is None:
                         continue
                     show(message)
+                    quiet_from = loop.time() + QUIET_SECONDS
                     after, lost_since, retry = message["version"], None, FIRST_RETRY_SECONDS
                     if message["type"] == "finished":
                         return message

@@ -29,6 +29,7 @@ from service.__main__ import main
 from service.client import run
 from service.client.api import ServiceApi
 from service.client.display import TABLE_ROWS, Watch
+from service.client.follow import follow
 from service.domain import batch as b
 from service.domain import events as ev
 from service.local_directory import RunningDirectory
@@ -507,6 +508,35 @@ async def test_a_service_that_stops_answering_while_followed_ends_at_the_reconne
 
     assert status == 3, captured.stdout + captured.stderr
     assert "gave up after 0.5s" in captured.stderr
+
+
+async def test_a_quiet_socket_is_explained_also_when_the_service_pings_more_often(
+    directory: RunningDirectory, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # receive()'s timeout starts again with every ping and pong: with a
+    # websocket.heartbeat_seconds under QUIET_SECONDS the socket never counted as quiet, so
+    # /progress was never asked and a wait for the directory's rate window never shown.
+    monkeypatch.setattr("service.client.follow.QUIET_SECONDS", 0.6)
+    settings = fast_settings(db_path, directory.url).replace(websocket={"heartbeat_seconds": 0.2})
+    batch_id = str(uuid.uuid4())
+    said: list[str] = []
+    async with running_service(settings) as service:
+        store = service.app[STORE]
+        await store.append(b.stream_id(batch_id), -1, new_batch(batch_id, rows=2))
+        api = ServiceApi(service.http, URL(service.url))
+        following = asyncio.create_task(
+            follow(api, batch_id, lambda message: None, lambda note: None, 5.0, said.append)
+        )
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(3):  # five quiet spells
+                while not said:
+                    await asyncio.sleep(0.05)
+        await store.append(b.stream_id(batch_id), 0, completing(batch_id))
+        async with asyncio.timeout(5):
+            final = await following
+
+    assert said, "the quiet socket was never explained"
+    assert final["status"]["processing_status"] == "completed"
 
 
 async def test_the_command_line_runs_as_a_process(service: Service, sample: Path) -> None:
