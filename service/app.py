@@ -8,6 +8,7 @@ import gc
 import time
 import weakref
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 from aiohttp_apispec import setup_aiohttp_apispec, validation_middleware
@@ -38,7 +39,7 @@ from service.web.keys import (
     STOPPING,
     STORE,
 )
-from service.web.origins import known_hosts, same_origin_writes
+from service.web.origins import SAFE_METHODS, known_hosts, same_origin_writes
 from service.web.status_cache import StatusCache
 
 YOUNG_COLLECTION_THRESHOLD = 20_000  # allocations between young collections (700 by default)
@@ -179,4 +180,24 @@ def create_app(settings: Settings) -> web.Application:
     # aiohttp answers HEAD wherever it answers GET; listing each twice only clutters /docs.
     for operations in app["swagger_dict"]["paths"].values():
         operations.pop("head", None)
+    _document_browser_refusals(app["swagger_dict"])
     return app
+
+
+def _document_browser_refusals(spec: dict[str, Any]) -> None:
+    """The 403 the origin middlewares answer, in every operation: to a browser that sent the
+    request to a name the service does not know, and to a change from another site's page."""
+    unknown_host = (
+        "sent by a browser to a host name that is not an IP address, localhost, *.localhost, "
+        "app.host or listed in app.allowed_hosts"
+    )
+    other_site = "sent from a page of another site (websocket.allowed_origins)"
+    for operations in spec["paths"].values():
+        for method, operation in operations.items():
+            why = (
+                unknown_host
+                if method.upper() in SAFE_METHODS
+                else f"{other_site}, or {unknown_host}"
+            )
+            refused = {"schema": {"$ref": "#/definitions/Error"}, "description": why}
+            operation["responses"].setdefault("403", refused)

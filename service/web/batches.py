@@ -269,7 +269,10 @@ def _results_text(values: list[tuple[Any, ...]], only_failed: bool) -> str:
     responses={
         **NOT_FOUND,
         **BAD_ID,
-        409: {"schema": schemas.Error, "description": "still processing, or nothing to resume"},
+        409: {
+            "schema": schemas.Error,
+            "description": "still processing, rolled back, or nothing to resume",
+        },
     },
 )
 @response_schema(schemas.Progress, 202)

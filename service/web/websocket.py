@@ -51,7 +51,11 @@ DASHBOARD_PAUSE = 0.25
 HANDSHAKE_RESPONSES = {
     101: {"description": "switching to websocket; docs/websocket.md lists the messages"},
     400: {"schema": schemas.Error, "description": "not a websocket handshake"},
-    403: {"schema": schemas.Error, "description": "cross-origin handshake refused"},
+    403: {
+        "schema": schemas.Error,
+        "description": "cross-origin handshake refused, or a browser sent it to a host name "
+        "the service does not know (app.allowed_hosts)",
+    },
 }
 
 

@@ -856,6 +856,27 @@ async def test_a_browser_sent_to_a_name_the_service_does_not_know_is_refused(
         assert status == 200
 
 
+async def test_every_operation_documents_the_403_a_browser_can_get(service: Service) -> None:
+    """The README promises 403 to a change sent from another site's page and to a browser
+    that names a host the service does not know; the spec listed it for the handshakes alone."""
+    rebound = {"Host": "evil.example", "Origin": "http://evil.example"}
+    status, _ = await service.get("/batch", headers=rebound)
+    assert status == 403
+    _, spec = await service.get("/openapi.json")
+
+    undocumented = [
+        f"{method.upper()} {path}"
+        for path, operations in spec["paths"].items()
+        for method, operation in operations.items()
+        if "403" not in operation["responses"]
+    ]
+    assert undocumented == []
+    upload = spec["paths"]["/batch/upload-csv"]["post"]["responses"]["403"]
+    assert upload["schema"]["$ref"].endswith("/Error")
+    assert "another site" in upload["description"]
+    assert "app.allowed_hosts" in spec["paths"]["/batch"]["get"]["responses"]["403"]["description"]
+
+
 BAD_QUERIES = [
     ("/batch?limit=abc", "limit", "Not a valid integer."),
     ("/batch?limit=0", "limit", "greater than or equal to 1"),
