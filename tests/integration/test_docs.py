@@ -45,3 +45,23 @@ async def test_swagger_ui_takes_no_options_from_the_query_string(service: Servic
     for page in ("index.html", "oauth2-redirect.html"):
         async with service.http.get(f"{service.url}/static/swagger/{page}") as r:
             assert r.status == 404, page
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+async def test_a_docs_page_may_load_images_and_data_from_the_service_alone(
+    service: Service, page: str
+) -> None:
+    # ReDoc's bundle shows a logo from cdn.redoc.ly in its sidebar, whatever its options:
+    # the page's policy is what keeps a browser from fetching it.
+    async with service.http.get(service.url + "/static/redoc/redoc.standalone.js") as r:
+        assert "https://cdn.redoc.ly/redoc/logo-mini.svg" in await r.text()
+    async with service.http.get(service.url + page) as r:
+        assert r.status == 200
+        policy = r.headers.get("Content-Security-Policy", "")
+    directives = {
+        name: sources
+        for name, *sources in (part.split() for part in policy.split(";") if part.strip())
+    }
+    assert set(directives.get("img-src", ["*"])) <= {"'self'", "data:"}, policy
+    assert directives.get("connect-src") == ["'self'"], policy
+    assert directives.get("frame-ancestors") == ["'none'"], policy
