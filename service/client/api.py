@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,12 @@ from yarl import URL
 
 JSON, CSV = "application/json", "text/csv"
 HEALTH_SECONDS = 5.0  # /health only sets the rate's cap: not worth waiting long for
+# Bytes of an answer read at most, but for a results file: the service's answers take KBs
+# (an upload's duplicate-row warnings a few MB), and a server that streams without end
+# (another program at --url, or a hostile one) took 1.4 GB of memory in 6 s, until
+# aiohttp's total timeout of 5 minutes.
+MAX_ANSWER = 64 * 2**20
+MOST_CREATES_PER_MINUTE = 10**6  # a pace past it is no pace a directory keeps
 
 
 class Refused(Exception):
@@ -31,12 +39,16 @@ def problems_of(body: Any) -> list[str]:
     detail = body.get("detail") if isinstance(body, dict) else body
     if isinstance(detail, list):
         return [
-            f"{' '.join(str(part) for part in item.get('loc', []))}: {item.get('msg')}"
+            f"{' '.join(str(part) for part in _listed(item.get('loc')))}: {item.get('msg')}"
             if isinstance(item, dict)
             else str(item)
             for item in detail
         ]
     return [str(detail)] if detail else []
+
+
+def _listed(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [] if value is None else [value]
 
 
 def lacking(body: Any, fields: tuple[str, ...]) -> list[str]:
@@ -73,9 +85,19 @@ class ServiceApi:
                         f"(HTTP {response.history[0].status}): use that as --url"
                     )
                 kind, status = response.content_type, response.status
+                limit = None if kind == answer == CSV and status < 400 else MAX_ANSWER
+                raw = await _read_at_most(response, limit)
+                if raw is None:
+                    raise Refused(
+                        f"{method} {path} got HTTP {status} with an answer past "
+                        f"{MAX_ANSWER} bytes, not the service's",
+                        self._stranger(kind, None, status),
+                        unclear=True,
+                    )
                 try:
-                    body = await (response.json() if kind == JSON else response.text())
-                except ValueError:  # not JSON after all, or not text
+                    text = raw.decode(response.charset or "utf-8")
+                    body = json.loads(text) if kind == JSON else text
+                except (ValueError, LookupError):  # not JSON after all, or not text
                     body = None
                 if status >= 400:  # a 5xx is no refusal: the request may have been done
                     refused = "got no clear answer" if status >= 500 else "was refused"
@@ -148,6 +170,12 @@ class ServiceApi:
             body = await self._call(
                 "POST", "/batch/upload-csv", needs=("batch_id",), data=form, headers=headers
             )
+            if not _is_uuid(body["batch_id"]):
+                raise Refused(
+                    "POST /batch/upload-csv: the answer's batch_id is not a batch id",
+                    self._stranger(JSON, None, 200),
+                    unclear=True,
+                )
         except Refused as refused:
             if refused.unclear:  # uploading again could load every hospital twice
                 refused.problems.append(
@@ -186,8 +214,11 @@ class ServiceApi:
             body = await self._call("GET", "/health", timeout=timeout)
         except Refused:  # unreachable, or unhealthy (503): the follow will say so
             return 0
-        pace = body.get("directory", {}).get("creates_per_minute") if isinstance(body, dict) else 0
-        return pace if isinstance(pace, int) else 0
+        directory = body.get("directory") if isinstance(body, dict) else None
+        pace = directory.get("creates_per_minute") if isinstance(directory, dict) else 0
+        if not isinstance(pace, int) or isinstance(pace, bool):
+            return 0
+        return pace if 0 <= pace <= MOST_CREATES_PER_MINUTE else 0
 
     async def results_csv(self, batch_id: str, only_failed: bool) -> str:
         """GET /batch/{id}/results.csv, optionally only the failed rows."""
@@ -214,6 +245,25 @@ class ServiceApi:
         scheme = "wss" if self.base_url.scheme == "https" else "ws"
         url = self._at(f"/batch/{batch_id}/ws").with_scheme(scheme)
         return url.with_query(_after(after))
+
+
+async def _read_at_most(response: aiohttp.ClientResponse, limit: int | None) -> bytes | None:
+    """The answer's body; None once it passes `limit` bytes (None: no limit)."""
+    chunks, size = [], 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if limit is not None and size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _is_uuid(value: Any) -> bool:
+    """Whether `value` is a batch id: a UUID, as the service writes one."""
+    try:
+        return isinstance(value, str) and str(uuid.UUID(value)) == value.lower()
+    except ValueError:
+        return False
 
 
 def _after(version: int | None) -> dict[str, int]:

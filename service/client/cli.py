@@ -24,7 +24,15 @@ from rich.markup import escape
 from yarl import URL
 
 from service.client.api import Refused, ServiceApi, problems_of
-from service.client.display import Watch, known, print_table, result_table, summary, visible
+from service.client.display import (
+    Watch,
+    known,
+    print_table,
+    result_table,
+    said,
+    summary,
+    visible,
+)
 from service.client.follow import LostContact, follow
 
 OK, BATCH_FAILED, REFUSED, LOST, INTERRUPTED = 0, 1, 2, 3, 130
@@ -150,7 +158,7 @@ async def run(argv: list[str], out: Console | None = None, err: Console | None =
             err.print(f"  {escape(visible(problem))}")
         return REFUSED
     except LostContact as exc:
-        err.print(f"[red]error:[/] lost the live progress: {escape(str(exc))}")
+        err.print(f"[red]error:[/] lost the live progress: {escape(visible(str(exc)))}")
         return LOST
 
 
@@ -158,7 +166,7 @@ async def _upload(api: ServiceApi, args: argparse.Namespace, out: Console) -> in
     batch = await api.upload(args.file, args.idempotency_key)
     out.print(
         f"Batch [bold]{batch['batch_id']}[/] accepted: "
-        f"{escape(known(batch.get('total_hospitals')))} hospital(s) from {escape(args.file.name)}"
+        f"{escape(said(batch.get('total_hospitals')))} hospital(s) from {escape(args.file.name)}"
     )
     for warning in problems_of(batch.get("warnings")):  # each "loc: msg", as a refusal's
         out.print(f"[yellow]warning:[/] {escape(visible(warning))}")
@@ -238,7 +246,7 @@ async def _then_follow(
     completed = status.get("processing_status") == "completed"
     why = final["progress"].get("current_message")
     if why and (not completed or status.get("rollback_error")):
-        out.print(escape(visible(why)), highlight=False)
+        out.print(escape(visible(str(why))), highlight=False)
     if args.command == "rollback":
         return OK if status.get("rolled_back") else BATCH_FAILED
     return OK if completed else BATCH_FAILED

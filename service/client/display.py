@@ -32,6 +32,8 @@ STATUS_STYLES = {
 }
 
 
+LONGEST_ETA = timedelta.max.total_seconds() // 2  # an ETA past it shows as unknown
+MOST_ROWS = 2**53  # a count past it is none the client can compute a rate or an ETA with
 UNWRAPPED = 10_000  # columns offered to a table that is not printed on a terminal
 TABLE_ROWS = 1_000  # rows a result table lists; a longer batch's lists its failed rows
 # Control characters but tab and newline, as escapes: a value's ESC or CSI sequence, sent
@@ -47,6 +49,18 @@ def visible(text: str) -> str:
 def known(value: Any) -> str:
     """A value the service sent as the client shows it: `?` for one missing or null."""
     return "?" if value is None else str(value)
+
+
+def count(value: Any) -> int | None:
+    """A count the service sent, or None (shown as `?`) for anything but a whole number
+    from 0 to MOST_ROWS: the bar and the summary compute with it."""
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    return value if whole and 0 <= value <= MOST_ROWS else None
+
+
+def said(value: Any) -> str:
+    """Text the service sent, fit for a terminal, `?` when missing."""
+    return visible(known(value))
 
 
 def rows_per_second(task: Task) -> float | None:
@@ -78,7 +92,10 @@ class EtaColumn(ProgressColumn):
         rate = rows_per_second(task)
         if task.total is None or rate is None:
             return Text("ETA -:--:--", style="progress.remaining")
-        left = timedelta(seconds=round((task.total - task.completed) / rate))
+        seconds = (task.total - task.completed) / rate
+        if not abs(seconds) < LONGEST_ETA:  # none a timedelta holds
+            return Text("ETA -:--:--", style="progress.remaining")
+        left = timedelta(seconds=round(seconds))
         return Text(f"ETA {left}", style="progress.remaining")
 
 
@@ -125,11 +142,13 @@ class Watch:
         """Take one websocket message's progress numbers (a null one leaves the bar's as it
         was, and shows as `?` in a line)."""
         numbers = message["progress"]
-        done, total = numbers.get("processed_hospitals"), numbers.get("total_hospitals")
-        status, failed = known(numbers.get("processing_status")), numbers.get("failed_hospitals")
+        done = count(numbers.get("processed_hospitals"))
+        total = count(numbers.get("total_hospitals"))
+        failed = count(numbers.get("failed_hospitals"))
+        status = said(numbers.get("processing_status"))
         if self.task is None:
             self.task = self.progress.add_task(
-                status,
+                escape(status),  # the description column reads markup
                 total=total,
                 completed=done or 0,
                 failed=known(failed),
@@ -140,13 +159,13 @@ class Watch:
         else:
             self.progress.update(
                 self.task,
-                description=status,
+                description=escape(status),
                 total=total,
                 completed=done,
                 failed=known(failed),
                 aside="",
             )
-        self.said = numbers.get("current_message") or ""
+        self.said = str(numbers.get("current_message") or "")
         if not self.live:
             self._line(status, done, total, failed, self.said)
 
@@ -181,37 +200,40 @@ class Watch:
 
     def note(self, text: str) -> None:
         """A line above the bar (or among the lines): reconnects and the like."""
-        self.console.print(Text(text, style="dim"))
+        self.console.print(Text(visible(text), style="dim"))
 
 
 def _styled(value: str) -> Text:
     return Text(value, style=STATUS_STYLES.get(value, ""))
 
 
-def _shown(value: str | None, style: str = "") -> Text:
+def _shown(value: Any, style: str = "") -> Text:
     """A row's value as the table shows it: as it is, its control characters made visible."""
-    return Text(visible(value or ""), style=style)
+    return Text(visible("" if value is None else str(value)), style=style)
 
 
 def result_table(status: dict[str, Any]) -> tuple[Table, int]:
     """Every row's result, and how many rows it leaves out: a batch of more than TABLE_ROWS
     shows its failed rows alone (20,000 rows took the client 9 s and 180 MB to lay out)."""
-    every = rows = status.get("hospitals") or []
-    if len(rows) > TABLE_ROWS:
-        rows = [r for r in rows if r["status"] == "failed"][:TABLE_ROWS]
-    title = f"Batch {known(status.get('batch_id'))}"
+    listed = status.get("hospitals")
+    # Rows that are not objects (a proxy's or a hostile server's) are left out as unknown.
+    every = listed if isinstance(listed, list) else []
+    rows = [r for r in every if isinstance(r, dict)]
+    if len(every) > TABLE_ROWS:
+        rows = [r for r in rows if r.get("status") == "failed"][:TABLE_ROWS]
+    title = Text(f"Batch {said(status.get('batch_id'))}")  # Text: a title string is markup
     table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left")
     for column in ("Row", "Name", "Address", "Phone", "Status", "Hospital ID", "Error"):
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(
-            str(row["row"]),
-            _shown(row["name"]),
-            _shown(row["address"]),
-            _shown(row["phone"]),
-            _styled(row["status"]),
-            "" if row["hospital_id"] is None else str(row["hospital_id"]),
-            _shown(row["error_message"], style="red"),
+            _shown(row.get("row")),
+            _shown(row.get("name")),
+            _shown(row.get("address")),
+            _shown(row.get("phone")),
+            _styled(said(row.get("status"))),
+            _shown(row.get("hospital_id")),
+            _shown(row.get("error_message"), style="red"),
         )
     return table, len(every) - len(rows)
 
@@ -231,15 +253,20 @@ def print_table(console: Console, table: Table) -> None:
 
 def summary(status: dict[str, Any]) -> Text:
     """One line: how the batch ended (`?` for what the service left null)."""
-    ended = known(status.get("processing_status"))
-    processed, failed = status.get("processed_hospitals"), status.get("failed_hospitals")
-    deleted, seconds = status.get("deleted_hospitals") or 0, status.get("processing_time_seconds")
+    ended = said(status.get("processing_status"))
+    processed = count(status.get("processed_hospitals"))
+    failed = count(status.get("failed_hospitals"))
+    deleted = count(status.get("deleted_hospitals")) or 0
+    seconds = status.get("processing_time_seconds")
+    if not isinstance(seconds, float):
+        whole = count(seconds)
+        seconds = None if whole is None else float(whole)
     created = None if processed is None or failed is None else processed - failed - deleted
     activated = status.get("batch_activated")
     line = Text(ended, style=STATUS_STYLES.get(ended, ""))
     line.append(
         f": {known(created)} created, {known(failed)} failed, {deleted} deleted of "
-        f"{known(status.get('total_hospitals'))}; "
+        f"{known(count(status.get('total_hospitals')))}; "
         f"activated: {'?' if activated is None else 'yes' if activated else 'no'}; "
         f"{'?' if seconds is None else f'{seconds:.1f}'} s"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 
@@ -117,7 +117,16 @@ def _message(frame: str) -> Message | None:
     except ValueError:
         return None
     needs = KINDS.get(str(message.get("type"))) if isinstance(message, dict) else None
-    return None if needs is None or lacking(message, needs) else message
+    if needs is None or lacking(message, needs):
+        return None
+    # What the client reads these as: a version to resume after, and objects of numbers and
+    # text (a list or a string there, from a proxy or a hostile server, was a traceback).
+    version = message["version"]
+    if not isinstance(version, int) or isinstance(version, bool):
+        return None
+    if any(not isinstance(message[part], dict) for part in ("progress", "status") if part in needs):
+        return None
+    return cast(Message, message)
 
 
 async def _handshake(
@@ -147,4 +156,4 @@ async def _say_why_quiet(api: ServiceApi, batch_id: str, aside: Callable[[str], 
             progress = await api.progress(batch_id)
     except (Refused, aiohttp.ClientError, OSError):  # the socket, not this, says if it is lost
         return
-    aside(progress["current_message"])
+    aside(str(progress["current_message"]))

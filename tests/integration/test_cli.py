@@ -1274,3 +1274,149 @@ async def test_a_long_batch_with_no_failed_row_prints_no_table(service: Service)
     assert "Hospital ID" not in captured.stdout  # no table's header, with no row under it
     assert f"{total} of the {total} rows are not listed here." in captured.stdout
     assert f"completed: {total} created, 0 failed" in captured.stdout
+
+
+# What a hostile server (or a proxy) could send to draw on the user's terminal: a window title,
+# a full reset, and markup that rich would read as a closing tag.
+HOSTILE = "\x1b]0;PWNED\x07\x1bc[/x]"
+SHOWN_HOSTILE = "\\x1b]0;PWNED\\x07\\x1bc[/x]"
+
+
+@contextlib.asynccontextmanager
+async def a_hostile_service(
+    answer: dict[str, Any], messages: list[Any], health: Any = None
+) -> AsyncIterator[str]:
+    """A server that answers an upload, a rollback and /progress with `answer` merged into a
+    well-formed body, /health with `health` as its `directory`, and a batch's websocket
+    with `messages` (each sent as JSON, a str as it is), then a close."""
+
+    def body(request: web.Request) -> dict[str, Any]:
+        batch_id = request.match_info.get("batch_id", str(uuid.uuid4()))
+        return {"batch_id": batch_id, "total_hospitals": 1, "warnings": []} | {
+            "current_message": "ok",
+            **answer,
+        }
+
+    async def json_answer(request: web.Request) -> web.Response:
+        return web.json_response(body(request), headers={"X-Request-ID": "x"})
+
+    async def health_answer(request: web.Request) -> web.Response:
+        return web.json_response({"directory": health}, headers={"X-Request-ID": "x"})
+
+    async def socket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        for message in messages:
+            await ws.send_str(message if isinstance(message, str) else json.dumps(message))
+        await ws.close()
+        return ws
+
+    app = web.Application()
+    app.router.add_post("/batch/upload-csv", json_answer)
+    app.router.add_delete("/batch/{batch_id}", json_answer)
+    app.router.add_get("/batch/{batch_id}/progress", json_answer)
+    app.router.add_get("/health", health_answer)
+    app.router.add_get("/batch/{batch_id}/ws", socket)
+    async with serving(app) as url:
+        yield url
+
+
+def finished_with(status: dict[str, Any], version: int = 9) -> dict[str, Any]:
+    return {"type": "finished", "version": version, "progress": {}, "status": status}
+
+
+async def test_what_a_hostile_service_sends_is_shown_as_text_without_a_traceback(
+    sample: Path,
+) -> None:
+    # Each was written to the terminal as it came (a retitled window, a reset screen) or
+    # read as rich markup, which ended the client in a MarkupError traceback.
+    row = {"row": HOSTILE, "name": "n", "address": "a", "phone": None}
+    snapshot = {
+        "type": "snapshot",
+        "version": 1,
+        "progress": progress_numbers(0, 1) | {"processing_status": HOSTILE},
+    }
+    final = {"batch_id": HOSTILE, "processing_status": HOSTILE, "hospitals": [row]}
+    row |= {"status": HOSTILE, "hospital_id": HOSTILE, "error_message": None}
+    batch_id = str(uuid.uuid4())
+    cases: list[tuple[list[str], dict[str, Any], list[Any], int, str]] = [
+        (["upload", str(sample)], {"batch_id": HOSTILE}, [], 2, "batch_id is not a batch id"),
+        (["upload", str(sample)], {"total_hospitals": HOSTILE}, [], 0, SHOWN_HOSTILE),
+        (["rollback", batch_id], {"current_message": HOSTILE}, [], 0, SHOWN_HOSTILE),
+        (["follow", batch_id], {}, [snapshot, finished_with(final)], 1, f"Batch {SHOWN_HOSTILE}"),
+    ]
+    for terminal in (False, True):
+        for argv, answer, messages, expected, says in cases:
+            async with a_hostile_service(answer, messages) as url:
+                captured = Captured(terminal=terminal)
+                status = await client(captured, *argv, "--url", url)
+            shown = plain(captured.stdout + captured.stderr)
+            assert (status, says in shown) == (expected, True), (argv, shown[-800:])
+            assert "\x1b]" not in shown and "\x1bc" not in shown, (argv, shown[-800:])
+
+
+async def test_fields_of_another_type_are_skipped_or_shown_as_unknown_without_a_traceback() -> None:
+    # A proxy's or a hostile server's answers: a progress that is a list, a version that
+    # is an object, counts and times that are strings or past any float, rows that are not
+    # objects, a pace past any float. Each was a traceback and exit 1 ("failed").
+    huge = 10**400
+    skipped = [
+        {"type": "snapshot", "version": 1, "progress": [1]},
+        {"type": "snapshot", "version": {"a": 1}, "progress": {}},
+        {"type": "finished", "version": 2, "progress": {}, "status": [1]},
+    ]
+    odd = {
+        "type": "event",
+        "version": 3,
+        "progress": {
+            "processed_hospitals": "5",
+            "total_hospitals": huge,
+            "failed_hospitals": [0],
+            "processing_status": 7,
+            "current_message": {"text": "x"},
+        },
+    }
+    final = {
+        "processing_status": "completed",
+        "processed_hospitals": 1,
+        "failed_hospitals": 0,
+        "total_hospitals": "1",
+        "processing_time_seconds": "soon",
+        "hospitals": ["row", {"row": 1, "status": 5}],
+    }
+    for directory in ([30], {"creates_per_minute": huge}):
+        async with a_hostile_service(
+            {}, [*skipped, odd, finished_with(final, 4)], directory
+        ) as url:
+            for terminal in (False, True):
+                captured = Captured(terminal=terminal)
+                status = await client(captured, "follow", str(uuid.uuid4()), "--url", url)
+                shown = plain(captured.stdout + captured.stderr)
+                assert status == 0, shown[-1500:]
+                assert "completed: 1 created, 0 failed, 0 deleted of ?; activated: ?; ? s" in shown
+
+
+async def test_an_answer_that_never_ends_is_refused_once_past_the_limit(
+    sample: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server that streams without end (another program at --url, or a hostile one) took
+    # the client 1.4 GB of memory in 6 s, until aiohttp's total timeout of 5 minutes.
+    monkeypatch.setattr("service.client.api.MAX_ANSWER", 2**20, raising=False)
+    monkeypatch.setattr("aiohttp.client.DEFAULT_TIMEOUT", aiohttp.ClientTimeout(total=3))
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await response.write(b'{"current_message": "')
+        while True:
+            await response.write(b"a" * 2**16)
+            await asyncio.sleep(0.01)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", endless)
+    async with serving(app) as url:
+        for argv in (["upload", str(sample)], ["rollback", str(uuid.uuid4())]):
+            captured = Captured()
+            async with asyncio.timeout(10):
+                assert await client(captured, *argv, "--url", url) == 2, argv
+            assert f"with an answer past {2**20} bytes" in captured.stderr, argv
