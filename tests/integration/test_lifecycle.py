@@ -296,17 +296,25 @@ async def test_resume_after_an_activation_failure_activates_the_batch(
     assert f"batch {batch_id} resumed: its activation is tried again" in said
 
 
+async def partly_activated(
+    service: Service, directory: RunningDirectory
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """45 rows, three upstream batches: the lead one is activated alone and takes, then the
+    directory refuses the other two (max_attempts 2). (Its id, /status, events page.)"""
+    directory.standin.add_fault("batch_activate", "503", nth=[2, 3, 4, 5])
+    batch_id = (await service.upload(csv_of(45)))["batch_id"]
+    final = await service.wait_finished(batch_id)
+    _, page = await service.get(f"/batch/{batch_id}/events?limit=1000")
+    return batch_id, final, page
+
+
 async def test_an_activation_that_fails_after_some_upstream_batches_took_says_which(
     service_factory: ServiceFactory, directory: RunningDirectory
 ) -> None:
-    # 45 rows, three upstream batches: the lead one is activated alone and takes, then the
-    # directory refuses the other two. Its hospitals are active: the log must say so, and
-    # their rows must read created_and_activated, from the log alone.
-    directory.standin.add_fault("batch_activate", "503", nth=[2, 3, 4, 5])
+    # The lead upstream batch's hospitals are active: the log must say so, and their rows
+    # must read created_and_activated, from the log alone.
     async with service_factory(max_attempts=2) as service:
-        batch_id = (await service.upload(csv_of(45)))["batch_id"]
-        final = await service.wait_finished(batch_id)
-        _, page = await service.get(f"/batch/{batch_id}/events?limit=1000")
+        batch_id, final, page = await partly_activated(service, directory)
         await assert_fold_matches_read_model(service, batch_id)
 
     assert final["processing_status"] == "failed" and not final["batch_activated"]
@@ -329,15 +337,12 @@ async def test_an_activation_that_fails_after_some_upstream_batches_took_says_wh
 async def test_resume_after_a_partial_activation_does_not_activate_an_upstream_batch_twice(
     service_factory: ServiceFactory, directory: RunningDirectory
 ) -> None:
-    # The lead upstream batch takes; the directory refuses the other two. A resume must
-    # activate those two only: the lead one is active, and a second PATCH of it is what
-    # UPSTREAM.md forbids (the directory answers 400 and counts it against the limit).
-    directory.standin.add_fault("batch_activate", "503", nth=[2, 3, 4, 5])
+    # A resume must activate the two refused upstream batches only: the lead one is active,
+    # and a second PATCH of it is what UPSTREAM.md forbids (the directory answers 400 and
+    # counts it against the limit).
     async with service_factory(max_attempts=2) as service:
-        batch_id = (await service.upload(csv_of(45)))["batch_id"]
-        first = await service.wait_finished(batch_id)
+        batch_id, first, page = await partly_activated(service, directory)
         assert first["processing_status"] == "failed"
-        _, page = await service.get(f"/batch/{batch_id}/events?limit=1000")
         (took,) = page["events"][-1]["data"]["activated_upstream_batch_ids"]
         before = directory.standin.request_counts["batch_activate"]
 

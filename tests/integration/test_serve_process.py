@@ -342,6 +342,24 @@ def not_a_database(db: Path) -> None:
     db.write_bytes(b"\x13" * 3 * PAGE)
 
 
+def refused_start(db: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`python -m service serve` on `db` with `env` (a free port unless given), which must
+    exit by itself: its exit status and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "service", "serve"],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "DATABASE_PATH": str(db),
+            "APP_PORT": str(free_port()),
+            **env,
+        },
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
 @pytest.mark.parametrize(
     ("make", "says"),
     [
@@ -357,14 +375,7 @@ def test_a_database_the_service_cannot_use_is_named_and_it_exits_2(
     make(db)
 
     # A store left open kept its reader threads: the process never ended, even on SIGTERM.
-    done = subprocess.run(
-        [sys.executable, "-m", "service", "serve"],
-        env={"PATH": "/usr/bin:/bin", "DATABASE_PATH": str(db), "APP_PORT": str(free_port())},
-        cwd=PROJECT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = refused_start(db)
 
     assert done.returncode == 2, done.stderr
     assert f"error: the service could not start: database {db}: " in done.stderr
@@ -376,18 +387,7 @@ def test_a_port_in_use_is_named_and_it_exits_2(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        done = subprocess.run(
-            [sys.executable, "-m", "service", "serve"],
-            env={
-                "PATH": "/usr/bin:/bin",
-                "DATABASE_PATH": str(tmp_path / "service.db"),
-                "APP_PORT": str(taken.getsockname()[1]),
-            },
-            cwd=PROJECT,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        done = refused_start(tmp_path / "service.db", APP_PORT=str(taken.getsockname()[1]))
 
     assert done.returncode == 2, done.stderr
     assert "address already in use (app.port, APP_PORT: stop what listens there" in done.stderr
@@ -395,19 +395,7 @@ def test_a_port_in_use_is_named_and_it_exits_2(tmp_path: Path) -> None:
 
 
 def test_a_host_that_does_not_resolve_is_named_and_it_exits_2(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "service", "serve"],
-        env={
-            "PATH": "/usr/bin:/bin",
-            "DATABASE_PATH": str(tmp_path / "service.db"),
-            "APP_HOST": "no-such-host.invalid",
-            "APP_PORT": str(free_port()),
-        },
-        cwd=PROJECT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = refused_start(tmp_path / "service.db", APP_HOST="no-such-host.invalid")
 
     assert done.returncode == 2, done.stderr
     assert "could not start: app.host (APP_HOST) 'no-such-host.invalid': " in done.stderr
