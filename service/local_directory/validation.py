@@ -17,7 +17,8 @@ ErrorItem = dict[str, Any]
 Changes = dict[str, str | None]
 
 _NO_BODY = object()
-_INTEGER = re.compile(r"\s*[+-]?\d+\s*")
+_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")  # ASCII digits: pydantic reads no others
+MAX_INT_DIGITS = 4300  # Python's int() limit, which pydantic keeps: past it, int_parsing_size
 
 
 class ValidationFailed(Exception):
@@ -99,7 +100,11 @@ def path_int(request: web.Request, name: str, errors: list[ErrorItem]) -> int | 
     """An integer path parameter, or an `int_parsing` error."""
     raw = request.match_info[name]
     if _INTEGER.fullmatch(raw):
-        return int(raw)
+        if len(raw.strip().lstrip("+-")) <= MAX_INT_DIGITS:
+            return int(raw)
+        message = "Unable to parse input string as an integer, exceeded maximum size"
+        errors.append(_error("int_parsing_size", ["path", name], message, raw))
+        return None
     errors.append(
         _error(
             "int_parsing",

@@ -185,6 +185,26 @@ async def test_empty_body(http: aiohttp.ClientSession, body: bytes) -> None:
                 "batch",
             ),
         ),
+        (  # a full-width 5: a digit to Python's int(), not to pydantic's
+            "GET",
+            "/hospitals/\uff15",
+            error(
+                "int_parsing",
+                ["path", "hospital_id"],
+                "Input should be a valid integer, unable to parse string as an integer",
+                "\uff15",
+            ),
+        ),
+        (  # past int()'s 4,300 digits: its ValueError was a 500
+            "GET",
+            "/hospitals/" + "1" * 4301,
+            error(
+                "int_parsing_size",
+                ["path", "hospital_id"],
+                "Unable to parse input string as an integer, exceeded maximum size",
+                "1" * 4301,
+            ),
+        ),
         *(
             (
                 method,
