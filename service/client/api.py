@@ -71,10 +71,17 @@ class ServiceApi:
         return URL(str(base).rstrip("/") + path)
 
     async def _call(
-        self, method: str, path: str, answer: str = JSON, needs: tuple[str, ...] = (), **kwargs: Any
+        self,
+        method: str,
+        path: str,
+        answer: str = JSON,
+        needs: tuple[str, ...] = (),
+        seen: dict[str, str] | None = None,
+        **kwargs: Any,
     ) -> Any:
         """The body of a 2xx answer of the type `answer` names, with the fields it `needs`
-        not null; Refused otherwise."""
+        not null; Refused otherwise. `seen`, if given, takes the answer's headers (names in
+        lower case: a proxy may have changed their case)."""
         url = self._at(path)
         try:
             async with self.http.request(method, url, **kwargs) as response:
@@ -85,6 +92,8 @@ class ServiceApi:
                         f"(HTTP {response.history[0].status}): use that as --url"
                     )
                 kind, status = response.content_type, response.status
+                if seen is not None:
+                    seen.update((name.lower(), value) for name, value in response.headers.items())
                 limit = None if kind == answer == CSV and status < 400 else MAX_ANSWER
                 raw = await _read_at_most(response, limit)
                 if raw is None:
@@ -157,8 +166,11 @@ class ServiceApi:
             return [f"a proxy or gateway in front of the service answered (HTTP {status})"]
         return [f"is {self.base_url} the service's address? (--url, or SERVICE_URL)"]
 
-    async def upload(self, path: Path, idempotency_key: str | None = None) -> dict[str, Any]:
-        """POST /batch/upload-csv; the accepted batch."""
+    async def upload(
+        self, path: Path, idempotency_key: str | None = None
+    ) -> tuple[dict[str, Any], bool]:
+        """POST /batch/upload-csv; the accepted batch, and whether it is an earlier upload's
+        of the same Idempotency-Key and file (Idempotent-Replayed: nothing new is created)."""
         try:
             content = await asyncio.to_thread(path.read_bytes)
         except OSError as exc:
@@ -166,9 +178,15 @@ class ServiceApi:
         form = aiohttp.FormData()
         form.add_field("file", content, filename=path.name, content_type="text/csv")
         headers = {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
+        seen: dict[str, str] = {}
         try:
             body = await self._call(
-                "POST", "/batch/upload-csv", needs=("batch_id",), data=form, headers=headers
+                "POST",
+                "/batch/upload-csv",
+                needs=("batch_id",),
+                seen=seen,
+                data=form,
+                headers=headers,
             )
             if not _is_uuid(body["batch_id"]):
                 raise Refused(
@@ -189,7 +207,7 @@ class ServiceApi:
                     )
                 )
             raise
-        return dict(body)
+        return dict(body), seen.get("idempotent-replayed", "").lower() == "true"
 
     async def resume(self, batch_id: str) -> dict[str, Any]:
         """POST /batch/{id}/resume; the batch's progress."""

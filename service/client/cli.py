@@ -163,11 +163,16 @@ async def run(argv: list[str], out: Console | None = None, err: Console | None =
 
 
 async def _upload(api: ServiceApi, args: argparse.Namespace, out: Console) -> int:
-    batch = await api.upload(args.file, args.idempotency_key)
+    batch, replayed = await api.upload(args.file, args.idempotency_key)
     out.print(
         f"Batch [bold]{batch['batch_id']}[/] accepted: "
         f"{escape(said(batch.get('total_hospitals')))} hospital(s) from {escape(args.file.name)}"
     )
+    if replayed:  # nothing is loaded again: that batch may even have been rolled back
+        out.print(
+            "This file was uploaded with this --idempotency-key before: this is that batch, "
+            "and nothing new is created (a new key loads the file again)."
+        )
     for warning in problems_of(batch.get("warnings")):  # each "loc: msg", as a refusal's
         out.print(f"[yellow]warning:[/] {escape(visible(warning))}")
     return await _then_follow(api, batch["batch_id"], args, out)
@@ -214,7 +219,8 @@ async def _then_follow(
     # The commands printed are never broken over lines (soft_wrap): pasted, they must run.
     if not args.follow:
         out.print(
-            f"Follow it: python -m service follow {batch_id} --url {args.url}", soft_wrap=True
+            f"Follow it: python -m service follow {batch_id} --url {escape(args.url)}",
+            soft_wrap=True,
         )
         return OK
     try:
@@ -225,7 +231,7 @@ async def _then_follow(
     except asyncio.CancelledError:
         out.print(
             f"Stopped following batch {batch_id}; this does not stop the batch. "
-            f"Follow it again: python -m service follow {batch_id} --url {args.url}",
+            f"Follow it again: python -m service follow {batch_id} --url {escape(args.url)}",
             soft_wrap=True,
         )
         raise
@@ -235,8 +241,9 @@ async def _then_follow(
         print_table(out, table)
     if left_out:
         out.print(
-            f"{left_out} of the {known(status.get('total_hospitals'))} rows are not listed here. "
-            f"All of them: python -m service results {batch_id} --url {args.url} "
+            f"{left_out} of the {escape(said(status.get('total_hospitals')))} rows are not "
+            f"listed here. All of them: python -m service results {batch_id} "
+            f"--url {escape(args.url)} "
             "-o results.csv",
             soft_wrap=True,
         )

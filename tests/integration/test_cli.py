@@ -1420,3 +1420,46 @@ async def test_an_answer_that_never_ends_is_refused_once_past_the_limit(
             async with asyncio.timeout(10):
                 assert await client(captured, *argv, "--url", url) == 2, argv
             assert f"with an answer past {2**20} bytes" in captured.stderr, argv
+
+
+async def test_the_count_beside_the_rows_left_out_is_shown_as_text(sample: Path) -> None:
+    # The line that says where the rows a long table leaves out are named the total the
+    # service sent as rich markup, with its control characters: a MarkupError traceback
+    # once the batch had ended (a row that is not an object is left out too).
+    final = {"processing_status": "completed", "total_hospitals": HOSTILE, "hospitals": ["x"]}
+    for terminal in (False, True):
+        async with a_hostile_service({}, [finished_with(final)]) as url:
+            captured = Captured(terminal=terminal)
+            status = await client(captured, "follow", str(uuid.uuid4()), "--url", url)
+        shown = plain(captured.stdout + captured.stderr)
+        assert (status, f"1 of the {SHOWN_HOSTILE} rows" in shown) == (0, True), shown[-800:]
+        assert "\x1b]" not in shown and "\x1bc" not in shown, shown[-800:]
+
+
+async def test_a_command_printed_to_paste_keeps_the_url_as_given(
+    service: Service, sample: Path
+) -> None:
+    # --url went into the printed command as rich markup: an IPv6 host that starts with a
+    # letter ("http://[fd00::2]:8000", a unique local or link-local address) or brackets in
+    # its query lost their text, and "[/x]" ended a done upload in a MarkupError traceback.
+    for url in (f"{service.url}/?via=[fd00::2]", f"{service.url}/?via=[/x]"):
+        captured = Captured()
+        status = await client(captured, "upload", str(sample), "--url", url)
+        assert status == 0, captured.stderr
+        assert f" --url {url}" in captured.stdout, captured.stdout
+
+
+async def test_an_upload_answered_with_an_earlier_batch_of_its_key_says_so(
+    service: Service, sample: Path
+) -> None:
+    # The service marks the answer (Idempotent-Replayed, and its message), but the client
+    # said "accepted" as for a new batch: a batch since rolled back then read as a new
+    # upload that was rolled back again, with no word that a new key loads the file again.
+    key = ["--idempotency-key", "cli-replay"]
+    first, second = Captured(), Captured()
+    assert await client(first, "upload", str(sample), "--url", service.url, *key) == 0
+    assert await client(second, "upload", str(sample), "--url", service.url, *key) == 0
+
+    assert "before" not in first.stdout
+    assert "uploaded with this --idempotency-key before" in second.stdout, second.stdout
+    assert "a new key loads the file again" in second.stdout
