@@ -105,8 +105,8 @@ async def follow(
             raise LostContact(f"{reason}; gave up after {patience:g}s")
         where = "from the start" if after is None else f"after version {after}"
         note(f"{reason}; reconnecting {where}")
-        if code != RESYNC:
-            await asyncio.sleep(retry)
+        if code != RESYNC:  # no later than the patience allows: a last try comes at its end
+            await asyncio.sleep(min(retry, patience - (now - lost_since)))
             retry = min(retry * 2, LONGEST_RETRY_SECONDS)
 
 

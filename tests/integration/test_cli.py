@@ -13,6 +13,7 @@ import re
 import signal
 import socket
 import sys
+import time
 import types
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -489,6 +490,21 @@ async def test_a_proxy_that_cuts_quiet_websockets_is_followed_but_one_that_cuts_
         assert "completed: 2 created, 0 failed" in captured.stdout
     else:
         assert "gave up after 0.4s" in captured.stderr
+
+
+async def test_a_service_gone_is_given_up_on_at_the_reconnect_timeout_not_a_retry_later() -> None:
+    # The tries back off up to 5 s apart: --reconnect-timeout 2 gave up after 3.4 s.
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    captured = Captured()
+    started = time.monotonic()
+    status = await client(
+        captured, "follow", str(uuid.uuid4()), "--url", url, "--reconnect-timeout", "2"
+    )
+    took = time.monotonic() - started
+
+    assert status == 3, captured.stdout + captured.stderr
+    assert "gave up after 2s" in captured.stderr
+    assert took < 2.5
 
 
 async def test_a_service_that_stops_answering_while_followed_ends_at_the_reconnect_timeout(
