@@ -116,6 +116,12 @@ async def _halt_processor(app: web.Application) -> None:
         processor.halt(app[SETTINGS].app.shutdown_timeout)
 
 
+async def _no_sniffing(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer is what its Content-Type says: a hospital name that reads as HTML in a
+    results file, or in a JSON body, is never taken for a page by a browser."""
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+
+
 async def _tune_collector(app: web.Application) -> None:
     """Leave what start-up built (modules, routes, schemas, recovered batches) out of every
     later garbage collection: with it, each full collection during a 5,000-row batch
@@ -159,6 +165,7 @@ def create_app(settings: Settings) -> web.Application:
     app[INTAKE] = asyncio.Semaphore(settings.csv.concurrent_uploads)
     app.cleanup_ctx.append(resources)
     app.on_startup.append(_tune_collector)
+    app.on_response_prepare.append(_no_sniffing)
     app.on_shutdown.append(_halt_processor)  # before aiohttp waits for requests under way
     app.on_shutdown.append(websocket.close_all)
     app.add_routes(intake.routes)

@@ -65,3 +65,20 @@ async def test_a_docs_page_may_load_images_and_data_from_the_service_alone(
     assert set(directives.get("img-src", ["*"])) <= {"'self'", "data:"}, policy
     assert directives.get("connect-src") == ["'self'"], policy
     assert directives.get("frame-ancestors") == ["'none'"], policy
+
+
+async def test_the_docs_pages_assets_are_served_as_what_they_are(service: Service) -> None:
+    # Every answer says nosniff: a script or style sheet served under another type would
+    # then not run, and the pages would be blank.
+    async with service.http.get(service.url + "/docs") as r:
+        swagger = await r.text()
+    async with service.http.get(service.url + "/redoc") as r:
+        redoc = await r.text()
+    assets = re.findall(r'(?:src|href)="(/static/[^"]+\.(?:js|css))"', swagger + redoc)
+    assert len(assets) == 4, assets
+    for asset in assets:
+        async with service.http.get(service.url + asset) as r:
+            assert r.status == 200, asset
+            assert r.headers["X-Content-Type-Options"] == "nosniff"
+            wanted = "text/css" if asset.endswith(".css") else "javascript"
+            assert wanted in r.content_type, (asset, r.content_type)

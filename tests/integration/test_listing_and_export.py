@@ -65,6 +65,7 @@ async def results(service: Service, batch_id: str, query: str = "") -> tuple[lis
         assert r.headers["Content-Disposition"] == (
             f'attachment; filename="{batch_id}-{suffix}.csv"'
         )
+        assert r.headers["X-Content-Type-Options"] == "nosniff"  # hospital names are no page
         text = await r.text()
     return list(csv.reader(io.StringIO(text))), text
 
