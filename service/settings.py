@@ -171,7 +171,7 @@ def _merge_env(layers: dict[str, dict[str, Any]], environ: Mapping[str, str]) ->
     names = dict(ALIASES)
     for section, cls in _sections().items():
         for f in dataclasses.fields(cls):
-            names[f"{section}_{f.name}".upper()] = (section, f.name)
+            names[_variable(section, f.name)] = (section, f.name)
     # Aliases first, so the canonical name wins when both are set.
     for env_name in sorted(names, key=lambda n: n not in ALIASES):
         if env_name in environ:
@@ -337,6 +337,11 @@ def _validate(s: Settings) -> None:
 
 
 def _env_name(section: str, key: str) -> str:
-    """The environment variable that sets `section.key`."""
+    """The environment variable that sets `section.key`: its alias, if it has one."""
     aliases = {where: name for name, where in ALIASES.items()}
-    return aliases.get((section, key), f"{section}_{key}".upper())
+    return aliases.get((section, key), _variable(section, key))
+
+
+def _variable(section: str, key: str) -> str:
+    """The environment variable of `section.key` by its own name: APP_PORT for app.port."""
+    return f"{section}_{key}".upper()

@@ -334,7 +334,7 @@ class Processed:
     @property
     def ended(self) -> str:
         """Each status the files ended in, once."""
-        return ", ".join(sorted(set(self.statuses)))
+        return ended(self.statuses)
 
     def p(self, path: str, q: float) -> float:
         """A latency percentile of one endpoint, in milliseconds."""
@@ -423,6 +423,11 @@ def median_run(runs: list[Processed]) -> Processed:
     return sorted(runs, key=lambda run: run.rows_per_second)[len(runs) // 2]
 
 
+def ended(statuses: list[str]) -> str:
+    """Each of `statuses` once, for a label."""
+    return ", ".join(sorted(set(statuses)))
+
+
 def add_completed(report: Report, scenario: str, name: str, statuses: list[str]) -> None:
     """How many of the runs ended `completed`: one that ended otherwise timed something else."""
     report.add(
@@ -504,7 +509,7 @@ async def overhead_bound(workdir: Path, report: Report) -> None:
         loaded = await under_readers(http, s, d, "Read")
         peak_with_readers = s.process.memory().peak_mb
     add = report.add
-    statuses = ", ".join(sorted({status for run in runs for status in run.statuses}))
+    statuses = [status for run in runs for status in run.statuses]
     add(
         OVERHEAD,
         "overhead_bound.bare_rows_per_second",
@@ -517,7 +522,7 @@ async def overhead_bound(workdir: Path, report: Report) -> None:
     add(
         OVERHEAD,
         "overhead_bound.rows_per_second",
-        f"service, 20 workers ({statuses}; median of {BARE_RUNS}: "
+        f"service, 20 workers ({ended(statuses)}; median of {BARE_RUNS}: "
         + ", ".join(f"{x:.0f}" for x in sorted(r.rows_per_second for r in runs))
         + ")",
         clean.rows_per_second,
@@ -574,7 +579,7 @@ async def overhead_bound(workdir: Path, report: Report) -> None:
         "",
         exactly(0),
     )
-    add_completed(report, OVERHEAD, "overhead_bound", [st for run in runs for st in run.statuses])
+    add_completed(report, OVERHEAD, "overhead_bound", statuses)
     reads(report, READS, "read_path", loaded, targets=True)
     add_completed(report, READS, "read_path", loaded.statuses)
     add(
