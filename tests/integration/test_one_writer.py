@@ -57,8 +57,11 @@ async def test_a_second_service_on_the_same_database_is_refused_until_the_first_
                 assert r.status == 202  # the first one never noticed
         finally:
             first.kill()  # SIGKILL: the kernel lets go of the lock with the process
-        await second.start(http)
-        await second.stop()
+        # A port of its own: the second's, free when it was picked seconds ago, was taken
+        # by another test's process once (a CI run: "address already in use").
+        after = ServiceProcess(db, directory.url)
+        await after.start(http)
+        await after.stop()
 
 
 def test_audit_commands_name_a_missing_or_foreign_database(tmp_path: Path) -> None:
