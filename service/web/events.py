@@ -40,7 +40,7 @@ PAGE_CHARS = 8 * 2**20
 async def batch_events(request: web.Request) -> web.Response:
     batch = await existing_batch(request)
     query = request["querystring"]
-    after = -1 if query["after"] is None else query["after"]
+    after = query.get("after", -1)
     rows = await request.app[STORE].stream_rows(
         b.stream_id(batch["batch_id"]), after, query["limit"], PAGE_CHARS
     )
@@ -57,7 +57,7 @@ async def batch_events(request: web.Request) -> web.Response:
 @response_schema(schemas.EventPage, 200)
 async def all_events(request: web.Request) -> web.Response:
     query = request["querystring"]
-    after = max(0, query["after"] or 0)
+    after = max(0, query.get("after", 0))
     rows = await request.app[STORE].log_rows(after, query["limit"], PAGE_CHARS)
     return await _page(request, rows, "global_position", after)
 

@@ -169,5 +169,7 @@ class EventPage(Schema):
 
 
 class EventsQuery(Query):
-    after = WholeNumber(load_default=None, validate=validate.Range(min=-1, max=MAX_LOG_NUMBER))
+    # No load_default=None: it is documented as `default: null`, no integer, and a validator
+    # of the document (openapi-spec-validator) refuses the whole of it.
+    after = WholeNumber(validate=validate.Range(min=-1, max=MAX_LOG_NUMBER))
     limit = WholeNumber(load_default=100, validate=validate.Range(min=1, max=1000))

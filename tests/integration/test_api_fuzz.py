@@ -335,6 +335,21 @@ def test_batch_ids_are_documented_as_uuids() -> None:
     assert all(p["format"] == "uuid" for p in ids), ids
 
 
+def test_every_parameter_default_is_of_the_parameter_type() -> None:
+    # `after` was documented as an integer with `default: null`: openapi-spec-validator refused
+    # the document ("None for not nullable"), and so do the client generators that check it.
+    types = {"integer": int, "string": str, "boolean": bool}
+    defaults = [
+        (path, parameter["name"], parameter["type"], parameter["default"])
+        for path, operations in DOCUMENT["paths"].items()
+        for operation in operations.values()
+        for parameter in operation.get("parameters", [])
+        if "default" in parameter
+    ]
+    assert defaults
+    assert [d for d in defaults if type(d[3]) is not types[d[2]]] == []
+
+
 @pytest.mark.parametrize("path", ["/batch/upload-csv", "/hospitals/bulk"])
 def test_an_empty_idempotency_key_is_documented_as_refused(
     path: str, live_url: str, http: requests.Session
