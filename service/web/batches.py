@@ -105,7 +105,7 @@ async def status_response(request: web.Request, batch_id: str) -> web.Response:
     body = await request.app[STATUS_CACHE].body(request.app[STORE], batch_id, batch)
     if body is None:
         raise batch_not_found(batch_id)
-    return web.Response(body=body, content_type="application/json")
+    return web.Response(body=body, content_type="application/json", charset="utf-8")
 
 
 @routes.get(f"{BATCH}/progress")
@@ -150,7 +150,7 @@ async def status(request: web.Request) -> web.Response:
     async with request.app[CPU_WORK]:
         rows = await store.stream_rows(stream, limit=as_of + 1)
         body = await asyncio.to_thread(_status_as_of, rows)
-    return web.Response(body=body, content_type="application/json")
+    return web.Response(body=body, content_type="application/json", charset="utf-8")
 
 
 def _status_as_of(selected: list[tuple[Any, ...]]) -> bytes:

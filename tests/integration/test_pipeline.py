@@ -79,6 +79,20 @@ async def test_readme_sample_is_created_and_activated(
     }
 
 
+async def test_a_status_body_names_its_charset_as_every_other_json_answer(
+    service: Service,
+) -> None:
+    # /status, ?as_of and bulk's 200 (a /status body) said "application/json" alone, every
+    # other JSON answer "application/json; charset=utf-8".
+    batch_id = (await service.upload(SAMPLE_CSV))["batch_id"]
+    await service.wait_finished(batch_id)
+    said = {}
+    for path in ("progress", "status", "status?as_of=0"):
+        async with service.http.get(f"{service.url}/batch/{batch_id}/{path}") as answer:
+            said[path] = (answer.status, answer.headers["Content-Type"])
+    assert set(said.values()) == {(200, "application/json; charset=utf-8")}, said
+
+
 async def test_status_of_a_batch_being_worked_on_is_checked_against_its_fold_not_read(
     service: Service, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
