@@ -49,7 +49,7 @@ def test_fresh_database_gets_every_migration_recorded(conn: sqlite3.Connection) 
     assert migrate(conn) == list(range(1, len(files) + 1))
     assert recorded(conn) == [(int(f.name[:3]), f.stem) for f in files]
     assert names(conn, "table") >= EXPECTED_TABLES
-    assert names(conn, "trigger") >= {"events_no_update", "events_no_delete"}
+    assert names(conn, "trigger") >= {"events_no_update", "events_no_delete", "events_no_replace"}
 
 
 def test_second_run_applies_nothing(conn: sqlite3.Connection) -> None:
@@ -173,12 +173,13 @@ def test_the_upgrade_gives_a_refused_batch_the_status_and_end_its_log_gives(
     assert live == (state.status, state.finished_at)
 
 
-# Each event type's payload version and fields as of the newest migration. Code refuses a
-# database at a schema version newer than its own, yet would start on one that merely holds
-# events it cannot read (a new type, or a new field its dataclass refuses) and fail on them
-# later: a change to the catalogue comes with a migration, and this with it.
+# Each event type's payload version and fields as of the newest migration, and those of the
+# rows and upstream batches BatchCreated holds. Code refuses a database at a schema version
+# newer than its own, yet would start on one that merely holds events it cannot read (a new
+# type, or a new field its dataclass refuses) and fail on them later: a change to the
+# catalogue comes with a migration, and this with it.
 CATALOGUE = (
-    6,
+    7,
     {
         "BatchCreated": (
             1,
@@ -202,15 +203,19 @@ CATALOGUE = (
         "BatchRollbackRequested": (1, ()),
         "BatchRollbackFailed": (1, ("reason", "deleted_upstream_batch_ids")),
         "BatchRolledBack": (1, ("deleted_count", "upstream_batch_ids")),
+        "BatchCreated.rows[]": ("row", "name", "address", "phone", "line"),
+        "BatchCreated.upstream_batches[]": ("creation_batch_id", "rows"),
     },
 )
 
 
 def test_a_change_to_the_event_catalogue_comes_with_a_migration() -> None:
-    catalogue = {
+    catalogue: dict[str, object] = {
         name: (cls.schema_version, tuple(f.name for f in dataclasses.fields(cls)))
         for name, cls in ev.EVENT_TYPES.items()
     }
+    for name, part in (("rows", ev.Row), ("upstream_batches", ev.UpstreamBatch)):
+        catalogue[f"BatchCreated.{name}[]"] = tuple(f.name for f in dataclasses.fields(part))
 
     assert (len(discover()), catalogue) == CATALOGUE
 
