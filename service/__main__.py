@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service import logs
+from service.domain.events import UnknownEventError
 from service.settings import Settings, SettingsError, load_settings
 from service.store.lock import DatabaseInUse, exclusive
 from service.store.migrations import MigrationError, discover
@@ -36,6 +37,7 @@ CUT_OFF = (
     "the next start takes it up from the log"
 )
 FEW_OPEN_FILES = 1024  # a limit of open files below this is warned of at start
+UNREADABLE = "the log holds an event this code cannot read: upgrade the service"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -94,6 +96,13 @@ def serve(args: argparse.Namespace) -> int:
     except (MigrationError, sqlite3.DatabaseError) as exc:  # corrupt, newer, read-only
         path = settings.database.path
         print(f"error: the service could not start: database {path}: {exc}", file=sys.stderr)
+        return 2
+    except UnknownEventError as exc:  # an unfinished batch's, read at start
+        path = settings.database.path
+        print(
+            f"error: the service could not start: database {path}: {UNREADABLE}: {exc}",
+            file=sys.stderr,
+        )
         return 2
     log.info("stopped")
     return 0
@@ -155,11 +164,19 @@ def _event_loop() -> asyncio.AbstractEventLoop:
 
 def events(args: argparse.Namespace) -> int:
     """Print the event log: a readable timeline, or JSON lines with --json."""
-    from service.domain.batch import stream_id
-
     path = _settings(args).database.path
     if not _is_service_database(path):
         return 2
+    try:
+        return _print_events(args, path)
+    except UnknownEventError as exc:  # printed up to it
+        print(f"error: database {path}: {UNREADABLE}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _print_events(args: argparse.Namespace, path: str) -> int:
+    from service.domain.batch import stream_id
+
     with contextlib.closing(sqlite3.connect(_read_only(path), uri=True)) as conn:
         if args.batch:
             known = conn.execute(
@@ -223,6 +240,9 @@ def rebuild(args: argparse.Namespace) -> int:
         return 2
     except sqlite3.DatabaseError as exc:  # pages past the log's first unreadable: corrupt
         print(f"error: database {database.path}: {exc}", file=sys.stderr)
+        return 2
+    except UnknownEventError as exc:  # not "they differ": nothing could be compared
+        print(f"error: database {database.path}: {UNREADABLE}: {exc}", file=sys.stderr)
         return 2
     print(report.to_json())
     return 0 if report.equal or report.replaced else 1

@@ -241,18 +241,21 @@ def decode(type_name: str, version: int, payload: Payload) -> Event:
     if cls is None:
         raise UnknownEventError(f"unknown event type {type_name!r}")
     data = payload if version == cls.schema_version else upcast(type_name, version, payload)
-    if cls is BatchCreated:
-        data = {
-            **data,
-            "rows": tuple(Row(**r) for r in data["rows"]),
-            "upstream_batches": tuple(
-                UpstreamBatch(u["creation_batch_id"], tuple(u["rows"]))
-                for u in data["upstream_batches"]
-            ),
-        }
-    elif tuples := _tuple_fields(type_name):  # JSON arrays back to tuples
-        data = {k: tuple(v) if k in tuples else v for k, v in data.items()}
-    return cls(**data)
+    try:
+        if cls is BatchCreated:
+            data = {
+                **data,
+                "rows": tuple(Row(**r) for r in data["rows"]),
+                "upstream_batches": tuple(
+                    UpstreamBatch(u["creation_batch_id"], tuple(u["rows"]))
+                    for u in data["upstream_batches"]
+                ),
+            }
+        elif tuples := _tuple_fields(type_name):  # JSON arrays back to tuples
+            data = {k: tuple(v) if k in tuples else v for k, v in data.items()}
+        return cls(**data)
+    except (TypeError, KeyError) as exc:  # a field this code does not know, or lacks
+        raise UnknownEventError(f"{type_name} v{version} does not fit this code: {exc}") from None
 
 
 @functools.cache

@@ -99,6 +99,28 @@ def test_audit_commands_read_a_database_whose_name_holds_uri_characters(tmp_path
     assert sorted(tmp_path.iterdir()) == before  # no stray file beside it
 
 
+def test_audit_commands_name_an_event_the_code_cannot_read_and_exit_2(tmp_path: Path) -> None:
+    """A log that holds an event of a newer version (newer code that changed a payload
+    without a migration, or a hand) cannot be replayed: that is not a log whose read models
+    differ (exit 1), and is said without a traceback."""
+    db = tmp_path / "newer.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        migrate(conn, discover())
+        conn.execute(
+            "INSERT INTO events (event_id, stream_id, stream_version, event_type, "
+            "schema_version, data, metadata, recorded_at) "
+            "VALUES ('e0', 'batch-a', 0, 'BatchMerged', 1, '{}', '{}', 'later')"
+        )
+
+    for args in (("rebuild",), ("events",), ("events", "--json")):
+        done = command(db, *args)
+
+        assert done.returncode == 2, done.stderr
+        assert f"error: database {db}: the log holds an event this code cannot read" in done.stderr
+        assert "unknown event type 'BatchMerged'" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
 def test_rebuild_names_a_database_sqlite_cannot_read_and_exits_2(tmp_path: Path) -> None:
     """A restored main file over a killed service's -wal reads at first and fails further in:
     `rebuild` is what an operator checks it with, so it must say so, not end in a traceback."""

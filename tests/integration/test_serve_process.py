@@ -23,8 +23,10 @@ import pytest
 
 from service.__main__ import _open_files_to_hard_limit
 from service.local_directory import RunningDirectory
-from service.store.event_store import check_writable
+from service.projections import batches
+from service.store.event_store import EventStore, check_writable
 from service.store.migrations import migrate
+from tests.integration.conftest import new_batch
 from tests.support import PROJECT, SAMPLE_CSV, ServiceProcess, csv_of, form, free_port
 
 PAGE = 4096
@@ -338,6 +340,27 @@ def newer(db: Path) -> None:
         conn.execute("INSERT INTO schema_migrations VALUES (99, '099_future', 'later')")
 
 
+def newer_event(db: Path) -> None:
+    """A pending batch, which the start takes up, whose log holds an event of a version newer
+    than the code's: newer code that changed a payload without a migration, or a hand."""
+
+    async def pending() -> None:
+        store = EventStore(db, projectors=[batches.project])
+        await store.open()
+        try:
+            await store.append("batch-a", -1, new_batch("a"))
+        finally:
+            await store.close()
+
+    asyncio.run(pending())
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute(
+            "INSERT INTO events (event_id, stream_id, stream_version, event_type, "
+            "schema_version, data, metadata, recorded_at) "
+            "VALUES ('e1', 'batch-a', 1, 'HospitalCreated', 9, '{}', '{}', 'later')"
+        )
+
+
 def not_a_database(db: Path) -> None:
     db.write_bytes(b"\x13" * 3 * PAGE)
 
@@ -365,6 +388,7 @@ def refused_start(db: Path, **env: str) -> subprocess.CompletedProcess[str]:
     [
         pytest.param(garbled_past_the_log, "database disk image is malformed", id="corrupt"),
         pytest.param(newer, "newer than this code", id="newer-schema"),
+        pytest.param(newer_event, "HospitalCreated v9 is newer than this code", id="newer-event"),
         pytest.param(not_a_database, "file is not a database", id="not-a-database"),
     ],
 )

@@ -120,6 +120,30 @@ def test_unknown_event_type_is_refused() -> None:
         ev.decode("HospitalMoved", 1, {})
 
 
+@pytest.mark.parametrize(
+    ("type_name", "payload"),
+    [
+        ("BatchRollbackRequested", {"reason": "a field added without a new version"}),
+        ("HospitalFailed", {"row": 1, "reason": "rejected", "message": "no"}),  # one missing
+        (
+            "BatchCreated",
+            {
+                "batch_id": "b1",
+                "file_name": "f.csv",
+                "rows": [{"row": 1, "name": "n", "address": "a", "phone": None, "line": 2, "x": 1}],
+                "upstream_batches": [{"creation_batch_id": "b1", "rows": [1]}],
+            },
+        ),
+    ],
+    ids=["unknown-field", "missing-field", "unknown-row-field"],
+)
+def test_a_payload_that_does_not_fit_its_event_is_an_unknown_event(
+    type_name: str, payload: ev.Payload
+) -> None:
+    with pytest.raises(ev.UnknownEventError, match=f"{type_name} v1 does not fit this code"):
+        ev.decode(type_name, 1, payload)
+
+
 def test_event_newer_than_the_code_is_refused() -> None:
     with pytest.raises(ev.UnknownEventError, match="newer"):
         ev.decode("HospitalCreated", ev.HospitalCreated.schema_version + 1, {"row": 1})
