@@ -105,6 +105,7 @@ class Processor:
         most = 1 if settings.creates_per_minute else MOST_AHEAD
         self._lookahead = Lookahead(most, AHEAD_WAIT)
         self._runs: dict[str, BatchRun] = {}
+        self._registered = asyncio.Event()  # set, and replaced, as each run is registered
         self._line: deque[BatchRun] = deque()  # batches with queued rows, served round robin
         self._work = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
@@ -146,7 +147,7 @@ class Processor:
                 continue
             if lost is not None:
                 await self._record_loss(run, lost)
-            self._runs[batch_id] = run
+            self._register(run)
             self._schedule(run)
             state, c = run.state, run.state.counts()
             log.info(
@@ -278,22 +279,39 @@ class Processor:
 
     # Entry points ---------------------------------------------------------------------------
 
-    def submit(self, created: StoredEvent) -> None:
+    async def submit(self, created: StoredEvent) -> None:
         """Start work on a batch whose BatchCreated was just committed."""
         event = created.decode()
         assert isinstance(event, ev.BatchCreated)
         log.info(
             "batch %s accepted: %d rows of %r", event.batch_id, len(event.rows), event.file_name
         )
-        run = BatchRun(b.start(event, created.recorded_at), on_status=self._status_changed)
-        self._runs[run.batch_id] = run
-        self._schedule(run)
+        async with self._deciding:
+            # A rollback may have come between the commit and now, folding the batch from
+            # the log: a run of this event alone would send the rows it withdrew.
+            if event.batch_id in self._runs:
+                return
+            run = BatchRun(b.start(event, created.recorded_at), on_status=self._status_changed)
+            try:
+                if await self._store.stream_version(created.stream_id) > created.stream_version:
+                    run = await self._load(event.batch_id) or run
+            finally:  # the batch is in the log: taken up even if that read fails
+                self._register(run)
+                self._schedule(run)
 
     async def wait_finished(self, batch_id: str) -> None:
-        """Return once the batch has nothing left to do (bound it with asyncio.timeout)."""
-        run = self._runs.get(batch_id)
-        if run is not None:
-            await run.finished.wait()
+        """Return once the batch has nothing left to do (bound it with asyncio.timeout).
+
+        A batch is taken up only once the append that gives it work (its upload, a resume,
+        a rollback) has committed: a request that reads it in between (a bulk upload with
+        the same Idempotency-Key) waits for that, rather than take the batch for finished.
+        """
+        while (run := self._runs.get(batch_id)) is None:
+            registered = self._registered
+            if not await queries.is_unfinished(self._store, batch_id):
+                return
+            await registered.wait()
+        await run.finished.wait()
 
     async def resume(self, batch_id: str, actor: dict[str, Any]) -> b.BatchState:
         """Send the failed rows back to work, checking the directory for each one first."""
@@ -365,7 +383,13 @@ class Processor:
         run.absorb(stored)
         run.finished.clear()
         # Registered only now: a refused request leaves no run behind that would never finish.
+        self._register(run)
+
+    def _register(self, run: BatchRun) -> None:
+        """Let the processor know the batch (a newer run of it replaces the older)."""
         self._runs[run.batch_id] = run
+        self._registered.set()
+        self._registered = asyncio.Event()
 
     # Scheduling ---------------------------------------------------------------------------
 

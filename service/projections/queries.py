@@ -117,15 +117,26 @@ async def status_snapshot(store: EventStore, batch_id: str) -> tuple[dict[str, A
     return _batch(tuple(batch)), str(hospitals).encode()
 
 
+# A batch the service still owes work to: a fold whose `unsettled()` is true.
+OWED = (
+    f"(status IN ('{PENDING}', '{PROCESSING}') "
+    "OR (rollback_requested = 1 AND rolled_back = 0 AND rollback_error IS NULL))"
+)
+
+
 async def unfinished_batch_ids(store: EventStore) -> list[str]:
     """Batches the service still owes work to, oldest first."""
     rows = await store.select(
-        "SELECT batch_id FROM batches WHERE status IN (?, ?) "
-        "OR (rollback_requested = 1 AND rolled_back = 0 AND rollback_error IS NULL) "
-        "ORDER BY created_at, batch_id",
-        (PENDING, PROCESSING),
+        f"SELECT batch_id FROM batches WHERE {OWED} ORDER BY created_at, batch_id", ()
     )
     return [batch_id for (batch_id,) in rows]
+
+
+async def is_unfinished(store: EventStore, batch_id: str) -> bool:
+    """Whether the service still owes this batch work."""
+    return bool(
+        await store.select(f"SELECT 1 FROM batches WHERE batch_id = ? AND {OWED}", (batch_id,))
+    )
 
 
 async def list_batches(

@@ -94,7 +94,7 @@ async def accept_upload(request: web.Request) -> tuple[dict[str, Any], bool]:
         known = await queries.get_batch(store, batch_id)
         assert known is not None
         return _same_upload(known, sha, parsed), False
-    request.app[PROCESSOR].submit(stored[0])
+    await request.app[PROCESSOR].submit(stored[0])
     batch = await queries.get_batch(store, batch_id)
     assert batch is not None
     batch["warnings"] = parsed.warnings

@@ -267,6 +267,55 @@ async def test_two_concurrent_resumes_exactly_one_is_accepted(
     assert directory.standin.duplicates() == []
 
 
+@pytest.mark.parametrize("first", ["BatchResumed", "BatchRollbackRequested"])
+async def test_a_resume_and_a_rollback_at_once_are_decided_one_after_the_other(
+    service: Service, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch, first: str
+) -> None:
+    # Each decision folds the batch from the log when no run holds it. Decided side by side,
+    # the rollback's run replaced the resume's without seeing its event (or the resume read
+    # the batch before the rollback's request), and the resumed rows went on to be created
+    # and activated in a batch asked to be rolled back, which was never rolled back.
+    batch_id, fillers = await failed_batch(service, directory)
+    await delete_hospitals(directory, fillers)
+    directory.standin.set_delay(0.5)
+    store = service.app[STORE]
+    append = store.append
+    deciding = asyncio.Event()
+
+    async def slow_append(
+        stream_id: str, expected_version: int | None, events: Sequence[NewEvent]
+    ) -> list[StoredEvent]:
+        if any(e.event.type_name == first for e in events):
+            deciding.set()
+            await asyncio.sleep(0.2)  # the other request comes while this one decides
+        return await append(stream_id, expected_version, events)
+
+    monkeypatch.setattr(store, "append", slow_append)
+    resume = f"/batch/{batch_id}/resume"
+    if first == "BatchResumed":
+        earlier = asyncio.ensure_future(post(service, resume))
+        await deciding.wait()
+        (resumed, _), (rolled_back, _) = await asyncio.gather(
+            earlier, delete(service, f"/batch/{batch_id}")
+        )
+        assert (resumed, rolled_back) == (202, 202)
+    else:
+        earlier = asyncio.ensure_future(delete(service, f"/batch/{batch_id}"))
+        await deciding.wait()
+        (rolled_back, _), (resumed, body) = await asyncio.gather(earlier, post(service, resume))
+        assert (rolled_back, resumed) == (202, 409)
+        assert "is being rolled back" in body["detail"]
+
+    final = await wait_rolled_back(service, batch_id)
+    assert final["processing_status"] == "failed"
+    assert directory.standin.all_hospitals() == []
+    types = await event_types(service, batch_id)
+    assert types.count("BatchResumed") == (resumed == 202)
+    assert types.count("BatchRollbackRequested") == 1 and types.count("BatchRolledBack") == 1
+    assert "BatchActivated" not in types
+    await assert_fold_matches_read_model(service, batch_id)
+
+
 async def test_resume_after_an_activation_failure_activates_the_batch(
     service_factory: ServiceFactory, directory: RunningDirectory, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -637,3 +686,42 @@ async def test_a_refused_rollback_of_a_running_batch_leaves_its_unsent_rows_fail
             messages = [await ws.receive_json(timeout=5) for _ in range(2)]
         assert [m["type"] for m in messages] == ["snapshot", "finished"]
         await assert_fold_matches_read_model(service, batch_id)
+
+
+async def test_a_rollback_between_an_upload_s_commit_and_its_start_is_the_one_carried_out(
+    service: Service, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The rollback folded the batch from the log and took it up; the upload then started a
+    # run of its own from BatchCreated alone, which never saw the rollback: it sent creates
+    # after the batch read rolled back, and, its fold stuck behind the log, sent them again
+    # and again (2,685 creates in 3 s; 21 hospitals left in the directory).
+    store = service.app[STORE]
+    append = store.append
+    committed = asyncio.Event()
+
+    async def held(
+        stream_id: str, expected_version: int | None, events: Sequence[NewEvent]
+    ) -> list[StoredEvent]:
+        stored = await append(stream_id, expected_version, events)
+        if any(e.event.type_name == "BatchCreated" for e in events):
+            committed.set()
+            await asyncio.sleep(0.3)  # the upload takes the batch up only after this
+        return stored
+
+    monkeypatch.setattr(store, "append", held)
+    key, batch_id = keyed_batch(service.db_path, "window")
+    uploading = asyncio.ensure_future(service.upload(SAMPLE_CSV, headers={"Idempotency-Key": key}))
+    await committed.wait()
+
+    (status, _), _ = await asyncio.gather(delete(service, f"/batch/{batch_id}"), uploading)
+
+    assert status == 202
+    final = await wait_rolled_back(service, batch_id)
+    assert [h["status"] for h in final["hospitals"]] == ["failed"] * 3
+    assert directory.standin.request_counts["create"] == 0
+    assert await event_types(service, batch_id) == [
+        "BatchCreated",
+        "BatchRollbackRequested",
+        "BatchRolledBack",
+    ]
+    await assert_fold_matches_read_model(service, batch_id)

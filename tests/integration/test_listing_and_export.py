@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import csv
 import io
 import sqlite3
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import pytest
+
 from service.domain.batch import BATCH_STATUSES
 from service.domain.csv_intake import problem
 from service.local_directory import RunningDirectory
+from service.store.records import NewEvent, StoredEvent
+from service.web.keys import STORE
 from tests.support import (
     SAMPLE_CSV,
     Service,
@@ -281,6 +286,73 @@ async def test_bulk_says_when_its_answer_is_an_earlier_batch_of_the_same_key(
 
     assert status == 200 and again["batch_id"] == first["batch_id"]
     assert headers["Idempotent-Replayed"] == "true"
+
+
+def hold_after_commit(
+    service: Service, monkeypatch: pytest.MonkeyPatch, event_type: str
+) -> asyncio.Event:
+    """Set once an append of `event_type` has committed; the request that made it is then
+    held a moment before it goes on (and has the processor take the batch up)."""
+    committed = asyncio.Event()
+    store = service.app[STORE]
+    append = store.append
+
+    async def held(
+        stream_id: str, expected_version: int | None, events: Sequence[NewEvent]
+    ) -> list[StoredEvent]:
+        stored = await append(stream_id, expected_version, events)
+        if any(e.event.type_name == event_type for e in events):
+            committed.set()
+            await asyncio.sleep(0.3)
+        return stored
+
+    monkeypatch.setattr(store, "append", held)
+    return committed
+
+
+async def test_a_bulk_upload_with_the_key_of_a_batch_not_taken_up_yet_waits_for_it(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same key twice at once: the second read the first's batch between its commit and
+    # the processor taking it up, and answered 200 with a /status body still "pending".
+    committed = hold_after_commit(service, monkeypatch, "BatchCreated")
+    key = "bulk-" + uuid.uuid4().hex
+    first = asyncio.ensure_future(upload(service, SAMPLE_CSV, key, path="/hospitals/bulk"))
+    await committed.wait()
+
+    (status, again, headers), (_, body, _) = await asyncio.gather(
+        upload(service, SAMPLE_CSV, key, path="/hospitals/bulk"), first
+    )
+
+    assert status == 200 and headers["Idempotent-Replayed"] == "true"
+    assert again["processing_status"] == "completed"
+    assert body == again
+
+
+async def test_a_bulk_upload_with_the_key_of_a_batch_being_rolled_back_waits_for_the_rollback(
+    service: Service, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A rollback of a finished batch has it taken up again only once its request committed.
+    key = "bulk-" + uuid.uuid4().hex
+    status, first, _ = await upload(service, SAMPLE_CSV, key, path="/hospitals/bulk")
+    assert status == 200 and first["processing_status"] == "completed"
+    committed = hold_after_commit(service, monkeypatch, "BatchRollbackRequested")
+
+    async def roll_back() -> int:
+        async with service.http.delete(f"{service.url}/batch/{first['batch_id']}") as r:
+            return r.status
+
+    rollback = asyncio.ensure_future(roll_back())
+    await committed.wait()
+
+    (status, again, _), rollback_status = await asyncio.gather(
+        upload(service, SAMPLE_CSV, key, path="/hospitals/bulk"), rollback
+    )
+
+    assert rollback_status == 202
+    assert status == 200 and again["rolled_back"] is True
+    assert [h["status"] for h in again["hospitals"]] == ["deleted"] * 3
+    assert directory.standin.all_hospitals() == []
 
 
 async def test_bulk_answers_202_with_the_batch_id_when_the_wait_runs_out(

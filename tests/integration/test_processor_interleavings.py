@@ -98,7 +98,7 @@ async def submit(store: EventStore, processor: Processor, rows: tuple[ev.Row, ..
     """Append BATCH with `rows` and hand it to the processor, as an upload does."""
     created = b.plan(BATCH, "batch.csv", rows, 20, "sha")
     stored = await store.append(b.stream_id(BATCH), -1, [NewEvent(created)])
-    processor.submit(stored[0])
+    await processor.submit(stored[0])
 
 
 async def run_to_end(processor: Processor) -> None:
