@@ -111,7 +111,10 @@ class UpstreamBatches:
             missing = _missing(lead, present, "nothing was activated")
             return ev.BatchActivationFailed(f"{missing}; {RELOAD}")
         tried = [lead]
-        if active == len(lead.rows):  # activated before a crash could record it: no PATCH
+        # The lead all active already: an earlier round activated it (before a crash could
+        # record it, or before it failed on another upstream batch), and may have activated
+        # others that no record names, so each of the others is read back before its PATCH.
+        if earlier := active == len(lead.rows):  # no PATCH: a second one is refused (400)
             results = [Activation(True, active)]
         else:
             results = [await self._activate_one(state, lead)]
@@ -120,7 +123,7 @@ class UpstreamBatches:
 
             async def activate(upstream: ev.UpstreamBatch) -> Activation:
                 async with slots:
-                    return await self._activate_one(state, upstream)
+                    return await self._activate_one(state, upstream, look_first=earlier)
 
             # A task group: if one slice raises, the others end before a new attempt starts.
             async with asyncio.TaskGroup() as group:
@@ -135,12 +138,15 @@ class UpstreamBatches:
         ids = tuple(u.creation_batch_id for u in state.upstream)
         return ev.BatchActivated(sum(result.activated for result in results), ids)
 
-    async def _activate_one(self, state: b.BatchState, upstream: ev.UpstreamBatch) -> Activation:
+    async def _activate_one(
+        self, state: b.BatchState, upstream: ev.UpstreamBatch, look_first: bool = False
+    ) -> Activation:
         batch_id, total = upstream.creation_batch_id, len(upstream.rows)
-        # Activated in a round that failed on another upstream batch: a second PATCH is
-        # refused (400) and counts against the limit. Its records tell, unless none of them
-        # is active any more (a directory restart): then it is activated again.
-        if batch_id in state.activated_upstream:
+        # Activated in a round that failed on another upstream batch (or, with `look_first`,
+        # maybe in one that a crash cut off): a second PATCH is refused (400) and counts
+        # against the limit. Its records tell, unless none of them is active (not activated
+        # yet, or a directory restart since): then it is activated.
+        if look_first or batch_id in state.activated_upstream:
             seen = await self._seen_active(state, upstream, "activated before")
             if seen is not None:
                 return seen

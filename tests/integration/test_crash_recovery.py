@@ -96,6 +96,34 @@ async def test_a_restart_after_an_activation_took_effect_sends_it_no_more(
     assert directory.standin.request_counts["batch_activate"] == 3
 
 
+async def test_a_restart_after_activations_took_effect_sends_no_other_upstream_batch_one(
+    directory: RunningDirectory, tmp_path: Path
+) -> None:
+    # Three upstream batches: the lead is activated, then the other two at once; one of them
+    # took, the other hangs unprocessed when the kill comes, before the log says anything.
+    # The restart finds the lead all active, so a round it did not record ran: the other
+    # two are read back first, and only the one with nothing active gets a PATCH.
+    directory.standin.set_delay(0.2)
+    directory.standin.add_fault("batch_activate", "hang", nth=[3])
+    db = tmp_path / "crash.db"
+    service = ServiceProcess(db, directory.url)
+    async with aiohttp.ClientSession() as http:
+        await service.start(http)
+        batch = await upload(http, service.url, csv_of(45))
+        while sum(h["active"] for h in directory.standin.all_hospitals()) < 40:
+            await asyncio.sleep(0.02)
+        while directory.standin.request_counts["batch_activate"] < 3:
+            await asyncio.sleep(0.02)
+        service.kill()
+        await service.start(http)
+        finals = await wait_settled(http, service.url, [batch])
+        await service.stop()
+    assert finals[0]["processing_status"] == "completed"
+    assert_exactly_once(directory.standin, finals)
+    # The three before the kill, then the hung one's again: none of those that took.
+    assert directory.standin.request_counts["batch_activate"] == 4
+
+
 async def test_sigkill_during_rollback(directory: RunningDirectory, tmp_path: Path) -> None:
     directory.standin.set_delay(0.2)
     db = tmp_path / "crash.db"
