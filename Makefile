@@ -8,13 +8,20 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test test-lowest lint bench chaos demo demo-45 local-directory clean
 
-# A venv that failed half-way is removed, so the next run creates it again.
+# An interpreter older than the project's 3.11 (a python3 of 3.10 or 3.9, as some systems
+# ship) is refused before it makes a venv: pip would refuse the project only after, and the
+# venv it left would keep being used, whatever PYTHON a next run named. A venv that failed
+# half-way is removed, so the next run creates it again.
+TOO_OLD = import sys; sys.exit(sys.version_info < (3, 11) and
 $(BIN)/python:
+	@$(PYTHON) -c '$(TOO_OLD) "$(PYTHON) is Python %d.%d: 3.11 or newer is needed; name one with PYTHON=python3.11, for example" % sys.version_info[:2])'
 	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
 	$(BIN)/python -m pip install --quiet --upgrade pip || { rm -rf $(VENV); exit 1; }
 
 # PIP_CONSTRAINT (test-lowest's pins) is part of what was installed: a changed pin reinstalls.
+# A venv made before by a too-old interpreter is named, with how to start again.
 $(STAMP): pyproject.toml $(PIP_CONSTRAINT) | $(BIN)/python
+	@$(BIN)/python -c '$(TOO_OLD) "$(VENV) holds Python %d.%d: 3.11 or newer is needed; remove it (rm -rf $(VENV)) and run again with PYTHON=python3.11, for example" % sys.version_info[:2])'
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
