@@ -455,6 +455,25 @@ async def test_a_batch_found_partly_active_is_neither_activated_again_nor_comple
     assert standin.request_counts["batch_activate"] == 1
 
 
+async def test_a_batch_found_partly_active_before_its_activation_is_not_completed(
+    service: Service, directory: RunningDirectory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    standin = directory.standin
+
+    def activate_one_member_before_the_look(endpoint: str, n: int) -> None:
+        if endpoint == "batch_get" and n == 1:  # the look before activating
+            standin.store.all()[0].active = True
+
+    on_request(monkeypatch, standin, activate_one_member_before_the_look)
+    final = await service.wait_finished((await service.upload(csv_of(3)))["batch_id"])
+
+    # One active member is not the batch activated before a crash: two are still inactive.
+    assert final["processing_status"] == "failed"
+    assert final["batch_activated"] is False
+    assert "only partly active (1 of 3)" in final["activation_error"]
+    assert sum(h["active"] for h in standin.all_hospitals()) == 1
+
+
 # Identical rows are distinct hospitals: after a restart gives the same ids again, only the
 # directory's created_at tells a new record from the one a row got before.
 IDENTICAL = "name,address,phone\n" + "Same Clinic,1 Main St,555-0001\n" * 8

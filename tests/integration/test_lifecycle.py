@@ -406,6 +406,29 @@ async def test_resume_after_a_partial_activation_does_not_activate_an_upstream_b
     assert directory.standin.request_counts["batch_activate"] - before == 2
 
 
+async def test_resume_does_not_activate_again_a_later_upstream_batch_that_took(
+    service_factory: ServiceFactory, directory: RunningDirectory
+) -> None:
+    # Three upstream batches: the lead one and one other take, the third is refused twice.
+    # The resume must PATCH the third alone: the other one's records show it active.
+    directory.standin.add_fault("batch_activate", "503", nth=[3, 4])
+    async with service_factory(max_attempts=2) as service:
+        batch_id = (await service.upload(csv_of(45)))["batch_id"]
+        first = await service.wait_finished(batch_id)
+        _, page = await service.get(f"/batch/{batch_id}/events?limit=1000")
+        assert first["processing_status"] == "failed"
+        assert len(page["events"][-1]["data"]["activated_upstream_batch_ids"]) == 2
+        before = directory.standin.request_counts["batch_activate"]
+
+        status, _ = await post(service, f"/batch/{batch_id}/resume")
+        assert status == 202
+        final = await service.wait_finished(batch_id)
+
+    assert final["processing_status"] == "completed"
+    assert all(h["active"] for h in directory.standin.all_hospitals())
+    assert directory.standin.request_counts["batch_activate"] - before == 1
+
+
 async def test_the_log_says_a_rollback_ended_also_when_the_batch_read_failed_before(
     service_factory: ServiceFactory, directory: RunningDirectory, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -9,16 +9,22 @@ import collections
 import contextlib
 import itertools
 import logging
-from typing import Any
+import time
+from datetime import datetime, tzinfo
+from typing import Any, Self
 
 import pytest
 
 from service.domain import batch as b
 from service.domain import events as ev
 from service.processing.directory_client import Answer, Outcome
+from service.processing.pacing import Pauses
 from service.processing.processor import Processor
+from service.processing.upstream import UpstreamBatches
 from service.settings import DirectorySettings
+from service.store import event_store
 from service.store.event_store import EventStore
+from service.store.head_mark import Lost
 from service.store.records import NewEvent
 
 BATCH = "00000000-0000-4000-8000-000000000001"
@@ -412,3 +418,210 @@ async def test_background_work_that_fails_names_itself_and_its_batch(
 
     logged = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert logged[0].getMessage() == f"Processor._reconcile of batch {BATCH} failed"
+
+
+class StoredWhileCheckedDirectory(ScriptedDirectory):
+    """Two identical rows: the first create is lost unstored once the second is sent; the
+    second is stored at once, and answered only after a read (or 0.5 s, if none comes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.creates = 0
+        self._second_sent = asyncio.Event()
+        self._read = asyncio.Event()
+
+    def idle_for(self) -> float:
+        return 0.0
+
+    async def create(self, name: str, address: str, phone: str | None, upstream: str) -> Answer:
+        self.creates += 1
+        if self.creates == 1:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._second_sent.wait(), 1.0)
+            return Answer(Outcome.AMBIGUOUS, None, None, "ServerDisconnectedError")
+        record = self._store(name, address, phone, upstream)
+        if self.creates == 2:
+            self._second_sent.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._read.wait(), 0.5)
+        return Answer(Outcome.OK, 201, record, "ok")
+
+    async def batch_members(self, upstream: str) -> Answer:
+        self._read.set()
+        listing = [dict(r) for r in self.records if r["creation_batch_id"] == upstream]
+        return Answer(Outcome.OK, 200, listing, "ok")
+
+
+async def test_a_check_without_settling_still_waits_for_the_creates_in_flight(
+    store: EventStore,
+) -> None:
+    # settle_seconds 0 skips the settling pause: the check must still let the identical
+    # row's create in flight end first, or it claims that row's record for the lost one.
+    directory = StoredWhileCheckedDirectory()
+    twins = (ev.Row(1, "A", "1 Main St", None, 2), ev.Row(2, "A", "1 Main St", None, 3))
+    state = await processed(
+        store, directory, twins, concurrency=2, settle_seconds=0.0, backoff_base=0.01
+    )
+
+    assert len(directory.records) == 2
+    ids = sorted(row.hospital_id or 0 for row in state.rows.values())
+    assert ids == sorted(r["id"] for r in directory.records)
+    assert state.status == b.COMPLETED
+
+
+class OnceFaultyClient(HeldDirectory):
+    """Its first create raises (a bug in the client), after the directory stored the row."""
+
+    async def create(self, name: str, address: str, phone: str | None, upstream: str) -> Answer:
+        self.sent.append(name)
+        record = self._store(name, address, phone, upstream)
+        if len(self.sent) == 1:
+            raise ZeroDivisionError("a bug in the client")
+        return Answer(Outcome.OK, 201, record, "ok")
+
+
+async def test_a_create_that_raises_has_its_row_checked_and_the_batch_finishes(
+    store: EventStore,
+) -> None:
+    directory = OnceFaultyClient()
+    state = await processed(store, directory, A_AND_B[:1], concurrency=1, settle_seconds=0.0)
+
+    assert directory.sent == ["A"]  # found by the check, not sent again
+    assert state.status == b.COMPLETED
+    assert (state.rows[1].hospital_id, state.rows[1].reconciled) == (1, True)
+
+
+async def test_rows_a_lost_log_reads_as_unsent_are_checked_under_a_new_attempt(
+    store: EventStore,
+) -> None:
+    # Row A's first create never reached the directory; its second, in commits the log
+    # lost, was stored. The check's outcome must not take the id of the first attempt's,
+    # which the log holds: dropped as a repeat, it left the row to be checked forever.
+    directory = HeldDirectory()
+    directory._store("A", "1 Main St", None, BATCH)
+    created = b.plan(BATCH, "batch.csv", A_AND_B[:1], 20, "sha")
+    first = ev.HospitalRetryScheduled(1, 1, b.UNREACHABLE, "connection refused")
+    await store.append(b.stream_id(BATCH), -1, [NewEvent(created)])
+    await store.append(
+        b.stream_id(BATCH),
+        0,
+        [
+            NewEvent(ev.HospitalRequested((1,), (1,))),
+            NewEvent(first, event_id=ev.derived_event_id(BATCH, 1, "outcome", 1)),
+        ],
+    )
+    store.lost = Lost(store.head.position, store.head.position + 2)
+
+    processor = await started(store, directory, concurrency=1, settle_seconds=0.0)
+    await run_to_end(processor)
+
+    state = await fold_of(store)
+    assert directory.sent == []  # found, never sent again
+    assert state.status == b.COMPLETED
+    assert (state.rows[1].hospital_id, state.rows[1].attempts) == (1, 2)
+
+
+class TwoChecksDirectory(ScriptedDirectory):
+    """Every create is stored and its answer lost; the first two reads (one check per
+    upstream batch) are answered together. An activation takes 50 ms, and one of a batch
+    already active is refused with 400, as the directory does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+        self.patches: collections.Counter[str] = collections.Counter()
+        self._both_read = asyncio.Event()
+
+    def idle_for(self) -> float:
+        return 0.0
+
+    async def create(self, name: str, address: str, phone: str | None, upstream: str) -> Answer:
+        self._store(name, address, phone, upstream)
+        return Answer(Outcome.AMBIGUOUS, None, None, "TimeoutError")
+
+    async def batch_members(self, upstream: str) -> Answer:
+        self.reads += 1
+        if self.reads == 2:
+            self._both_read.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._both_read.wait(), 1.0)
+        listing = [dict(r) for r in self.records if r["creation_batch_id"] == upstream]
+        return Answer(Outcome.OK, 200, listing, "ok")
+
+    async def activate(self, upstream: str) -> Answer:
+        self.patches[upstream] += 1
+        members = [r for r in self.records if r["creation_batch_id"] == upstream]
+        if any(r["active"] for r in members):
+            return Answer(Outcome.REJECTED, 400, {"detail": "already active"}, "HTTP 400")
+        await asyncio.sleep(0.05)
+        for record in members:
+            record["active"] = True
+        return Answer(Outcome.OK, 200, {"activated_count": len(members)}, "ok")
+
+
+class RefusingOnceDirectory(ScriptedDirectory):
+    """Its first read is refused with 429 (another caller used the window); it notes when
+    each read comes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[tuple[str, float]] = []
+
+    async def batch_members(self, upstream: str) -> Answer:
+        self.reads.append((upstream, time.monotonic()))
+        if len(self.reads) == 1:
+            return Answer(Outcome.RATE_LIMITED, 429, None, "HTTP 429")
+        return Answer(Outcome.OK, 200, [], "ok")
+
+
+async def test_a_429_on_one_upstream_batch_holds_back_the_reads_of_the_others() -> None:
+    # The directory tells no one how long its window lasts: after a 429, a read of another
+    # upstream batch sent before the window passed would be refused as well.
+    directory = RefusingOnceDirectory()
+    settings = DirectorySettings(
+        batch_calls_per_minute=0, rate_window_seconds=0.3, rate_window_margin=0.0
+    )
+    calls = UpstreamBatches(directory, settings, Pauses())  # type: ignore[arg-type]
+    first = asyncio.create_task(calls.members("one"))
+    async with asyncio.timeout(5):
+        while not directory.reads:
+            await asyncio.sleep(0.01)
+    await calls.members("two")
+    await first
+
+    (_, refused_at), (upstream, then) = directory.reads[0], directory.reads[1]
+    assert upstream == "two"
+    assert then - refused_at >= 0.3
+
+
+class NinetySecondsAgo(datetime):
+    """The event store's wall clock, 90 s behind the real one."""
+
+    @classmethod
+    def now(cls, tz: tzinfo | None = None) -> Self:
+        return cls.fromtimestamp(time.time() - 90.0, tz)
+
+
+async def test_a_restart_counts_creates_got_ready_a_window_before_as_sent_now(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 30 rows got ready 90 s before a crash, waited for the window (up to a whole one), and
+    # their creates, unanswered, may have gone out just before it: the directory's window
+    # may be full, so the next row waits a window, or it would be refused with 429.
+    rows = tuple(ev.Row(n, f"H{n}", f"{n} Main St", None, n + 1) for n in range(1, 32))
+    created = b.plan(BATCH, "batch.csv", rows, 20, "sha")
+    monkeypatch.setattr(event_store, "datetime", NinetySecondsAgo)
+    await store.append(b.stream_id(BATCH), -1, [NewEvent(created)])
+    await store.append(
+        b.stream_id(BATCH), 0, [NewEvent(ev.HospitalRequested(tuple(range(1, 31)), (1,) * 30))]
+    )
+    monkeypatch.setattr(event_store, "datetime", datetime)
+    config = DirectorySettings(creates_per_minute=30, batch_calls_per_minute=0)
+    processor = Processor(store, HeldDirectory(), config)  # type: ignore[arg-type]
+    await processor.start()
+    try:
+        held = processor.held_by_window(BATCH)
+    finally:
+        await processor.stop(grace=0.1)
+
+    assert held > 55.0

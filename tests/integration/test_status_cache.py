@@ -298,3 +298,33 @@ async def test_bodies_are_kept_up_to_size_of_them(store: EventStore, builds: lis
     assert builds == ["a", "b", "c"]  # c pushed out a, read longest ago
     await cache.body(store, "a")
     assert builds == ["a", "b", "c", "a"]
+
+
+async def test_a_build_under_way_is_not_shared_across_a_change_of_status(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first poller's build has read the running batch and is still encoding it when a
+    # row fails: a poller that then sees `failed` must not get that build's body.
+    await store.append("batch-b", -1, new_batch("b", rows=1))
+    await store.append("batch-b", None, requested("b"))
+    real = queries.status_snapshot
+    read, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_first(store: EventStore, batch_id: str) -> tuple[dict[str, Any], bytes] | None:
+        snapshot = await real(store, batch_id)
+        if not read.is_set():
+            read.set()
+            await release.wait()
+        return snapshot
+
+    monkeypatch.setattr(queries, "status_snapshot", slow_first)
+    cache = StatusCache(max_age=60.0)
+    first = asyncio.create_task(status_of(cache, store, "b"))
+    await read.wait()
+    await store.append("batch-b", None, [NewEvent(ev.HospitalFailed(1, "rejected", "no", False))])
+    later = asyncio.create_task(status_of(cache, store, "b"))
+    await asyncio.sleep(0.05)
+    release.set()
+
+    assert await first == "processing"
+    assert await later == "failed"

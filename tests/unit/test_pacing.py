@@ -324,6 +324,21 @@ async def test_each_replayed_create_holds_its_place_a_window_after_its_answer(
     assert times == [NEXT] * 15 + [5.0 + NEXT]
 
 
+async def test_the_wait_said_for_replayed_creates_is_the_wait_there_is(
+    pacer: WindowPacer, clock: VirtualTime
+) -> None:
+    # 35 creates in one window and margin: room comes once the 30th newest ages out, not
+    # the oldest. /progress says how long the window holds creates back: it must not
+    # promise room 5 s before there is any.
+    pacer.replay([0.0] * 5 + [5.0] * 30)
+    clock.now = 10.0
+
+    said = pacer.seconds_to_room()
+    (granted,) = await grants_in_turn(pacer, clock, 1)
+
+    assert said == granted - 10.0 == 5.0 + NEXT - 10.0
+
+
 async def test_creates_replayed_from_a_window_long_over_leave_a_whole_one(
     pacer: WindowPacer, clock: VirtualTime
 ) -> None:
