@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ from service.domain import events as ev
 from service.projections import batches
 from service.store import records
 from service.store.event_store import EventStore
-from service.store.records import NewEvent
+from service.store.records import NewEvent, StoredEvent
+from service.web.keys import STORE
+from tests.support import Service
 
 
 @pytest.fixture
@@ -92,3 +95,25 @@ def decoded_on(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(records, "decode", noting_the_thread)
     return threads
+
+
+def hold_after_commit(
+    service: Service, monkeypatch: pytest.MonkeyPatch, event_type: str
+) -> asyncio.Event:
+    """Set once an append of `event_type` has committed; the request that made it is then
+    held a moment before it goes on (and has the processor take the batch up)."""
+    committed = asyncio.Event()
+    store = service.app[STORE]
+    append = store.append
+
+    async def held(
+        stream_id: str, expected_version: int | None, events: Sequence[NewEvent]
+    ) -> list[StoredEvent]:
+        stored = await append(stream_id, expected_version, events)
+        if any(e.event.type_name == event_type for e in events):
+            committed.set()
+            await asyncio.sleep(0.3)
+        return stored
+
+    monkeypatch.setattr(store, "append", held)
+    return committed

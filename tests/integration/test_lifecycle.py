@@ -18,6 +18,7 @@ from service.local_directory.storage import Hospital, NewHospital
 from service.projections.rebuild import rebuild
 from service.store.records import NewEvent, StoredEvent
 from service.web.keys import PROCESSOR, SETTINGS, STORE
+from tests.integration.conftest import hold_after_commit
 from tests.support import (
     SAMPLE_CSV,
     Service,
@@ -718,20 +719,7 @@ async def test_a_rollback_between_an_upload_s_commit_and_its_start_is_the_one_ca
     # run of its own from BatchCreated alone, which never saw the rollback: it sent creates
     # after the batch read rolled back, and, its fold stuck behind the log, sent them again
     # and again (2,685 creates in 3 s; 21 hospitals left in the directory).
-    store = service.app[STORE]
-    append = store.append
-    committed = asyncio.Event()
-
-    async def held(
-        stream_id: str, expected_version: int | None, events: Sequence[NewEvent]
-    ) -> list[StoredEvent]:
-        stored = await append(stream_id, expected_version, events)
-        if any(e.event.type_name == "BatchCreated" for e in events):
-            committed.set()
-            await asyncio.sleep(0.3)  # the upload takes the batch up only after this
-        return stored
-
-    monkeypatch.setattr(store, "append", held)
+    committed = hold_after_commit(service, monkeypatch, "BatchCreated")
     key, batch_id = keyed_batch(service.db_path, "window")
     uploading = asyncio.ensure_future(service.upload(SAMPLE_CSV, headers={"Idempotency-Key": key}))
     await committed.wait()

@@ -9,7 +9,7 @@ import io
 import sqlite3
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -19,8 +19,7 @@ import pytest
 from service.domain.batch import BATCH_STATUSES
 from service.domain.csv_intake import problem
 from service.local_directory import RunningDirectory
-from service.store.records import NewEvent, StoredEvent
-from service.web.keys import STORE
+from tests.integration.conftest import hold_after_commit
 from tests.support import (
     SAMPLE_CSV,
     Service,
@@ -286,28 +285,6 @@ async def test_bulk_says_when_its_answer_is_an_earlier_batch_of_the_same_key(
 
     assert status == 200 and again["batch_id"] == first["batch_id"]
     assert headers["Idempotent-Replayed"] == "true"
-
-
-def hold_after_commit(
-    service: Service, monkeypatch: pytest.MonkeyPatch, event_type: str
-) -> asyncio.Event:
-    """Set once an append of `event_type` has committed; the request that made it is then
-    held a moment before it goes on (and has the processor take the batch up)."""
-    committed = asyncio.Event()
-    store = service.app[STORE]
-    append = store.append
-
-    async def held(
-        stream_id: str, expected_version: int | None, events: Sequence[NewEvent]
-    ) -> list[StoredEvent]:
-        stored = await append(stream_id, expected_version, events)
-        if any(e.event.type_name == event_type for e in events):
-            committed.set()
-            await asyncio.sleep(0.3)
-        return stored
-
-    monkeypatch.setattr(store, "append", held)
-    return committed
 
 
 async def test_a_bulk_upload_with_the_key_of_a_batch_not_taken_up_yet_waits_for_it(
