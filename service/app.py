@@ -187,13 +187,14 @@ def create_app(settings: Settings) -> web.Application:
     # aiohttp answers HEAD wherever it answers GET; listing each twice only clutters /docs.
     for operations in app["swagger_dict"]["paths"].values():
         operations.pop("head", None)
-    _document_browser_refusals(app["swagger_dict"])
+    _document_refusals_of_any_route(app["swagger_dict"])
     return app
 
 
-def _document_browser_refusals(spec: dict[str, Any]) -> None:
-    """The 403 the origin middlewares answer, in every operation: to a browser that sent the
-    request to a name the service does not know, and to a change from another site's page."""
+def _document_refusals_of_any_route(spec: dict[str, Any]) -> None:
+    """The answers any operation can give before its handler runs: the origin middlewares'
+    403, to a browser that sent the request to a name the service does not know or a change
+    from another site's page, and `expect_handler`'s 417."""
     unknown_host = (
         "sent by a browser to a host name that is not an IP address, localhost, *.localhost, "
         "app.host or listed in app.allowed_hosts"
@@ -206,5 +207,9 @@ def _document_browser_refusals(spec: dict[str, Any]) -> None:
                 if method.upper() in SAFE_METHODS
                 else f"{other_site}, or {unknown_host}"
             )
-            refused = {"schema": {"$ref": "#/definitions/Error"}, "description": why}
-            operation["responses"].setdefault("403", refused)
+            error = {"$ref": "#/definitions/Error"}
+            operation["responses"].setdefault("403", {"schema": error, "description": why})
+            operation["responses"].setdefault(
+                "417",
+                {"schema": error, "description": "an Expect header other than 100-continue"},
+            )
