@@ -559,6 +559,22 @@ class TwoChecksDirectory(ScriptedDirectory):
         return Answer(Outcome.OK, 200, {"activated_count": len(members)}, "ok")
 
 
+async def test_checks_that_end_together_activate_the_batch_once(store: EventStore) -> None:
+    # Both upstream batches' checks find their row, and end one after the other: the first
+    # end starts the activation, the second must not start another beside it.
+    directory = TwoChecksDirectory()
+    processor = await started(store, directory, concurrency=2, settle_seconds=0.0)
+    created = b.plan(BATCH, "batch.csv", A_AND_B, 1, "sha")  # one row per upstream batch
+    stored = await store.append(b.stream_id(BATCH), -1, [NewEvent(created)])
+    await processor.submit(stored[0])
+    await run_to_end(processor)
+
+    state = await fold_of(store)
+    assert state.status == b.COMPLETED
+    assert all(row.reconciled for row in state.rows.values())
+    assert sorted(directory.patches.values()) == [1, 1]  # one PATCH per upstream batch
+
+
 class RefusingOnceDirectory(ScriptedDirectory):
     """Its first read is refused with 429 (another caller used the window); it notes when
     each read comes."""
