@@ -189,20 +189,25 @@ class _EnvValue:
 
 def _build(layers: dict[str, dict[str, Any]]) -> Settings:
     built = {}
+    named = {}  # each setting given a value, as its errors name it
     for section, cls in _sections().items():
         hints = typing.get_type_hints(cls)
-        values = {
-            key: _coerce(f"{section}.{key}", hints[key], raw)
-            for key, raw in layers.get(section, {}).items()
-        }
+        values = {}
+        for key, raw in layers.get(section, {}).items():
+            named[f"{section}.{key}"] = _named(f"{section}.{key}", raw)
+            values[key] = _coerce(named[f"{section}.{key}"], hints[key], raw)
         built[section] = cls(**values)
     settings = Settings(**built)
-    _validate(settings)
+    _validate(settings, named)
     return settings
 
 
-def _coerce(name: str, kind: Any, raw: Any) -> Any:
-    where = f"{name} (from {raw.name})" if isinstance(raw, _EnvValue) else name
+def _named(name: str, raw: Any) -> str:
+    """A setting as an error names it: with the variable that set it, if one did."""
+    return f"{name} (from {raw.name})" if isinstance(raw, _EnvValue) else name
+
+
+def _coerce(where: str, kind: Any, raw: Any) -> Any:
     value = raw.text if isinstance(raw, _EnvValue) else raw
     try:
         if kind in (int, float):
@@ -261,7 +266,7 @@ def _not_a_name(entry: str) -> bool:
     return False
 
 
-def _validate(s: Settings) -> None:
+def _validate(s: Settings, named: Mapping[str, str]) -> None:
     d = s.directory
     not_names = [entry for entry in s.app.allowed_hosts if _not_a_name(entry)]
     checks = [
@@ -331,15 +336,7 @@ def _validate(s: Settings) -> None:
         if not ok:
             section, key = name.split(".")
             value = getattr(getattr(s, section), key)
-            raise SettingsError(
-                f"setting {name} ({_env_name(section, key)}) {problem}; got {value!r}"
-            )
-
-
-def _env_name(section: str, key: str) -> str:
-    """The environment variable that sets `section.key`: its alias, if it has one."""
-    aliases = {where: name for name, where in ALIASES.items()}
-    return aliases.get((section, key), _variable(section, key))
+            raise SettingsError(f"setting {named.get(name, name)} {problem}; got {value!r}")
 
 
 def _variable(section: str, key: str) -> str:

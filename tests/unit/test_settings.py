@@ -121,7 +121,8 @@ def test_dotenv_skips_comments_and_strips_export_and_quotes(tmp_path: Path) -> N
         ({"APP_HOST": " "}, "app.host"),  # aiohttp took it for every interface
         ({"DIRECTORY_BATCH_SIZE": "21"}, "directory.batch_size"),
         ({"DIRECTORY_CONCURRENCY": "21"}, "directory.concurrency"),
-        ({"LOG_LEVEL": "LOUD"}, "app.log_level"),
+        ({"LOG_LEVEL": "LOUD"}, "app.log_level (from LOG_LEVEL)"),
+        ({"APP_LOG_LEVEL": "verbose"}, "app.log_level (from APP_LOG_LEVEL)"),
         ({"EXTERNAL_API_BASE_URL": "ftp://x"}, "directory.base_url"),
         ({"EXTERNAL_API_BASE_URL": "http://"}, "directory.base_url"),
         ({"DATABASE_PATH": ""}, "database.path"),
@@ -157,6 +158,7 @@ def test_bad_environment_values_name_the_setting(
         ("[app]\nport = 1.5\n", "app.port"),
         ("[app]\nport = true\n", "app.port"),
         ("[app]\nhost = 5\n", "app.host"),
+        ('[app]\nlog_level = "verbose"\n', r"setting app.log_level must be one of"),
         ("[websocket]\nallowed_origins = 5\n", "websocket.allowed_origins"),
         ("[app]\nprot = 8000\n", "unknown setting app.prot"),
         ("[apps]\nport = 8000\n", r"unknown section \[apps\]"),
