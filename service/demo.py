@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -180,7 +181,8 @@ async def demo(args: argparse.Namespace) -> int:
                 f"ReDoc:      {service_url}/redoc\n"
                 f"websockets: ws://127.0.0.1:{args.port}/batch/{batch}/ws (one batch), "
                 f"ws://127.0.0.1:{args.port}/ws (every batch)\n"
-                f"upload:     python -m service upload FILE --url {service_url} --follow\n"
+                f"upload:     {shlex.quote(sys.executable)} -m service upload FILE "
+                f"--url {service_url} --follow\n"
                 "Both keep running; press Ctrl-C to stop them.",
                 flush=True,
             )

@@ -10,6 +10,7 @@ import json
 import os
 import pty
 import re
+import shlex
 import signal
 import socket
 import sys
@@ -726,6 +727,8 @@ async def test_the_demo_runs_both_and_ctrl_c_stops_everything(tmp_path: Path) ->
     assert process.returncode == 0, output
     assert "completed: 3 created, 0 failed" in output
     assert f"http://127.0.0.1:{port}/docs" in output and f"ws://127.0.0.1:{port}/ws" in output
+    # The hint runs as printed outside the venv too: it names the demo's own interpreter.
+    assert f"upload:     {shlex.quote(sys.executable)} -m service upload FILE" in output
     pids = [int(p) for p in re.findall(r"started the .* \(pid (\d+)\)", output)]
     assert len(pids) == 2
     assert not any(_alive(pid) for pid in pids)
