@@ -42,6 +42,13 @@ from service.web.keys import (
 from service.web.origins import SAFE_METHODS, known_hosts, same_origin_writes
 from service.web.status_cache import StatusCache
 
+REQUEST_ID_HEADER = {
+    "X-Request-ID": {
+        "type": "string",
+        "description": "the request's X-Request-ID if it was safe to echo, else a new id; "
+        "the service's log names the request by it",
+    }
+}
 YOUNG_COLLECTION_THRESHOLD = 20_000  # allocations between young collections (700 by default)
 
 DESCRIPTION = (
@@ -187,14 +194,14 @@ def create_app(settings: Settings) -> web.Application:
     # aiohttp answers HEAD wherever it answers GET; listing each twice only clutters /docs.
     for operations in app["swagger_dict"]["paths"].values():
         operations.pop("head", None)
-    _document_refusals_of_any_route(app["swagger_dict"])
+    _document_what_every_route_answers(app["swagger_dict"])
     return app
 
 
-def _document_refusals_of_any_route(spec: dict[str, Any]) -> None:
-    """The answers any operation can give before its handler runs: the origin middlewares'
-    403, to a browser that sent the request to a name the service does not know or a change
-    from another site's page, and `expect_handler`'s 417."""
+def _document_what_every_route_answers(spec: dict[str, Any]) -> None:
+    """What any operation can answer besides its own: the origin middlewares' 403, to a
+    browser that sent the request to a name the service does not know or a change from
+    another site's page, `expect_handler`'s 417, and the X-Request-ID of every answer."""
     unknown_host = (
         "sent by a browser to a host name that is not an IP address, localhost, *.localhost, "
         "app.host or listed in app.allowed_hosts"
@@ -213,3 +220,5 @@ def _document_refusals_of_any_route(spec: dict[str, Any]) -> None:
                 "417",
                 {"schema": error, "description": "an Expect header other than 100-continue"},
             )
+            for response in operation["responses"].values():
+                response["headers"] = {**response.get("headers", {}), **REQUEST_ID_HEADER}

@@ -42,6 +42,13 @@ BAD_QUERY = {422: {"schema": schemas.Error, "description": "bad query parameter"
 BAD_ID_OR_QUERY = {
     422: {"schema": schemas.Error, "description": "malformed batch id or bad query parameter"}
 }
+ATTACHMENT = {
+    "Content-Disposition": {
+        "type": "string",
+        "description": 'attachment; filename="<batch_id>-results.csv" (-failed.csv with '
+        "only_rows=failed)",
+    }
+}
 
 
 # Every batch path takes any segment, so batch_id_of answers 422 for a malformed id (aiohttp's
@@ -218,7 +225,11 @@ RESULT_COLUMNS = ("row", "name", "address", "phone", "status", "hospital_id", "e
     ),
     produces=["text/csv", "application/json"],
     parameters=[BATCH_ID_PARAMETER],
-    responses={**NOT_FOUND, **BAD_ID_OR_QUERY, 200: {"description": "CSV file (errors are JSON)"}},
+    responses={
+        **NOT_FOUND,
+        **BAD_ID_OR_QUERY,
+        200: {"description": "CSV file (errors are JSON)", "headers": ATTACHMENT},
+    },
 )
 @querystring_schema(schemas.ResultsQuery)
 async def results_csv(request: web.Request) -> web.Response:

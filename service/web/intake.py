@@ -237,15 +237,14 @@ async def validate_csv(request: web.Request) -> web.Response:
             "description": "still running: follow batch_id",
             "headers": {**LOCATION, **REPLAYED},
         },
+        200: {
+            "schema": schemas.Status,
+            "description": "the batch finished: its /status body",
+            "headers": REPLAYED,
+        },
         409: {"schema": schemas.Error, "description": "Idempotency-Key reused for another file"},
         **intake_errors(schemas.Error),
     },
-)
-@response_schema(
-    schemas.Status,
-    200,
-    description="the batch finished: its /status body (Idempotent-Replayed: true when the "
-    "same Idempotency-Key and file came before)",
 )
 async def bulk(request: web.Request) -> web.Response:
     batch, created = await accept_upload(request)
