@@ -190,23 +190,26 @@ def _print_events(args: argparse.Namespace, path: str) -> int:
         else:
             where, order, params = "global_position > ?", "global_position", [args.after or 0]
         for event in _paged(conn, where, order, params):
-            if args.json:
-                print(json.dumps(event.to_json()))
-            else:
-                details = " ".join(
-                    f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
-                    for k, v in event.data.items()
-                )
-                if event.event_type == "BatchCreated":
-                    details = (
-                        f"file={event.data['file_name']!r} rows={len(event.data['rows'])} "
-                        f"upstream_batches={len(event.data['upstream_batches'])}"
-                    )
-                print(
-                    f"{event.recorded_at}  #{event.global_position:<6} {event.stream_id} "
-                    f"v{event.stream_version:<4} {event.event_type:<22} {details}"
-                )
+            print(json.dumps(event.to_json()) if args.json else _timeline(event))
     return 0
+
+
+def _timeline(event: StoredEvent) -> str:
+    """One event as a line of the readable timeline; a BatchCreated by its counts alone."""
+    data = event.data
+    if event.event_type == "BatchCreated":
+        details = (
+            f"file={data['file_name']!r} rows={len(data['rows'])} "
+            f"upstream_batches={len(data['upstream_batches'])}"
+        )
+    else:
+        details = " ".join(
+            f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in data.items()
+        )
+    return (
+        f"{event.recorded_at}  #{event.global_position:<6} {event.stream_id} "
+        f"v{event.stream_version:<4} {event.event_type:<22} {details}"
+    )
 
 
 def _paged(

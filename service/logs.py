@@ -83,9 +83,9 @@ def _raised_at(error: BaseException) -> tuple[str, int] | None:
 
 
 @contextlib.contextmanager
-def repeats_held_back(seconds: float = REPEAT_SECONDS) -> Iterator[None]:
+def repeats_held_back() -> Iterator[None]:
     """Hold back repeated errors of the modules a lasting fault floods, while the block runs."""
-    repeats = RepeatedErrors(seconds)
+    repeats = RepeatedErrors()
     loggers = [logging.getLogger(name) for name in FLOODED]
     for logger in loggers:
         logger.addFilter(repeats)

@@ -1,4 +1,5 @@
-"""Reads of the read models, shaped for the API."""
+"""Reads of the read models (and, for dashboards, of which batches the log moved), shaped for
+the API."""
 
 from __future__ import annotations
 

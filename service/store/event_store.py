@@ -263,7 +263,7 @@ class EventStore:
             self._mark.close()
 
     @property
-    def writer_alive(self) -> bool:
+    def can_commit(self) -> bool:
         """False once the writer task has stopped, the store is closing, or the last group
         commit failed (until one lands again): no append can commit now."""
         return self._writer_running and self.commit_error is None

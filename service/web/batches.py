@@ -1,6 +1,7 @@
 """Batch endpoints past intake (progress, status, listing, results, resume, rollback): thin
-handlers that parse, call one service function, and shape the answer; and the batch path
-vocabulary every endpoint of a batch shares."""
+handlers that parse, call one service function, and shape the answer; and what the other
+web modules share with them: the batch path and its id, the 404, the documented 422s, the
+event metadata of a user's decision, the cached /status answer, and `off_loop`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""One error shape everywhere: {"detail": "..."} or {"detail": [{"loc", "msg", "type"}]}."""
+"""One error shape everywhere: {"detail": "..."} or {"detail": [{"loc", "msg", "type"}]}.
+
+Also the answer to an `Expect` header (aiohttp's runs before any middleware), and the
+server log's line for a request that aiohttp's HTTP parser refused (RefusedRequests).
+"""
 
 from __future__ import annotations
 

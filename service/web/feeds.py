@@ -114,7 +114,7 @@ class Feed:
         """The last stream version folded in, -1 before the first."""
         return len(self.messages) - 1
 
-    def finished(self, version: int) -> bytes | None:
+    def finished_message(self, version: int) -> bytes | None:
         """The `finished` message if the batch is settled as of `version`, else None."""
         return self.messages[version].finished if version >= 0 else None
 

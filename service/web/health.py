@@ -45,7 +45,7 @@ async def health(request: web.Request) -> web.Response:
         # Ahead of user reads: a queue of large ones kept /health past a probe's timeout.
         ((count,),) = await store.select("SELECT COUNT(*) FROM batches", (), first=True)
         database = {"status": "ok", "path": store.path, "batches": count}
-        database_ok = store.writer_alive
+        database_ok = store.can_commit
         if store.commit_error is not None:  # a full disk, an I/O error, a lock held too long
             database["status"] = f"cannot commit: {store.commit_error}"
         elif not database_ok:

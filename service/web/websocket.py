@@ -274,7 +274,7 @@ async def batch_socket(request: web.Request) -> web.WebSocketResponse:
                 version = after
                 await feed.wait_past(version - 1)
             live_at: int | None = None  # the version of the first event after live_from
-            while (finished := feed.finished(version) if version >= last else None) is None:
+            while (finished := feed.finished_message(version) if version >= last else None) is None:
                 await feed.wait_past(version)
                 # Everything this socket is behind on goes in one write, shared with the
                 # sockets at the same version.

@@ -361,7 +361,7 @@ async def test_a_writer_that_fails_is_logged_and_the_store_still_closes(
     monkeypatch.setattr(store.head, "advance", broken)
     await store.append("batch-a", -1, new_batch("a"))  # committed; then the writer fails
     await asyncio.sleep(0)
-    assert not store.writer_alive
+    assert not store.can_commit
     with pytest.raises(RuntimeError, match="not open"):
         await store.append("batch-b", -1, new_batch("b"))
 
@@ -446,9 +446,9 @@ async def test_a_commit_error_clears_once_commits_land_again_with_none_asked(
             with pytest.raises(sqlite3.OperationalError, match="locked"):
                 await store.append("batch-a", -1, new_batch("a"))
             await asyncio.sleep(0.2)
-            assert not store.writer_alive  # still failing: the lock is held
+            assert not store.can_commit  # still failing: the lock is held
         deadline = time.monotonic() + 5.0
-        while not store.writer_alive:  # an idle service stayed 503 for good
+        while not store.can_commit:  # an idle service stayed 503 for good
             assert time.monotonic() < deadline, store.commit_error
             await asyncio.sleep(0.01)
         assert await read_all(store, 0) == []
@@ -483,11 +483,11 @@ async def test_a_commit_error_stays_while_the_disk_is_still_full(
             await asyncio.sleep(0.3)  # several empty commits tried meanwhile
             # They wrote nothing, so they landed on the full disk: /health said 200 again
             # a second after each failure while every append kept failing.
-            assert not store.writer_alive
+            assert not store.can_commit
             with pytest.raises(sqlite3.OperationalError):
                 await store.append("batch-b", -1, new_batch("b"))
         deadline = time.monotonic() + 5.0
-        while not store.writer_alive:  # room again: the next empty commit lands
+        while not store.can_commit:  # room again: the next empty commit lands
             assert time.monotonic() < deadline, store.commit_error
             await asyncio.sleep(0.01)
         await store.append("batch-b", -1, new_batch("b"))

@@ -70,13 +70,13 @@ async def test_the_finished_message_comes_with_the_event_that_settles_the_batch(
     async with feeds.follow(store, "batch-b") as feed:
         await feed.wait_past(1)
         finished = [m.finished for m in feed.messages]
-        last = feed.finished(2)
+        last = feed.finished_message(2)
 
     assert finished[:2] == [None, None]
     assert last is not None and last == finished[2]
     assert orjson.loads(last)["type"] == "finished"
     assert orjson.loads(last)["progress"]["processing_status"] == "completed"
-    assert feed.finished(-1) is None
+    assert feed.finished_message(-1) is None
 
 
 async def test_a_burst_ends_at_the_event_that_finishes_the_batch(store: EventStore) -> None:
