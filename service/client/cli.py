@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,18 @@ def service_url(text: str) -> str:
     return text
 
 
+def batch_id(text: str) -> str:
+    """A batch id as the service spells it, from any spelling it accepts (a UUID).
+
+    Anything else would be a path of its own: `follow ..` asked for /batch/../ws, which is
+    the dashboard's /ws, and waited on it silently forever.
+    """
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a batch id (a UUID)") from None
+
+
 def idempotency_key(text: str) -> str:
     """A key that fits in a header: no line breaks or other control characters."""
     if any((ord(ch) < 32 and ch != "\t") or ord(ch) == 127 for ch in text):
@@ -124,18 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "resume", parents=[common, following], help="retry a finished batch's failed rows"
     )
-    p.add_argument("batch_id")
+    p.add_argument("batch_id", type=batch_id)
     p = commands.add_parser(
         "rollback", parents=[common, following], help="delete a batch's hospitals upstream"
     )
-    p.add_argument("batch_id")
+    p.add_argument("batch_id", type=batch_id)
     p = commands.add_parser(
         "follow", parents=[common, patience], help="show a batch's live progress to its end"
     )
     p.set_defaults(follow=True)
-    p.add_argument("batch_id")
+    p.add_argument("batch_id", type=batch_id)
     p = commands.add_parser("results", parents=[common], help="every row's result as CSV")
-    p.add_argument("batch_id")
+    p.add_argument("batch_id", type=batch_id)
     p.add_argument("--only", choices=["failed"], help="only the failed rows, in upload format")
     p.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
     return parser

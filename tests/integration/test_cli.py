@@ -312,6 +312,39 @@ async def test_a_malformed_option_is_a_usage_error_that_names_it(
     assert says.format(given) in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("command", "given"),
+    [
+        ("follow", ".."),  # /batch/../ws is /ws: the dashboard, followed silently forever
+        ("follow", "%2E%2E"),
+        ("follow", "x?after=3"),
+        ("resume", "."),
+        ("rollback", "a/b"),
+        ("results", ".."),
+    ],
+)
+async def test_a_batch_id_that_is_not_a_uuid_is_a_usage_error_not_another_route(
+    service: Service, command: str, given: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        async with asyncio.timeout(10):
+            await client(Captured(), command, given, "--url", service.url)
+
+    assert exited.value.code == 2
+    assert f"{given!r} is not a batch id (a UUID)" in capsys.readouterr().err
+
+
+async def test_a_batch_id_is_taken_in_any_spelling_the_service_takes(service: Service) -> None:
+    batch_id = (await service.upload(SAMPLE_CSV))["batch_id"]
+    await service.wait_finished(batch_id)
+    captured = Captured()
+
+    status = await client(captured, "follow", "{" + batch_id.upper() + "}", "--url", service.url)
+
+    assert status == 0, captured.stderr
+    assert f"Batch {batch_id}" in captured.stdout
+
+
 async def test_on_a_terminal_the_progress_is_a_rich_bar(service: Service, sample: Path) -> None:
     captured = Captured(terminal=True)
     status = await client(captured, "upload", str(sample), "--url", service.url, "--follow")
