@@ -206,9 +206,11 @@ def _timeline(event: StoredEvent) -> str:
         details = " ".join(
             f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in data.items()
         )
+    # A directory's words (a refusal's message) may hold escape sequences and line breaks:
+    # escaped as in the log, they neither act on the terminal nor forge a timeline line.
     return (
         f"{event.recorded_at}  #{event.global_position:<6} {event.stream_id} "
-        f"v{event.stream_version:<4} {event.event_type:<22} {details}"
+        f"v{event.stream_version:<4} {event.event_type:<22} {details.translate(logs.ESCAPES)}"
     )
 
 

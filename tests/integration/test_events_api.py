@@ -20,8 +20,9 @@ import pytest
 from service import __main__ as service_main
 from service.__main__ import main
 from service.domain import batch as b
+from service.domain import events as ev
 from service.store.event_store import EventStore
-from service.store.records import StoredEvent, from_row
+from service.store.records import NewEvent, StoredEvent, from_row
 from service.web import events as events_api
 from service.web import presenters
 from service.web.keys import CPU_WORK, STORE
@@ -262,6 +263,35 @@ async def test_the_events_command_pages_neither_skip_nor_repeat_an_event(
         range(7, 21)
     )
     assert [e["global_position"] for e in printed("--after", "9")] == list(range(10, 53))
+
+
+async def test_the_events_timeline_shows_a_directory_s_control_characters_as_text(
+    db_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch_id = str(uuid.uuid4())
+    said = "refused\x1b[2J by the directory\nforged  #99 line"  # a directory's (or proxy's) words
+    store = EventStore(db_path)
+    await store.open()
+    try:
+        await store.append(b.stream_id(batch_id), -1, new_batch(batch_id))
+        await store.append(
+            b.stream_id(batch_id),
+            None,
+            [*requested(batch_id), NewEvent(ev.HospitalFailed(1, "rejected", said, False))],
+        )
+    finally:
+        await store.close()
+    monkeypatch.setenv("DATABASE_PATH", str(db_path))
+
+    assert main(["events", "--batch", batch_id]) == 0
+    timeline = capsys.readouterr().out.splitlines()
+    assert main(["events", "--batch", batch_id, "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    assert len(timeline) == len(lines) == 3  # one line an event: none forged
+    assert "\x1b" not in "".join(timeline)  # nothing for the terminal to act on
+    assert "refused\\x1b[2J by the directory\\x0aforged" in timeline[-1]
+    assert lines[-1]["data"]["message"] == said  # JSON lines keep the words as they are
 
 
 async def a_long_log(db: Path) -> None:
