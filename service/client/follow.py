@@ -144,7 +144,7 @@ async def _handshake(
         if isinstance(exc, aiohttp.ClientError):  # aiohttp's own, which says what it was
             raise
         raise aiohttp.ServerTimeoutError(
-            f"no answer to the websocket handshake within {limit:g}s"
+            f"no answer to the websocket handshake within {round(limit, 1):g}s"
         ) from exc
 
 
