@@ -88,9 +88,7 @@ def serve(args: argparse.Namespace) -> int:
         )
         return 2
     except (DatabaseInUse, OSError) as exc:  # the lock, the address, or the database's folder
-        said = str(exc)
-        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
-            said += " (app.port, APP_PORT: stop what listens there, or choose another port)"
+        said = str(exc) + (_setting_of(exc, settings) if isinstance(exc, OSError) else "")
         print(f"error: the service could not start: {said}", file=sys.stderr)
         return 2
     except (MigrationError, sqlite3.DatabaseError) as exc:  # corrupt, newer, read-only
@@ -106,6 +104,26 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     log.info("stopped")
     return 0
+
+
+def _setting_of(exc: OSError, settings: Settings) -> str:
+    """The setting an operator changes for an error of the start: what listens, or the
+    database's file and folder (a file beside it, `<path>.lock`, or a folder on its path)."""
+    if exc.errno == errno.EADDRINUSE:
+        return " (app.port, APP_PORT: stop what listens there, or choose another port)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return " (app.host, APP_HOST: an address of this machine, or 0.0.0.0 for every one)"
+    if exc.filename is None:
+        return ""
+    database = os.path.realpath(settings.database.path)
+    named = os.path.realpath(exc.filename)
+    if named.startswith(database) or database.startswith(named + os.sep):
+        if exc.errno == errno.EEXIST and named != database:  # mkdir of a folder on the path
+            return f" (database.path, DATABASE_PATH: {exc.filename} is a file, not a folder)"
+        if exc.errno == errno.ENOTDIR:
+            return f" (database.path, DATABASE_PATH: a folder of {exc.filename} is a file)"
+        return " (database.path, DATABASE_PATH)"
+    return ""
 
 
 async def _exit_on_a_second_signal(app: web.Application) -> None:

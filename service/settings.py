@@ -266,9 +266,33 @@ def _not_a_name(entry: str) -> bool:
     return False
 
 
+def _not_an_origin(entry: str) -> bool:
+    """Whether a websocket.allowed_origins entry is other than `*` or an origin as a browser
+    sends it (`https://host` or `http://host:port`: lower case, no path, not even a `/`, and
+    no default port): `Origin` is compared with the entries as written, so such an entry
+    would never match, and the 403 would go on asking to list what is listed."""
+    if entry == "*":
+        return False
+    try:
+        url = urllib.parse.urlsplit(entry)
+        port = url.port
+    except ValueError:
+        return True
+    default = {"http": 80, "https": 443}.get(url.scheme)
+    return (
+        default is None
+        or not url.hostname
+        or entry != entry.lower()
+        or entry != f"{url.scheme}://{url.netloc}"  # a path, query, fragment or trailing /
+        or "@" in url.netloc
+        or port in (0, default)
+    )
+
+
 def _validate(s: Settings, named: Mapping[str, str]) -> None:
     d = s.directory
     not_names = [entry for entry in s.app.allowed_hosts if _not_a_name(entry)]
+    not_origins = [entry for entry in s.websocket.allowed_origins if _not_an_origin(entry)]
     checks = [
         (
             not not_names,
@@ -331,6 +355,12 @@ def _validate(s: Settings, named: Mapping[str, str]) -> None:
             f"must be between 1 and {SQLITE_INT_MAX}",
         ),
         (s.websocket.heartbeat_seconds > 0, "websocket.heartbeat_seconds", "must be positive"),
+        (
+            not not_origins,
+            "websocket.allowed_origins",
+            "must list origins as a browser sends them, scheme://host[:port] in lower case, "
+            "with no path or default port (or *): " + ", ".join(map(repr, not_origins)),
+        ),
     ]
     for ok, name, problem in checks:
         if not ok:

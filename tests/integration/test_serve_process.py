@@ -426,6 +426,27 @@ def test_a_host_that_does_not_resolve_is_named_and_it_exits_2(tmp_path: Path) ->
     assert "Traceback" not in done.stderr
 
 
+def test_a_database_folder_that_is_a_file_is_named_and_it_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "data").write_text("a file where DATABASE_PATH wants a folder")
+
+    done = refused_start(tmp_path / "data" / "service.db")
+
+    assert done.returncode == 2, done.stderr
+    assert (
+        f"(database.path, DATABASE_PATH: {tmp_path / 'data'} is a file, not a folder)"
+        in done.stderr
+    )
+    assert "Traceback" not in done.stderr
+
+
+def test_an_address_not_of_this_machine_is_named_and_it_exits_2(tmp_path: Path) -> None:
+    done = refused_start(tmp_path / "service.db", APP_HOST="192.0.2.1")  # TEST-NET-1
+
+    assert done.returncode == 2, done.stderr
+    assert "(app.host, APP_HOST: an address of this machine" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_a_database_that_can_be_read_but_not_written_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "service.db"
     migrated(db)

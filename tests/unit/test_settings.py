@@ -140,6 +140,12 @@ def test_dotenv_skips_comments_and_strips_export_and_quotes(tmp_path: Path) -> N
         # The browser's Host is matched by name: a listed port or scheme never matches.
         ({"APP_ALLOWED_HOSTS": "h.example, h.example:8000"}, "app.allowed_hosts"),
         ({"APP_ALLOWED_HOSTS": "https://h.example"}, "app.allowed_hosts"),
+        # Origin is compared as the browser writes it: these never matched, and the 403
+        # asked to list the origin that was listed.
+        ({"WEBSOCKET_ALLOWED_ORIGINS": "https://d.example/"}, "websocket.allowed_origins"),
+        ({"WEBSOCKET_ALLOWED_ORIGINS": "d.example"}, "websocket.allowed_origins"),
+        ({"WEBSOCKET_ALLOWED_ORIGINS": "https://D.example"}, "websocket.allowed_origins"),
+        ({"WEBSOCKET_ALLOWED_ORIGINS": "https://d.example:443"}, "websocket.allowed_origins"),
     ],
 )
 def test_bad_environment_values_name_the_setting(
@@ -173,6 +179,17 @@ def test_bad_config_values_name_the_setting(tmp_path: Path, toml: str, named: st
 def test_allowed_hosts_are_names_or_addresses(tmp_path: Path) -> None:
     settings = load(tmp_path, APP_ALLOWED_HOSTS="H.example, ::1, *,")
     assert settings.app.allowed_hosts == ("H.example", "::1", "*")
+
+
+def test_allowed_origins_are_origins_as_a_browser_sends_them(tmp_path: Path) -> None:
+    listed = "https://d.example, http://127.0.0.1:8080, http://[::1]:8000, *"
+    settings = load(tmp_path, WEBSOCKET_ALLOWED_ORIGINS=listed)
+    assert settings.websocket.allowed_origins == (
+        "https://d.example",
+        "http://127.0.0.1:8080",
+        "http://[::1]:8000",
+        "*",
+    )
 
 
 def test_malformed_dotenv_line_names_file_and_line(tmp_path: Path) -> None:
