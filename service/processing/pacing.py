@@ -35,24 +35,33 @@ class WindowPacer:
     ) -> None:
         self.per_window, self.window, self.margin = per_window, window, margin
         self._clock = clock
-        self._window_start: float | None = None
-        self._used = 0
+        self._in_window: list[float] = []  # when each call of the open window was counted
         self._blocked_until = 0.0
         self._since_replay: deque[float] = deque()  # creates while windows are not known
 
-    async def acquire(self) -> None:
-        """Wait until one more call may be sent, and count it. With per_window 0 (pacing
-        off) nothing is counted, but a 429 still holds calls back a whole window."""
+    async def acquire(self) -> float | None:
+        """Wait until one more call may be sent, and count it: the time it was counted at,
+        for `unused`. With per_window 0 (pacing off) nothing is counted (None), but a 429
+        still holds calls back a whole window."""
         await self.room()
         if self.per_window <= 0:
-            return
+            return None
         now = self._clock()
         if self._since_replay:
             self._since_replay.append(now)
-            return
-        if self._window_start is None or now >= self._window_end():
-            self._window_start, self._used = now, 0
-        self._used += 1
+        elif not self._in_window or now >= self._window_end():
+            self._in_window = [now]
+        else:
+            self._in_window.append(now)
+        return now
+
+    def unused(self, counted_at: float | None) -> None:
+        """The call counted at `counted_at` never reached the directory (no connection):
+        it takes no place in any window the directory counts, nor opens one."""
+        for counted in (self._since_replay, self._in_window):
+            if counted_at is not None and counted_at in counted:
+                counted.remove(counted_at)
+                return
 
     def replay(self, sent: list[float]) -> None:
         """Count creates sent before this pacer existed (times no earlier than each was
@@ -90,12 +99,15 @@ class WindowPacer:
             return recent[-self.per_window] + self.window + self.margin - now
         if recent:
             return 0.0
-        if self._window_start is None or now >= self._window_end() or self._used < self.per_window:
+        if not self._in_window or now >= self._window_end():
+            return 0.0
+        if len(self._in_window) < self.per_window:
             return 0.0
         return self._window_end() - now
 
     def _window_end(self) -> float:
-        return (self._window_start or 0.0) + self.window + self.margin
+        """Where the open window ends: it began with the first call the directory saw."""
+        return self._in_window[0] + self.window + self.margin
 
     def refused(self) -> bool:
         """A 429 came back: someone else's traffic shares our window; wait a whole one.
@@ -103,7 +115,7 @@ class WindowPacer:
         now = self._clock()
         fresh = self._blocked_until <= now
         self._blocked_until = now + self.window + self.margin
-        self._window_start = None
+        self._in_window = []
         return fresh
 
 

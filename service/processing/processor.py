@@ -661,13 +661,16 @@ class Processor:
         finally:
             ready.run.at_window -= 1
         self._check_wanted(ready)
-        await self._pacer.acquire()  # room seen in this same step: counted without waiting
+        counted_at = await self._pacer.acquire()  # room seen in this same step: no wait
         row = ready.run.state.rows[ready.row].row
         started = time.monotonic()
         answer = await self._client.create(
             row.name, row.address, row.phone, ready.gate.creation_batch_id
         )
-        self._lookahead.created(time.monotonic() - started)
+        if answer.outcome is Outcome.NOT_SENT:  # the directory saw nothing to count
+            self._pacer.unused(counted_at)
+        else:
+            self._lookahead.created(time.monotonic() - started)
         return answer
 
     def _check_wanted(self, ready: Ready) -> None:

@@ -77,10 +77,12 @@ class UpstreamBatches:
 
         async def paced() -> Answer:
             with self._pauses.held():
-                await pacer.acquire()
+                counted_at = await pacer.acquire()
             answer = await call()
             if answer.outcome is Outcome.RATE_LIMITED:
                 pacer.refused()
+            elif answer.outcome is Outcome.NOT_SENT:  # the directory saw nothing to count
+                pacer.unused(counted_at)
             return answer
 
         return paced

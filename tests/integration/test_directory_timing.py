@@ -8,6 +8,7 @@ import dataclasses
 import io
 import logging
 import re
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -479,3 +480,27 @@ async def test_calls_on_upstream_batches_keep_to_the_directory_s_limits(db_path:
     assert [a.error for a in activations if "Rate limit" in a.error] == []
     assert [f for f in rollbacks if not isinstance(f, ev.BatchRolledBack)] == []
     assert sent == [len(states)] * 3  # none refused, none sent twice
+
+
+async def test_creates_that_never_reach_the_directory_are_not_paced_as_sent(
+    tmp_path: Path,
+) -> None:
+    # The directory down, creates paced 30 a minute: each refused connection took a place in
+    # the window though the directory saw nothing, so 45 rows of 3 attempts went out 30 a
+    # minute and the batch took minutes to fail, its progress blaming the rate limit.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound and never listening: connections are refused
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        settings = fast_settings(
+            tmp_path / "down.db", url, creates_per_minute=30, rate_window_seconds=60.0
+        )
+        settings = settings.replace(directory={"max_attempts": 3})
+        async with running_service(settings) as service:
+            batch_id = (await service.upload(csv_of(45)))["batch_id"]
+            final = await service.wait_finished(batch_id, within=15)
+            unreachable = [
+                r for r in await retries(service, batch_id) if r["reason"] == "unreachable"
+            ]
+
+    assert (final["processing_status"], final["failed_hospitals"]) == ("failed", 45)
+    assert len(unreachable) == 45 * 2  # every attempt but the last, each one sent at once

@@ -575,6 +575,32 @@ async def test_checks_that_end_together_activate_the_batch_once(store: EventStor
     assert sorted(directory.patches.values()) == [1, 1]  # one PATCH per upstream batch
 
 
+class DownDirectory(ScriptedDirectory):
+    """Refuses every connection: nothing it is sent reaches it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def batch_members(self, upstream: str) -> Answer:
+        self.reads += 1
+        return Answer(Outcome.NOT_SENT, None, None, "cannot connect: refused")
+
+
+async def test_reads_that_never_reach_the_directory_take_no_place_in_its_window() -> None:
+    # Two reads a window: had the refused connections counted, the third try of the read
+    # would wait the whole window for a place the directory never saw used.
+    directory = DownDirectory()
+    settings = DirectorySettings(
+        batch_calls_per_minute=2, rate_window_seconds=60.0, backoff_base=0.0, backoff_max=0.0
+    )
+    calls = UpstreamBatches(directory, settings, Pauses())  # type: ignore[arg-type]
+    async with asyncio.timeout(5):
+        answer = await calls.members("one")
+
+    assert (answer.outcome, directory.reads) == (Outcome.NOT_SENT, settings.max_attempts)
+
+
 class RefusingOnceDirectory(ScriptedDirectory):
     """Its first read is refused with 429 (another caller used the window); it notes when
     each read comes."""

@@ -464,3 +464,45 @@ async def test_once_stopped_no_wait_begins() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert task.cancelled() and not began
+
+
+async def test_a_call_that_never_reached_the_directory_gives_its_place_back(
+    pacer: WindowPacer, clock: VirtualTime
+) -> None:
+    # The directory down: each refused connection counted a place, so a 45-row batch sent
+    # its retries 30 a minute for 7 minutes. It saw none of them: none takes a place.
+    clock.now = 10.0
+    for _ in range(PER_WINDOW):
+        pacer.unused(await pacer.acquire())
+
+    times = await grants_in_turn(pacer, clock, PER_WINDOW + 1)
+
+    assert times == [10.0] * PER_WINDOW + [10.0 + NEXT]
+
+
+async def test_a_window_opened_by_an_unsent_call_opens_at_the_first_sent_one(
+    pacer: WindowPacer, clock: VirtualTime
+) -> None:
+    # The directory's window opens at the first request it sees: had the unsent call at 0
+    # kept its window open, the calls from 61 on would land in the directory's window of 50.
+    unsent = await pacer.acquire()
+    clock.now = 50.0
+    await grants_in_turn(pacer, clock, 1)
+    pacer.unused(unsent)
+
+    times = await grants_at(pacer, clock, 61.0, PER_WINDOW)
+
+    assert directory_counts([50.0, *times]) == [PER_WINDOW, 1]
+    assert times[-2:] == [61.0, 50.0 + NEXT]
+
+
+async def test_an_unsent_call_after_a_restart_takes_no_place_either(
+    pacer: WindowPacer, clock: VirtualTime
+) -> None:
+    clock.now = 100.0
+    pacer.replay([80.0] * 25)
+    pacer.unused(await pacer.acquire())
+
+    times = await grants_in_turn(pacer, clock, 6)
+
+    assert times == [100.0] * 5 + [80.0 + NEXT]
