@@ -66,6 +66,7 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     app.on_shutdown.insert(0, _exit_on_a_second_signal)
     try:
+        _bindable(settings.app.host, settings.app.port)
         web.run_app(
             app,
             host=settings.app.host,
@@ -104,6 +105,24 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     log.info("stopped")
     return 0
+
+
+def _bindable(host: str, port: int) -> None:
+    """Bind every address `host` names, as the server will once started, and let go: an
+    address in use or not of this machine then stops the start before it takes up any
+    unfinished batch (a restart loop appended events and called the directory each time)."""
+    for family, kind, proto, _, address in socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    ):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio binds
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:  # worded as asyncio's: it names the address
+                said = f"error while attempting to bind on address {address!r}"
+                raise OSError(exc.errno, f"{said}: {str(exc.strerror).lower()}") from None
 
 
 def _setting_of(exc: OSError, settings: Settings) -> str:

@@ -344,15 +344,7 @@ def newer_event(db: Path) -> None:
     """A pending batch, which the start takes up, whose log holds an event of a version newer
     than the code's: newer code that changed a payload without a migration, or a hand."""
 
-    async def pending() -> None:
-        store = EventStore(db, projectors=[batches.project])
-        await store.open()
-        try:
-            await store.append("batch-a", -1, new_batch("a"))
-        finally:
-            await store.close()
-
-    asyncio.run(pending())
+    unfinished(db)
     with contextlib.closing(sqlite3.connect(db)) as conn, conn:
         conn.execute(
             "INSERT INTO events (event_id, stream_id, stream_version, event_type, "
@@ -407,15 +399,41 @@ def test_a_database_the_service_cannot_use_is_named_and_it_exits_2(
     assert "Traceback" not in done.stderr
 
 
-def test_a_port_in_use_is_named_and_it_exits_2(tmp_path: Path) -> None:
+def unfinished(db: Path) -> None:
+    """A pending batch, which a start takes up."""
+
+    async def pending() -> None:
+        store = EventStore(db, projectors=[batches.project])
+        await store.open()
+        try:
+            await store.append("batch-a", -1, new_batch("a"))
+        finally:
+            await store.close()
+
+    asyncio.run(pending())
+
+
+def test_a_port_in_use_is_named_and_it_exits_2_having_taken_up_nothing(tmp_path: Path) -> None:
+    # A start that could not listen took up the unfinished batches first: a restart loop
+    # appended their intents and withdrawals, and called the directory, on every try.
+    db = tmp_path / "service.db"
+    unfinished(db)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        done = refused_start(tmp_path / "service.db", APP_PORT=str(taken.getsockname()[1]))
+        done = refused_start(
+            db,
+            APP_PORT=str(taken.getsockname()[1]),
+            APP_HOST="127.0.0.1",
+            DIRECTORY_BASE_URL=f"http://127.0.0.1:{free_port()}",
+        )
 
     assert done.returncode == 2, done.stderr
     assert "address already in use (app.port, APP_PORT: stop what listens there" in done.stderr
     assert "Traceback" not in done.stderr
+    assert "recovering batch" not in done.stderr
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (1,)
 
 
 def test_a_host_that_does_not_resolve_is_named_and_it_exits_2(tmp_path: Path) -> None:
