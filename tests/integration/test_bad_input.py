@@ -802,8 +802,13 @@ async def test_a_change_sent_by_a_page_of_another_site_is_refused(service: Servi
     """A page of any site can post a form here without asking first (no CORS preflight),
     and a browser names that page in Origin: such a change is refused, nothing stored."""
     for method, path in CHANGES:
-        for origin in ("https://evil.example", "null"):
-            headers = {"Origin": origin, "Sec-Fetch-Site": "cross-site"}
+        # same-site: a page of another name under the same domain is another origin too.
+        for origin, site in (
+            ("https://evil.example", "cross-site"),
+            ("null", "cross-site"),
+            ("https://blog.example", "same-site"),
+        ):
+            headers = {"Origin": origin, "Sec-Fetch-Site": site}
             async with service.http.request(
                 method, service.url + path, data=form(GOOD), headers=headers
             ) as r:

@@ -893,6 +893,25 @@ async def test_the_directory_s_own_json_404_is_not_taken_for_the_service_s(
     assert f"is {directory.url} the service's address?" in captured.stderr
 
 
+async def test_another_program_s_json_refusal_is_not_taken_for_the_service_s(
+    sample: Path,
+) -> None:
+    # Every answer of the service carries X-Request-ID: a JSON refusal without it is another
+    # program's, whatever it says.
+    async def other(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"detail": "Method Not Allowed"}, status=405)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", other)
+    captured = Captured()
+    async with serving(app) as url:
+        assert await client(captured, "upload", str(sample), "--url", url) == 2
+
+    assert "HTTP 405" in captured.stderr
+    assert f"is {url} the service's address?" in captured.stderr
+
+
 async def test_a_wrong_prefix_in_the_url_is_said_to_be_one(service: Service, sample: Path) -> None:
     # The service's own 404 for a path it does not serve, not one for an unknown batch.
     url = f"{service.url}/loader"
@@ -955,6 +974,26 @@ async def test_an_upload_whose_answer_was_lost_says_it_may_have_been_accepted(
     assert await client(again, "upload", str(sample), "--url", service.url, *key) == 0
     _, listing = await service.get("/batch")
     assert len(listing["batches"]) == 2
+
+
+async def test_an_upload_answered_with_the_service_s_own_500_may_have_been_accepted(
+    sample: Path,
+) -> None:
+    # A 500 is the service's own answer to an error it did not foresee, which may come
+    # after the batch was stored: as unclear as a proxy's 504.
+    async def failing(request: web.Request) -> web.Response:
+        await request.read()
+        detail = {"detail": "Internal server error (request id r-1)"}
+        return web.json_response(detail, status=500, headers={"X-Request-ID": "r-1"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", failing)
+    captured = Captured()
+    async with serving(app) as url:
+        assert await client(captured, "upload", str(sample), "--url", url) == 2
+
+    assert "got no clear answer (HTTP 500)" in captured.stderr
+    assert "may have been accepted all the same" in captured.stderr
 
 
 @contextlib.asynccontextmanager
@@ -1026,6 +1065,42 @@ async def test_a_websocket_upgrade_nobody_answers_ends_at_the_reconnect_timeout(
     assert status == 3, captured.stderr
     assert "no answer to the websocket handshake within 0.5s" in captured.stderr
     assert loop.time() - started < 3
+
+
+async def test_a_handshake_nobody_answers_after_sockets_cut_at_once_takes_what_is_left() -> None:
+    # The patience counts from when contact was lost, the handshake's wait included: each
+    # handshake waited the whole of it again, and the follow gave up that much later.
+    loop = asyncio.get_running_loop()
+    released, opened = asyncio.Event(), []
+
+    async def cut_then_hold(request: web.Request) -> web.StreamResponse:
+        opened.append(request)
+        if len(opened) > 3:
+            await released.wait()
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.close()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/batch/{batch_id}/ws", cut_then_hold)
+    async with serving(app) as url:
+        captured, started = Captured(), loop.time()
+        try:
+            async with asyncio.timeout(10):
+                status = await client(
+                    captured, "follow", str(uuid.uuid4()), "--url", url, "--reconnect-timeout", "3"
+                )
+        finally:
+            released.set()
+        took = loop.time() - started
+
+    assert status == 3, captured.stderr
+    assert len(opened) == 4  # three cut after 0.2, 0.4 and 0.8 s, then one held
+    waited = re.search(r"no answer to the websocket handshake within ([0-9.]+)s", captured.stderr)
+    assert waited is not None, captured.stderr
+    assert float(waited.group(1)) < 2.0  # what was left of the 3 s, not 3 s again
+    assert took >= 2.9
 
 
 async def test_an_empty_idempotency_key_is_sent_not_dropped(service: Service, sample: Path) -> None:

@@ -294,6 +294,19 @@ async def test_the_log_pages_in_order(store: EventStore) -> None:
     assert [e.stream_id for e in page + rest] == ["batch-a"] + ["batch-b"] * 4
 
 
+async def test_a_page_in_characters_holds_the_events_that_fill_it_exactly(
+    store: EventStore,
+) -> None:
+    await store.append("batch-a", -1, new_batch("a") + requested("a", 2))
+    rows = await store.log_rows(0)
+    sizes = [len(data) + len(metadata) for *_, data, metadata, _ in rows]
+
+    page = await store.log_rows(0, most_chars=sizes[0] + sizes[1])
+
+    # "Up to" its size: the event that makes it exactly full is in it, not on the next page.
+    assert [r[0] for r in page] == [r[0] for r in rows[:2]]
+
+
 async def test_a_reader_that_cannot_open_leaves_no_connection_or_thread_behind(
     store_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -491,6 +504,33 @@ async def test_a_commit_error_stays_while_the_disk_is_still_full(
             assert time.monotonic() < deadline, store.commit_error
             await asyncio.sleep(0.01)
         await store.append("batch-b", -1, new_batch("b"))
+    finally:
+        await store.close()
+
+
+async def test_an_append_that_spills_onto_a_full_disk_fails_with_the_disks_error(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connect = event_store.connect_writer
+
+    def spilling(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
+        conn = connect(path, busy_timeout_ms)
+        conn.execute("PRAGMA cache_size = 10")  # pages go to the WAL before the COMMIT
+        return conn
+
+    monkeypatch.setattr(event_store, "connect_writer", spilling)
+    store = EventStore(store_path)
+    await store.open()
+    try:
+        await store.append("batch-a", -1, new_batch("a"))
+        # SQLite undoes the whole transaction, its savepoints with it: rolling back to the
+        # append's savepoint then failed, and that error hid the disk's.
+        with (
+            no_file_grows_past(Path(f"{store_path}-wal")),
+            pytest.raises(sqlite3.OperationalError, match="disk I/O error"),
+        ):
+            await store.append("batch-b", -1, new_batch("b", rows=2000))
+        assert "disk I/O error" in str(store.commit_error)  # what /health shows
     finally:
         await store.close()
 

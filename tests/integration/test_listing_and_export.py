@@ -101,6 +101,8 @@ async def test_batches_are_listed_newest_first_with_progress_and_paged_by_cursor
     assert second["next_cursor"] is None
     everything = await listing(service)
     assert [b["batch_id"] for b in everything["batches"]] == ids[::-1]
+    exact = await listing(service, limit=3)  # a page of them all is the last: no cursor
+    assert len(exact["batches"]) == 3 and exact["next_cursor"] is None
 
 
 async def test_listing_filters_by_status_and_refuses_bad_queries(
@@ -124,7 +126,13 @@ async def test_listing_filters_by_status_and_refuses_bad_queries(
     )
     assert [b["batch_id"] for b in rest["batches"]] == [completed["batch_id"]]
 
-    for query, field in (("status=done", "status"), ("limit=0", "limit"), ("cursor=xyz", "cursor")):
+    not_ours = "MjAyNi0wMS0wMXxhLWJhdGNoLWlk"  # base64 of "2026-01-01|a-batch-id"
+    for query, field in (
+        ("status=done", "status"),
+        ("limit=0", "limit"),
+        ("cursor=xyz", "cursor"),
+        (f"cursor={not_ours}", "cursor"),
+    ):
         status, body = await service.get(f"/batch?{query}")
         assert status == 422, query
         assert body["detail"][0]["loc"] == ["query", field]
@@ -182,6 +190,19 @@ async def test_results_csv_has_every_row_quoted_and_formulas_kept_inert(
         ("Plain Clinic", "2 Side Street", None),
     ]
     assert invalid == 422 and body["detail"][0]["loc"] == ["query", "only"]
+
+
+async def test_the_failed_rows_of_an_activated_batch_are_the_header_alone(
+    service: Service,
+) -> None:
+    # Its rows read active, not created: the file is made to be uploaded again, and rows
+    # that are not failed would create their hospitals twice.
+    accepted = await service.upload(SAMPLE_CSV)
+    await service.wait_finished(accepted["batch_id"])
+
+    failed_rows, _ = await results(service, accepted["batch_id"], "?only=failed")
+
+    assert failed_rows == [["name", "address", "phone"]]
 
 
 async def test_results_of_an_unknown_batch_are_404(service: Service) -> None:

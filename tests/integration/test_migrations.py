@@ -220,9 +220,11 @@ def test_a_change_to_the_event_catalogue_comes_with_a_migration() -> None:
     assert (len(discover()), catalogue) == CATALOGUE
 
 
-def test_database_newer_than_the_code_is_refused(conn: sqlite3.Connection) -> None:
+@pytest.mark.parametrize("ahead", [1, 92])
+def test_database_newer_than_the_code_is_refused(conn: sqlite3.Connection, ahead: int) -> None:
     migrate(conn)
-    conn.execute("INSERT INTO schema_migrations VALUES (99, '099_future', 'later')")
+    version = len(discover()) + ahead  # the very next one too
+    conn.execute("INSERT INTO schema_migrations VALUES (?, 'future', 'later')", (version,))
 
     with pytest.raises(MigrationError, match="newer"):
         migrate(conn)

@@ -352,3 +352,16 @@ async def test_unfinished_batches_are_the_ones_still_owed_work(store: EventStore
     )
 
     assert await queries.unfinished_batch_ids(store) == ["pending", "undo"]
+
+
+async def test_batches_asked_for_come_in_the_order_asked_without_the_missing(
+    store: EventStore,
+) -> None:
+    # The dashboard lists the batches of a message in the order they first moved; SQLite
+    # answers IN (...) in the order of its key.
+    for name in ("a", "b", "c"):
+        await store.append(f"batch-{name}", -1, new_batch(name, rows=1))
+
+    found = await queries.get_batches(store, ["c", "missing", "a", "b"])
+
+    assert [batch["batch_id"] for batch in found] == ["c", "a", "b"]

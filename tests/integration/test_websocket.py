@@ -15,12 +15,13 @@ from aiohttp import web
 from yarl import URL
 
 from service.domain import batch as b
+from service.domain import events as ev
 from service.local_directory import RunningDirectory
-from service.store.records import StoredEvent, from_row
+from service.store.records import NewEvent, StoredEvent, from_row
 from service.web import presenters, websocket
 from service.web.batches import existing_batch
 from service.web.keys import STOPPING, STORE
-from tests.integration.conftest import new_batch, requested, run_sql
+from tests.integration.conftest import completing, new_batch, requested, run_sql
 from tests.support import SAMPLE_CSV, Service, csv_of, fast_settings, running_service
 
 
@@ -374,6 +375,59 @@ async def test_a_client_that_falls_behind_is_told_to_resync_and_loses_nothing(
     assert all(m["progress"]["processing_status"] == "processing" for m in rest + live)
 
 
+async def test_a_client_that_keeps_up_is_never_told_to_resync(
+    lagging_service: tuple[Service, str],
+) -> None:
+    # The lag is that of the first event a write sends, not of the first since the socket
+    # opened: else a client reading every event at once was told to resync all the same.
+    service, batch_id = lagging_service
+    store, stream = service.app[STORE], b.stream_id(batch_id)
+    seen: list[dict[str, Any]] = []
+    async with service.http.ws_connect(f"{service.url}/batch/{batch_id}/ws") as ws:
+        await received(ws, 1)
+        for version in range(1, 7):  # three times the backlog, one event at a time
+            await store.append(stream, version - 1, requested(batch_id, 1))
+            seen += await received(ws, 1)
+
+    assert [m["version"] for m in seen] == list(range(1, 7))
+
+
+async def test_the_dashboard_snapshot_holds_the_newest_batches_and_no_more(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(websocket, "DASHBOARD_BATCHES", 2)
+    ids = []
+    for n in range(3):
+        accepted = await service.upload(csv_of(1, prefix=f"Batch {n}"))
+        await service.wait_finished(accepted["batch_id"])
+        ids.append(accepted["batch_id"])
+
+    async with service.http.ws_connect(f"{service.url}/ws") as ws:
+        (snapshot,) = await received(ws, 1)
+
+    assert [x["batch_id"] for x in snapshot["batches"]] == [ids[2], ids[1]]
+
+
+async def test_a_rollback_of_a_completed_batch_is_followed_to_its_end(
+    lagging_service: tuple[Service, str],
+) -> None:
+    # The batch reads completed until its hospitals are deleted: a `finished` sent at the
+    # request closed the socket before the rollback it followed had ended.
+    service, batch_id = lagging_service
+    store, stream = service.app[STORE], b.stream_id(batch_id)
+    await store.append(stream, 0, completing(batch_id))
+    await store.append(stream, 4, [NewEvent(ev.BatchRollbackRequested())])
+    async with service.http.ws_connect(f"{service.url}/batch/{batch_id}/ws?after=4") as ws:
+        requested_message = await received(ws, 1)
+        await store.append(stream, 5, [NewEvent(ev.BatchRolledBack(2, (batch_id,)))])
+        rest = await received(ws)
+        assert ws.close_code == 1000
+
+    assert [m["version"] for m in requested_message + rest] == [5, 6, 6]
+    assert [m["type"] for m in rest] == ["event", "finished"]
+    assert rest[-1]["status"]["rolled_back"] is True
+
+
 async def test_the_dashboard_follows_every_batch(service: Service) -> None:
     async with service.http.ws_connect(f"{service.url}/ws") as ws:
         (snapshot,) = await received(ws, 1)
@@ -393,6 +447,18 @@ async def test_the_dashboard_follows_every_batch(service: Service) -> None:
     assert seen[-1]["processed_hospitals"] == 3 and seen[-1]["file_name"] == "hospitals.csv"
     assert replayed["type"] == "progress"
     assert [x["batch_id"] for x in replayed["batches"]] == [accepted["batch_id"]]
+
+
+async def test_a_dashboard_message_says_the_last_position_it_covers(service: Service) -> None:
+    # A dashboard resumes with ?after=<position>: a position short of the page's last had it
+    # read the same moves again on the next page, and sent them again on reconnecting.
+    await service.wait_finished((await service.upload(SAMPLE_CSV))["batch_id"])
+    end = service.app[STORE].head.position
+    async with service.http.ws_connect(f"{service.url}/ws?after=0") as ws:
+        (message,) = await received(ws, 1)
+
+    assert end > 1
+    assert (message["type"], message["position"]) == ("progress", end)
 
 
 async def test_a_dashboard_gathers_the_moves_of_a_quarter_second_into_one_message(

@@ -391,9 +391,18 @@ async def test_an_answer_that_drips_past_the_read_timeout_is_ambiguous() -> None
     assert 0.3 <= waited < 1.5
 
 
-@pytest.mark.parametrize("how", ["content-length", "chunked", "gzip-with-length"])
+@pytest.mark.parametrize(
+    ("how", "size"),
+    [
+        ("content-length", 100_000),
+        ("content-length", 1001),  # one byte past it
+        ("chunked", 100_000),
+        ("chunked", 1001),
+        ("gzip-with-length", 100_000),
+    ],
+)
 async def test_an_answer_past_the_size_limit_is_ambiguous(
-    monkeypatch: pytest.MonkeyPatch, how: str
+    monkeypatch: pytest.MonkeyPatch, how: str, size: int
 ) -> None:
     # A proxy's or a broken server's answer of gigabytes would be held whole, 20 at a time;
     # compressed, its declared length is that of what comes, not of what it expands to.
@@ -402,13 +411,13 @@ async def test_an_answer_past_the_size_limit_is_ambiguous(
     async def huge(request: web.Request) -> web.StreamResponse:
         if how == "gzip-with-length":
             headers = {"Content-Encoding": "gzip"}
-            return web.Response(status=500, body=gzip.compress(b"x" * 100_000), headers=headers)
+            return web.Response(status=500, body=gzip.compress(b"x" * size), headers=headers)
         response = web.StreamResponse(status=500)
         if how == "content-length":
-            response.content_length = 100 * 1000
+            response.content_length = size
         await response.prepare(request)
-        for _ in range(100):
-            await response.write(b"x" * 1000)
+        for start in range(0, size, 1000):
+            await response.write(b"x" * min(1000, size - start))
         return response
 
     async with answering(huge) as client:
@@ -518,7 +527,14 @@ async def test_batch_members_list_a_hospital_listed_twice_once(
 
 @pytest.mark.parametrize(
     "entry",
-    [None, "x", {**HOSPITAL, "id": None}, {**HOSPITAL, "id": "12"}, {**HOSPITAL, "name": "Other"}],
+    [
+        None,
+        "x",
+        {**HOSPITAL, "id": None},
+        {**HOSPITAL, "id": "12"},
+        {**HOSPITAL, "id": True},  # JSON's true: a bool is an int to Python
+        {**HOSPITAL, "name": "Other"},
+    ],
 )
 async def test_batch_members_with_an_entry_that_is_not_a_hospital_are_ambiguous(
     mocked: aioresponses, client: DirectoryClient, entry: Any
